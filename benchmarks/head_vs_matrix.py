@@ -1,0 +1,112 @@
+"""Post-training top-1 (no fine-tuning) of head-level vs matrix-level low-rank attention.
+
+At attention-parameter ratios 0.9 ... 0.3, with uniform ranks and with energy-based allocation
+(one energy threshold for all layers, chosen to meet the budget). Runs on the embedded model, and,
+when ../shared/data/ is present, on the real pretrained ViT-Tiny evaluated on real ImageNet images.
+
+    python benchmarks/head_vs_matrix.py [--images 1000] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from comcat.evaluate import evaluate, image_folder  # noqa: E402
+from comcat.io import atomic_write_text  # noqa: E402
+from comcat.models import load_checkpoint, load_model  # noqa: E402
+from comcat.pipeline import choose_ranks, run_compress  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+RATIOS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3)
+
+
+def cached(ds):
+    """Decode and transform the evaluation images once; every variant reuses the tensors."""
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return torch.utils.data.TensorDataset(torch.stack(xs), torch.tensor(ys))
+
+
+def run(name, loaded, data, ratios):
+    rows = []
+    dense = evaluate(loaded.model, data, progress=False)
+    for method in ("head", "matrix"):
+        for allocate in ("uniform", "energy", "greedy"):
+            for ratio in ratios:
+                t = time.time()
+                cfg = choose_ranks(loaded, method, params_ratio=ratio, allocate=allocate)
+                _, rep = run_compress(loaded, cfg, data, latency=False, progress=False, dense_top1=dense)
+                rows.append({"model": name, "method": method, "allocate": allocate, "ratio": ratio,
+                             "attn_ratio": round(rep["attn_params_ratio"], 4), "top1": rep["compressed"]["top1"],
+                             "dense_top1": dense["top1"], "seconds": round(time.time() - t, 1)})
+                print(f"{name:10} {method:6} {allocate:7} ratio {ratio:.2f} (actual {rep['attn_params_ratio']:.3f}) "
+                      f"top-1 {rep['compressed']['top1']:6.2f}  (dense {dense['top1']:.2f})", flush=True)
+    return rows
+
+
+def table(rows, ratios) -> str:
+    head = "| model | method | allocation | " + " | ".join(f"{r:.2f}" for r in ratios) + " |"
+    lines = [head, "|" + "---|" * (3 + len(ratios))]
+    keys = sorted({(r["model"], r["method"], r["allocate"]) for r in rows}, key=lambda k: (k[0], k[1] != "head", k[2]))
+    for key in keys:
+        vals = {r["ratio"]: r["top1"] for r in rows if (r["model"], r["method"], r["allocate"]) == key}
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(f"{vals[r]:.1f}" for r in ratios) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, ratios, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for method, allocate, style in (("head", "greedy", "o-"), ("head", "energy", "o-."), ("head", "uniform", "o--"),
+                                        ("matrix", "greedy", "s-"), ("matrix", "energy", "s-."),
+                                        ("matrix", "uniform", "s--")):
+            pts = sorted((r["ratio"], r["top1"]) for r in rows if (r["model"], r["method"], r["allocate"]) == (m, method, allocate))
+            ax.plot(*zip(*pts), style, label=f"{method} level, {allocate}")
+        dense = next(r["dense_top1"] for r in rows if r["model"] == m)
+        ax.axhline(dense, ls=":", c="gray", label="dense")
+        ax.set(title=m, xlabel="attention params / dense", ylabel="top-1 %", ylim=(0, 100))
+        ax.invert_xaxis()
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=1000, help="ImageNet images to evaluate on (of 1000)")
+    ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = run("embedded", load_model("embedded"), None, args.ratios)
+    ckpt = SHARED / "vit_tiny_patch16_224.safetensors"
+    if ckpt.is_file() and (SHARED / "imagenet-sample").is_dir():
+        vit = load_checkpoint(ckpt, "vit_tiny_patch16_224")
+        data = cached(image_folder(SHARED / "imagenet-sample", vit.model, limit=args.images))
+        rows += run("vit_tiny", vit, data, args.ratios)
+    else:
+        print(f"{SHARED} not found: skipping the real ViT-Tiny")
+    md = table(rows, args.ratios)
+    print("\ntop-1 % at attention-parameter ratio\n" + md)
+    atomic_write_text(out / "head_vs_matrix.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(out / "head_vs_matrix.md", md + "\n")
+    plot(rows, args.ratios, out / "head_vs_matrix.png")
+    print(f"wrote {out}/head_vs_matrix.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()

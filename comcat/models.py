@@ -1,0 +1,163 @@
+"""Loading models from a SPEC: `embedded`, a timm name, a local checkpoint (+ arch), or a
+compressed-model directory. Every failure is a ComcatError with a one-line fix."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .embedded import EMBEDDED_ARCH, EMBEDDED_DATA_CFG, EMBEDDED_WEIGHTS, build_shapes_vit
+from .errors import ComcatError
+from .vit import check_attention, vit_blocks
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+COMPRESSED_META = "comcat.json"
+COMPRESSED_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class Loaded:
+    """A model plus how to rebuild its architecture: timm name (or the embedded one) and kwargs."""
+    model: nn.Module
+    arch: str
+    arch_kwargs: dict = field(default_factory=dict)
+    source: str = ""
+    meta: dict = field(default_factory=dict)   # comcat.json of a compressed model, else {}
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.meta)
+
+
+def build_arch(arch: str, **kwargs) -> nn.Module:
+    """A randomly initialised architecture: the embedded ViT or any timm model name."""
+    if arch == EMBEDDED_ARCH:
+        return build_shapes_vit(**kwargs)
+    import timm
+
+    if not timm.is_model(arch):
+        raise ComcatError(f"unknown architecture {arch!r}: use a timm model name such as "
+                          "deit_small_patch16_224 (see timm.list_models('deit*'))")
+    return timm.create_model(arch, pretrained=False, **kwargs)
+
+
+def check_supported(model: nn.Module, name: str) -> nn.Module:
+    try:
+        for i, b in enumerate(vit_blocks(model)):
+            check_attention(b.attn, f"block {i} attention")
+    except ComcatError as e:
+        raise ComcatError(f"{name}: {e}") from None
+    return model
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or (weights_only) .pth/.pt/.bin; unwraps {'model': ...}
+    / {'state_dict': ...} and DDP 'module.' prefixes."""
+    if not path.is_file():
+        raise ComcatError(f"checkpoint {path} does not exist: check the path")
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise ComcatError(f"{path.name}: unsupported checkpoint type {path.suffix!r}; use one of {CHECKPOINT_SUFFIXES}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with code, truncated download...
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ComcatError(f"could not read checkpoint {path.name} ({first}): re-download or re-export it") from None
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ComcatError(f"{path.name} does not hold a state dict of tensors: save model.state_dict()")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_checkpoint(path: str | Path, arch: str | None) -> Loaded:
+    """A local checkpoint file of a timm architecture `arch`."""
+    path = Path(path)
+    if arch is None:
+        raise ComcatError(f"{path.name} is a bare checkpoint: also pass its architecture, e.g. "
+                          "--arch vit_tiny_patch16_224")
+    sd = read_state_dict(path)
+    kwargs = {}
+    head = sd.get("head.weight")
+    probe = build_arch(arch)
+    if head is not None and getattr(probe, "num_classes", None) != head.shape[0]:
+        kwargs["num_classes"] = head.shape[0]
+        probe = build_arch(arch, **kwargs)
+    model = check_supported(probe, arch)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ComcatError(f"{path.name} does not match {arch} (missing {len(missing)} keys e.g. "
+                          f"{missing[:2]}, unexpected {len(unexpected)} e.g. {unexpected[:2]}): pass the right --arch")
+    return Loaded(model.eval(), arch, kwargs, str(path))
+
+
+def load_timm_pretrained(name: str) -> Loaded:
+    """A timm ViT-family model with pretrained weights (download or local hub cache)."""
+    import timm
+
+    check_supported(timm.create_model(name, pretrained=False), name)
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ComcatError(f"could not get pretrained weights for {name} (offline? {first}): download them "
+                          f"where you have network, or pass a local file with --model PATH --arch {name}") from None
+    return Loaded(model.eval(), name, {}, f"timm:{name}")
+
+
+def load_model(spec: str = "embedded", arch: str | None = None) -> Loaded:
+    """Load from a SPEC: 'embedded' | compressed dir | checkpoint file (+ arch) | timm name."""
+    spec = str(spec).strip()
+    if spec in ("", "embedded", EMBEDDED_ARCH):
+        return load_embedded()
+    path = Path(spec)
+    if path.is_dir():
+        from .io import load_compressed
+        return load_compressed(path)
+    if path.suffix in CHECKPOINT_SUFFIXES or os.sep in spec or path.exists():
+        return load_checkpoint(path, arch)
+    import timm
+
+    if timm.is_model(spec):
+        return load_timm_pretrained(spec)
+    raise ComcatError(f"{spec!r} is not 'embedded', a file, a compressed-model directory or a timm model "
+                      "name: try deit_small_patch16_224 or a path")
+
+
+def load_embedded() -> Loaded:
+    if not EMBEDDED_WEIGHTS.is_file():
+        raise ComcatError(f"embedded weights {EMBEDDED_WEIGHTS} are missing: run python assets/train_shapes_vit.py")
+    model = build_shapes_vit()
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(str(EMBEDDED_WEIGHTS)))
+    return Loaded(model.eval(), EMBEDDED_ARCH, {}, "embedded")
+
+
+def data_config(model: nn.Module) -> dict:
+    """The model's timm data config (input size, interpolation, crop, mean/std)."""
+    from timm.data import resolve_data_config
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("architecture") == EMBEDDED_ARCH:
+        return {k: EMBEDDED_DATA_CFG[k] for k in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")}
+    return resolve_data_config({}, model=model)
+
+
+def read_meta(directory: Path) -> dict:
+    meta_path = directory / COMPRESSED_META
+    if not meta_path.is_file():
+        raise ComcatError(f"{directory} is not a compressed model: it has no {COMPRESSED_META} "
+                          "(make one with 'comcat compress ... --out DIR')")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ComcatError(f"{meta_path} is corrupt ({e.msg}): re-export the compressed model") from None

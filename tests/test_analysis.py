@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import timm
+import torch
+
+from comcat.analysis import analyze, cumulative_energy, head_factors, product_svd, rank_for_energy
+from comcat.vit import head_weights
+
+
+@pytest.mark.parametrize("shape", [(5, 48, 8), (2, 3, 96, 32)])
+def test_product_svd_matches_direct_svd(shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    y = torch.randn(shape, generator=g, dtype=torch.float64)
+    u, s, v = product_svd(x, y)
+    m = x @ y.transpose(-1, -2)
+    direct = torch.linalg.svdvals(m)[..., : shape[-1]]
+    assert torch.allclose(s, direct, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(u @ torch.diag_embed(s) @ v.transpose(-1, -2), m, atol=1e-10)
+    eye = torch.eye(shape[-1], dtype=torch.float64)
+    assert torch.allclose(u.transpose(-1, -2) @ u, eye, atol=1e-10)
+    assert torch.allclose(v.transpose(-1, -2) @ v, eye, atol=1e-10)
+
+
+def test_head_spectra_equal_svd_of_formed_products():
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    spectra = analyze(model)
+    attn = model.blocks[3].attn
+    hw = head_weights(attn)
+    for h in range(hw.num_heads):
+        qk = hw.wq[h] @ hw.wk[h].T                    # W^QK_h = W^Q_h W^K_h^T, C x C
+        vo = hw.wv[h] @ hw.wo[h].T                    # W^VO_h = W^V_h W^O_h
+        for p, m in (("qk", qk), ("vo", vo)):
+            direct = torch.linalg.svdvals(m)[: hw.head_dim].numpy()
+            np.testing.assert_allclose(spectra.head[p][3, h], direct, rtol=1e-9, atol=1e-12)
+    # matrix level: the (out, in) weights of the qkv and proj linears
+    C = attn.qkv.in_features
+    np.testing.assert_allclose(spectra.matrix["k"][3], torch.linalg.svdvals(attn.qkv.weight[C:2 * C].detach().double()).numpy(),
+                               rtol=1e-9)
+    assert spectra.head["qk"].shape == (12, 3, 64) and spectra.matrix["o"].shape == (12, 192)
+
+
+def test_head_factor_orientation():
+    """The per-head products are the maps the attention actually applies."""
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval().double()
+    attn = model.blocks[0].attn
+    x = torch.randn(7, 192, dtype=torch.float64)
+    q, k, v = attn.qkv(x).reshape(7, 3, 3, 64).unbind(1)
+    (wq, wk), (wv, wo) = head_factors(attn)["qk"], head_factors(attn)["vo"]
+    bq, bk, bv = attn.qkv.bias.double().reshape(3, 3, 64)
+    h = 1
+    logits = (q[:, h] - bq[h]) @ (k[:, h] - bk[h]).T
+    assert torch.allclose(logits, x @ (wq[h] @ wk[h].T) @ x.T, atol=1e-10)
+    out_h = (v[:, h] - bv[h]) @ attn.proj.weight.double()[:, h * 64:(h + 1) * 64].T
+    assert torch.allclose(out_h, x @ (wv[h] @ wo[h].T), atol=1e-10)
+
+
+def test_energy_and_rank_for_energy():
+    s = np.array([[3.0, 2.0, 1.0, 0.0]])
+    e = cumulative_energy(s)
+    np.testing.assert_allclose(e, [[9 / 14, 13 / 14, 1.0, 1.0]])
+    assert rank_for_energy(s, 0.5).tolist() == [1]
+    assert rank_for_energy(s, 0.9).tolist() == [2]
+    assert rank_for_energy(s, 1.0).tolist() == [3]
+
+
+def test_param_curves_and_summary(embedded):
+    spectra = analyze(embedded.model)
+    curves = spectra.param_curves()
+    assert curves["dense"] == 4 * 128 * 128 * 6
+    assert all(np.diff(curves["head"]) >= 0) and all(np.diff(curves["matrix"]) >= 0)
+    # head-level products have rank <= d, so at full energy head level costs at most the dense layer
+    assert spectra.head_params(1.0) <= curves["dense"]
+    assert "head level" in spectra.summary(0.9)
+    d = spectra.to_dict()
+    assert len(d["singular_values"]["qk"]) == 6 and len(d["singular_values"]["qk"][0]) == 4
+
+
+def test_plot_builders(embedded, tmp_path):
+    from comcat.plots import (energy_heatmaps_plotly, energy_maps, head_spectra_plotly, param_curves_plotly,
+                              save_analysis_plots)
+    spectra = analyze(embedded.model)
+    maps = energy_maps(spectra)
+    assert maps["q"].shape == (6, 128) and maps["qk"].shape == (6, 32)
+    assert np.allclose(maps["vo"][:, -1], 1.0) and (np.diff(maps["vo"], axis=1) >= -1e-12).all()
+    fig = energy_heatmaps_plotly(spectra)
+    assert len(fig.data) == 6 and np.asarray(fig.data[4].z).shape == (6, 32)
+    assert len(head_spectra_plotly(spectra, 2).data) == 2 * 4
+    curves = param_curves_plotly(spectra)
+    assert [t.name.split()[0] for t in curves.data] == ["matrix", "head"]
+    paths = save_analysis_plots(spectra, tmp_path)
+    assert [p.name for p in paths] == ["energy_heatmaps.png", "param_curves.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)

@@ -1,0 +1,101 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comcat.cli import main
+from comcat.data.shapes import SHAPES, make_shapes
+from conftest import ROOT
+
+
+def run_cli(*args):
+    """The CLI in a fresh interpreter, exactly as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "comcat", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(tmp_path_factory):
+    """A small ImageFolder of held-out shapes, classes in SHAPES order (sorted folder names)."""
+    root = tmp_path_factory.mktemp("shapes")
+    images, labels, _ = make_shapes(60, seed=7)
+    for i, (img, y) in enumerate(zip(images, labels)):
+        d = root / f"{y:02d}_{SHAPES[y]}"
+        d.mkdir(exist_ok=True)
+        Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def test_cli_end_to_end(tmp_path, shapes_folder):
+    r = run_cli("analyze", "--json", str(tmp_path / "a.json"), "--plots", str(tmp_path / "plots"))
+    assert r.returncode == 0, r.stderr
+    assert "head level" in r.stdout
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert len(a["singular_values"]["vo"]) == 6
+    assert (tmp_path / "plots" / "energy_heatmaps.png").stat().st_size > 10_000
+
+    out = tmp_path / "small"
+    r = run_cli("compress", "--method", "head", "--params-ratio", "0.5", "--allocate", "energy", "--mlp",
+                "--no-latency", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "comcat.json").read_text())
+    assert meta["report"]["compressed"]["params"] < 0.6 * meta["report"]["dense"]["params"]
+    assert (out / "report.md").read_text().startswith("# comcat compression report")
+
+    r = run_cli("evaluate", "--model", str(out), "--json", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["images"] == 2000
+    assert e["top1"] == pytest.approx(meta["report"]["compressed"]["top1"], abs=1e-9)
+
+    # the same model on an ImageFolder of PNGs goes through timm transforms and gives the same labels
+    r = run_cli("evaluate", "--data", str(shapes_folder), "--json", str(tmp_path / "f.json"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "f.json").read_text())["images"] == 60
+
+
+def test_cli_help_explains_every_flag():
+    for cmd in ("analyze", "compress", "evaluate"):
+        r = run_cli(cmd, "--help")
+        assert r.returncode == 0
+        for flag in ("--model", "--arch"):
+            assert flag in r.stdout
+    r = run_cli("compress", "--help")
+    for flag in ("--method", "--ranks", "--energy", "--params-ratio", "--allocate", "--mlp", "--out", "--data"):
+        assert flag in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["analyze", "--model", "resnet18"], "not a ViT-family model"),
+    (["evaluate", "--model", "nope/missing.pth", "--arch", "vit_tiny_patch16_224"], "does not exist"),
+    (["compress", "--params-ratio", "0", "--out", "OUT"], "ratio must be in"),
+    (["compress", "--energy", "1.5", "--out", "OUT"], "energy threshold must be in"),
+    (["compress", "--ranks", "RANKS", "--out", "OUT"], "has 1 blocks"),
+    (["evaluate", "--data", "EMPTY"], "no images"),
+    (["evaluate", "--data", "CORRUPT"], "cannot read image"),
+])
+def test_cli_bad_inputs(tmp_path, capsys, args, message):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "CORRUPT" / "cls").mkdir(parents=True)
+    (tmp_path / "CORRUPT" / "cls" / "x.png").write_bytes(b"not a png")
+    (tmp_path / "RANKS").write_text(json.dumps({"method": "head", "blocks": [{"qk": 4, "vo": 4}]}))
+    args = [str(tmp_path / a) if a in ("OUT", "RANKS", "EMPTY", "CORRUPT") else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "OUT").exists()
+
+
+def test_shapes_are_deterministic_and_balanced():
+    a, la, sa = make_shapes(50, seed=3)
+    b, lb, _ = make_shapes(50, seed=3)
+    c, _, _ = make_shapes(50, seed=4)
+    assert np.array_equal(a, b) and np.array_equal(la, lb) and not np.array_equal(a, c)
+    assert a.shape == (50, 32, 32, 3) and a.dtype == np.uint8
+    assert np.bincount(la, minlength=len(SHAPES)).tolist() == [5] * 10
+    assert sa[0].caption.startswith(f"a {sa[0].colour} {sa[0].shape}")

@@ -1,0 +1,143 @@
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comcat.compress import compress
+from comcat.errors import ComcatError
+from comcat.io import load_compressed, save_compressed
+from comcat.models import Loaded, load_model
+from comcat.ranks import RankConfig, energy_ranks, uniform_ranks
+from conftest import IMAGENET, VIT_TINY
+
+
+def test_save_reload_round_trip(embedded, tmp_path):
+    cfg = energy_ranks(embedded.model, "head", 0.9, mlp=True)
+    small = compress(embedded.model, cfg)
+    out = save_compressed(Loaded(small, embedded.arch, embedded.arch_kwargs, "embedded"), tmp_path / "m",
+                          {"metrics": {"top1": 1.0}})
+    assert sorted(p.name for p in out.iterdir()) == ["comcat.json", "model.safetensors"]
+    meta = json.loads((out / "comcat.json").read_text())
+    assert meta["method"] == "head" and meta["ranks"]["blocks"] == cfg.blocks and meta["metrics"]["top1"] == 1.0
+    back = load_model(str(out))
+    assert back.compressed and back.meta["params"] == sum(p.numel() for p in small.parameters())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back.model(x), small(x))
+    # saving again over the same directory replaces it atomically and leaves no temp folders
+    save_compressed(back, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_save_refuses_dense_model_and_foreign_dir(embedded, tmp_path):
+    with pytest.raises(ComcatError, match="only compressed"):
+        save_compressed(embedded, tmp_path / "x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    small = compress(embedded.model, uniform_ranks(embedded.model, "matrix", 0.5))
+    with pytest.raises(ComcatError, match="not a comcat model directory"):
+        save_compressed(Loaded(small, embedded.arch), tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_local_checkpoint_formats(embedded, tmp_path):
+    sd = embedded.model.state_dict()
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    torch.save({"model": sd}, tmp_path / "m.pth")
+    torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "m.bin")
+    x = torch.randn(2, 3, 32, 32)
+    ref = embedded.model(x)
+    for name in ("m.safetensors", "m.pth", "m.bin"):
+        loaded = load_model(str(tmp_path / name), arch="comcat_shapes_vit")
+        assert torch.equal(loaded.model(x), ref), name
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+@pytest.mark.parametrize("spec, arch, message", [
+    ("resnet18", None, "not a ViT-family model"),
+    ("no_such_model_xyz", None, "not 'embedded', a file"),
+    ("missing.safetensors", "vit_tiny_patch16_224", "does not exist"),
+    ("EMBEDDED_AS_FILE", None, "also pass its architecture"),
+    ("EMBEDDED_AS_FILE", "vit_tiny_patch16_224", "does not match"),
+    ("EMBEDDED_AS_FILE", "not_an_arch", "unknown architecture"),
+    ("CORRUPT.safetensors", "vit_tiny_patch16_224", "could not read checkpoint"),
+    ("CORRUPT.pth", "vit_tiny_patch16_224", "could not read checkpoint"),
+    ("EVIL.pth", "vit_tiny_patch16_224", "could not read checkpoint"),
+    ("NOTWEIGHTS.pth", "vit_tiny_patch16_224", "state dict of tensors"),
+    ("EMPTYDIR", None, "no comcat.json"),
+    ("vit_tiny_patch16_224", None, "could not get pretrained weights"),
+    ("deit_small_patch16_224", None, "could not get pretrained weights"),
+])
+def test_bad_models_give_one_line_errors(tmp_path, monkeypatch, spec, arch, message, capsys):
+    from comcat.embedded import EMBEDDED_WEIGHTS
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache: offline and nothing cached
+    (tmp_path / "CORRUPT.safetensors").write_bytes(b"\x00\x01not a safetensors file")
+    (tmp_path / "CORRUPT.pth").write_bytes(b"PK\x03\x04garbage")
+    (tmp_path / "EVIL.pth").write_bytes(pickle.dumps({"x": Evil()}))
+    torch.save({"lr": 0.1, "epoch": 3}, tmp_path / "NOTWEIGHTS.pth")
+    (tmp_path / "EMPTYDIR").mkdir()
+    spec = {"EMBEDDED_AS_FILE": str(EMBEDDED_WEIGHTS)}.get(spec, spec)
+    if "." in spec or spec.isupper():
+        spec = spec if spec.startswith("/") else str(tmp_path / spec)
+    with pytest.raises(ComcatError, match=message) as err:
+        load_model(spec, arch)
+    assert "\n" not in str(err.value)
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_corrupt_compressed_dir(embedded, tmp_path):
+    small = compress(embedded.model, uniform_ranks(embedded.model, "head", 0.5))
+    out = save_compressed(Loaded(small, embedded.arch), tmp_path / "m")
+    (out / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ComcatError, match="could not read"):
+        load_compressed(out)
+    (out / "comcat.json").write_text("{not json")
+    with pytest.raises(ComcatError, match="corrupt"):
+        load_compressed(out)
+
+
+def test_bad_rank_configs(embedded, tmp_path):
+    m = embedded.model
+    with pytest.raises(ComcatError, match="has 2 blocks but the model has 6"):
+        RankConfig("head", [{"qk": 4, "vo": 4}] * 2).validate(m)
+    with pytest.raises(ComcatError, match="out of range"):
+        RankConfig("head", [{"qk": 33, "vo": 4}] * 6).validate(m)
+    with pytest.raises(ComcatError, match="out of range"):
+        RankConfig("head", [{"qk": 0, "vo": 4}] * 6).validate(m)
+    with pytest.raises(ComcatError, match="unknown rank keys"):
+        RankConfig("head", [{"qk": 4, "vo": 4, "q": 3}] * 6).validate(m)
+    with pytest.raises(ComcatError, match="needs a rank"):
+        RankConfig("head", [{"qk": 4}] * 6).validate(m)
+    bad = tmp_path / "r.json"
+    bad.write_text("[1, 2")
+    with pytest.raises(ComcatError, match="not valid JSON"):
+        RankConfig.load(bad)
+    with pytest.raises(ComcatError, match="does not exist"):
+        RankConfig.load(tmp_path / "nope.json")
+    with pytest.raises(ComcatError, match="ratio must be in"):
+        uniform_ranks(m, "head", 1.5)
+
+
+@pytest.mark.skipif(not VIT_TINY.is_file() or not IMAGENET.is_dir(), reason="../shared/data not present")
+def test_real_vit_tiny_full_rank_keeps_predictions():
+    from comcat.evaluate import image_folder
+    from comcat.ranks import site_limits
+
+    loaded = load_model(str(VIT_TINY), arch="vit_tiny_patch16_224")
+    ds = image_folder(IMAGENET, loaded.model, limit=24)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        ref = loaded.model(x)
+        for method in ("head", "matrix"):
+            cfg = RankConfig(method, [{k: v for k, v in site_limits(b, method).items() if k not in ("fc1", "fc2")}
+                                      for b in loaded.model.blocks])
+            out = compress(loaded.model, cfg)(x)
+            assert torch.equal(out.argmax(1), ref.argmax(1))
+            assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4

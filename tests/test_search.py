@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from comcat.search import (RankChoice, budget_penalty, candidate_ranks, explicit_mixture, masked_product,
+                           temperature)
+
+
+def test_soft_mask_equals_explicit_mixture():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    cands = [2, 5, 9, 17, 24]
+    choice = RankChoice(cands, 24).double()
+    torch.manual_seed(1)
+    mask, m = choice(tau=1.3)
+    assert m.sum().item() == pytest.approx(1.0)
+    assert torch.allclose(masked_product(u, s, vh.T, mask), explicit_mixture(u, s, vh.T, cands, m), atol=1e-12)
+    # the mask is differentiable in alpha
+    masked_product(u, s, vh.T, mask).sum().backward()
+    assert choice.alpha.grad is not None and choice.alpha.grad.abs().sum() > 0
+
+
+def test_argmax_choice_is_a_hard_truncation():
+    choice = RankChoice([4, 8, 16], 16)
+    with torch.no_grad():
+        choice.alpha.copy_(torch.tensor([0.0, 3.0, 1.0]))
+    mask, m = choice(tau=0.1, sample=False)
+    assert choice.chosen() == 8
+    assert mask.tolist() == [1.0] * 8 + [0.0] * 8 and m.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_schedule_candidates_and_penalty():
+    assert temperature(0, 100) == pytest.approx(5.0) and temperature(100, 100) == pytest.approx(0.1)
+    assert temperature(50, 100) == pytest.approx((5.0 * 0.1) ** 0.5)
+    assert candidate_ranks(64, 8) == [8, 16, 24, 32, 40, 48, 56, 64]
+    assert candidate_ranks(5, 8)[-1] == 5 and candidate_ranks(5, 8)[0] == 1
+    loss = torch.tensor(2.0)
+    assert budget_penalty(loss, torch.tensor(50.0), 100.0).item() == pytest.approx(2.0)
+    assert budget_penalty(loss, torch.tensor(200.0), 100.0).item() == pytest.approx(2.0 * 2 ** 1.5)
+    with pytest.raises(ValueError):
+        RankChoice([0, 4], 8)
