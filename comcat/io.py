@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from .compress import compress
 from .cost import count_params
 from .errors import ComcatError
-from .models import COMPRESSED_META, COMPRESSED_WEIGHTS, Loaded, build_arch, read_meta
+from .models import COMPRESSED_META, COMPRESSED_WEIGHTS, Loaded, build_arch, load_state, read_meta
 from .ranks import RankConfig
 
 FORMAT = "comcat-compressed/1"
@@ -82,8 +82,5 @@ def load_compressed(directory: str | Path) -> Loaded:
         state = load_file(str(weights))
     except Exception as e:
         raise ComcatError(f"could not read {weights} ({type(e).__name__}): re-export the compressed model") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ComcatError(f"{weights} does not match comcat.json (missing {missing[:2]}, unexpected "
-                          f"{unexpected[:2]}): re-export the compressed model")
+    load_state(model, state, f"{weights} does not match comcat.json", "re-export the compressed model")
     return Loaded(model.eval(), meta["arch"], meta.get("arch_kwargs", {}), str(directory), meta)

@@ -21,9 +21,11 @@ class LowRankLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False)
         self.up = nn.Linear(rank, out_features, bias=bias)
+        self.rank_mask: torch.Tensor | None = None   # (r,) soft rank mask while a rank search runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        h = self.down(x)
+        return self.up(h if self.rank_mask is None else h * self.rank_mask)
 
     @classmethod
     @torch.no_grad()
@@ -80,11 +82,17 @@ class HeadLowRankAttention(nn.Module):
         self.proj = nn.Linear(num_heads * rank_vo, dim, bias=True)      # [R_1 ... R_H], b_out
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
+        self.rank_mask_qk: torch.Tensor | None = None   # (r_qk,), (r_vo,) soft rank masks while a
+        self.rank_mask_vo: torch.Tensor | None = None   # rank search runs: A diag(c) B^T = U diag(s c) V^T
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         q, k, v = (_heads(f(x), self.num_heads) for f in (self.q, self.k, self.v))
+        if self.rank_mask_qk is not None:
+            q = q * self.rank_mask_qk
+        if self.rank_mask_vo is not None:
+            v = v * self.rank_mask_vo
         bias = self.key_bias(x).transpose(1, 2).unsqueeze(2) if self.key_bias is not None else None  # (B, H, 1, N)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=_merge_mask(bias, attn_mask), is_causal=is_causal,
                                            dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)

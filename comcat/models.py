@@ -93,11 +93,20 @@ def load_checkpoint(path: str | Path, arch: str | None) -> Loaded:
         kwargs["num_classes"] = head.shape[0]
         probe = build_arch(arch, **kwargs)
     model = check_supported(probe, arch)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ComcatError(f"{path.name} does not match {arch} (missing {len(missing)} keys e.g. "
-                          f"{missing[:2]}, unexpected {len(unexpected)} e.g. {unexpected[:2]}): pass the right --arch")
+    load_state(model, sd, f"{path.name} does not match {arch}", "pass the right --arch")
     return Loaded(model.eval(), arch, kwargs, str(path))
+
+
+def load_state(model: nn.Module, sd: dict, what: str, fix: str) -> None:
+    """Strict load_state_dict whose failure (missing, unexpected or mis-shaped keys) is one line."""
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        shape = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), "shapes differ")
+        raise ComcatError(f"{what} ({shape[:160]}): {fix}") from None
+    if missing or unexpected:
+        raise ComcatError(f"{what} (missing {len(missing)} keys e.g. {missing[:2]}, unexpected "
+                          f"{len(unexpected)} e.g. {unexpected[:2]}): {fix}")
 
 
 def load_timm_pretrained(name: str) -> Loaded:

@@ -75,3 +75,89 @@ def masked_product(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, mask: torc
     """U diag(s * c) V^T: the same mixture through one soft mask."""
     return (u * (s * mask)) @ v.T
 
+
+
+class RankSearch(nn.Module):
+    """Rank choices for every site of a full-rank head-level model, and their expected cost.
+
+    `model` is the output of compress() at full rank (HeadLowRankAttention, optionally LowRankLinear
+    MLPs). Sites: blocks.i.qk / blocks.i.vo (rank over head_dim) and blocks.i.fc1 / fc2 when factored.
+    Cost is linear in every site's rank: cost(ranks) = const + sum_s unit_s * r_s, with const and
+    unit_s read off the analytic `cost_fn(ranks: RankConfig)` (params or FLOPs of comcat.cost).
+    """
+
+    def __init__(self, model: nn.Module, cost_fn, count: int = 8):
+        super().__init__()
+        from .lowrank import HeadLowRankAttention, LowRankLinear
+
+        self.sites: list[tuple[int, str, nn.Module]] = []
+        choices = {}
+        for i, b in enumerate(model.blocks):
+            if not isinstance(b.attn, HeadLowRankAttention):
+                raise ValueError("rank search needs a head-level model: compress(model, full ranks) first")
+            for key, full in (("qk", b.attn.rank_qk), ("vo", b.attn.rank_vo)):
+                self.sites.append((i, key, b.attn))
+                choices[f"{i}_{key}"] = RankChoice(candidate_ranks(full, count), full)
+            for fc in ("fc1", "fc2"):
+                lin = getattr(b.mlp, fc)
+                if isinstance(lin, LowRankLinear):
+                    self.sites.append((i, fc, lin))
+                    choices[f"{i}_{fc}"] = RankChoice(candidate_ranks(lin.rank, count), lin.rank)
+        self.choices = nn.ModuleDict(choices)
+        self.depth = len(model.blocks)
+        ones = self.config({name: 1 for name in choices})
+        base = cost_fn(ones)
+        units = []
+        for name in choices:
+            cfg = self.config({**{n: 1 for n in choices}, name: 2})
+            units.append(cost_fn(cfg) - base)
+        self.register_buffer("units", torch.tensor(units, dtype=torch.float64), persistent=False)
+        self.const = float(base - sum(units))
+        self.cost_fn = cost_fn
+
+    def config(self, ranks: dict[str, int]):
+        from .ranks import RankConfig
+        blocks = [{} for _ in range(self.depth)]
+        for name, r in ranks.items():
+            i, key = name.split("_", 1)
+            blocks[int(i)][key] = int(r)
+        return RankConfig("head", blocks)
+
+    def sample(self, tau: float, sample: bool = True) -> torch.Tensor:
+        """Draw soft masks for every site, install them, and return the expected cost (differentiable)."""
+        cost = torch.tensor(self.const, dtype=torch.float64)
+        for (_, key, module), unit, choice in zip(self.sites, self.units, self.choices.values()):
+            mask, m = choice(tau, sample)
+            setattr(module, {"qk": "rank_mask_qk", "vo": "rank_mask_vo"}.get(key, "rank_mask"), mask)
+            cost = cost + unit * (m.double() * choice.ranks.double()).sum()
+        return cost
+
+    def clear(self) -> None:
+        for _, key, module in self.sites:
+            setattr(module, {"qk": "rank_mask_qk", "vo": "rank_mask_vo"}.get(key, "rank_mask"), None)
+
+    def chosen(self):
+        """The argmax ranks as a RankConfig."""
+        return self.config({name: c.chosen() for name, c in self.choices.items()})
+
+
+def fit_budget(dense: nn.Module, cfg, cost_fn, target: float):
+    """Lower ranks until cost_fn(cfg) <= target, each time where the lost normalized spectral
+    energy per unit of cost saved is smallest. Returns (cfg, reduced: bool)."""
+    from .errors import ComcatError
+    from .ranks import RankConfig, _site_gains
+
+    mlp = any("fc1" in b for b in cfg.blocks)
+    sites = {(i, key): (gain, unit) for i, key, gain, unit in _site_gains(dense, cfg.method, mlp)}
+    cfg = RankConfig(cfg.method, [dict(b) for b in cfg.blocks], cfg.head, dict(cfg.note))
+    floor = RankConfig(cfg.method, [{k: 1 for k in b} for b in cfg.blocks], cfg.head)
+    if cost_fn(floor) > target:
+        raise ComcatError(f"the budget {target:,.0f} is below the smallest possible model "
+                          f"({cost_fn(floor):,.0f} at rank 1 everywhere): raise the ratio")
+    reduced = False
+    while cost_fn(cfg) > target:
+        i, key = min(((i, k) for i, b in enumerate(cfg.blocks) for k, r in b.items() if r > 1 and (i, k) in sites),
+                     key=lambda s: sites[s][0][cfg.blocks[s[0]][s[1]] - 1] / sites[s][1])
+        cfg.blocks[i][key] -= 1
+        reduced = True
+    return cfg, reduced

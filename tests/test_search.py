@@ -39,3 +39,43 @@ def test_schedule_candidates_and_penalty():
     assert budget_penalty(loss, torch.tensor(200.0), 100.0).item() == pytest.approx(2.0 * 2 ** 1.5)
     with pytest.raises(ValueError):
         RankChoice([0, 4], 8)
+
+
+def test_rank_search_cost_and_hard_choice_match_compress(embedded):
+    from comcat.compress import compress
+    from comcat.cost import model_params
+    from comcat.ranks import RankConfig, uniform_ranks
+    from comcat.search import RankSearch, fit_budget
+
+    dense = embedded.model
+    full = compress(dense, uniform_ranks(dense, "head", 1.0, mlp=True))
+    search = RankSearch(full, lambda cfg: model_params(dense, cfg))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for c in search.choices.values():
+            c.alpha.copy_(torch.randn(len(c.alpha), generator=g))
+    cost = search.sample(tau=1.0, sample=False)
+    chosen = search.chosen()
+    assert cost.item() == pytest.approx(model_params(dense, chosen))
+    x = torch.randn(3, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        masked = full(x)
+        search.clear()
+        unmasked = full(x)
+        truncated = compress(dense, chosen)(x)
+    assert torch.allclose(masked, truncated, atol=1e-4)
+    assert not torch.allclose(unmasked, truncated, atol=1e-3)
+    # a soft sample gives a differentiable expected cost
+    cost = search.sample(tau=2.0)
+    cost.backward()
+    assert all(c.alpha.grad is not None for c in search.choices.values())
+    search.clear()
+    # over budget: ranks come down where the least energy is lost, until the budget holds
+    target = 0.5 * model_params(dense)
+    fitted, reduced = fit_budget(dense, uniform_ranks(dense, "head", 1.0, mlp=True), lambda c: model_params(dense, c),
+                                 target)
+    assert reduced and model_params(dense, fitted) <= target
+    from comcat.errors import ComcatError
+    with pytest.raises(ComcatError, match="below the smallest possible model"):
+        fit_budget(dense, fitted, lambda c: model_params(dense, c), 1000)
+    assert isinstance(fitted, RankConfig)
