@@ -74,8 +74,10 @@ def plot(rows, ratios, path):
             pts = sorted((r["ratio"], r["top1"]) for r in rows if (r["model"], r["method"], r["allocate"]) == (m, method, allocate))
             ax.plot(*zip(*pts), style, label=f"{method} level, {allocate}")
         dense = next(r["dense_top1"] for r in rows if r["model"] == m)
+        low = min(r["top1"] for r in rows if r["model"] == m)
         ax.axhline(dense, ls=":", c="gray", label="dense")
-        ax.set(title=m, xlabel="attention params / dense", ylabel="top-1 %", ylim=(0, 100))
+        ax.set(title=m, xlabel="attention params / dense", ylabel="top-1 %",
+               ylim=(0 if low < 50 else low - 1, 100 if low < 50 else dense + 0.5))
         ax.invert_xaxis()
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -88,7 +90,13 @@ def main():
                     help="ImageNet images to evaluate on: every (1000 // N)-th of the 1000, so all classes spread")
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the table and plot from OUT/head_vs_matrix.json")
     args = ap.parse_args()
+    if args.plot_only:
+        rows = json.loads((Path(args.out) / "head_vs_matrix.json").read_text())
+        print(table(rows, args.ratios))
+        plot(rows, args.ratios, Path(args.out) / "head_vs_matrix.png")
+        return
     torch.set_grad_enabled(False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
