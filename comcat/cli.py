@@ -127,11 +127,11 @@ def cmd_demo(args) -> None:
     print(f"embedded shapes ViT: {spectra.depth} blocks, {spectra.num_heads} heads of dim {spectra.head_dim}")
     print(spectra.summary(0.9))
     dense = evaluate(loaded.model, progress=False)
-    print(f"\ncompressed attention, energy-allocated ranks, no fine-tuning (dense top-1 {dense['top1']:.2f}%)")
+    print(f"\ncompressed attention, uniform ranks, no fine-tuning (dense top-1 {dense['top1']:.2f}%)")
     print(f"{'method':8} {'attn params':>11} {'model params':>12} {'FLOPs':>8} {'top-1 %':>8}")
     for ratio in (0.75, 0.5):
         for method in ("head", "matrix"):
-            cfg = choose_ranks(loaded, method, params_ratio=ratio, allocate="energy")
+            cfg = choose_ranks(loaded, method, params_ratio=ratio)
             _, r = run_compress(loaded, cfg, latency=False, progress=False, dense_top1=dense)
             c = r["compressed"]
             print(f"{method:8} {r['attn_params_ratio']:>11.1%} {c['params']:>12,} "

@@ -51,12 +51,11 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def _merge_mask(bias: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
     """Combine the additive key-bias term with a caller's mask (bool: True = attend)."""
-    if attn_mask is None:
-        return bias
+    if attn_mask is None or bias is None:
+        return bias if attn_mask is None else attn_mask
     if attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros_like(attn_mask, dtype=bias.dtype if bias is not None else torch.float32
-                                     ).masked_fill(~attn_mask, float("-inf"))
-    return attn_mask if bias is None else bias + attn_mask
+        attn_mask = torch.zeros_like(attn_mask, dtype=bias.dtype).masked_fill(~attn_mask, float("-inf"))
+    return bias + attn_mask
 
 
 class HeadLowRankAttention(nn.Module):

@@ -147,7 +147,7 @@ def energy_ranks(model: nn.Module, method: str, energy: float, mlp: bool = False
     return RankConfig(method, blocks, note={"rule": "energy", "energy": energy})
 
 
-def _site_gains(model: nn.Module, method: str, mlp: bool):
+def site_gains(model: nn.Module, method: str, mlp: bool):
     """Per site: (block, key, normalized energy gain of each rank step (n,), params per rank step)."""
     spectra = analyze(model)
     mlp_sv = mlp_spectra(model) if mlp else None
@@ -177,7 +177,7 @@ def greedy_energy_ranks(model: nn.Module, method: str, ratio: float, mlp: bool =
     depth = len(vit_blocks(model))
     blocks = [{} for _ in range(depth)]
     steps = []
-    for i, key, gain, unit in _site_gains(model, method, mlp):
+    for i, key, gain, unit in site_gains(model, method, mlp):
         blocks[i][key] = 1
         steps += [(g / unit, i, key) for g in gain[1:]]
     steps.sort(key=lambda t: -t[0])

@@ -145,10 +145,10 @@ def fit_budget(dense: nn.Module, cfg, cost_fn, target: float):
     """Lower ranks until cost_fn(cfg) <= target, each time where the lost normalized spectral
     energy per unit of cost saved is smallest. Returns (cfg, reduced: bool)."""
     from .errors import ComcatError
-    from .ranks import RankConfig, _site_gains
+    from .ranks import RankConfig, site_gains
 
     mlp = any("fc1" in b for b in cfg.blocks)
-    sites = {(i, key): (gain, unit) for i, key, gain, unit in _site_gains(dense, cfg.method, mlp)}
+    sites = {(i, key): (gain, unit) for i, key, gain, unit in site_gains(dense, cfg.method, mlp)}
     cfg = RankConfig(cfg.method, [dict(b) for b in cfg.blocks], cfg.head, dict(cfg.note))
     floor = RankConfig(cfg.method, [{k: 1 for k in b} for b in cfg.blocks], cfg.head)
     if cost_fn(floor) > target:

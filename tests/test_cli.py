@@ -107,3 +107,16 @@ def test_shapes_are_deterministic_and_balanced():
     assert a.shape == (50, 32, 32, 3) and a.dtype == np.uint8
     assert np.bincount(la, minlength=len(SHAPES)).tolist() == [5] * 10
     assert sa[0].caption.startswith(f"a {sa[0].colour} {sa[0].shape}")
+
+
+def test_cli_compress_with_rank_file_matrix_method(tmp_path, capsys):
+    ranks = {"method": "matrix", "blocks": [{"q": 8, "k": 8, "v": 24, "o": 24, "fc2": 32}] * 6, "head": None}
+    (tmp_path / "r.json").write_text(json.dumps(ranks))
+    assert main(["compress", "--method", "matrix", "--ranks", str(tmp_path / "r.json"), "--no-latency",
+                 "--out", str(tmp_path / "m")]) == 0
+    meta = json.loads((tmp_path / "m" / "comcat.json").read_text())
+    assert meta["ranks"]["blocks"] == ranks["blocks"] and meta["method"] == "matrix"
+    assert "top-1" in capsys.readouterr().out
+    # a rank file for the other method is refused in one line
+    assert main(["compress", "--method", "head", "--ranks", str(tmp_path / "r.json"), "--out", str(tmp_path / "n")]) == 2
+    assert "make them agree" in capsys.readouterr().err
