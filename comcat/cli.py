@@ -99,7 +99,9 @@ def cmd_compress(args) -> None:
                        args.mlp, args.classifier_rank)
     evaluate_top1 = not args.no_eval and (args.data is not None or loaded.source == "embedded")
     small, report = run_compress(loaded, cfg, args.data, evaluate_top1, not args.no_latency)
-    out = save_compressed(small, args.out, {"report": report})
+    metrics = {k: {m: report[k][m] for m in ("top1", "top5", "images", "latency_ms") if m in report[k]}
+               for k in ("dense", "compressed")}
+    out = save_compressed(small, args.out, {"metrics": metrics, "report": report})
     atomic_write_text(out / "report.md", report_markdown(report, loaded.source))
     print(format_report(report))
     print(f"saved {out}")

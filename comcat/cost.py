@@ -115,6 +115,20 @@ def model_flops(model: nn.Module, ranks: RankConfig | None = None) -> int:
 
 
 @torch.no_grad()
+def counted_flops(model: nn.Module, input_size=None) -> int:
+    """FLOPs of one image counted by torch.utils.flop_counter (attention through the math kernel,
+    so its two products are counted); works on any model, dense or compressed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters())
+    input_size = input_size or model.pretrained_cfg.get("input_size", (3, 224, 224))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
 def measure_latency(model: nn.Module, batch: int = 1, input_size=None, device: str | None = None,
                     warmup: int = 3, iters: int = 10) -> float:
     """Median wall time of one forward pass in milliseconds."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from .compress import compress
-from .cost import count_params
+from .cost import count_params, counted_flops
 from .errors import ComcatError
 from .models import COMPRESSED_META, COMPRESSED_WEIGHTS, Loaded, build_arch, load_state, read_meta
 from .ranks import RankConfig
@@ -47,6 +47,7 @@ def save_compressed(loaded: Loaded, out_dir: str | Path, extra: dict | None = No
     meta = {
         "format": FORMAT, "arch": loaded.arch, "arch_kwargs": loaded.arch_kwargs, "source": loaded.source,
         "method": ranks.method, "ranks": ranks.to_dict(), "params": count_params(model),
+        "flops": counted_flops(model),
         "pretrained_cfg": {k: v for k, v in (getattr(model, "pretrained_cfg", None) or {}).items()
                            if isinstance(v, (str, int, float, bool, list, tuple, type(None)))},
         **(extra or {}),

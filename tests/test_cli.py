@@ -45,6 +45,8 @@ def test_cli_end_to_end(tmp_path, shapes_folder):
     assert r.returncode == 0, r.stderr
     meta = json.loads((out / "comcat.json").read_text())
     assert meta["report"]["compressed"]["params"] < 0.6 * meta["report"]["dense"]["params"]
+    assert meta["flops"] == meta["report"]["compressed"]["flops"] and meta["arch"] == "comcat_shapes_vit"
+    assert meta["metrics"]["compressed"]["top1"] > 90
     assert (out / "report.md").read_text().startswith("# comcat compression report")
 
     r = run_cli("evaluate", "--model", str(out), "--json", str(tmp_path / "e.json"))

@@ -23,6 +23,8 @@ def test_save_reload_round_trip(embedded, tmp_path):
     assert meta["method"] == "head" and meta["ranks"]["blocks"] == cfg.blocks and meta["metrics"]["top1"] == 1.0
     back = load_model(str(out))
     assert back.compressed and back.meta["params"] == sum(p.numel() for p in small.parameters())
+    from comcat.cost import model_flops
+    assert back.meta["flops"] == model_flops(embedded.model, cfg)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(back.model(x), small(x))
