@@ -161,3 +161,70 @@ def fit_budget(dense: nn.Module, cfg, cost_fn, target: float):
         cfg.blocks[i][key] -= 1
         reduced = True
     return cfg, reduced
+
+
+def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, budget: str = "params",
+                 mlp: bool = True, epochs: int = 2, candidates: int = 8, batch_size: int = 64,
+                 lr_alpha: float = 0.05, lr_weights: float = 1e-4, tau: tuple = (5.0, 0.1), beta: float = 1.5,
+                 seed: int = 0, callback=None, should_stop=None):
+    """Differentiable rank search at head level under a params (or FLOPs) budget of `ratio` x dense.
+
+    Each epoch is a search epoch (alpha steps on `search_data`, loss = CE * (cost/target)^beta when
+    over the target) followed by a weight epoch (CE on `train_data` with sampled masks). tau anneals
+    exponentially over all steps. Returns (RankConfig within budget, info dict). `callback(dict)` gets
+    every step; `should_stop()` ends the search early (ranks so far are still returned).
+    """
+    from torch.utils.data import DataLoader
+
+    from .compress import compress
+    from .cost import model_flops, model_params
+    from .errors import ComcatError
+    from .ranks import uniform_ranks
+
+    if budget not in ("params", "flops"):
+        raise ComcatError(f"budget must be 'params' or 'flops', got {budget!r}")
+    cost_fn = (lambda cfg: model_params(dense, cfg)) if budget == "params" else (lambda cfg: model_flops(dense, cfg))
+    target = ratio * cost_fn(None)
+    torch.manual_seed(seed)
+    model = compress(dense, uniform_ranks(dense, "head", 1.0, mlp=mlp)).train()
+    search = RankSearch(model, cost_fn, candidates)
+    opt_alpha = torch.optim.Adam(search.parameters(), lr=lr_alpha)
+    opt_w = torch.optim.AdamW(model.parameters(), lr=lr_weights, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    loaders = [DataLoader(d, batch_size=batch_size, shuffle=True, generator=gen, drop_last=len(d) > batch_size)
+               for d in (search_data, train_data)]
+    total = epochs * sum(len(l) for l in loaders)
+    step, stopped, history = 0, False, []
+    for epoch in range(epochs):
+        for phase, loader, opt in (("search", loaders[0], opt_alpha), ("weights", loaders[1], opt_w)):
+            for x, y in loader:
+                t = temperature(step, total, *tau)
+                cost = search.sample(t)
+                task = F.cross_entropy(model(x), y)
+                if not torch.isfinite(task):
+                    search.clear()
+                    raise ComcatError("the loss became NaN/inf during the rank search: lower the learning rates")
+                loss = budget_penalty(task, cost, target, beta) if phase == "search" else task
+                opt_alpha.zero_grad(set_to_none=True)
+                opt_w.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                event = {"epoch": epoch, "phase": phase, "step": step, "total": total, "tau": t,
+                         "loss": task.item(), "cost": cost.item(), "target": target}
+                history.append(event)
+                if callback:
+                    callback(event)
+                step += 1
+                if should_stop and should_stop():
+                    stopped = True
+                    break
+            if stopped:
+                break
+        if stopped:
+            break
+    search.clear()
+    ranks, reduced = fit_budget(dense, search.chosen(), cost_fn, target)
+    ranks.note = {"rule": "search", "ratio": ratio, "budget": budget, "reduced_to_fit": reduced,
+                  "stopped": stopped, "steps": step}
+    return ranks, {"history": history, "target": target, "cost": cost_fn(ranks), "reduced_to_fit": reduced,
+                   "stopped": stopped, "weights": model}

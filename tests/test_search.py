@@ -79,3 +79,34 @@ def test_rank_search_cost_and_hard_choice_match_compress(embedded):
     with pytest.raises(ComcatError, match="below the smallest possible model"):
         fit_budget(dense, fitted, lambda c: model_params(dense, c), 1000)
     assert isinstance(fitted, RankConfig)
+
+
+def test_short_search_meets_budget_and_learns(embedded):
+    from torch.utils.data import TensorDataset
+
+    from comcat.cost import model_params
+    from comcat.data.shapes import make_shapes
+    from comcat.embedded import shapes_tensor
+    from comcat.search import search_ranks
+
+    def data(seed, n):
+        x, y, _ = make_shapes(n, seed)
+        return TensorDataset(shapes_tensor(x), torch.from_numpy(y))
+
+    events = []
+    ranks, info = search_ranks(embedded.model, data(10, 128), data(11, 128), ratio=0.5, epochs=2,
+                               batch_size=32, callback=events.append)
+    assert model_params(embedded.model, ranks) <= 0.5 * model_params(embedded.model)
+    assert info["cost"] == model_params(embedded.model, ranks)
+    assert [e["phase"] for e in events[:5]] == ["search"] * 4 + ["weights"]
+    assert events[0]["tau"] == pytest.approx(5.0) and events[-1]["tau"] < 0.2
+    # the budget term pulls the expected cost down during the search
+    search_costs = [e["cost"] for e in events if e["phase"] == "search"]
+    assert search_costs[-1] < search_costs[0]
+    ranks.validate(embedded.model)
+
+    stop_after = iter(range(3))
+    ranks, info = search_ranks(embedded.model, data(10, 64), data(11, 64), ratio=0.6, epochs=3, batch_size=32,
+                               should_stop=lambda: next(stop_after, None) is None)
+    assert info["stopped"] and len(info["history"]) == 4
+    assert model_params(embedded.model, ranks) <= 0.6 * model_params(embedded.model)
