@@ -167,7 +167,8 @@ def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, 
                  mlp: bool = True, epochs: int = 2, candidates: int = 8, batch_size: int = 64,
                  lr_alpha: float = 0.05, lr_weights: float = 1e-4, tau: tuple = (5.0, 0.1), beta: float = 1.5,
                  seed: int = 0, callback=None, should_stop=None):
-    """Differentiable rank search at head level under a params (or FLOPs) budget of `ratio` x dense.
+    """Differentiable rank search at head level: the searched sites (attention, plus the MLPs when
+    `mlp`) must cost at most `ratio` x their dense params (or FLOPs); the rest of the model is fixed.
 
     Each epoch is a search epoch (alpha steps on `search_data`, loss = CE * (cost/target)^beta when
     over the target) followed by a weight epoch (CE on `train_data` with sampled masks). tau anneals
@@ -177,26 +178,31 @@ def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, 
     from torch.utils.data import DataLoader
 
     from .compress import compress
-    from .cost import model_flops, model_params
+    from .cost import layer_flops, layer_params, model_flops, model_params
     from .errors import ComcatError
     from .ranks import uniform_ranks
 
     if budget not in ("params", "flops"):
         raise ComcatError(f"budget must be 'params' or 'flops', got {budget!r}")
     cost_fn = (lambda cfg: model_params(dense, cfg)) if budget == "params" else (lambda cfg: model_flops(dense, cfg))
-    target = ratio * cost_fn(None)
+    layers = layer_params(dense) if budget == "params" else layer_flops(dense)
+    sites_dense = sum(l["attn"] + (l["mlp"] if mlp else 0) for l in layers)
+    target = cost_fn(None) - (1 - ratio) * sites_dense
     torch.manual_seed(seed)
     model = compress(dense, uniform_ranks(dense, "head", 1.0, mlp=mlp)).train()
+    model.requires_grad_(lr_weights > 0)            # frozen weights: gradients for alpha only
     search = RankSearch(model, cost_fn, candidates)
     opt_alpha = torch.optim.Adam(search.parameters(), lr=lr_alpha)
     opt_w = torch.optim.AdamW(model.parameters(), lr=lr_weights, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    loaders = [DataLoader(d, batch_size=batch_size, shuffle=True, generator=gen, drop_last=len(d) > batch_size)
-               for d in (search_data, train_data)]
+    phases = [("search", search_data, opt_alpha)] + ([("weights", train_data, opt_w)] if lr_weights > 0 else [])
+    phases = [(name, DataLoader(d, batch_size=batch_size, shuffle=True, generator=gen,
+                                drop_last=len(d) > batch_size), opt) for name, d, opt in phases]
+    loaders = [loader for _, loader, _ in phases]
     total = epochs * sum(len(l) for l in loaders)
     step, stopped, history = 0, False, []
     for epoch in range(epochs):
-        for phase, loader, opt in (("search", loaders[0], opt_alpha), ("weights", loaders[1], opt_w)):
+        for phase, loader, opt in phases:
             for x, y in loader:
                 t = temperature(step, total, *tau)
                 cost = search.sample(t)

@@ -84,7 +84,7 @@ def test_rank_search_cost_and_hard_choice_match_compress(embedded):
 def test_short_search_meets_budget_and_learns(embedded):
     from torch.utils.data import TensorDataset
 
-    from comcat.cost import model_params
+    from comcat.cost import model_params, site_params
     from comcat.data.shapes import make_shapes
     from comcat.embedded import shapes_tensor
     from comcat.search import search_ranks
@@ -96,7 +96,8 @@ def test_short_search_meets_budget_and_learns(embedded):
     events = []
     ranks, info = search_ranks(embedded.model, data(10, 128), data(11, 128), ratio=0.5, epochs=2,
                                batch_size=32, callback=events.append)
-    assert model_params(embedded.model, ranks) <= 0.5 * model_params(embedded.model)
+    dense = embedded.model
+    assert site_params(dense, ranks, "head", True) <= 0.5 * site_params(dense, None, "head", True)
     assert info["cost"] == model_params(embedded.model, ranks)
     assert [e["phase"] for e in events[:5]] == ["search"] * 4 + ["weights"]
     assert events[0]["tau"] == pytest.approx(5.0) and events[-1]["tau"] < 0.2
@@ -109,4 +110,11 @@ def test_short_search_meets_budget_and_learns(embedded):
     ranks, info = search_ranks(embedded.model, data(10, 64), data(11, 64), ratio=0.6, epochs=3, batch_size=32,
                                should_stop=lambda: next(stop_after, None) is None)
     assert info["stopped"] and len(info["history"]) == 4
-    assert model_params(embedded.model, ranks) <= 0.6 * model_params(embedded.model)
+    assert site_params(dense, ranks, "head", True) <= 0.6 * site_params(dense, None, "head", True)
+    # attention only, weights frozen: only search steps, and the MLPs stay dense
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    ranks, info = search_ranks(dense, data(10, 64), data(11, 64), ratio=0.6, mlp=False, epochs=1, batch_size=32,
+                               lr_weights=0)
+    assert {e["phase"] for e in info["history"]} == {"search"} and "fc1" not in ranks.blocks[0]
+    assert site_params(dense, ranks, "head", False) <= 0.6 * site_params(dense, None, "head", False)
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())
