@@ -5,6 +5,7 @@ import copy
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .analysis import product_svd
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
@@ -76,7 +77,9 @@ def compress(model: nn.Module, ranks: RankConfig, inplace: bool = False) -> nn.M
         check_attention(b.attn, f"block {i} attention")
     ranks.validate(model)
     model = model if inplace else copy.deepcopy(model)
-    for b, r in zip(vit_blocks(model), ranks.blocks):
+    blocks = vit_blocks(model)
+    for b, r in tqdm(zip(blocks, ranks.blocks), total=len(blocks), desc=f"compress ({ranks.method} level)",
+                     disable=None, leave=False):   # disable=None: a bar only on a terminal
         if ranks.method == "head":
             b.attn = head_lowrank_attention(b.attn, r["qk"], r["vo"])
         else:
