@@ -13,6 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
+
+from .compress import compress
+from .cost import layer_flops, layer_params, model_flops, model_params
+from .errors import ComcatError
+from .lowrank import HeadLowRankAttention, LowRankLinear
+from .ranks import RankConfig, site_gains, uniform_ranks
 
 
 def candidate_ranks(full: int, count: int = 8, smallest: int = 1) -> list[int]:
@@ -76,7 +83,6 @@ def masked_product(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, mask: torc
     return (u * (s * mask)) @ v.T
 
 
-
 class RankSearch(nn.Module):
     """Rank choices for every site of a full-rank head-level model, and their expected cost.
 
@@ -88,20 +94,18 @@ class RankSearch(nn.Module):
 
     def __init__(self, model: nn.Module, cost_fn, count: int = 8):
         super().__init__()
-        from .lowrank import HeadLowRankAttention, LowRankLinear
-
-        self.sites: list[tuple[int, str, nn.Module]] = []
+        self.sites: list[tuple[nn.Module, str]] = []    # (module, name of its mask attribute), one per choice
         choices = {}
         for i, b in enumerate(model.blocks):
             if not isinstance(b.attn, HeadLowRankAttention):
                 raise ValueError("rank search needs a head-level model: compress(model, full ranks) first")
             for key, full in (("qk", b.attn.rank_qk), ("vo", b.attn.rank_vo)):
-                self.sites.append((i, key, b.attn))
+                self.sites.append((b.attn, f"rank_mask_{key}"))
                 choices[f"{i}_{key}"] = RankChoice(candidate_ranks(full, count), full)
             for fc in ("fc1", "fc2"):
                 lin = getattr(b.mlp, fc)
                 if isinstance(lin, LowRankLinear):
-                    self.sites.append((i, fc, lin))
+                    self.sites.append((lin, "rank_mask"))
                     choices[f"{i}_{fc}"] = RankChoice(candidate_ranks(lin.rank, count), lin.rank)
         self.choices = nn.ModuleDict(choices)
         self.depth = len(model.blocks)
@@ -113,10 +117,8 @@ class RankSearch(nn.Module):
             units.append(cost_fn(cfg) - base)
         self.register_buffer("units", torch.tensor(units, dtype=torch.float64), persistent=False)
         self.const = float(base - sum(units))
-        self.cost_fn = cost_fn
 
-    def config(self, ranks: dict[str, int]):
-        from .ranks import RankConfig
+    def config(self, ranks: dict[str, int]) -> RankConfig:
         blocks = [{} for _ in range(self.depth)]
         for name, r in ranks.items():
             i, key = name.split("_", 1)
@@ -126,17 +128,17 @@ class RankSearch(nn.Module):
     def sample(self, tau: float, sample: bool = True) -> torch.Tensor:
         """Draw soft masks for every site, install them, and return the expected cost (differentiable)."""
         cost = torch.tensor(self.const, dtype=torch.float64)
-        for (_, key, module), unit, choice in zip(self.sites, self.units, self.choices.values()):
+        for (module, attr), unit, choice in zip(self.sites, self.units, self.choices.values()):
             mask, m = choice(tau, sample)
-            setattr(module, {"qk": "rank_mask_qk", "vo": "rank_mask_vo"}.get(key, "rank_mask"), mask)
+            setattr(module, attr, mask)
             cost = cost + unit * (m.double() * choice.ranks.double()).sum()
         return cost
 
     def clear(self) -> None:
-        for _, key, module in self.sites:
-            setattr(module, {"qk": "rank_mask_qk", "vo": "rank_mask_vo"}.get(key, "rank_mask"), None)
+        for module, attr in self.sites:
+            setattr(module, attr, None)
 
-    def chosen(self):
+    def chosen(self) -> RankConfig:
         """The argmax ranks as a RankConfig."""
         return self.config({name: c.chosen() for name, c in self.choices.items()})
 
@@ -144,9 +146,6 @@ class RankSearch(nn.Module):
 def fit_budget(dense: nn.Module, cfg, cost_fn, target: float):
     """Lower ranks until cost_fn(cfg) <= target, each time where the lost normalized spectral
     energy per unit of cost saved is smallest. Returns (cfg, reduced: bool)."""
-    from .errors import ComcatError
-    from .ranks import RankConfig, site_gains
-
     mlp = any("fc1" in b for b in cfg.blocks)
     sites = {(i, key): (gain, unit) for i, key, gain, unit in site_gains(dense, cfg.method, mlp)}
     cfg = RankConfig(cfg.method, [dict(b) for b in cfg.blocks], cfg.head, dict(cfg.note))
@@ -175,13 +174,6 @@ def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, 
     exponentially over all steps. Returns (RankConfig within budget, info dict). `callback(dict)` gets
     every step; `should_stop()` ends the search early (ranks so far are still returned).
     """
-    from torch.utils.data import DataLoader
-
-    from .compress import compress
-    from .cost import layer_flops, layer_params, model_flops, model_params
-    from .errors import ComcatError
-    from .ranks import uniform_ranks
-
     if budget not in ("params", "flops"):
         raise ComcatError(f"budget must be 'params' or 'flops', got {budget!r}")
     cost_fn = (lambda cfg: model_params(dense, cfg)) if budget == "params" else (lambda cfg: model_flops(dense, cfg))
@@ -198,35 +190,35 @@ def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, 
     phases = [("search", search_data, opt_alpha)] + ([("weights", train_data, opt_w)] if lr_weights > 0 else [])
     phases = [(name, DataLoader(d, batch_size=batch_size, shuffle=True, generator=gen,
                                 drop_last=len(d) > batch_size), opt) for name, d, opt in phases]
-    loaders = [loader for _, loader, _ in phases]
-    total = epochs * sum(len(l) for l in loaders)
+    total = epochs * sum(len(loader) for _, loader, _ in phases)
+
+    def batches():
+        for epoch in range(epochs):
+            for phase, loader, opt in phases:
+                for x, y in loader:
+                    yield epoch, phase, opt, x, y
+
     step, stopped, history = 0, False, []
-    for epoch in range(epochs):
-        for phase, loader, opt in phases:
-            for x, y in loader:
-                t = temperature(step, total, *tau)
-                cost = search.sample(t)
-                task = F.cross_entropy(model(x), y)
-                if not torch.isfinite(task):
-                    search.clear()
-                    raise ComcatError("the loss became NaN/inf during the rank search: lower the learning rates")
-                loss = budget_penalty(task, cost, target, beta) if phase == "search" else task
-                opt_alpha.zero_grad(set_to_none=True)
-                opt_w.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                event = {"epoch": epoch, "phase": phase, "step": step, "total": total, "tau": t,
-                         "loss": task.item(), "cost": cost.item(), "target": target}
-                history.append(event)
-                if callback:
-                    callback(event)
-                step += 1
-                if should_stop and should_stop():
-                    stopped = True
-                    break
-            if stopped:
-                break
-        if stopped:
+    for epoch, phase, opt, x, y in batches():
+        t = temperature(step, total, *tau)
+        cost = search.sample(t)
+        task = F.cross_entropy(model(x), y)
+        if not torch.isfinite(task):
+            search.clear()
+            raise ComcatError("the loss became NaN/inf during the rank search: lower the learning rates")
+        loss = budget_penalty(task, cost, target, beta) if phase == "search" else task
+        opt_alpha.zero_grad(set_to_none=True)
+        opt_w.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        event = {"epoch": epoch, "phase": phase, "step": step, "total": total, "tau": t,
+                 "loss": task.item(), "cost": cost.item(), "target": target}
+        history.append(event)
+        if callback:
+            callback(event)
+        step += 1
+        if should_stop and should_stop():
+            stopped = True
             break
     search.clear()
     ranks, reduced = fit_budget(dense, search.chosen(), cost_fn, target)
