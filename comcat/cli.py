@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from .errors import ComcatError
+
 MODEL_HELP = ("model SPEC: 'embedded' (default, the bundled shapes ViT), a timm name with pretrained weights "
               "(e.g. deit_small_patch16_224; needs network or a hub cache), a local checkpoint "
               "(.safetensors/.pth/.bin, with --arch), or a compressed-model directory")
@@ -30,26 +32,47 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--plots", metavar="DIR", help="write energy_heatmaps.png and param_curves.png here")
     a.add_argument("--energy", type=float, default=0.9, help="energy threshold of the printed summary (default 0.9)")
 
-    c = sub.add_parser("compress", help="convert to low rank, report params/FLOPs/top-1/latency, save",
-                       description="Compress every attention layer (and optionally the MLPs) by truncated SVD.")
+    c = sub.add_parser("compress", help="find ranks, convert to low rank, fine-tune, report, save",
+                       description="Compress every attention layer (and optionally the MLPs): ranks from a "
+                                   "differentiable search under a budget (--search) or a fixed rule, then "
+                                   "optional distillation fine-tuning from the dense model. Runs under "
+                                   "torchrun --nproc_per_node N too. Ctrl-C stops cleanly; --resume continues.")
     _model_args(c)
     c.add_argument("--method", choices=("head", "matrix"), default="head",
                    help="head: COMCAT per-head W^QK_h/W^VO_h (default); matrix: factorize W^Q, W^K, W^V, W^O separately")
-    rule = c.add_mutually_exclusive_group(required=True)
-    rule.add_argument("--ranks", metavar="F", help="per-layer rank config JSON (as written in comcat.json 'ranks')")
-    rule.add_argument("--energy", type=float, metavar="E", help="keep this fraction of squared singular values, e.g. 0.95")
-    rule.add_argument("--params-ratio", type=float, metavar="R", help="keep this fraction of the compressed sites' params, e.g. 0.5")
+    c.add_argument("--ranks", metavar="F", help="per-layer rank config JSON (as written in comcat.json 'ranks')")
+    c.add_argument("--energy", type=float, metavar="E", help="keep this fraction of squared singular values, e.g. 0.95")
+    c.add_argument("--params-ratio", type=float, metavar="R",
+                   help="budget: keep this fraction of the compressed sites' params (FLOPs with --budget flops)")
+    c.add_argument("--search", action="store_true",
+                   help="choose per-layer ranks by differentiable Gumbel-softmax search under the budget")
+    c.add_argument("--budget", choices=("params", "flops"), default="params", help="what --params-ratio limits "
+                   "in the search (default params)")
+    c.add_argument("--search-epochs", type=int, default=4, metavar="N", help="search epochs (default 4)")
+    c.add_argument("--finetune-epochs", type=int, default=None, metavar="M",
+                   help="distillation fine-tuning epochs after the ranks are fixed (default 2 with --search, else 0)")
     c.add_argument("--allocate", choices=("uniform", "energy", "greedy"), default="uniform",
-                   help="with --params-ratio: same rank in every layer (uniform, default); one energy threshold "
+                   help="without --search: same rank in every layer (uniform, default); one energy threshold "
                         "for all layers, the largest that meets the budget (energy); or rank steps taken by "
                         "energy gained per parameter until the budget is met (greedy)")
-    c.add_argument("--mlp", action="store_true", help="also factorize MLP fc1/fc2 by the same rule")
-    c.add_argument("--classifier-rank", type=int, default=None, metavar="R", help="also factorize the classifier at rank R")
-    c.add_argument("--data", metavar="DIR", help="ImageFolder to evaluate top-1 on (default: embedded held-out shapes "
-                                                 "for the embedded model)")
+    c.add_argument("--mlp", action="store_true", help="also factorize MLP fc1/fc2 (searched, or by the same rule)")
+    c.add_argument("--classifier-rank", type=int, default=None, metavar="R",
+                   help="also factorize the classifier at rank R (with --search: search its rank too, any R)")
+    c.add_argument("--data", metavar="DIR", help="ImageFolder: DIR/<class>/<img> (seeded halves: search+train | "
+                   "evaluate) or DIR/train + DIR/val (default: embedded shapes for the embedded model)")
+    c.add_argument("--train-images", type=int, default=4096, metavar="N",
+                   help="embedded data: shapes generated for fine-tuning and weight epochs (default 4096)")
+    c.add_argument("--search-images", type=int, default=1024, metavar="N",
+                   help="embedded: shapes generated for the search; DIR/train+val: train images searched on (1024)")
+    c.add_argument("--seed", type=int, default=0, help="seed of data order, splits and sampling (default 0)")
+    c.add_argument("--batch-size", type=int, default=64, help="batch size per process (default 64)")
+    c.add_argument("--lr", type=float, default=2e-4, help="fine-tuning learning rate (AdamW, cosine; default 2e-4)")
+    c.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    c.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
     c.add_argument("--no-eval", action="store_true", help="skip top-1 evaluation")
     c.add_argument("--no-latency", action="store_true", help="skip latency measurement")
-    c.add_argument("--out", metavar="DIR", required=True, help="write model.safetensors + comcat.json + report.md here")
+    c.add_argument("--out", metavar="DIR", help="write model.safetensors + comcat.json + report.md + ranks.png here")
+    c.add_argument("--resume", metavar="DIR", help="continue a stopped run from its --out folder (other flags ignored)")
 
     e = sub.add_parser("evaluate", help="top-1/top-5 of a model or compressed directory",
                        description="Evaluate on the embedded held-out shapes or an ImageFolder directory.")
@@ -84,27 +107,93 @@ def cmd_analyze(args) -> None:
             print(f"wrote {p}")
 
 
-def report_markdown(report: dict, source: str) -> str:
-    from .pipeline import format_report
-    return f"# comcat compression report\n\nModel: `{source}`\n\n```\n{format_report(report)}\n```\n"
+class TqdmProgress:
+    """Turns run_job events into one tqdm bar per phase (main process only)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, e: dict) -> None:
+        from tqdm.auto import tqdm
+
+        from . import dist
+
+        if not dist.is_main():
+            return
+        kind = e["kind"]
+        if kind == "phase":
+            self.close()
+            if e["phase"] == "data":
+                print(f"data: {e['source']}: " + ", ".join(f"{k} {v}" for k, v in e["sizes"].items()))
+            return
+        if kind in ("search", "finetune") and self.bar is None:
+            self.bar = tqdm(total=e["total"], desc="rank search" if kind == "search" else "fine-tune",
+                            dynamic_ncols=True)
+        if kind == "search":
+            self.bar.set_postfix_str(f"{e['phase']} loss {e['loss']:.3f} cost/target {e['cost'] / e['target']:.3f} "
+                                     f"tau {e['tau']:.2f}", refresh=False)
+        elif kind == "finetune":
+            self.bar.set_postfix_str(f"loss {e['loss']:.3f} lr {e['lr']:.2e}", refresh=False)
+        elif kind == "validate":
+            (self.bar.write if self.bar else print)(f"validation top-1 {e['top1']:.2f}% (step {e['step']})")
+            return
+        if self.bar is not None and kind in ("search", "finetune"):
+            self.bar.n = e["step"]
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def job_spec(args):
+    from .job import JobSpec
+
+    rules = sum(x is not None for x in (args.ranks, args.energy, args.params_ratio))
+    if args.search and (args.ranks or args.energy is not None):
+        raise ComcatError("--search chooses the ranks itself: drop --ranks / --energy and give --params-ratio R")
+    if rules != 1:
+        raise ComcatError("give exactly one of --ranks FILE, --energy E or --params-ratio R (or --resume DIR)")
+    finetune = args.finetune_epochs if args.finetune_epochs is not None else (2 if args.search else 0)
+    if finetune < 0 or args.search_epochs < 1 or args.batch_size < 1:
+        raise ComcatError("--search-epochs and --batch-size must be >= 1 and --finetune-epochs >= 0")
+    if args.train_images < 1 or args.search_images < 1:
+        raise ComcatError("--train-images and --search-images must be >= 1")
+    return JobSpec(model=args.model, arch=args.arch, method=args.method, ratio=args.params_ratio,
+                   budget=args.budget, search=args.search, mlp=args.mlp,
+                   classifier=args.classifier_rank is not None, classifier_rank=args.classifier_rank, ranks_file=args.ranks, energy=args.energy,
+                   allocate=args.allocate, search_epochs=args.search_epochs, finetune_epochs=finetune,
+                   data=args.data, train_images=args.train_images, search_images=args.search_images, seed=args.seed, batch_size=args.batch_size, lr=args.lr, device=args.device,
+                   workers=args.workers, evaluate=not args.no_eval, latency=not args.no_latency)
 
 
 def cmd_compress(args) -> None:
-    from .io import atomic_write_text, save_compressed
-    from .models import load_model
-    from .pipeline import choose_ranks, format_report, run_compress
+    from . import dist
+    from .job import run_job
+    from .loop import StopFlag
+    from .pipeline import format_report
 
-    loaded = load_model(args.model, args.arch)
-    cfg = choose_ranks(loaded, args.method, args.ranks, args.energy, args.params_ratio, args.allocate,
-                       args.mlp, args.classifier_rank)
-    evaluate_top1 = not args.no_eval and (args.data is not None or loaded.source == "embedded")
-    small, report = run_compress(loaded, cfg, args.data, evaluate_top1, not args.no_latency)
-    metrics = {k: {m: report[k][m] for m in ("top1", "top5", "images", "latency_ms") if m in report[k]}
-               for k in ("dense", "compressed")}
-    out = save_compressed(small, args.out, {"metrics": metrics, "report": report})
-    atomic_write_text(out / "report.md", report_markdown(report, loaded.source))
-    print(format_report(report))
-    print(f"saved {out}")
+    if args.resume is None and args.out is None:
+        raise ComcatError("give --out DIR for the compressed model (or --resume DIR to continue a run)")
+    spec = None if args.resume else job_spec(args)
+    stop = StopFlag()
+    stop.install_signal()
+    progress = TqdmProgress()
+    try:
+        result = run_job(spec, args.resume or args.out, resume=args.resume is not None, callback=progress,
+                         should_stop=stop, progress=True)
+        main_process = dist.is_main()
+    finally:
+        progress.close()
+        dist.cleanup()
+    if main_process:
+        print(format_report(result["report"]))
+        if result["stopped"]:
+            print(f"stopped during {result['stopped']}: saved the best valid model so far to {result['out']}; "
+                  f"continue with: python -m comcat compress --resume {result['out']}")
+        else:
+            print(f"saved {result['out']}")
 
 
 def cmd_evaluate(args) -> None:
@@ -143,8 +232,6 @@ def cmd_demo(args) -> None:
 def main(argv=None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
-    from .errors import ComcatError
-
     handler = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate}.get(args.command, cmd_demo)
     try:
         handler(args)

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from .analysis import product_svd
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
-from .ranks import MATRICES, MLP_SITES, RankConfig
+from .ranks import ATTN_SITES, MATRICES, MLP_SITES, RankConfig
 from .vit import check_attention, head_weights, matrix_weights, vit_blocks
 
 
@@ -91,5 +91,58 @@ def compress(model: nn.Module, ranks: RankConfig, inplace: bool = False) -> nn.M
         for name in ("head", "head_dist"):
             if isinstance(getattr(model, name, None), nn.Linear):
                 setattr(model, name, LowRankLinear.from_linear(getattr(model, name), ranks.head))
+    model.comcat_ranks = ranks
+    return model
+
+
+@torch.no_grad()
+def _keep_rows(lin: nn.Linear, groups: int, old: int, new: int) -> None:
+    """Keep the first `new` of every `old` output rows (grouped per head) of a bias-free linear."""
+    w = lin.weight.reshape(groups, old, -1)[:, :new].reshape(groups * new, -1)
+    lin.weight = nn.Parameter(w.clone())
+    lin.out_features = groups * new
+
+
+@torch.no_grad()
+def _keep_cols(lin: nn.Linear, groups: int, old: int, new: int) -> None:
+    w = lin.weight.reshape(lin.out_features, groups, old)[:, :, :new].reshape(lin.out_features, groups * new)
+    lin.weight = nn.Parameter(w.clone())
+    lin.in_features = groups * new
+
+
+def _truncate_linear(lin: LowRankLinear, rank: int | None) -> None:
+    if rank is None or rank == lin.rank:
+        return
+    if rank > lin.rank:
+        raise ValueError(f"cannot raise a rank by truncation ({lin.rank} -> {rank})")
+    _keep_rows(lin.down, 1, lin.rank, rank)
+    _keep_cols(lin.up, 1, lin.rank, rank)
+    lin.rank = rank
+
+
+def truncate(model: nn.Module, ranks: RankConfig, inplace: bool = False) -> nn.Module:
+    """Keep the leading `ranks` factor columns of an already factorized model (e.g. the full-rank
+    model a rank search trained): the hard version of the search's rank mask c = [1]*r + [0]*(n-r).
+    Sites that are dense in `model` must be None in `ranks`."""
+    model = model if inplace else copy.deepcopy(model)
+    sites = ATTN_SITES[ranks.method] + MLP_SITES
+    for b, r in zip(vit_blocks(model), ranks.blocks):
+        a = b.attn
+        if isinstance(a, HeadLowRankAttention):
+            if r["qk"] != a.rank_qk:
+                _keep_rows(a.q, a.num_heads, a.rank_qk, r["qk"])
+                _keep_rows(a.k, a.num_heads, a.rank_qk, r["qk"])
+                a.rank_qk = r["qk"]
+            if r["vo"] != a.rank_vo:
+                _keep_rows(a.v, a.num_heads, a.rank_vo, r["vo"])
+                _keep_cols(a.proj, a.num_heads, a.rank_vo, r["vo"])
+                a.rank_vo = r["vo"]
+        for site in sites:
+            owner, attr = (b.mlp, site) if site in MLP_SITES else (a, "proj" if site == "o" else site)
+            lin = getattr(owner, attr, None)
+            if isinstance(lin, LowRankLinear):
+                _truncate_linear(lin, r.get(site))
+    if ranks.head is not None and isinstance(getattr(model, "head", None), LowRankLinear):
+        _truncate_linear(model.head, ranks.head)
     model.comcat_ranks = ranks
     return model

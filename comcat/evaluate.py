@@ -34,8 +34,9 @@ def load_rgb(path: str):
         raise ComcatError(f"cannot read image {path} ({type(e).__name__}): remove or replace it") from None
 
 
-def image_folder(root: str | Path, model: nn.Module, limit: int | None = None) -> Dataset:
-    """An ImageFolder (class sub-folders, sorted = label order) with the model's timm transforms."""
+def image_folder(root: str | Path, model: nn.Module, limit: int | None = None, training: bool = False) -> Dataset:
+    """An ImageFolder (class sub-folders, sorted = label order) with the model's timm transforms
+    (the augmenting training transforms when `training`)."""
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
@@ -43,7 +44,7 @@ def image_folder(root: str | Path, model: nn.Module, limit: int | None = None) -
     if not root.is_dir():
         raise ComcatError(f"data folder {root} does not exist: pass a folder with one sub-folder per class")
     try:
-        ds = ImageFolder(str(root), transform=create_transform(**data_config(model)), loader=load_rgb)
+        ds = ImageFolder(str(root), transform=create_transform(**data_config(model), is_training=training), loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as e:
         raise ComcatError(f"{root} has no images in class sub-folders ({str(e).splitlines()[0][:120]}): "
                           "lay it out as DIR/<class>/<image>.jpg") from None

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from .compress import compress
@@ -16,6 +16,7 @@ from .models import COMPRESSED_META, COMPRESSED_WEIGHTS, Loaded, build_arch, loa
 from .ranks import RankConfig
 
 FORMAT = "comcat-compressed/1"
+JOB_FILE = "job.json"        # a compress run's spec and phase (see comcat/job.py)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -41,9 +42,9 @@ def save_compressed(loaded: Loaded, out_dir: str | Path, extra: dict | None = No
     if ranks is None:
         raise ComcatError("only compressed models can be saved as a comcat directory: run compress first")
     out = Path(out_dir)
-    if out.exists() and not (out / COMPRESSED_META).is_file() and any(out.iterdir()):
+    if out.exists() and not (out / COMPRESSED_META).is_file() and not (out / JOB_FILE).is_file() \
+            and any(out.iterdir()):
         raise ComcatError(f"{out} exists and is not a comcat model directory: choose an empty or new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT, "arch": loaded.arch, "arch_kwargs": loaded.arch_kwargs, "source": loaded.source,
         "method": ranks.method, "ranks": ranks.to_dict(), "params": count_params(model),
@@ -52,21 +53,18 @@ def save_compressed(loaded: Loaded, out_dir: str | Path, extra: dict | None = No
                            if isinstance(v, (str, int, float, bool, list, tuple, type(None)))},
         **(extra or {}),
     }
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{COMPRESSED_WEIGHTS}.", suffix=".tmp")
+    os.close(fd)
+    try:       # both files complete before either is replaced; other files in out are kept
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / COMPRESSED_WEIGHTS), metadata={"format": FORMAT})
-        (tmp / COMPRESSED_META).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        save_file(state, tmp, metadata={"format": FORMAT})
+        atomic_write_text(out / f".{COMPRESSED_META}.new", json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, out / COMPRESSED_WEIGHTS)
+        os.replace(out / f".{COMPRESSED_META}.new", out / COMPRESSED_META)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        Path(tmp).unlink(missing_ok=True)
+        (out / f".{COMPRESSED_META}.new").unlink(missing_ok=True)
         raise
     return out
 
@@ -88,3 +86,58 @@ def load_compressed(directory: str | Path) -> Loaded:
         raise ComcatError(f"could not read {weights} ({type(e).__name__}): re-export the compressed model") from None
     load_state(model, state, f"{weights} does not match comcat.json", "re-export the compressed model")
     return Loaded(model.eval(), meta["arch"], meta.get("arch_kwargs", {}), str(directory), meta)
+
+
+def _flatten(tree, prefix: str, tensors: dict):
+    if isinstance(tree, torch.Tensor):
+        tensors[prefix] = tree.detach().contiguous().cpu()
+        return {"__tensor__": prefix}
+    if isinstance(tree, dict):
+        return {"__dict__": [[k, _flatten(v, f"{prefix}/{k}", tensors)] for k, v in tree.items()]}
+    if isinstance(tree, (list, tuple)):
+        return [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(tree)]
+    return tree
+
+
+def _unflatten(tree, tensors: dict):
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        return {k: _unflatten(v, tensors) for k, v in tree["__dict__"]}
+    if isinstance(tree, list):
+        return [_unflatten(v, tensors) for v in tree]
+    return tree
+
+
+def save_tree(path: str | Path, tree) -> None:
+    """Save a nested dict/list of tensors and plain values (model + optimizer states) as
+    PATH.json naming a fresh PATH.<id>.safetensors; the JSON, renamed into place last, is the commit
+    point, so a crash at any moment leaves the previous state readable."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(tree, "", tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        atomic_write_text(path.with_suffix(".json"), json.dumps({"tensors": Path(tmp).name, "tree": skeleton}))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for old in path.parent.glob(f"{path.name}.*.safetensors"):
+        if old.name != Path(tmp).name:
+            old.unlink(missing_ok=True)
+
+
+def load_tree(path: str | Path):
+    """Inverse of save_tree; None when PATH.json is absent."""
+    path = Path(path)
+    if not path.with_suffix(".json").is_file():
+        return None
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        return _unflatten(meta["tree"], load_file(str(path.parent / meta["tensors"])))
+    except Exception as e:
+        raise ComcatError(f"the saved run state {path}.json is unreadable ({type(e).__name__}): "
+                          "start the run again without --resume") from None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from .compress import compress
 from .cost import count_params, layer_params, measure_latency, model_flops, model_params
 from .errors import ComcatError
@@ -46,18 +48,26 @@ def choose_ranks(loaded: Loaded, method: str, ranks: str | None = None, energy: 
 def run_compress(loaded: Loaded, cfg: RankConfig, data=None, evaluate_top1: bool = True,
                  latency: bool = True, device: str = "cpu", progress: bool = True,
                  dense_top1: dict | None = None) -> tuple[Loaded, dict]:
-    """Compress `loaded` with `cfg`; returns the compressed model and a report (params, FLOPs,
-    per-layer params, top-1 dense vs compressed, CPU latency at batch 1 and 32).
-    `dense_top1`: the dense model's evaluate() result on the same data, when already known."""
-    dense = loaded.model
-    small = compress(dense, cfg)
+    """Compress `loaded` with `cfg` by SVD; returns the compressed model and its report (measure_report)."""
+    small = compress(loaded.model, cfg)
+    report = measure_report(loaded.model, small, data, evaluate_top1, latency, device, progress, dense_top1)
+    return Loaded(small, loaded.arch, loaded.arch_kwargs, loaded.source), report
+
+
+def measure_report(dense, small, data=None, evaluate_top1: bool = True, latency: bool = True,
+                   device: str = "cpu", progress: bool = True, dense_top1: dict | None = None) -> dict:
+    """Dense vs compressed: params, FLOPs, per-layer params, top-1 on `data`, latency (CPU batch 1
+    and 32, and CUDA when present). `small.comcat_ranks` is the rank config; `dense_top1` is the
+    dense model's evaluate() result on the same data, when already known."""
+    cfg = small.comcat_ranks
     report = {
         "method": cfg.method, "ranks": cfg.to_dict(),
         "dense": {"params": count_params(dense), "flops": model_flops(dense)},
         "compressed": {"params": count_params(small), "flops": model_flops(dense, cfg)},
         "layers": {"dense": layer_params(dense), "compressed": layer_params(dense, cfg)},
     }
-    assert report["compressed"]["params"] == model_params(dense, cfg)
+    if report["compressed"]["params"] != model_params(dense, cfg):
+        raise AssertionError("analytic and counted parameters disagree")
     dense_attn = sum(l["attn"] for l in report["layers"]["dense"])
     report["attn_params_ratio"] = sum(l["attn"] for l in report["layers"]["compressed"]) / dense_attn
     report["params_ratio"] = report["compressed"]["params"] / report["dense"]["params"]
@@ -66,9 +76,12 @@ def run_compress(loaded: Loaded, cfg: RankConfig, data=None, evaluate_top1: bool
         report["dense"].update(dense_top1 or evaluate(dense, data, device=device, progress=progress))
         report["compressed"].update(evaluate(small, data, device=device, progress=progress))
     if latency:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for key, m in (("dense", dense), ("compressed", small)):
-            report[key]["latency_ms"] = {f"cpu_b{b}": round(measure_latency(m, b, device="cpu"), 3) for b in (1, 32)}
-    return Loaded(small, loaded.arch, loaded.arch_kwargs, loaded.source), report
+            report[key]["latency_ms"] = {f"{d}_b{b}": round(measure_latency(m, b, device=d), 3)
+                                         for d in devices for b in (1, 32)}
+            m.to(device)
+    return report
 
 
 def format_report(report: dict) -> str:
@@ -85,3 +98,23 @@ def format_report(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
     return f"method {report['method']}, attention params {report['attn_params_ratio']:.1%} of dense\n" + "\n".join(lines)
+
+
+def report_markdown(report: dict, source: str, heatmap: str | None = None) -> str:
+    """The report.md of a compressed model: the table, then how the ranks were found and trained."""
+    lines = ["# comcat compression report", "", f"Model: `{source}`", "", "```", format_report(report), "```", ""]
+    if report.get("stopped"):
+        lines += [f"**Stopped** during {report['stopped']}: this is the best valid model so far "
+                  "(`--resume` continues the run).", ""]
+    s = report.get("search")
+    if s:
+        lines += [f"Rank search: {s['steps']}/{s['total']} steps, {s['budget']} budget {s['target']:,.0f}, "
+                  f"chosen ranks cost {s['cost']:,.0f}" + (" (argmax was over budget: ranks were lowered to fit)"
+                                                           if s["reduced_to_fit"] else "") + ".", ""]
+    f = report.get("finetune")
+    if f:
+        lines += [f"Distillation fine-tuning: {f['steps']}/{f['total']} steps, best validation top-1 "
+                  f"{f['best_top1']:.2f}%.", ""]
+    if heatmap:
+        lines += ["Chosen ranks per layer (fraction of full rank):", "", f"![ranks]({heatmap})", ""]
+    return "\n".join(lines)

@@ -119,16 +119,57 @@ def param_curves_mpl(spectra: Spectra):
     return fig
 
 
+def rank_table(ranks, model) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(site names, ranks (L, S) with NaN for dense sites, ranks / full rank (L, S)) of a RankConfig."""
+    from .ranks import ATTN_SITES, MLP_SITES, site_limits
+    from .vit import vit_blocks
+
+    sites = [s for s in ATTN_SITES[ranks.method] + MLP_SITES if any(b.get(s) is not None for b in ranks.blocks)]
+    r = np.array([[np.nan if b.get(s) is None else b[s] for s in sites] for b in ranks.blocks], float)
+    full = np.array([[site_limits(blk, ranks.method)[s] for s in sites] for blk in vit_blocks(model)], float)
+    return sites, r, r / full
+
+
+def ranks_heatmap_plotly(ranks, model):
+    import plotly.graph_objects as go
+
+    sites, r, frac = rank_table(ranks, model)
+    text = [["dense" if np.isnan(v) else str(int(v)) for v in row] for row in r]
+    fig = go.Figure(go.Heatmap(z=frac, x=sites, y=list(range(len(r))), text=text, texttemplate="%{text}",
+                               zmin=0, zmax=1, colorscale="Viridis", colorbar=dict(title="rank / full")))
+    fig.update_layout(title="Chosen ranks", xaxis_title="site", yaxis_title="layer", yaxis_autorange="reversed",
+                      height=120 + 32 * len(r), margin=dict(t=50, l=50, r=20, b=40))
+    return fig
+
+
+def ranks_heatmap_mpl(ranks, model):
+    plt = _plt()
+    sites, r, frac = rank_table(ranks, model)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(sites), 1.2 + 0.35 * len(r)), layout="constrained")
+    im = ax.imshow(frac, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+    for (i, j), v in np.ndenumerate(r):
+        ax.text(j, i, "dense" if np.isnan(v) else int(v), ha="center", va="center", fontsize=8,
+                color="white" if frac[i, j] < 0.6 else "black")
+    ax.set(xticks=range(len(sites)), xticklabels=sites, yticks=range(len(r)), xlabel="site", ylabel="layer",
+           title="chosen ranks (colour: rank / full rank)")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure atomically and close it."""
+    plt = _plt()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def save_analysis_plots(spectra: Spectra, out_dir: str | Path) -> list[Path]:
     """Write energy_heatmaps.png and param_curves.png to out_dir; returns the paths."""
-    plt = _plt()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, fig in (("energy_heatmaps.png", energy_heatmaps_mpl(spectra)), ("param_curves.png", param_curves_mpl(spectra))):
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(out / name)
-        paths.append(out / name)
-    return paths
+    return [save_png(fig, out / name) for name, fig in (("energy_heatmaps.png", energy_heatmaps_mpl(spectra)),
+                                                        ("param_curves.png", param_curves_mpl(spectra)))]

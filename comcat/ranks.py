@@ -117,6 +117,15 @@ def uniform_ranks(model: nn.Module, method: str, ratio: float, mlp: bool = False
     return RankConfig(method, blocks, note={"rule": "uniform", "ratio": ratio})
 
 
+def full_ranks(model: nn.Module, method: str, mlp: bool = False) -> RankConfig:
+    """Every site at its full rank (head_dim, or C for matrices): the factorized model is exact."""
+    blocks = []
+    for b in vit_blocks(model):
+        lim = site_limits(b, method)
+        blocks.append({k: r for k, r in lim.items() if k not in MLP_SITES or mlp})
+    return RankConfig(method, blocks, note={"rule": "full"})
+
+
 @torch.no_grad()
 def mlp_spectra(model: nn.Module) -> list[dict[str, np.ndarray]]:
     return [{fc: torch.linalg.svdvals(getattr(b.mlp, fc).weight.detach().double()).numpy() for fc in MLP_SITES}

@@ -10,16 +10,21 @@ of the largest candidate instead of one per candidate.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
 
-from .compress import compress
+from . import dist
+from .compress import compress, truncate
 from .cost import layer_flops, layer_params, model_flops, model_params
 from .errors import ComcatError
-from .lowrank import HeadLowRankAttention, LowRankLinear
-from .ranks import RankConfig, site_gains, uniform_ranks
+from .loop import epoch_batches, loader, seed_step
+from .loop import should_stop as should_stop_all
+from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
+from .ranks import MATRICES, MLP_SITES, RankConfig, full_ranks, site_gains, uniform_ranks
 
 
 def candidate_ranks(full: int, count: int = 8, smallest: int = 1) -> list[int]:
@@ -83,51 +88,82 @@ def masked_product(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, mask: torc
     return (u * (s * mask)) @ v.T
 
 
-class RankSearch(nn.Module):
-    """Rank choices for every site of a full-rank head-level model, and their expected cost.
+def _sites(model: nn.Module):
+    """(name, module, mask attribute, full rank) of every factorized site of a full-rank model."""
+    for i, b in enumerate(model.blocks):
+        a = b.attn
+        if isinstance(a, HeadLowRankAttention):
+            yield f"{i}_qk", a, "rank_mask_qk", a.rank_qk
+            yield f"{i}_vo", a, "rank_mask_vo", a.rank_vo
+        elif isinstance(a, MatrixLowRankAttention):
+            for key, attr in zip(MATRICES, ("q", "k", "v", "proj")):
+                lin = getattr(a, attr)
+                if isinstance(lin, LowRankLinear):
+                    yield f"{i}_{key}", lin, "rank_mask", lin.rank
+        else:
+            raise ValueError("rank search needs a factorized model: compress(model, full ranks) first")
+        for fc in MLP_SITES:
+            lin = getattr(b.mlp, fc)
+            if isinstance(lin, LowRankLinear):
+                yield f"{i}_{fc}", lin, "rank_mask", lin.rank
+    if isinstance(getattr(model, "head", None), LowRankLinear):
+        yield "classifier", model.head, "rank_mask", model.head.rank
 
-    `model` is the output of compress() at full rank (HeadLowRankAttention, optionally LowRankLinear
-    MLPs). Sites: blocks.i.qk / blocks.i.vo (rank over head_dim) and blocks.i.fc1 / fc2 when factored.
-    Cost is linear in every site's rank: cost(ranks) = const + sum_s unit_s * r_s, with const and
-    unit_s read off the analytic `cost_fn(ranks: RankConfig)` (params or FLOPs of comcat.cost).
+
+class RankSearch(nn.Module):
+    """Rank choices for every site of a full-rank factorized model, and their expected cost.
+
+    `model` is compress() at full rank, head or matrix level. Sites: blocks.i.qk / .vo (head level,
+    rank over head_dim) or blocks.i.q/k/v/o (matrix level), fc1 / fc2 when factored, and the
+    classifier when factored. Cost is linear in every site's rank: cost = const + sum_s unit_s r_s,
+    with const and unit_s read off the analytic `cost_fn(ranks: RankConfig)` (params or FLOPs).
     """
 
-    def __init__(self, model: nn.Module, cost_fn, count: int = 8):
+    def __init__(self, model: nn.Module, cost_fn, count: int = 8, init_ranks: RankConfig | None = None):
         super().__init__()
+        self.method = "head" if isinstance(model.blocks[0].attn, HeadLowRankAttention) else "matrix"
+        self.depth = len(model.blocks)
         self.sites: list[tuple[nn.Module, str]] = []    # (module, name of its mask attribute), one per choice
         choices = {}
-        for i, b in enumerate(model.blocks):
-            if not isinstance(b.attn, HeadLowRankAttention):
-                raise ValueError("rank search needs a head-level model: compress(model, full ranks) first")
-            for key, full in (("qk", b.attn.rank_qk), ("vo", b.attn.rank_vo)):
-                self.sites.append((b.attn, f"rank_mask_{key}"))
-                choices[f"{i}_{key}"] = RankChoice(candidate_ranks(full, count), full)
-            for fc in ("fc1", "fc2"):
-                lin = getattr(b.mlp, fc)
-                if isinstance(lin, LowRankLinear):
-                    self.sites.append((lin, "rank_mask"))
-                    choices[f"{i}_{fc}"] = RankChoice(candidate_ranks(lin.rank, count), lin.rank)
+        for name, module, attr, full in _sites(model):
+            self.sites.append((module, attr))
+            choices[name] = RankChoice(candidate_ranks(full, count), full)
         self.choices = nn.ModuleDict(choices)
-        self.depth = len(model.blocks)
-        ones = self.config({name: 1 for name in choices})
-        base = cost_fn(ones)
-        units = []
-        for name in choices:
-            cfg = self.config({**{n: 1 for n in choices}, name: 2})
-            units.append(cost_fn(cfg) - base)
+        base = cost_fn(self.config({name: 1 for name in choices}))
+        units = [cost_fn(self.config({**{n: 1 for n in choices}, name: 2})) - base for name in choices]
         self.register_buffer("units", torch.tensor(units, dtype=torch.float64), persistent=False)
         self.const = float(base - sum(units))
+        if init_ranks is not None:
+            self.start_at(init_ranks)
+
+    @torch.no_grad()
+    def start_at(self, ranks: RankConfig, margin: float = 1.0) -> None:
+        """Tilt the logits towards the candidate nearest each site's rank in `ranks` (a warm start)."""
+        for name, c in self.choices.items():
+            r = self._get(ranks, name)
+            c.alpha.zero_()
+            c.alpha[(c.ranks - r).abs().argmin()] = margin
+
+    def _get(self, ranks: RankConfig, name: str) -> int:
+        if name == "classifier":
+            return ranks.head
+        i, key = name.split("_", 1)
+        return ranks.blocks[int(i)][key]
 
     def config(self, ranks: dict[str, int]) -> RankConfig:
         blocks = [{} for _ in range(self.depth)]
+        head = None
         for name, r in ranks.items():
+            if name == "classifier":
+                head = int(r)
+                continue
             i, key = name.split("_", 1)
             blocks[int(i)][key] = int(r)
-        return RankConfig("head", blocks)
+        return RankConfig(self.method, blocks, head)
 
     def sample(self, tau: float, sample: bool = True) -> torch.Tensor:
         """Draw soft masks for every site, install them, and return the expected cost (differentiable)."""
-        cost = torch.tensor(self.const, dtype=torch.float64)
+        cost = torch.tensor(self.const, dtype=torch.float64, device=self.units.device)
         for (module, attr), unit, choice in zip(self.sites, self.units, self.choices.values()):
             mask, m = choice(tau, sample)
             setattr(module, attr, mask)
@@ -142,10 +178,26 @@ class RankSearch(nn.Module):
         """The argmax ranks as a RankConfig."""
         return self.config({name: c.chosen() for name, c in self.choices.items()})
 
+    @torch.no_grad()
+    def fit(self, cost_fn, target: float) -> tuple[RankConfig, bool]:
+        """The argmax ranks, lowered candidate by candidate until cost_fn <= target; each step is
+        taken where the logits lose least per unit of cost saved: min (a_now - a_next) / saved."""
+        pick = {name: int(c.alpha.argmax()) for name, c in self.choices.items()}
+        units = dict(zip(self.choices, self.units.tolist()))
+        reduced = False
+        while cost_fn(self.config({n: int(self.choices[n].ranks[i]) for n, i in pick.items()})) > target:
+            steps = [((c.alpha[i] - c.alpha[i - 1]).item() / (units[n] * int(c.ranks[i] - c.ranks[i - 1])), n)
+                     for n, i in pick.items() for c in [self.choices[n]] if i > 0]
+            if not steps:
+                break
+            pick[min(steps)[1]] -= 1
+            reduced = True
+        return self.config({n: int(self.choices[n].ranks[i]) for n, i in pick.items()}), reduced
+
 
 def fit_budget(dense: nn.Module, cfg, cost_fn, target: float):
-    """Lower ranks until cost_fn(cfg) <= target, each time where the lost normalized spectral
-    energy per unit of cost saved is smallest. Returns (cfg, reduced: bool)."""
+    """Lower ranks one by one until cost_fn(cfg) <= target, each time where the lost normalized
+    spectral energy per unit of cost saved is smallest. Returns (cfg, reduced: bool)."""
     mlp = any("fc1" in b for b in cfg.blocks)
     sites = {(i, key): (gain, unit) for i, key, gain, unit in site_gains(dense, cfg.method, mlp)}
     cfg = RankConfig(cfg.method, [dict(b) for b in cfg.blocks], cfg.head, dict(cfg.note))
@@ -162,67 +214,124 @@ def fit_budget(dense: nn.Module, cfg, cost_fn, target: float):
     return cfg, reduced
 
 
-def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, budget: str = "params",
-                 mlp: bool = True, epochs: int = 2, candidates: int = 8, batch_size: int = 64,
-                 lr_alpha: float = 0.05, lr_weights: float = 1e-4, tau: tuple = (5.0, 0.1), beta: float = 1.5,
-                 seed: int = 0, callback=None, should_stop=None):
-    """Differentiable rank search at head level: the searched sites (attention, plus the MLPs when
-    `mlp`) must cost at most `ratio` x their dense params (or FLOPs); the rest of the model is fixed.
-
-    Each epoch is a search epoch (alpha steps on `search_data`, loss = CE * (cost/target)^beta when
-    over the target) followed by a weight epoch (CE on `train_data` with sampled masks). tau anneals
-    exponentially over all steps. Returns (RankConfig within budget, info dict). `callback(dict)` gets
-    every step; `should_stop()` ends the search early (ranks so far are still returned).
-    """
+def search_target(dense: nn.Module, ratio: float, budget: str, mlp: bool):
+    """(cost_fn, target): the searched sites (attention, plus the MLPs when `mlp`) may cost at most
+    `ratio` x their dense params or FLOPs; everything else is counted at its fixed cost."""
     if budget not in ("params", "flops"):
         raise ComcatError(f"budget must be 'params' or 'flops', got {budget!r}")
+    if not 0 < ratio <= 1:
+        raise ComcatError(f"the budget ratio must be in (0, 1], got {ratio}")
     cost_fn = (lambda cfg: model_params(dense, cfg)) if budget == "params" else (lambda cfg: model_flops(dense, cfg))
     layers = layer_params(dense) if budget == "params" else layer_flops(dense)
     sites_dense = sum(l["attn"] + (l["mlp"] if mlp else 0) for l in layers)
-    target = cost_fn(None) - (1 - ratio) * sites_dense
-    torch.manual_seed(seed)
-    model = compress(dense, uniform_ranks(dense, "head", 1.0, mlp=mlp)).train()
+    return cost_fn, cost_fn(None) - (1 - ratio) * sites_dense
+
+
+def check_budget(cost_fn, target: float, floor: RankConfig, budget: str = "params") -> None:
+    """Refuse a target below the model with rank 1 at every searched site."""
+    if cost_fn(floor) > target:
+        raise ComcatError(f"the budget ({target:,.0f} {budget}) is below the smallest possible model "
+                          f"({cost_fn(floor):,.0f} at rank 1 everywhere): raise the ratio")
+
+
+def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, method: str = "head",
+                 budget: str = "params", mlp: bool = True, classifier: bool = False, epochs: int = 2,
+                 candidates: int = 8, batch_size: int = 64, lr_alpha: float = 0.05, lr_weights: float = 1e-4,
+                 tau: tuple = (5.0, 0.1), beta: float = 1.5, warm_start: bool = True, seed: int = 0,
+                 device: str = "cpu", num_workers: int = 0, callback=None, should_stop=None,
+                 resume: dict | None = None, checkpoint=None):
+    """Differentiable rank search (head or matrix level) under a params/FLOPs budget (search_target).
+
+    Each epoch is a search epoch (alpha steps on `search_data`, loss = CE * (cost/target)^beta when
+    over the target) followed, when lr_weights > 0, by a weight epoch (CE on `train_data` with
+    sampled masks). tau anneals exponentially over all steps. With warm_start the logits start
+    tilted towards the uniform ranks of the budget. `callback(event)` gets every step; `should_stop()`
+    ends early; `checkpoint(state)` receives the resumable state after every epoch and at a stop, and
+    `resume=state` continues from it (same result as an uninterrupted run). Under torchrun the
+    weights train with DDP and the logits' gradients are averaged over processes.
+
+    Returns (RankConfig within budget, info): info["model"] is the searched model cut to those ranks
+    (its trained weights, eval mode), plus history, target, cost, reduced_to_fit, stopped, steps.
+    """
+    cost_fn, target = search_target(dense, ratio, budget, mlp)
+    full = full_ranks(dense, method, mlp)
+    model = compress(dense, replace(full, head=min(dense.head.weight.shape)) if classifier else full)
+    model.to(device).train()
     model.requires_grad_(lr_weights > 0)            # frozen weights: gradients for alpha only
-    search = RankSearch(model, cost_fn, candidates)
+    search = RankSearch(model, cost_fn, candidates).to(device)
+    check_budget(cost_fn, target, search.config({name: 1 for name in search.choices}), budget)
+    if warm_start:
+        start = uniform_ranks(dense, method, ratio, mlp=mlp)
+        if classifier:
+            start = replace(start, head=max(1, round(ratio * dense.head.weight.shape[0] * dense.head.weight.shape[1]
+                                                     / sum(dense.head.weight.shape))))
+        search.start_at(start)
+    net = DistributedDataParallel(model) if dist.world() > 1 and lr_weights > 0 else model
     opt_alpha = torch.optim.Adam(search.parameters(), lr=lr_alpha)
-    opt_w = torch.optim.AdamW(model.parameters(), lr=lr_weights, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    phases = [("search", search_data, opt_alpha)] + ([("weights", train_data, opt_w)] if lr_weights > 0 else [])
-    phases = [(name, DataLoader(d, batch_size=batch_size, shuffle=True, generator=gen,
-                                drop_last=len(d) > batch_size), opt) for name, d, opt in phases]
-    total = epochs * sum(len(loader) for _, loader, _ in phases)
+    opt_w = torch.optim.AdamW(model.parameters(), lr=lr_weights, weight_decay=0.0) if lr_weights > 0 else None
+    step, history = 0, []
+    if resume:
+        search.load_state_dict(resume["alpha"])
+        opt_alpha.load_state_dict(resume["opt_alpha"])
+        if opt_w is not None:
+            model.load_state_dict(resume["weights"])
+            opt_w.load_state_dict(resume["opt_w"])
+        step, history = resume["step"], list(resume["history"])
+    phases = [("search", search_data, opt_alpha)] + ([("weights", train_data, opt_w)] if opt_w else [])
+    for _, d, _ in phases:
+        if len(d) == 0:
+            raise ComcatError("the rank search got an empty data split: give it a folder with images")
+    per_epoch = [(name, d, opt, epoch_batches(len(d), batch_size, 0, seed)) for name, d, opt in phases]
+    total = epochs * sum(len(b) for *_, b in per_epoch)
 
-    def batches():
-        for epoch in range(epochs):
-            for phase, loader, opt in phases:
-                for x, y in loader:
-                    yield epoch, phase, opt, x, y
+    def state():
+        return {"step": step, "history": history, "alpha": search.state_dict(), "opt_alpha": opt_alpha.state_dict(),
+                **({"weights": model.state_dict(), "opt_w": opt_w.state_dict()} if opt_w else {})}
 
-    step, stopped, history = 0, False, []
-    for epoch, phase, opt, x, y in batches():
-        t = temperature(step, total, *tau)
-        cost = search.sample(t)
-        task = F.cross_entropy(model(x), y)
-        if not torch.isfinite(task):
-            search.clear()
-            raise ComcatError("the loss became NaN/inf during the rank search: lower the learning rates")
-        loss = budget_penalty(task, cost, target, beta) if phase == "search" else task
-        opt_alpha.zero_grad(set_to_none=True)
-        opt_w.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        event = {"epoch": epoch, "phase": phase, "step": step, "total": total, "tau": t,
-                 "loss": task.item(), "cost": cost.item(), "target": target}
-        history.append(event)
-        if callback:
-            callback(event)
-        step += 1
-        if should_stop and should_stop():
-            stopped = True
+    stopped, done = False, 0
+    for epoch in range(epochs):
+        for phase, data, opt, _ in per_epoch:
+            batches = epoch_batches(len(data), batch_size, epoch * len(phases) + (phase == "weights"), seed)
+            skip = min(len(batches), max(0, step - done))
+            done += len(batches)
+            for x, y in loader(data, batches[skip:], num_workers):
+                seed_step(seed, step)
+                t = temperature(step, total, *tau)
+                cost = search.sample(t)
+                task = F.cross_entropy(net(x.to(device)), y.to(device))
+                if not torch.isfinite(task):
+                    search.clear()
+                    raise ComcatError("the loss became NaN/inf during the rank search: lower the learning rates")
+                loss = budget_penalty(task, cost, target, beta) if phase == "search" else task
+                opt_alpha.zero_grad(set_to_none=True)
+                if opt_w:
+                    opt_w.zero_grad(set_to_none=True)
+                loss.backward()
+                if phase == "search":
+                    dist.average_grads(search.parameters())
+                opt.step()
+                step += 1
+                event = {"kind": "search", "epoch": epoch, "phase": phase, "step": step, "total": total, "tau": t,
+                         "loss": task.item(), "cost": cost.item(), "target": target}
+                history.append(event)
+                if callback:
+                    callback({**event, "ranks": search.chosen()})
+                if should_stop_all(should_stop):
+                    stopped = True
+                    break
+            if stopped:
+                break
+        if checkpoint and (stopped or epoch < epochs - 1):
+            checkpoint(state())
+        if stopped:
             break
     search.clear()
-    ranks, reduced = fit_budget(dense, search.chosen(), cost_fn, target)
+    ranks, reduced = search.fit(cost_fn, target)
+    if cost_fn(ranks) > target:            # even the smallest candidates are too big: go below them
+        ranks, _ = fit_budget(dense, ranks, cost_fn, target)
+        reduced = True
     ranks.note = {"rule": "search", "ratio": ratio, "budget": budget, "reduced_to_fit": reduced,
                   "stopped": stopped, "steps": step}
+    small = truncate(model, ranks).eval().requires_grad_(True)
     return ranks, {"history": history, "target": target, "cost": cost_fn(ranks), "reduced_to_fit": reduced,
-                   "stopped": stopped, "weights": model}
+                   "stopped": stopped, "steps": step, "total": total, "model": small}

@@ -1,0 +1,194 @@
+"""Issue 3: truncation, search at matrix level, distillation, the compress run (stop/resume,
+torchrun, bad inputs)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comcat.compress import compress, truncate
+from comcat.errors import ComcatError
+from comcat.ranks import full_ranks, uniform_ranks
+
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("method", ["head", "matrix"])
+def test_truncating_a_full_rank_model_equals_compressing(embedded, method):
+    """Keeping the leading factor columns of the full-rank SVD model is the truncated SVD."""
+    dense = embedded.model
+    full = compress(dense, full_ranks(dense, method, mlp=True))
+    cfg = uniform_ranks(dense, method, 0.4, mlp=True)
+    cfg.blocks[1] = {k: max(1, r // 2) for k, r in cfg.blocks[1].items()}
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cut, ref = truncate(full, cfg).eval()(x), compress(dense, cfg).eval()(x)
+    assert torch.allclose(cut, ref, atol=1e-4)
+    assert sum(p.numel() for p in truncate(full, cfg).parameters()) == sum(p.numel() for p in compress(dense, cfg).parameters())
+
+
+def test_matrix_search_hard_choice_and_fit_by_logits(embedded):
+    from comcat.cost import model_params
+    from comcat.search import RankSearch
+
+    dense = embedded.model
+    full = compress(dense, full_ranks(dense, "matrix"))
+    cost_fn = lambda c: model_params(dense, c)     # noqa: E731
+    search = RankSearch(full, cost_fn)
+    assert search.method == "matrix" and set(search.choices) >= {"0_q", "0_k", "0_v", "0_o"}
+    search.start_at(uniform_ranks(dense, "matrix", 0.5))
+    chosen = search.chosen()
+    assert chosen.blocks[0]["q"] == 32                       # 0.5 * C / 2, a candidate of C = 128
+    assert search.sample(1.0, sample=False).item() == pytest.approx(cost_fn(chosen))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        masked = full.eval()(x)
+        search.clear()
+        assert torch.allclose(masked, compress(dense, chosen).eval()(x), atol=1e-4)
+    # over budget: the step is taken where the logits lose least, block 3's v is nearly indifferent
+    with torch.no_grad():
+        for name, c in search.choices.items():
+            c.alpha.copy_(torch.linspace(0, 5, len(c.alpha)))      # everyone prefers full rank strongly
+        search.choices["3_v"].alpha.copy_(torch.linspace(0, 0.01, 8))
+    target = cost_fn(search.chosen()) - 1
+    fitted, reduced = search.fit(cost_fn, target)
+    assert reduced and cost_fn(fitted) <= target
+    assert fitted.blocks[3]["v"] == 112 and all(b[m] == 128 for i, b in enumerate(fitted.blocks)
+                                               for m in "qko" if i != 3)
+
+
+def _shapes(n, seed):
+    from comcat.data.splits import shapes_dataset
+    return shapes_dataset(n, seed)
+
+
+def test_search_then_finetune_beats_no_finetuning(embedded):
+    from comcat.distill import finetune
+    from comcat.evaluate import evaluate
+    from comcat.search import search_ranks
+
+    dense = embedded.model
+    train, search, val = _shapes(1024, 0), _shapes(256, 2), _shapes(500, 5)
+    ranks, info = search_ranks(dense, train, search, ratio=0.15, mlp=True, epochs=1, batch_size=64, lr_weights=0)
+    small = info["model"]
+    before = evaluate(small, val, progress=False)["top1"]
+    assert before < 97, "the budget should hurt before fine-tuning"
+    events = []
+    res = finetune(small, dense, train, search, epochs=2, lr=5e-4, batch_size=64, callback=events.append)
+    after = evaluate(res["model"], val, progress=False)["top1"]
+    assert after > before + 3
+    assert res["best_top1"] >= max(e["top1"] for e in events if e["kind"] == "validate") - 1e-9
+    assert [e["kind"] for e in events].count("finetune") == res["total"] == 32
+    assert small.comcat_ranks is ranks or small.comcat_ranks.blocks == ranks.blocks
+
+
+def test_nan_loss_is_a_clear_error(embedded):
+    from torch.utils.data import TensorDataset
+
+    from comcat.search import search_ranks
+
+    bad = TensorDataset(torch.full((8, 3, 32, 32), float("nan")), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ComcatError, match="NaN"):
+        search_ranks(embedded.model, bad, bad, ratio=0.5, epochs=1, batch_size=4)
+
+
+SMALL = dict(mlp=True, ratio=0.4, search_epochs=2, finetune_epochs=1, train_images=256, search_images=128,
+             batch_size=32, latency=False)
+
+
+def _weights(out):
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_stop_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+    from comcat.io import load_compressed
+    from comcat.job import JobSpec, run_job
+
+    whole = run_job(JobSpec(**SMALL), tmp_path / "whole")
+    assert whole["stopped"] is None and whole["report"]["search"]["cost"] <= whole["report"]["search"]["target"]
+    assert json.loads((tmp_path / "whole" / "job.json").read_text())["phase"] == "done"
+    assert not (tmp_path / "whole" / "state").exists()
+
+    out, calls = tmp_path / "parts", {"n": 0}
+
+    def stop_at(*steps):
+        def should_stop():
+            calls["n"] += 1
+            return calls["n"] in steps
+        return should_stop
+
+    # stop in the search's 2nd epoch (12 steps per epoch: 4 search + 8 weights)
+    first = run_job(JobSpec(**SMALL), out, should_stop=stop_at(20))
+    assert first["stopped"] == "search"
+    saved = load_compressed(out)                 # the best valid model so far, within budget
+    assert saved.meta["report"]["stopped"] == "search"
+    assert saved.meta["report"]["search"]["cost"] <= saved.meta["report"]["search"]["target"]
+    assert (out / "state" / "search.json").is_file() and "Stopped" in (out / "report.md").read_text()
+    with pytest.raises(ComcatError, match="--resume"):
+        run_job(JobSpec(**SMALL), out)            # a new run must not overwrite an unfinished one
+    # resume; stop again during fine-tuning (the search has 4 steps left, then 8 fine-tune steps)
+    calls["n"] = 0
+    second = run_job(None, out, resume=True, should_stop=stop_at(7))
+    assert second["stopped"] == "finetune" and (out / "state" / "finetune.json").is_file()
+    third = run_job(None, out, resume=True)
+    assert third["stopped"] is None
+    a, b = _weights(tmp_path / "whole"), _weights(out)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert third["report"]["compressed"]["top1"] == pytest.approx(whole["report"]["compressed"]["top1"])
+    with pytest.raises(ComcatError, match="already finished"):
+        run_job(None, out, resume=True)
+
+
+def _cli(*args, env=None, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    r = _cli(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+             "-m", "comcat", "compress", "--search", "--mlp", "--params-ratio", "0.5", "--search-epochs", "1",
+             "--finetune-epochs", "1", "--train-images", "256", "--search-images", "128", "--batch-size", "32",
+             "--no-latency", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((out / "comcat.json").read_text())
+    assert meta["report"]["processes"] == 2
+    # each process saw its half: 128 search images / 2 processes / 32 per batch = 2 search steps per epoch
+    assert meta["report"]["search"]["total"] == 2 + 4
+    assert meta["report"]["compressed"]["top1"] > 90
+    assert r.stdout.count("saved ") == 1          # only the main process reports
+
+
+def test_cli_search_bad_inputs_leave_nothing(tmp_path):
+    from comcat.cli import main
+
+    out = tmp_path / "o"
+    assert main(["compress", "--search", "--params-ratio", "0.0001", "--out", str(out)]) == 2
+    assert not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["compress", "--search", "--params-ratio", "0.5", "--data", str(empty), "--out", str(out)]) == 2
+    assert not out.exists()
+    bad = tmp_path / "bad" / "cls"
+    bad.mkdir(parents=True)
+    for i in range(4):
+        (bad / f"{i}.png").write_bytes(b"not an image")
+    assert main(["compress", "--search", "--params-ratio", "0.5", "--data", str(bad.parent), "--out", str(out)]) == 2
+    assert not out.exists()
+    assert main(["compress", "--search", "--params-ratio", "0.5", "--ranks", "x.json", "--out", str(out)]) == 2
+    assert main(["compress", "--resume", str(tmp_path / "nothing")]) == 2
+    # NaN during the search (absurd weight learning rate): clear error, no folder left
+    from comcat.job import JobSpec, run_job
+    with pytest.raises(ComcatError, match="NaN"):
+        run_job(JobSpec(**{**SMALL, "lr_weights": 1e12}), out)
+    assert not out.exists()
+
+
+def test_cli_messages(capsys, tmp_path):
+    from comcat.cli import main
+
+    assert main(["compress", "--search", "--params-ratio", "0.5", "--search-epochs", "0", "--out", str(tmp_path)]) == 2
+    assert "--search-epochs" in capsys.readouterr().err
