@@ -87,12 +87,17 @@ class HeadLowRankAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
-        q, k, v = (_heads(f(x), self.num_heads) for f in (self.q, self.k, self.v))
+        H, rq, rv = self.num_heads, self.rank_qk, self.rank_vo
+        # one matmul for X [A | B | P | u]: the four input projections share their input
+        weights = [self.q.weight, self.k.weight, self.v.weight] + ([self.key_bias.weight] if self.key_bias else [])
+        y = F.linear(x, torch.cat(weights))
+        q, k, v, *u = y.split([H * rq, H * rq, H * rv] + ([H] if self.key_bias else []), dim=-1)
+        q, k, v = _heads(q, H), _heads(k, H), _heads(v, H)
         if self.rank_mask_qk is not None:
             q = q * self.rank_mask_qk
         if self.rank_mask_vo is not None:
             v = v * self.rank_mask_vo
-        bias = self.key_bias(x).transpose(1, 2).unsqueeze(2) if self.key_bias is not None else None  # (B, H, 1, N)
+        bias = u[0].transpose(1, 2).unsqueeze(2) if u else None      # (B, H, 1, N): X u_h per key
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=_merge_mask(bias, attn_mask), is_causal=is_causal,
                                            dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, -1)))

@@ -180,19 +180,35 @@ class RankSearch(nn.Module):
 
     @torch.no_grad()
     def fit(self, cost_fn, target: float) -> tuple[RankConfig, bool]:
-        """The argmax ranks, lowered candidate by candidate until cost_fn <= target; each step is
-        taken where the logits lose least per unit of cost saved: min (a_now - a_next) / saved."""
+        """The argmax ranks made to fit the budget. Over it: lower ranks candidate by candidate where
+        the logits lose least per unit of cost saved, min (a_i - a_{i-1}) / saved, until it fits.
+        Under it: spend what is left, raising ranks where the logits lose least per unit of cost,
+        while the next step still fits. Returns (ranks, whether the argmax had to be lowered)."""
         pick = {name: int(c.alpha.argmax()) for name, c in self.choices.items()}
         units = dict(zip(self.choices, self.units.tolist()))
+
+        def ranks(p):
+            return self.config({n: int(self.choices[n].ranks[i]) for n, i in p.items()})
+
+        def price(n, i, j):    # logit lost per unit of cost when site n moves from candidate i to j
+            c = self.choices[n]
+            return (c.alpha[i] - c.alpha[j]).item() / abs(units[n] * int(c.ranks[i] - c.ranks[j]))
+
         reduced = False
-        while cost_fn(self.config({n: int(self.choices[n].ranks[i]) for n, i in pick.items()})) > target:
-            steps = [((c.alpha[i] - c.alpha[i - 1]).item() / (units[n] * int(c.ranks[i] - c.ranks[i - 1])), n)
-                     for n, i in pick.items() for c in [self.choices[n]] if i > 0]
+        while cost_fn(ranks(pick)) > target:
+            steps = [(price(n, i, i - 1), n) for n, i in pick.items() if i > 0]
             if not steps:
                 break
             pick[min(steps)[1]] -= 1
             reduced = True
-        return self.config({n: int(self.choices[n].ranks[i]) for n, i in pick.items()}), reduced
+        if not reduced:
+            while True:
+                steps = sorted((price(n, i, i + 1), n) for n, i in pick.items() if i + 1 < len(self.choices[n].ranks))
+                fits = [n for _, n in steps if cost_fn(ranks({**pick, n: pick[n] + 1})) <= target]
+                if not fits:
+                    break
+                pick[fits[0]] += 1
+        return ranks(pick), reduced
 
 
 def fit_budget(dense: nn.Module, cfg, cost_fn, target: float):

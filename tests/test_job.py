@@ -58,6 +58,12 @@ def test_matrix_search_hard_choice_and_fit_by_logits(embedded):
     assert reduced and cost_fn(fitted) <= target
     assert fitted.blocks[3]["v"] == 112 and all(b[m] == 128 for i, b in enumerate(fitted.blocks)
                                                for m in "qko" if i != 3)
+    # under budget: the rest of the budget is spent, one candidate step at a time, while it fits
+    search.start_at(uniform_ranks(dense, "matrix", 0.3))
+    target = cost_fn(search.chosen()) + 20_000
+    filled, reduced = search.fit(cost_fn, target)
+    assert not reduced and cost_fn(search.chosen()) < cost_fn(filled) <= target
+    assert target - cost_fn(filled) < 256 * 16          # not even the cheapest next step would fit
 
 
 def _shapes(n, seed):
@@ -192,3 +198,29 @@ def test_cli_messages(capsys, tmp_path):
 
     assert main(["compress", "--search", "--params-ratio", "0.5", "--search-epochs", "0", "--out", str(tmp_path)]) == 2
     assert "--search-epochs" in capsys.readouterr().err
+
+
+def test_flops_budget_and_classifier_search(embedded):
+    from comcat.cost import layer_flops, model_flops
+    from comcat.search import search_ranks
+
+    dense = embedded.model
+    data = _shapes(128, 3)
+    ranks, info = search_ranks(dense, data, data, ratio=0.4, budget="flops", mlp=True, classifier=True, epochs=1,
+                               batch_size=32)
+    sites = lambda cfg: sum(l["attn"] + l["mlp"] for l in layer_flops(dense, cfg))    # noqa: E731
+    assert info["target"] == pytest.approx(model_flops(dense) - 0.6 * sites(None))
+    assert model_flops(dense, ranks) <= info["target"] and info["cost"] == model_flops(dense, ranks)
+    assert ranks.head is not None and 1 <= ranks.head <= 10
+    assert info["model"].head.rank == ranks.head
+
+
+def test_report_files(tmp_path):
+    from comcat.job import JobSpec, run_job
+
+    res = run_job(JobSpec(**{**SMALL, "search_epochs": 1, "finetune_epochs": 0, "latency": True}), tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "![ranks](ranks.png)" in md and "Rank search:" in md and "cpu_b32" in md
+    assert (tmp_path / "r" / "ranks.png").stat().st_size > 1000
+    lat = res["report"]["compressed"]["latency_ms"]
+    assert set(lat) >= {"cpu_b1", "cpu_b32"} and all(v > 0 for v in lat.values())

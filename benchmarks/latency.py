@@ -1,0 +1,51 @@
+"""CPU latency of compressed vs dense models at ~50% of the parameters, measured side by side.
+
+Models: the embedded shapes ViT and the deit_small_patch16_224 architecture (random weights, no
+download), each compressed at head level with uniform ranks keeping 50% of the attention and MLP
+parameters. Dense and compressed are timed alternately (median of --rounds rounds of --iters
+forward passes) so machine noise hits both alike.
+
+    python benchmarks/latency.py [--batches 1 32] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from comcat.compress import compress  # noqa: E402
+from comcat.cost import count_params, measure_latency  # noqa: E402
+from comcat.models import build_arch, load_model  # noqa: E402
+from comcat.ranks import uniform_ranks  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--ratio", type=float, default=0.5)
+    args = ap.parse_args()
+    models = {"embedded": load_model("embedded").model, "deit_small_patch16_224": build_arch("deit_small_patch16_224")}
+    print(f"{torch.get_num_threads()} CPU threads, head level, uniform ranks, attention + MLP at {args.ratio:.0%}")
+    print(f"{'model':24} {'params':>7} {'batch':>5} {'dense ms':>9} {'comcat ms':>9} {'ratio':>6}")
+    for name, dense in models.items():
+        dense.eval()
+        small = compress(dense, uniform_ranks(dense, "head", args.ratio, mlp=True)).eval()
+        for batch in args.batches:
+            d, c = [], []
+            for _ in range(args.rounds):
+                d.append(measure_latency(dense, batch, iters=args.iters, device="cpu"))
+                c.append(measure_latency(small, batch, iters=args.iters, device="cpu"))
+            d, c = statistics.median(d), statistics.median(c)
+            print(f"{name:24} {count_params(small) / count_params(dense):>7.3f} {batch:>5} {d:>9.2f} {c:>9.2f} "
+                  f"{c / d:>6.3f}")
+
+
+if __name__ == "__main__":
+    main()
