@@ -10,11 +10,12 @@
 The masked and explicit models are checked to give the same output for the same Gumbel sample.
 Random weights (no download); times are medians over --iters steps on this machine's CPU.
 
-    python benchmarks/search_cost.py [--batch 8] [--candidates 8] [--iters 3]
+    python benchmarks/search_cost.py [--batch 8] [--candidates 8] [--iters 3] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--candidates", type=int, default=8)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--json", help="write the timings here")
     args = ap.parse_args()
     torch.manual_seed(0)
     dense = build_arch(args.arch).train()
@@ -135,21 +137,38 @@ def main() -> None:
         cost = sample()
         budget_penalty(F.cross_entropy(full(x), y), cost, target).backward()
 
+    def search_step_distill():          # what search_ranks runs by default: + the dense teacher's forward
+        full.zero_grad(set_to_none=True)
+        search.zero_grad(set_to_none=True)
+        cost = sample()
+        with torch.no_grad():
+            p_teacher = F.log_softmax(dense(x), -1)
+        logits = full(x)
+        task = F.cross_entropy(logits, y) + F.kl_div(F.log_softmax(logits, -1), p_teacher, log_target=True,
+                                                     reduction="batchmean")
+        budget_penalty(task, cost, target).backward()
+
     def explicit_step():
         explicit.zero_grad(set_to_none=True)
         search.zero_grad(set_to_none=True)
         cost = sample()
         budget_penalty(F.cross_entropy(explicit(x), y), cost, target).backward()
 
-    t_dense, t_search, t_explicit = (step_time(f, args.iters) for f in (dense_step, search_step, explicit_step))
+    t_dense, t_search, t_distill, t_explicit = (step_time(f, args.iters) for f in (dense_step, search_step,
+                                                                                  search_step_distill, explicit_step))
     print(f"{args.arch}, batch {args.batch}, {args.candidates} candidates per site, {len(choices)} sites, "
           f"{torch.get_num_threads()} CPU threads; dense params {model_params(dense):,}")
     print(f"{'step':28} {'s/step':>8} {'vs dense':>9}")
-    for name, t in (("dense forward+backward", t_dense), ("search step (soft mask)", t_search),
-                    ("explicit K-candidate mixture", t_explicit)):
+    rows = (("dense forward+backward", t_dense), ("search step (soft mask)", t_search),
+            ("  + teacher forward (KL)", t_distill), ("explicit K-candidate mixture", t_explicit))
+    for name, t in rows:
         print(f"{name:28} {t:>8.3f} {t / t_dense:>8.2f}x")
     print(f"search step is {t_search / t_dense:.2f}x a dense step (goal <= 1.5x) and "
           f"{t_explicit / t_search:.1f}x cheaper than the explicit mixture (goal >= 3x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"arch": args.arch, "batch": args.batch, "candidates": args.candidates,
+                                               "sites": len(choices), "max_rel_diff": err,
+                                               "seconds": {n.strip(): t for n, t in rows}}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

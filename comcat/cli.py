@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget", choices=("params", "flops"), default="params", help="what --params-ratio limits "
                    "in the search (default params)")
     c.add_argument("--search-epochs", type=int, default=4, metavar="N", help="search epochs (default 4)")
+    c.add_argument("--decode", choices=("expected", "argmax"), default="expected",
+                   help="final searched ranks: each site's expected rank under the learned logits scaled to "
+                        "the budget (default), or the argmax candidate fitted by logit price")
     c.add_argument("--finetune-epochs", type=int, default=None, metavar="M",
                    help="distillation fine-tuning epochs after the ranks are fixed (default 2 with --search, else 0)")
     c.add_argument("--allocate", choices=("uniform", "energy", "greedy"), default="uniform",
@@ -163,7 +166,8 @@ def job_spec(args):
     return JobSpec(model=args.model, arch=args.arch, method=args.method, ratio=args.params_ratio,
                    budget=args.budget, search=args.search, mlp=args.mlp,
                    classifier=args.classifier_rank is not None, classifier_rank=args.classifier_rank, ranks_file=args.ranks, energy=args.energy,
-                   allocate=args.allocate, search_epochs=args.search_epochs, finetune_epochs=finetune,
+                   allocate=args.allocate, search_epochs=args.search_epochs, decode=args.decode,
+                   finetune_epochs=finetune,
                    data=args.data, train_images=args.train_images, search_images=args.search_images, seed=args.seed, batch_size=args.batch_size, lr=args.lr, device=args.device,
                    workers=args.workers, evaluate=not args.no_eval, latency=not args.no_latency)
 

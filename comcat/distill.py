@@ -72,7 +72,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train_data, val_data, epoch
     if len(train_data) == 0:
         raise ComcatError("the fine-tuning split is empty: give it a folder with images")
     student.to(device).train().requires_grad_(True)
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = teacher.to(device).eval()            # run under no_grad below; its flags are left alone
     net = DistributedDataParallel(student) if dist.world() > 1 else student
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
     per_epoch = len(epoch_batches(len(train_data), batch_size, 0, seed))

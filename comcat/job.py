@@ -51,6 +51,7 @@ class JobSpec:
     lr_weights: float = 1e-4
     tau: tuple = (5.0, 0.1)
     beta: float = 1.5
+    decode: str = "expected"            # final ranks: expected rank under softmax(alpha), or argmax
     lr: float = 2e-4
     align_weight: float = 1.0
     device: str = "auto"
@@ -162,7 +163,7 @@ def _run(job, spec, out, loaded, dense, splits, device, callback, should_stop, p
         ranks, info = search_ranks(
             dense, splits.train, splits.search, spec.ratio, spec.method, spec.budget, spec.mlp, spec.classifier,
             spec.search_epochs, spec.candidates, spec.batch_size, spec.lr_alpha, spec.lr_weights, spec.tau,
-            spec.beta, seed=spec.seed, device=device, num_workers=spec.workers, callback=callback,
+            spec.beta, decode=spec.decode, seed=spec.seed, device=device, num_workers=spec.workers, callback=callback,
             should_stop=stop, resume=load_tree(state_dir / "search"), checkpoint=_checkpoint(state_dir / "search"))
         times["search"] = times.get("search", 0) + time.perf_counter() - t
         small = info["model"]

@@ -109,7 +109,7 @@ def report_markdown(report: dict, source: str, heatmap: str | None = None) -> st
     s = report.get("search")
     if s:
         lines += [f"Rank search: {s['steps']}/{s['total']} steps, {s['budget']} budget {s['target']:,.0f}, "
-                  f"chosen ranks cost {s['cost']:,.0f}" + (" (argmax was over budget: ranks were lowered to fit)"
+                  f"chosen ranks cost {s['cost']:,.0f}" + (" (the learned ranks were over budget and were lowered to fit)"
                                                            if s["reduced_to_fit"] else "") + ".", ""]
     f = report.get("finetune")
     if f:

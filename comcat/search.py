@@ -179,6 +179,34 @@ class RankSearch(nn.Module):
         return self.config({name: c.chosen() for name, c in self.choices.items()})
 
     @torch.no_grad()
+    def expected_ranks(self) -> dict[str, float]:
+        """Per site, the expected rank under the learned distribution: E[r] = sum_i softmax(alpha)_i r_i."""
+        return {name: float(c.alpha.softmax(-1) @ c.ranks.to(c.alpha.dtype)) for name, c in self.choices.items()}
+
+    def fit_expected(self, cost_fn, target: float) -> tuple[RankConfig, bool]:
+        """Expected ranks scaled by one common factor to use the budget: r_s = clip(floor(f E[r_s]), 1, full_s)
+        with the largest f that fits (bisection), then single ranks added where rounding cut most, while
+        it still fits. Returns (ranks, whether the expected ranks had to be scaled down, f < 1)."""
+        want = self.expected_ranks()
+        full = {name: int(c.ranks.max()) for name, c in self.choices.items()}
+
+        def scaled(f):
+            return {n: max(1, min(full[n], int(f * e))) for n, e in want.items()}
+
+        lo, hi = 0.0, max(full[n] / e for n, e in want.items()) + 1.0
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if cost_fn(self.config(scaled(mid))) <= target else (lo, mid)
+        pick = scaled(lo)
+        while True:
+            order = sorted((pick[n] - lo * e, n) for n, e in want.items() if pick[n] < full[n])
+            grow = next((n for _, n in order if cost_fn(self.config({**pick, n: pick[n] + 1})) <= target), None)
+            if grow is None:
+                break
+            pick[grow] += 1
+        return self.config(pick), lo < 1.0
+
+    @torch.no_grad()
     def fit(self, cost_fn, target: float) -> tuple[RankConfig, bool]:
         """The argmax ranks made to fit the budget. Over it: lower ranks candidate by candidate where
         the logits lose least per unit of cost saved, min (a_i - a_{i-1}) / saved, until it fits.
@@ -253,22 +281,31 @@ def check_budget(cost_fn, target: float, floor: RankConfig, budget: str = "param
 def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, method: str = "head",
                  budget: str = "params", mlp: bool = True, classifier: bool = False, epochs: int = 2,
                  candidates: int = 8, batch_size: int = 64, lr_alpha: float = 0.05, lr_weights: float = 1e-4,
-                 tau: tuple = (5.0, 0.1), beta: float = 1.5, warm_start: bool = True, seed: int = 0,
+                 tau: tuple = (5.0, 0.1), beta: float = 1.5, warm_start: bool = True, distill: bool = True,
+                 decode: str = "expected", seed: int = 0,
                  device: str = "cpu", num_workers: int = 0, callback=None, should_stop=None,
                  resume: dict | None = None, checkpoint=None):
     """Differentiable rank search (head or matrix level) under a params/FLOPs budget (search_target).
 
-    Each epoch is a search epoch (alpha steps on `search_data`, loss = CE * (cost/target)^beta when
-    over the target) followed, when lr_weights > 0, by a weight epoch (CE on `train_data` with
-    sampled masks). tau anneals exponentially over all steps. With warm_start the logits start
-    tilted towards the uniform ranks of the budget. `callback(event)` gets every step; `should_stop()`
-    ends early; `checkpoint(state)` receives the resumable state after every epoch and at a stop, and
-    `resume=state` continues from it (same result as an uninterrupted run). Under torchrun the
-    weights train with DDP and the logits' gradients are averaged over processes.
+    Each epoch is a search epoch (alpha steps on `search_data`, loss = task * (cost/target)^beta when
+    over the target) followed, when lr_weights > 0, by a weight epoch (task loss on `train_data` with
+    sampled masks). The task loss is CE on the labels, plus with `distill` KL(p_dense || p_searched),
+    the dense model's predictions being a denser signal than labels. tau anneals exponentially over
+    all steps. With warm_start the logits start tilted towards the uniform ranks of the budget.
+    Final ranks: decode="expected" (default) takes each site's expected rank under softmax(alpha),
+    scaled by one factor to the budget (fit_expected); decode="argmax" the argmax candidates,
+    lowered or raised by logit price (fit). On the real ViT-Tiny argmax decoding lost to uniform
+    ranks and the expected rank beat them (benchmarks/search_vit_tiny.py). `callback(event)` gets
+    every step; `should_stop()` ends early; `checkpoint(state)` receives the resumable state after
+    every epoch and at a stop, and `resume=state` continues from it (same result as an uninterrupted
+    run). Under torchrun the weights train with DDP and the logits' gradients are averaged.
 
     Returns (RankConfig within budget, info): info["model"] is the searched model cut to those ranks
-    (its trained weights, eval mode), plus history, target, cost, reduced_to_fit, stopped, steps.
+    (its trained weights, eval mode), plus history, logits, decoded (the ranks by either decoding),
+    target, cost, reduced_to_fit, stopped, steps.
     """
+    if decode not in ("expected", "argmax"):
+        raise ComcatError(f"decode must be 'expected' or 'argmax', got {decode!r}")
     cost_fn, target = search_target(dense, ratio, budget, mlp)
     full = full_ranks(dense, method, mlp)
     model = compress(dense, replace(full, head=min(dense.head.weight.shape)) if classifier else full)
@@ -282,6 +319,7 @@ def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, 
             start = replace(start, head=max(1, round(ratio * dense.head.weight.shape[0] * dense.head.weight.shape[1]
                                                      / sum(dense.head.weight.shape))))
         search.start_at(start)
+    teacher = dense.to(device).eval() if distill else None
     net = DistributedDataParallel(model) if dist.world() > 1 and lr_weights > 0 else model
     opt_alpha = torch.optim.Adam(search.parameters(), lr=lr_alpha)
     opt_w = torch.optim.AdamW(model.parameters(), lr=lr_weights, weight_decay=0.0) if lr_weights > 0 else None
@@ -314,7 +352,13 @@ def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, 
                 seed_step(seed, step)
                 t = temperature(step, total, *tau)
                 cost = search.sample(t)
-                task = F.cross_entropy(net(x.to(device)), y.to(device))
+                x, y = x.to(device), y.to(device)
+                logits = net(x)
+                task = F.cross_entropy(logits, y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        target_p = F.log_softmax(teacher(x), -1)
+                    task = task + F.kl_div(F.log_softmax(logits, -1), target_p, log_target=True, reduction="batchmean")
                 if not torch.isfinite(task):
                     search.clear()
                     raise ComcatError("the loss became NaN/inf during the rank search: lower the learning rates")
@@ -342,12 +386,15 @@ def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, 
         if stopped:
             break
     search.clear()
-    ranks, reduced = search.fit(cost_fn, target)
+    decoded = {"expected": search.fit_expected(cost_fn, target), "argmax": search.fit(cost_fn, target)}
+    ranks, reduced = decoded[decode]
     if cost_fn(ranks) > target:            # even the smallest candidates are too big: go below them
         ranks, _ = fit_budget(dense, ranks, cost_fn, target)
         reduced = True
-    ranks.note = {"rule": "search", "ratio": ratio, "budget": budget, "reduced_to_fit": reduced,
+    ranks.note = {"rule": "search", "decode": decode, "ratio": ratio, "budget": budget, "reduced_to_fit": reduced,
                   "stopped": stopped, "steps": step}
     small = truncate(model, ranks).eval().requires_grad_(True)
-    return ranks, {"history": history, "target": target, "cost": cost_fn(ranks), "reduced_to_fit": reduced,
+    logits = {name: dict(zip(c.ranks.tolist(), c.alpha.detach().cpu().tolist())) for name, c in search.choices.items()}
+    return ranks, {"history": history, "logits": logits, "decoded": {k: c for k, (c, _) in decoded.items()},
+                   "target": target, "cost": cost_fn(ranks), "reduced_to_fit": reduced,
                    "stopped": stopped, "steps": step, "total": total, "model": small}

@@ -66,6 +66,33 @@ def test_matrix_search_hard_choice_and_fit_by_logits(embedded):
     assert target - cost_fn(filled) < 256 * 16          # not even the cheapest next step would fit
 
 
+def test_expected_rank_decoding_follows_the_logits_within_budget(embedded):
+    from comcat.cost import model_params
+    from comcat.search import RankSearch
+
+    dense = embedded.model
+    cost_fn = lambda c: model_params(dense, c)     # noqa: E731
+    search = RankSearch(compress(dense, full_ranks(dense, "head")), cost_fn)
+    with torch.no_grad():                           # block 0 wants high ranks, block 3 low ones
+        for name, c in search.choices.items():
+            c.alpha.zero_()
+        search.choices["0_qk"].alpha.copy_(torch.linspace(0, 6, 8))
+        search.choices["3_vo"].alpha.copy_(torch.linspace(6, 0, 8))
+    want = search.expected_ranks()
+    assert want["1_qk"] == pytest.approx(sum(c for c in search.choices["1_qk"].ranks.tolist()) / 8)
+    assert want["0_qk"] > want["1_qk"] > want["3_vo"]
+    floor = cost_fn(search.config({n: 1 for n in want}))
+    target = (floor + cost_fn(search.config({n: round(e) for n, e in want.items()}))) / 2
+    ranks, reduced = search.fit_expected(cost_fn, target)
+    assert reduced and cost_fn(ranks) <= target
+    assert ranks.blocks[0]["qk"] > ranks.blocks[1]["qk"] > ranks.blocks[3]["vo"]
+    cheapest = min(cost_fn(search.config({**{n: ranks.blocks[int(n.split("_")[0])][n.split("_")[1]] for n in want},
+                                          n: ranks.blocks[int(n.split("_")[0])][n.split("_")[1]] + 1})) for n in want)
+    assert cheapest > target                         # the rest of the budget was spent
+    roomy, reduced = search.fit_expected(cost_fn, cost_fn(full_ranks(dense, "head")))
+    assert not reduced and roomy.blocks[0]["qk"] == dense.blocks[0].attn.head_dim
+
+
 def _shapes(n, seed):
     from comcat.data.splits import shapes_dataset
     return shapes_dataset(n, seed)

@@ -1,0 +1,58 @@
+"""Explore tab: spectra of a model's attention, as interactive plots, a summary and exports."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from comcat.analysis import Spectra, analyze
+from comcat.errors import ComcatError
+from comcat.models import CHECKPOINT_SUFFIXES, Loaded, load_checkpoint, load_model
+from comcat.plots import (ALL, energy_heatmaps_mpl, energy_heatmaps_plotly, head_spectra_plotly,
+                          param_curves_mpl, param_curves_plotly, save_png)
+
+from .common import take_upload, workdir
+
+SOURCES = ("embedded", "timm name", "uploaded checkpoint")
+
+
+def load(source: str, name: str = "", upload: str | None = None, arch: str = "") -> Loaded:
+    """The model a user picked: the embedded one, a timm name, or an uploaded checkpoint + its arch."""
+    if source == "embedded":
+        return load_model("embedded")
+    if source == "timm name":
+        return load_model(name.strip() or "deit_small_patch16_224")
+    path = take_upload(upload, CHECKPOINT_SUFFIXES, "checkpoint")
+    return load_checkpoint(path, arch.strip() or None)
+
+
+@dataclass
+class Exploration:
+    source: str
+    spectra: Spectra
+
+    def figures(self, names=ALL, layer: int = 0):
+        """(energy heatmaps, per-head spectra of `layer`, param curves) as plotly figures."""
+        names = [n for n in ALL if n in names] or list(ALL)
+        layer = max(0, min(int(layer), self.spectra.depth - 1))
+        return (energy_heatmaps_plotly(self.spectra, names), head_spectra_plotly(self.spectra, layer),
+                param_curves_plotly(self.spectra))
+
+    def summary(self) -> str:
+        s = self.spectra
+        return (f"**{self.source}**: {s.depth} layers, width {s.dim}, {s.num_heads} heads of dim {s.head_dim}.\n\n"
+                + " ".join(s.summary(e) for e in (0.9, 0.99)))
+
+    def export(self) -> list[str]:
+        """spectra.json + energy_heatmaps.png + param_curves.png in a fresh folder; returns the paths."""
+        out = workdir("explore")
+        (out / "spectra.json").write_text(json.dumps({"source": self.source, **self.spectra.to_dict()}))
+        pngs = [save_png(energy_heatmaps_mpl(self.spectra), out / "energy_heatmaps.png"),
+                save_png(param_curves_mpl(self.spectra), out / "param_curves.png")]
+        return [str(out / "spectra.json")] + [str(p) for p in pngs]
+
+
+def explore(source: str, name: str = "", upload: str | None = None, arch: str = "") -> Exploration:
+    loaded = load(source, name, upload, arch)
+    if loaded.compressed:
+        raise ComcatError(f"{loaded.source} is already compressed: explore the dense model it came from")
+    return Exploration(loaded.source, analyze(loaded.model))

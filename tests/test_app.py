@@ -1,0 +1,126 @@
+"""Issue 5: the app's handlers called directly (no server, no browser)."""
+import json
+import time
+import zipfile
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from app import compress as app_compress  # noqa: E402
+from app import ui  # noqa: E402
+from app.jobs import Busy, Runner  # noqa: E402
+
+
+def test_explore_embedded_gives_plots_summary_and_exports():
+    heat, heads, curves, summary, files, state = ui.on_explore("embedded", "", None, "", list(ui.PLOT_NAMES), 1)
+    assert len(heat.data) == 6 and heat.data[0].z.shape[0] == state.spectra.depth
+    assert len(heads.data) == 2 * state.spectra.num_heads
+    head_curve = next(t for t in curves.data if t.name.startswith("head"))
+    matrix_curve = next(t for t in curves.data if t.name.startswith("matrix"))
+    assert all(h <= m for h, m in zip(head_curve.y, matrix_curve.y))   # head level never needs more
+    assert "head level" in summary and "embedded" in summary
+    spectra = json.loads(open(next(f for f in files if f.endswith(".json"))).read())
+    assert spectra["depth"] == state.spectra.depth and len(spectra["singular_values"]["qk"]) == spectra["depth"]
+    assert sum(f.endswith(".png") for f in files) == 2
+    heat2, heads2 = ui.on_replot(state, ["W^QK per head"], 0)
+    assert len(heat2.data) == 1 and "layer 0" in heads2.layout.annotations[0].text
+
+
+@pytest.mark.parametrize("source,name,upload,arch,expect", [
+    ("uploaded checkpoint", "", None, "", "upload a checkpoint first"),
+    ("timm name", "no_such_model_xyz", None, "", "not 'embedded'"),
+])
+def test_explore_bad_input_is_one_readable_line(source, name, upload, arch, expect):
+    out = ui.on_explore(source, name, upload, arch, list(ui.PLOT_NAMES), 0)
+    assert out[0] is None and expect in out[3] and "\n" not in out[3] and "Traceback" not in out[3]
+
+
+def test_explore_refuses_a_non_checkpoint_upload(tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    assert "not a checkpoint" in ui.on_explore("uploaded checkpoint", "", str(bad), "", [], 0)[3]
+    fake = tmp_path / "weights.safetensors"
+    fake.write_bytes(b"garbage")
+    msg = ui.on_explore("uploaded checkpoint", "", str(fake), "vit_tiny_patch16_224", [], 0)[3]
+    assert msg.startswith("⚠️") and "\n" not in msg
+
+
+def test_runner_runs_one_job_at_a_time_and_stops():
+    r = Runner("test")
+    steps = []
+
+    def job(callback, should_stop):
+        for i in range(1000):
+            if should_stop():
+                return "stopped"
+            callback(i)
+            steps.append(i)
+            time.sleep(0.005)
+        return "done"
+
+    r.start(job)
+    with pytest.raises(Busy, match="already running"):
+        r.start(job)
+    seen, stopped = [], False
+    for events in r.stream(0.02):
+        seen += events
+        if len(seen) > 5 and not stopped:
+            stopped = r.stop()
+            assert stopped and r.stopping
+    assert r.result == "stopped" and seen == steps and len(steps) < 1000
+    assert not r.stop()
+    r.start(lambda cb, stop: 1 / 0)              # errors are kept for the page, and the lock is freed
+    list(r.stream(0.01))
+    assert isinstance(r.error, ZeroDivisionError) and not r.running
+
+
+TINY = dict(ratio=0.5, budget="params", method="head", search=True, search_epochs=1, finetune_epochs=1, mlp=True,
+            data_source="embedded shapes", data_path="", data_zip=None, device="cpu", train_images=64,
+            search_images=64)
+
+
+def test_compress_streams_progress_and_exports_a_reloadable_zip(tmp_path):
+    from comcat.io import load_compressed
+
+    updates = list(ui.on_compress(**TINY))
+    statuses = [u[0] for u in updates if isinstance(u[0], str)]
+    assert any("search" in s and "of budget" in s for s in statuses)
+    assert any(s.startswith("**finetune**") for s in statuses)
+    head, ranks, losses, card, download = updates[-1]
+    assert head.startswith("✅") and "top-1" in card and "params" in card
+    assert len(ranks.data) == 1 and {t.name for t in losses.data} >= {"search (α steps)", "fine-tune"}
+    with zipfile.ZipFile(download) as z:
+        z.extractall(tmp_path)
+    small = load_compressed(tmp_path / "model")
+    assert small.meta["ranks"]["method"] == "head" and not (tmp_path / "model" / "state").exists()
+
+
+def test_second_start_says_busy_and_stop_keeps_the_best_model():
+    long = {**TINY, "search_epochs": 20, "train_images": 512, "search_images": 512}
+    run = ui.on_compress(**long)
+    first = next(run)[0]
+    assert first.startswith("**starting**")
+    busy = list(ui.on_compress(**TINY))
+    assert len(busy) == 1 and "already running" in busy[0][0]
+    for update in run:
+        if "step" in str(update[0]):
+            assert ui.on_stop().startswith("**stopping**")
+            break
+    final = list(run)[-1]
+    assert final[0].startswith("⏹️ Stopped during search") and "Stopped" in final[3]
+    assert ui.on_stop() == "nothing is running"
+
+
+def test_compress_bad_inputs():
+    assert "does not exist" in next(ui.on_compress(**{**TINY, "data_source": "folder path",
+                                                       "data_path": "/no/such/dir"}))[0]
+    assert "upload a zip" in next(ui.on_compress(**{**TINY, "data_source": "uploaded zip"}))[0]
+
+
+def test_unzip_refuses_unsafe_paths(tmp_path):
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("../outside.png", b"x")
+    with pytest.raises(Exception, match="unsafe path"):
+        app_compress.unzip_images(str(evil))

@@ -1,0 +1,47 @@
+"""Issue 5: the app launched on a local port and driven through gradio_client."""
+import socket
+
+import pytest
+
+pytest.importorskip("gradio")
+from gradio_client import Client  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client():
+    from app.ui import build_demo
+
+    demo = build_demo().queue(default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        demo.close()
+
+
+def test_explore_through_the_api(client):
+    heat, heads, curves, summary, files = client.predict("embedded", "", None, "", ["W^QK per head", "W^VO per head"],
+                                                         0, api_name="/on_explore")
+    assert "head level" in summary and "embedded" in summary
+    assert heat is not None and len(files) == 3
+
+
+def test_bad_input_through_the_api_is_a_message(client):
+    out = client.predict("timm name", "no_such_model_xyz", None, "", [], 0, api_name="/on_explore")
+    assert out[3].startswith("⚠️") and "\n" not in out[3]
+
+
+def test_tiny_compress_through_the_api(client):
+    job = client.submit(0.5, "params", "head", True, 1, 0, False, "embedded shapes", "", None, "cpu", 64, 64,
+                        api_name="/on_compress")
+    outputs = job.result()
+    status, _, _, card, download = outputs
+    assert status.startswith("✅") and "top-1" in card and download.endswith(".zip")
+    assert client.predict(api_name="/on_stop") == "nothing is running"

@@ -1,0 +1,114 @@
+"""Issue 5: the page in a real headless Chromium (Selenium). Skips when chromium is not installed.
+
+Screenshots go to docs/screenshots/ (shown in the README) when COMCAT_SCREENSHOTS=1, else to tmp.
+"""
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from conftest import ROOT  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="chromium and chromium-driver are not installed")
+
+
+@pytest.fixture(scope="module")
+def page():
+    from app.ui import build_demo
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_demo().queue(default_concurrency_limit=1)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--window-size=1400,1800", "--disable-dev-shm-usage"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=DRIVER))
+    driver.get(f"http://127.0.0.1:{port}/")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    d = ROOT / "docs" / "screenshots" if os.environ.get("COMCAT_SCREENSHOTS") else tmp_path_factory.mktemp("shots")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def wait(driver, seconds=60):
+    return WebDriverWait(driver, seconds, poll_frequency=0.2)
+
+
+def set_number(driver, elem_id: str, value) -> None:
+    """Type into the number box of a gradio Slider/Number with this elem_id."""
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+    box.clear()
+    box.send_keys(str(value))
+    box.send_keys("\t")
+
+
+def tab(driver, name: str) -> None:
+    next(b for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == name).click()
+
+
+def text_of(driver, elem_id: str) -> str:
+    return driver.find_element(By.ID, elem_id).text
+
+
+def test_explore_shows_the_heatmap(page, shots):
+    wait(page).until(EC.element_to_be_clickable((By.ID, "explore-go"))).click()
+    wait(page).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#explore-heatmap .js-plotly-plot"))
+    wait(page).until(lambda d: "head level" in text_of(d, "explore-summary"))
+    assert page.find_elements(By.CSS_SELECTOR, "#explore-heatmap .js-plotly-plot .heatmaplayer")
+    page.save_screenshot(str(shots / "explore.png"))
+
+
+def tiny_settings(page, search_epochs, images):
+    tab(page, "Compress")
+    wait(page).until(EC.element_to_be_clickable((By.ID, "compress-go")))
+    set_number(page, "compress-search-epochs", search_epochs)
+    set_number(page, "compress-finetune-epochs", 1)
+    page.find_element(By.CSS_SELECTOR, "#compress-images button, #compress-images .label-wrap").click()
+    for elem in ("compress-train-images", "compress-search-images"):
+        wait(page).until(lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem} input").is_displayed())
+        set_number(page, elem, images)
+
+
+def test_tiny_compress_runs_to_completion(page, shots):
+    tiny_settings(page, 1, 64)
+    page.find_element(By.ID, "compress-go").click()
+    wait(page, 10).until(lambda d: "starting" in text_of(d, "compress-status") or "step" in text_of(d, "compress-status"))
+    wait(page, 300).until(lambda d: "Done" in text_of(d, "compress-status"))
+    card = text_of(page, "compress-result")
+    assert "top-1" in card and "params" in card
+    assert page.find_elements(By.CSS_SELECTOR, "#compress-ranks .js-plotly-plot")
+    page.save_screenshot(str(shots / "compress.png"))
+
+
+def test_stop_ends_a_longer_run(page, shots):
+    set_number(page, "compress-search-epochs", 20)
+    set_number(page, "compress-train-images", 512)
+    set_number(page, "compress-search-images", 512)
+    page.find_element(By.ID, "compress-go").click()
+    wait(page, 120).until(lambda d: "step" in text_of(d, "compress-status"))
+    page.find_element(By.ID, "compress-stop").click()
+    wait(page, 300).until(lambda d: "Stopped" in text_of(d, "compress-status"))
+    assert "Stopped" in text_of(page, "compress-result")
+    page.save_screenshot(str(shots / "compress_stopped.png"))
