@@ -1,1 +1,1 @@
-"""The Gradio UI: a thin layer over the comcat library (to come; see the README)."""
+"""The Gradio UI: a thin layer over the comcat library (python app.py starts it)."""
