@@ -245,10 +245,7 @@ def fit_budget(dense: nn.Module, cfg, cost_fn, target: float):
     mlp = any("fc1" in b for b in cfg.blocks)
     sites = {(i, key): (gain, unit) for i, key, gain, unit in site_gains(dense, cfg.method, mlp)}
     cfg = RankConfig(cfg.method, [dict(b) for b in cfg.blocks], cfg.head, dict(cfg.note))
-    floor = RankConfig(cfg.method, [{k: 1 for k in b} for b in cfg.blocks], cfg.head)
-    if cost_fn(floor) > target:
-        raise ComcatError(f"the budget {target:,.0f} is below the smallest possible model "
-                          f"({cost_fn(floor):,.0f} at rank 1 everywhere): raise the ratio")
+    check_budget(cost_fn, target, RankConfig(cfg.method, [{k: 1 for k in b} for b in cfg.blocks], cfg.head), "")
     reduced = False
     while cost_fn(cfg) > target:
         i, key = min(((i, k) for i, b in enumerate(cfg.blocks) for k, r in b.items() if r > 1 and (i, k) in sites),
@@ -272,9 +269,10 @@ def search_target(dense: nn.Module, ratio: float, budget: str, mlp: bool):
 
 
 def check_budget(cost_fn, target: float, floor: RankConfig, budget: str = "params") -> None:
-    """Refuse a target below the model with rank 1 at every searched site."""
+    """Refuse a target below the model with rank 1 at every searched site (`budget` names the unit)."""
     if cost_fn(floor) > target:
-        raise ComcatError(f"the budget ({target:,.0f} {budget}) is below the smallest possible model "
+        amount = f"{target:,.0f} {budget}".strip()
+        raise ComcatError(f"the budget ({amount}) is below the smallest possible model "
                           f"({cost_fn(floor):,.0f} at rank 1 everywhere): raise the ratio")
 
 
