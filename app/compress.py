@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from comcat.errors import ComcatError
-from comcat.job import JobSpec, run_job
-from comcat.pipeline import report_markdown
+from comcat.job import JobSpec
 
 from .common import take_upload, workdir
 
@@ -50,8 +48,6 @@ def job_spec(ratio: float, budget: str, method: str, search: bool, search_epochs
         data = str(unzip_images(data_zip))
     else:
         data = None
-    if not 0 < float(ratio) <= 1:
-        raise ComcatError(f"the budget ratio must be in (0, 1], got {ratio}")
     return JobSpec(model=model, method=method, ratio=float(ratio), budget=budget, search=bool(search),
                    search_epochs=max(1, int(search_epochs)), finetune_epochs=max(0, int(finetune_epochs)),
                    mlp=bool(mlp), data=data, device=device, train_images=max(1, int(train_images)),
@@ -71,8 +67,6 @@ class Progress:
     ranks_changed: bool = False
     losses: dict = field(default_factory=lambda: {"search": [], "weights": [], "finetune": []})
     val: list = field(default_factory=list)
-    report: dict | None = None
-    stopped: str | None = None
 
     def update(self, e: dict) -> None:
         kind = e.get("kind")
@@ -86,7 +80,7 @@ class Progress:
         elif kind == "validate":
             self.val.append((e.get("step", 0), e["top1"]))
         elif kind == "done":
-            self.phase, self.report, self.stopped = "done", e["report"], e["stopped"]
+            self.phase = "done"
 
     @property
     def elapsed(self) -> float:
@@ -117,14 +111,6 @@ class Progress:
         return " · ".join(parts)
 
 
-def run(spec: JobSpec, out: Path, callback, should_stop) -> dict:
-    return run_job(spec, out, callback=callback, should_stop=should_stop)
-
-
-def result_card(report: dict, source: str) -> str:
-    return report_markdown(report, source)
-
-
 def zip_model(out: Path) -> Path:
     """out/ (model, comcat.json, report) as a zip next to it, written to a temp name then renamed."""
     target = out.parent / f"{out.name}-compressed.zip"
@@ -136,6 +122,3 @@ def zip_model(out: Path) -> Path:
     os.replace(tmp, target)
     return target
 
-
-def remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

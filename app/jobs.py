@@ -1,13 +1,15 @@
 """One heavy job per kind at a time, run in a thread and streamed to the page.
 
-A Runner owns the thread, a queue of the library's callback events and the Stop flag the library
-polls every step (should_stop). The page's generator drains the queue every `interval` seconds.
+A Runner owns the thread, a queue of the library's callback events and the library's StopFlag,
+which the training loops poll every step (should_stop). The page's generator drains the queue every `interval` seconds.
 """
 from __future__ import annotations
 
 import queue
 import threading
 import time
+
+from comcat.loop import StopFlag
 
 
 class Busy(Exception):
@@ -18,7 +20,7 @@ class Runner:
     def __init__(self, kind: str):
         self.kind = kind
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = StopFlag()
         self._events: queue.Queue = queue.Queue()
         self.result = None
         self.error: BaseException | None = None
@@ -38,7 +40,7 @@ class Runner:
 
         def work():
             try:
-                self.result = fn(self._events.put, self._stop.is_set)
+                self.result = fn(self._events.put, self._stop)
             except BaseException as e:      # reported to the page by stream()
                 self.error = e
             finally:
@@ -56,7 +58,7 @@ class Runner:
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._stop()
 
     def stream(self, interval: float = 0.5):
         """Yield lists of new events (possibly empty) until the job ends, then one last list."""

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import gradio as gr
 
+from comcat.job import run_job
 from comcat.models import load_model
-from comcat.plots import ALL, ranks_heatmap_plotly
+from comcat.pipeline import report_markdown
+from comcat.plots import ranks_heatmap_plotly
 
 from . import compress, explore
 from .common import message, workdir
@@ -77,7 +79,7 @@ def on_compress(ratio, budget, method, search, search_epochs, finetune_epochs, m
         spec = compress.job_spec(ratio, budget, method, search, search_epochs, finetune_epochs, mlp, data_source,
                                  data_path, data_zip, device, train_images, search_images)
         out = workdir("compress") / "model"
-        COMPRESS.start(lambda cb, stop: compress.run(spec, out, cb, stop))
+        COMPRESS.start(lambda cb, stop: run_job(spec, out, callback=cb, should_stop=stop))
     except (Busy, Exception) as e:   # noqa: BLE001 - shown in the page
         yield (message(e), *nothing)
         return
@@ -100,7 +102,7 @@ def on_compress(ratio, budget, method, search, search_epochs, finetune_epochs, m
     head = (f"⏹️ Stopped during {result['stopped']}: the best valid model so far is kept."
             if result["stopped"] else f"✅ Done in {p.elapsed:.0f} s.")
     yield (head, ranks_heatmap_plotly(small.comcat_ranks, dense), loss_figure(p),
-           compress.result_card(result["report"], result["loaded"].source), str(compress.zip_model(out)))
+           report_markdown(result["report"], result["loaded"].source), str(compress.zip_model(out)))
 
 
 def on_stop():
