@@ -183,6 +183,13 @@ class RankSearch(nn.Module):
         """Per site, the expected rank under the learned distribution: E[r] = sum_i softmax(alpha)_i r_i."""
         return {name: float(c.alpha.softmax(-1) @ c.ranks.to(c.alpha.dtype)) for name, c in self.choices.items()}
 
+    def current(self, decode: str = "expected") -> RankConfig:
+        """The ranks the logits point at now, before the budget fit: each site's rounded expected rank,
+        or its argmax candidate (what progress reports show during a search)."""
+        if decode == "argmax":
+            return self.chosen()
+        return self.config({n: max(1, round(e)) for n, e in self.expected_ranks().items()})
+
     def fit_expected(self, cost_fn, target: float) -> tuple[RankConfig, bool]:
         """Expected ranks scaled by one common factor to use the budget: r_s = clip(floor(f E[r_s]), 1, full_s)
         with the largest f that fits (bisection), then single ranks added where rounding cut most, while
@@ -373,7 +380,7 @@ def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, 
                          "loss": task.item(), "cost": cost.item(), "target": target}
                 history.append(event)
                 if callback:
-                    callback({**event, "ranks": search.chosen()})
+                    callback({**event, "ranks": search.current(decode)})
                 if should_stop_all(should_stop):
                     stopped = True
                     break

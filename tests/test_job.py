@@ -81,6 +81,9 @@ def test_expected_rank_decoding_follows_the_logits_within_budget(embedded):
     want = search.expected_ranks()
     assert want["1_qk"] == pytest.approx(sum(c for c in search.choices["1_qk"].ranks.tolist()) / 8)
     assert want["0_qk"] > want["1_qk"] > want["3_vo"]
+    now = search.current()                          # what progress shows: the rounded expected ranks
+    assert now.blocks[0]["qk"] == round(want["0_qk"]) and now.blocks[3]["vo"] == round(want["3_vo"])
+    assert search.current("argmax") == search.chosen()
     floor = cost_fn(search.config({n: 1 for n in want}))
     target = (floor + cost_fn(search.config({n: round(e) for n, e in want.items()}))) / 2
     ranks, reduced = search.fit_expected(cost_fn, target)
