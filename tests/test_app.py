@@ -86,7 +86,6 @@ def test_compress_streams_progress_and_exports_a_reloadable_zip(tmp_path):
     updates = list(ui.on_compress(**TINY))
     statuses = [u[0] for u in updates if isinstance(u[0], str)]
     assert any("search" in s and "of budget" in s for s in statuses)
-    assert any(s.startswith("**finetune**") for s in statuses)
     head, ranks, losses, card, download = updates[-1]
     assert head.startswith("✅") and "top-1" in card and "params" in card
     assert len(ranks.data) == 1 and {t.name for t in losses.data} >= {"search (α steps)", "fine-tune"}
@@ -94,6 +93,24 @@ def test_compress_streams_progress_and_exports_a_reloadable_zip(tmp_path):
         z.extractall(tmp_path)
     small = load_compressed(tmp_path / "model")
     assert small.meta["ranks"]["method"] == "head" and not (tmp_path / "model" / "state").exists()
+
+
+def test_progress_status_follows_the_events():
+    """Each phase's status line (the tiny run above may finish a phase between two polls)."""
+    p = app_compress.Progress()
+    p.update({"kind": "phase", "phase": "search"})
+    p.update({"kind": "search", "phase": "search", "step": 2, "total": 8, "loss": 1.5, "cost": 120.0,
+              "target": 100.0, "tau": 3.2, "ranks": None})
+    s = p.status()
+    assert s.startswith("**search**") and "step 2/8" in s and "120% of budget" in s and "τ 3.20" in s and "ETA" in s
+    p.update({"kind": "phase", "phase": "finetune"})
+    p.update({"kind": "validate", "step": 0, "total": 4, "top1": 97.5})
+    p.update({"kind": "finetune", "step": 1, "total": 4, "loss": 0.25})
+    s = p.status()
+    assert s.startswith("**finetune**") and "step 1/4" in s and "loss 0.250" in s and "val top-1 97.50%" in s
+    assert [len(p.losses[k]) for k in ("search", "weights", "finetune")] == [1, 0, 1]
+    p.update({"kind": "done", "stopped": None, "report": {}})
+    assert p.status().startswith("**done**") and "ETA" not in p.status()
 
 
 def test_second_start_says_busy_and_stop_keeps_the_best_model():
