@@ -1,6 +1,8 @@
 """The page: one tab per job, each a thin layer over the library (explore.py, compress.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from comcat.job import run_job
@@ -8,12 +10,18 @@ from comcat.models import load_model
 from comcat.pipeline import report_markdown
 from comcat.plots import ranks_heatmap_plotly
 
-from . import compress, explore
+from comcat.customize import CustomizeSpec
+from comcat.customize import customize as run_customize
+from comcat.generate import generate, with_adapters
+
+from . import compress, customize, explore
 from .common import message, workdir
 from .jobs import Busy, Runner
 
 PLOT_NAMES = {"W^Q": "q", "W^K": "k", "W^V": "v", "W^O": "o", "W^QK per head": "qk", "W^VO per head": "vo"}
 COMPRESS = Runner("compress")
+CUSTOMIZE = Runner("customize")
+PIPELINES = customize.Pipelines()
 
 
 # ---------------------------------------------------------------- Explore
@@ -143,12 +151,153 @@ def compress_tab():
     stop.click(on_stop, None, status, concurrency_limit=None, queue=False)
 
 
+# ---------------------------------------------------------------- Customize
+def customize_loss_figure(p: customize.Progress):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    if p.losses:
+        steps, losses = zip(*p.losses)
+        fig.add_trace(go.Scatter(x=steps, y=losses, mode="lines", name="loss", line=dict(width=1)))
+    fig.update_layout(height=260, xaxis_title="step", yaxis_title="denoising loss",
+                      margin=dict(t=20, l=50, r=20, b=40))
+    return fig
+
+
+def _preview_gallery(p: customize.Progress):
+    step, images = p.previews[-1]
+    return [(im, f"step {step}") for im in images]
+
+
+def on_customize(pipeline, uploads, prompt, token, rank, steps, lr, preview_every, resume_dir=None):
+    """Stream (status, loss curve, preview gallery, adapter download, run folder) while training."""
+    try:
+        if resume_dir:
+            out, spec = Path(resume_dir), None
+        else:
+            spec = customize.customize_spec(pipeline, uploads, prompt, token, rank, steps, lr, preview_every)
+            out = workdir("customize") / "run"
+        CUSTOMIZE.start(lambda cb, stop: run_customize(spec or CustomizeSpec(), out, callback=cb, should_stop=stop,
+                                                       resume=spec is None))
+    except (Busy, Exception) as e:   # noqa: BLE001 - shown in the page
+        yield message(e), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return
+    p = customize.Progress()
+    yield p.status(), gr.skip(), gr.skip(), gr.skip(), str(out)
+    for events in CUSTOMIZE.stream(0.5):
+        fresh = any(e["kind"] == "preview" for e in events)
+        for e in events:
+            p.update(e)
+        status = p.status() + (" · stopping…" if CUSTOMIZE.stopping else "")
+        yield status, customize_loss_figure(p), _preview_gallery(p) if fresh else gr.skip(), gr.skip(), gr.skip()
+    if CUSTOMIZE.error is not None:
+        yield message(CUSTOMIZE.error), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return
+    r = CUSTOMIZE.result
+    size = Path(r["adapter"]).stat().st_size / 1e3
+    head = (f"⏹️ Stopped at step {r['steps_done']}: the adapter so far is saved; press Resume to go on."
+            if r["stopped"] else f"✅ Done: {r['steps_done']} steps in {r['seconds']:.0f} s.")
+    yield (f"{head} Adapter: {size:.0f} kB.", customize_loss_figure(p),
+           _preview_gallery(p) if p.previews else gr.skip(), r["adapter"], str(out))
+
+
+def on_resume(run_dir):
+    if not run_dir:
+        yield "nothing to resume: start a run first", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return
+    yield from on_customize(None, None, None, None, None, None, None, None, resume_dir=run_dir)
+
+
+def on_customize_stop():
+    return "**stopping** at the next step…" if CUSTOMIZE.stop() else "nothing is running"
+
+
+def customize_tab():
+    with gr.Row():
+        with gr.Column(scale=1):
+            pipeline = gr.Textbox("embedded", label="pipeline: embedded, a hub ID or a local diffusers folder")
+            uploads = gr.File(label=f"{customize.MIN_IMAGES}-{customize.MAX_IMAGES} images of the concept "
+                                    "(+ optional NAME.txt captions); none: the bundled hearts",
+                              file_count="multiple", type="filepath", elem_id="customize-images")
+            prompt = gr.Textbox("a V*", label="instance prompt (for images without a caption)")
+            token = gr.Textbox("V*", label="concept token")
+            rank = gr.Slider(1, 8, value=2, step=1, label="rank per head")
+            steps = gr.Slider(10, 1000, value=300, step=10, label="steps", elem_id="customize-steps")
+            lr = gr.Number(2.5e-3, label="learning rate")
+            preview_every = gr.Slider(0, 200, value=50, step=10, label="preview every N steps (fixed seed)",
+                                      elem_id="customize-preview-every")
+            with gr.Row():
+                start = gr.Button("Customize", variant="primary", elem_id="customize-go")
+                stop = gr.Button("Stop", variant="stop", elem_id="customize-stop")
+                resume = gr.Button("Resume", elem_id="customize-resume")
+        with gr.Column(scale=2):
+            status = gr.Markdown("Upload a few images (or keep the bundled hearts) and press Customize.",
+                                 elem_id="customize-status")
+            losses = gr.Plot(label="loss")
+            previews = gr.Gallery(label="previews", columns=4, height=220, elem_id="customize-previews")
+            adapter = gr.File(label="adapter (.safetensors)", elem_id="customize-adapter")
+    run_dir = gr.State()
+    outputs = [status, losses, previews, adapter, run_dir]
+    start.click(on_customize, [pipeline, uploads, prompt, token, rank, steps, lr, preview_every], outputs,
+                concurrency_id="customize", concurrency_limit=2)
+    resume.click(on_resume, run_dir, outputs, concurrency_id="customize", concurrency_limit=2)
+    stop.click(on_customize_stop, None, status, concurrency_limit=None, queue=False)
+    return adapter
+
+
+# ---------------------------------------------------------------- Generate
+def on_generate(pipeline, prompt, adapter1, scale1, adapter2, scale2, seed, steps, guidance, n):
+    """-> (images with the adapters, the same seeds without, status)."""
+    try:
+        pipe = PIPELINES.get(pipeline)
+        plain = generate(pipe, prompt, seed=int(seed), steps=int(steps), guidance=float(guidance), n=int(n))
+        chosen = [(customize.adapter_file(a), s) for a, s in ((adapter1, scale1), (adapter2, scale2)) if a]
+        names = with_adapters(pipe, [(str(path), float(s)) for path, s in chosen])
+        adapted = generate(pipe, prompt, seed=int(seed), steps=int(steps), guidance=float(guidance), n=int(n)) \
+            if names else None
+        what = f"with {len(names)} adapter(s)" if names else "no adapter chosen: both galleries show the base model"
+        return adapted or plain, plain, f"✅ {len(plain)} image(s), seed {int(seed)}, {what}."
+    except Exception as e:          # noqa: BLE001 - shown in the page
+        return None, None, message(e)
+
+
+def generate_tab(trained_adapter):
+    with gr.Row():
+        with gr.Column(scale=1):
+            pipeline = gr.Textbox("embedded", label="pipeline: embedded, a hub ID or a local diffusers folder")
+            prompt = gr.Textbox("a V* in blue", label="prompt", elem_id="generate-prompt")
+            example = str(customize.EXAMPLE_ADAPTER) if customize.EXAMPLE_ADAPTER.is_file() else None
+            adapter1 = gr.File(example, label="adapter 1 (.safetensors)", type="filepath",
+                               file_types=[".safetensors"])
+            scale1 = gr.Slider(-1, 2, value=1.0, step=0.05, label="strength 1")
+            adapter2 = gr.File(label="adapter 2 (.safetensors)", type="filepath", file_types=[".safetensors"])
+            scale2 = gr.Slider(-1, 2, value=1.0, step=0.05, label="strength 2")
+            seed = gr.Number(0, precision=0, label="seed")
+            steps = gr.Slider(5, 100, value=25, step=1, label="sampling steps")
+            guidance = gr.Slider(1, 12, value=4, step=0.5, label="guidance")
+            n = gr.Slider(1, 16, value=8, step=1, label="images")
+            go = gr.Button("Generate", variant="primary", elem_id="generate-go")
+        with gr.Column(scale=2):
+            status = gr.Markdown(elem_id="generate-status")
+            with gr.Row():
+                adapted = gr.Gallery(label="with the adapters", columns=4, elem_id="generate-adapted")
+                plain = gr.Gallery(label="without (same seeds)", columns=4, elem_id="generate-plain")
+    go.click(on_generate, [pipeline, prompt, adapter1, scale1, adapter2, scale2, seed, steps, guidance, n],
+             [adapted, plain, status], concurrency_id="generate", concurrency_limit=1)
+    trained_adapter.change(lambda f: f or gr.skip(), trained_adapter, adapter1)
+
+
 def build_demo() -> gr.Blocks:
     with gr.Blocks(title="comcat") as demo:
         gr.Markdown("# comcat\nHead-level low-rank attention after COMCAT (Xiao et al., ICML 2023): explore "
-                    "how low-rank a ViT's attention is, and compress it under a budget.")
+                    "how low-rank a ViT's attention is, compress it under a budget, and teach a text-to-image model a "
+                    "new concept with per-head low-rank attention adapters.")
         with gr.Tab("Explore"):
             explore_tab()
         with gr.Tab("Compress"):
             compress_tab()
+        with gr.Tab("Customize"):
+            trained = customize_tab()
+        with gr.Tab("Generate"):
+            generate_tab(trained)
     return demo

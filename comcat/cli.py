@@ -1,4 +1,5 @@
-"""python -m comcat {analyze,compress,evaluate,demo} -- headless jobs; errors are one line, exit 2."""
+"""python -m comcat {analyze,compress,evaluate,customize,generate,demo} -- headless jobs; errors are one
+line, exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +84,43 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", metavar="DIR", help="ImageFolder (DIR/<class>/<image>); default: embedded held-out shapes")
     e.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
     e.add_argument("--json", metavar="F", help="write the metrics to this JSON file")
+
+    PIPE_HELP = ("text-to-image pipeline: 'embedded' (default, the bundled shapes model), a hub ID "
+                 "(e.g. runwayml/stable-diffusion-v1-5; needs network or a hub cache) or a local diffusers folder")
+    cu = sub.add_parser("customize", help="teach a text-to-image pipeline a concept with a COMCAT adapter",
+                        description="Train per-head rank-r updates of W^QK and W^VO in every attention of the "
+                                    "UNet on a few images of a concept; the model stays frozen. Ctrl-C stops "
+                                    "cleanly; --resume continues.")
+    cu.add_argument("--pipeline", default="embedded", metavar="SPEC", help=PIPE_HELP)
+    cu.add_argument("--images", metavar="DIR", help="3-10 images of the concept (NAME.txt beside an image is its caption)")
+    cu.add_argument("--prompt", default="a photo of V* dog", help="instance prompt with the concept token")
+    cu.add_argument("--token", default="V*", help="the concept's token in prompts (default V*)")
+    cu.add_argument("--rank", type=int, default=2, help="rank per head (default 2)")
+    cu.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
+    cu.add_argument("--lr", type=float, default=2.5e-3, help="AdamW learning rate (default 2.5e-3)")
+    cu.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
+    cu.add_argument("--targets", default="self,cross", help="attentions to adapt: self,cross (default), self or cross")
+    cu.add_argument("--learn-token", action="store_true", help="also learn the token's embedding")
+    cu.add_argument("--class-prompt", help="prior preservation: also train on the base model's images of this prompt")
+    cu.add_argument("--class-images", type=int, default=8, help="class images generated for prior preservation (8)")
+    cu.add_argument("--preview-every", type=int, default=50, metavar="K", help="save a preview every K steps (0: never)")
+    cu.add_argument("--seed", type=int, default=0, help="seed of batches, noise and previews (default 0)")
+    cu.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    cu.add_argument("--out", metavar="DIR", help="write adapter.safetensors, previews/ and the run state here")
+    cu.add_argument("--resume", metavar="DIR", help="continue a stopped run from its --out folder")
+
+    g = sub.add_parser("generate", help="text-to-image with zero or more adapters",
+                       description="Generate images from a prompt; --adapter DIR[:SCALE] may repeat.")
+    g.add_argument("--pipeline", default="embedded", metavar="SPEC", help=PIPE_HELP)
+    g.add_argument("--adapter", action="append", default=[], metavar="DIR[:SCALE]",
+                   help="adapter folder or file, optionally with its strength, e.g. out/heart:0.8")
+    g.add_argument("--prompt", required=True, help="what to draw, e.g. 'a V* in blue'")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (default 4)")
+    g.add_argument("--n", type=int, default=1, help="images (tiled into one picture; default 1)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    g.add_argument("--out", required=True, metavar="FILE", help="image file to write (.png/.jpg/.webp)")
 
     sub.add_parser("demo", help="analyze + compress the embedded model and print a table (the default)")
     return ap
@@ -233,10 +271,61 @@ def cmd_demo(args) -> None:
                   f"{c['flops'] / 1e6:>7.1f}M {c['top1']:>8.2f}")
 
 
+def cmd_customize(args) -> None:
+    from tqdm.auto import tqdm
+
+    from .customize import CustomizeSpec, customize
+    from .loop import StopFlag
+
+    if args.resume is None and (args.out is None or args.images is None):
+        raise ComcatError("give --images DIR and --out DIR (or --resume DIR to continue a run)")
+    spec = None if args.resume else CustomizeSpec(
+        pipeline=args.pipeline, images=args.images, prompt=args.prompt, token=args.token, rank=args.rank,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, learn_token=args.learn_token, class_prompt=args.class_prompt,
+        class_images=args.class_images, preview_every=args.preview_every, seed=args.seed, device=args.device)
+    stop = StopFlag()
+    stop.install_signal()
+    bar = tqdm(total=spec.steps if spec else None, desc="customize", dynamic_ncols=True)
+
+    def progress(e):
+        if e["kind"] == "step":
+            bar.total = e["steps"]
+            bar.n = e["step"]
+            bar.set_postfix_str(f"loss {e['loss']:.4f}")
+        else:
+            bar.write(f"preview at step {e['step']}: {e['path']}")
+
+    try:
+        result = customize(spec or CustomizeSpec(), args.resume or args.out, callback=progress, should_stop=stop,
+                           resume=args.resume is not None)
+    finally:
+        bar.close()
+    if result["stopped"]:
+        print(f"stopped at step {result['steps_done']}: saved {result['adapter']}; continue with: "
+              f"python -m comcat customize --resume {args.resume or args.out}")
+    else:
+        print(f"saved {result['adapter']} ({os.path.getsize(result['adapter']) / 1e3:.1f} kB) "
+              f"after {result['steps_done']} steps in {result['seconds']:.0f}s")
+
+
+def cmd_generate(args) -> None:
+    from .customize import resolve_device
+    from .diffusion.concept import grid
+    from .diffusion.pipeline import load_pipeline
+    from .generate import generate, parse_adapter_arg, save_image, with_adapters
+
+    pipe = load_pipeline(args.pipeline, device=resolve_device(args.device))
+    with_adapters(pipe, [parse_adapter_arg(a) for a in args.adapter])
+    images = generate(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, n=args.n)
+    print(f"wrote {save_image(grid(images), args.out)}")
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
-    handler = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate}.get(args.command, cmd_demo)
+    handler = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate,
+               "customize": cmd_customize, "generate": cmd_generate}.get(args.command, cmd_demo)
     try:
         handler(args)
     except ComcatError as e:

@@ -19,14 +19,14 @@ FORMAT = "comcat-compressed/1"
 JOB_FILE = "job.json"        # a compress run's spec and phase (see comcat/job.py)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a temp file in the same folder and a rename: never half-written."""
+def atomic_write(path: str | Path, write) -> Path:
+    """Call write(tmp) on a temp file in path's folder, then rename it to path: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)      # mkstemp makes 0600; give the file the usual mode
@@ -34,6 +34,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_run_record(out: Path, name: str, fmt: str, command: str) -> dict:
+    """The JSON record `out/name` of a resumable run, checked to be of format `fmt`."""
+    try:
+        record = json.loads((out / name).read_text())
+    except FileNotFoundError:
+        raise ComcatError(f"{out} has no {name}: --resume takes the --out folder of an earlier {command} run") from None
+    except json.JSONDecodeError:
+        raise ComcatError(f"{out / name} is corrupt: start the run again with a new --out") from None
+    if record.get("format") != fmt:
+        raise ComcatError(f"{out / name} is not a comcat {command} run ({record.get('format')!r}): start a new run")
+    return record
 
 
 def save_compressed(loaded: Loaded, out_dir: str | Path, extra: dict | None = None) -> Path:

@@ -18,7 +18,8 @@ from pathlib import Path
 from . import dist
 from .compress import compress
 from .errors import ComcatError
-from .io import JOB_FILE, atomic_write_text, load_compressed, load_tree, save_compressed, save_tree
+from .io import (JOB_FILE, atomic_write_text, load_compressed, load_tree, read_run_record, save_compressed,
+                 save_tree)
 from .models import Loaded, load_model
 
 JOB_FORMAT = "comcat-job/1"
@@ -69,15 +70,7 @@ class JobSpec:
 
 
 def _read_job(out: Path) -> dict:
-    try:
-        job = json.loads((out / JOB_FILE).read_text())
-    except FileNotFoundError:
-        raise ComcatError(f"{out} has no {JOB_FILE}: --resume takes the --out folder of an earlier compress run") from None
-    except json.JSONDecodeError:
-        raise ComcatError(f"{out / JOB_FILE} is corrupt: start the run again with a new --out") from None
-    if job.get("format") != JOB_FORMAT:
-        raise ComcatError(f"{out / JOB_FILE} is not a comcat run ({job.get('format')!r}): start a new run")
-    return job
+    return read_run_record(out, JOB_FILE, JOB_FORMAT, "compress")
 
 
 def _write_job(out: Path, job: dict) -> None:

@@ -45,3 +45,10 @@ def test_tiny_compress_through_the_api(client):
     status, _, _, card, download = outputs
     assert status.startswith("✅") and "top-1" in card and download.endswith(".zip")
     assert client.predict(api_name="/on_stop") == "nothing is running"
+
+
+def test_tiny_customize_through_the_api(client):
+    job = client.submit("embedded", None, "a V*", "V*", 1, 10, 2.5e-3, 0, api_name="/on_customize")
+    status, _, _, adapter = job.result()
+    assert status.startswith("✅") and adapter.endswith(".safetensors")
+    assert client.predict(api_name="/on_customize_stop") == "nothing is running"

@@ -112,3 +112,20 @@ def test_stop_ends_a_longer_run(page, shots):
     wait(page, 300).until(lambda d: "Stopped" in text_of(d, "compress-status"))
     assert "Stopped" in text_of(page, "compress-result")
     page.save_screenshot(str(shots / "compress_stopped.png"))
+
+
+def test_tiny_customize_then_generate(page, shots):
+    tab(page, "Customize")
+    wait(page).until(EC.element_to_be_clickable((By.ID, "customize-go")))
+    set_number(page, "customize-steps", 10)
+    set_number(page, "customize-preview-every", 10)
+    page.find_element(By.ID, "customize-go").click()
+    wait(page, 300).until(lambda d: "Done" in text_of(d, "customize-status"))
+    assert page.find_elements(By.CSS_SELECTOR, "#customize-previews img")
+    page.save_screenshot(str(shots / "customize.png"))
+    tab(page, "Generate")
+    wait(page).until(EC.element_to_be_clickable((By.ID, "generate-go"))).click()
+    wait(page, 300).until(lambda d: "image(s)" in text_of(d, "generate-status"))
+    assert page.find_elements(By.CSS_SELECTOR, "#generate-adapted img")
+    assert page.find_elements(By.CSS_SELECTOR, "#generate-plain img")
+    page.save_screenshot(str(shots / "generate.png"))

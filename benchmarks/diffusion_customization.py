@@ -1,0 +1,221 @@
+"""COMCAT adapters vs LoRA (peft), Custom Diffusion and full fine-tuning (DreamBooth), side by side.
+
+    python benchmarks/diffusion_customization.py [--arch sd15|embedded|both] [--steps 300] [--json F]
+
+For each method: trainable parameters, file bytes (fp16 and fp32), training step time and peak
+memory (each method runs in its own process: CPU peak RSS, or CUDA max allocated), measured in
+one run.
+  sd15      the Stable Diffusion 1.5 UNet architecture (benchmarks/configs/sd15_unet.json), random
+            weights (fine for size and time), 64x64 latents, a 77x768 text context, batch 1.
+  embedded  the bundled shapes model, trained on assets/examples/heart with captions 'a V* in
+            {colour}' for --steps steps; the quality of point 5 is added: for 'a V* in {colour}' over
+            all colours, the share judged a heart by the embedded ViT and the share of the right colour.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+METHODS = {   # name -> (kind, rank, lr on the embedded model)
+    "comcat-r1": ("comcat", 1, 2.5e-3),
+    "comcat-r2": ("comcat", 2, 2.5e-3),
+    "lora-r4": ("lora", 4, 1e-3),
+    "custom-diffusion": ("custom", None, 1e-4),
+    "full-ft": ("full", None, 5e-5),
+}
+
+
+def inject(kind: str, rank: int | None, pipe_or_unet) -> list[torch.nn.Parameter]:
+    """Make the method's parameters trainable (everything else frozen); return them."""
+    from comcat.adapter import AdapterConfig, add_adapter
+
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    unet.requires_grad_(False)
+    if kind == "comcat":
+        return add_adapter(unet, AdapterConfig(rank=rank))
+    if kind == "lora":
+        from peft import LoraConfig
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        return [p for p in unet.parameters() if p.requires_grad]
+    if kind == "custom":       # Custom Diffusion: the cross-attention key and value projections
+        params = [p for n, p in unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n]
+    else:
+        params = list(unet.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def file_bytes(params: list[torch.nn.Parameter], dtype: torch.dtype, write: bool) -> int:
+    """Bytes of a safetensors file holding `params` in `dtype` (written and measured when `write`)."""
+    from safetensors.torch import save_file
+
+    if not write:
+        return sum(p.numel() for p in params) * torch.finfo(dtype).bits // 8
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "weights.safetensors"
+        save_file({f"p{i}": p.detach().to(dtype).contiguous() for i, p in enumerate(params)}, str(path))
+        return path.stat().st_size
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # KiB on Linux
+
+
+def run_sd15(method: str, steps: int, device: str) -> dict:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from comcat.diffusion.concept import denoising_loss
+
+    kind, rank, _ = METHODS[method]
+    cfg = {k: v for k, v in json.loads((ROOT / "benchmarks/configs/sd15_unet.json").read_text()).items()
+           if not k.startswith("_")}
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**cfg).to(device)
+    params = inject(kind, rank, unet)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    sched = DDPMScheduler()
+    z0 = torch.randn(1, 4, 64, 64, device=device)
+    ctx = torch.randn(1, 77, 768, device=device)
+    times = []
+    for step in range(steps + 1):        # the first step warms up and is not timed
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = denoising_loss(unet, sched, z0, ctx).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - t0)
+    n = sum(p.numel() for p in params)
+    small = n < 50_000_000
+    return dict(method=method, params=n, fp16_bytes=file_bytes(params, torch.float16, small),
+                fp32_bytes=file_bytes(params, torch.float32, small), written=small,
+                step_s=sorted(times)[len(times) // 2], peak_mb=peak_memory_mb(device))
+
+
+def run_embedded(method: str, steps: int, device: str, seed: int = 0) -> dict:
+    from diffusers import DDPMScheduler
+
+    from comcat.diffusion.concept import denoising_loss, encode_images, encode_text, read_concept, resolution
+    from comcat.diffusion.pipeline import load_pipeline
+    from comcat.diffusion.quality import concept_quality
+    from comcat.loop import seed_step
+    from comcat.models import load_model
+
+    kind, rank, lr = METHODS[method]
+    pipe = load_pipeline("embedded", device=device)
+    classifier = load_model("embedded").model.to(device)
+    before = concept_quality(pipe, classifier, seed=seed) if method == "comcat-r1" else None
+    pixels, captions = read_concept(ROOT / "assets/examples/heart", "a V* in red", "V*", resolution(pipe))
+    latents = torch.cat([encode_images(pipe, pixels), encode_images(pipe, pixels.flip(3))])
+    with torch.no_grad():
+        context = encode_text(pipe, captions * 2)
+    torch.manual_seed(seed)
+    params = inject(kind, rank, pipe)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    times, losses = [], []
+    for step in range(1, steps + 1):
+        seed_step(seed, step)
+        t0 = time.perf_counter()
+        idx = torch.randint(len(latents), (4,))
+        loss = denoising_loss(pipe.unet, sched, latents[idx], context[idx]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    n = sum(p.numel() for p in params)
+    after = concept_quality(pipe, classifier, seed=seed)
+    return dict(method=method, params=n, fp16_bytes=file_bytes(params, torch.float16, True),
+                fp32_bytes=file_bytes(params, torch.float32, True), written=True,
+                step_s=sorted(times)[len(times) // 2], peak_mb=peak_memory_mb(device), lr=lr, steps=steps,
+                train_s=round(sum(times), 1), first_loss=sum(losses[:20]) / 20, last_loss=sum(losses[-20:]) / 20,
+                heart=after["shape"], colour=after["colour"], both=after["both"],
+                heart_before=None if before is None else before["shape"])
+
+
+def mb(b: int) -> str:
+    return f"{b / 1e6:,.2f}"
+
+
+def table(arch: str, rows: list[dict]) -> str:
+    head = f"| method | trainable params | file MB fp16 | file MB fp32 | step s | peak MB |"
+    lines = [f"### {arch}", "", head + (" heart % | colour % |" if arch == "embedded" else ""),
+             "|" + "---|" * (8 if arch == "embedded" else 6)]
+    for r in rows:
+        line = (f"| {r['method']} | {r['params']:,} | {mb(r['fp16_bytes'])} | {mb(r['fp32_bytes'])} | "
+                f"{r['step_s']:.3f} | {r['peak_mb']:,.0f} |")
+        if arch == "embedded":
+            line += f" {100 * r['heart']:.0f} | {100 * r['colour']:.0f} |"
+        lines.append(line)
+    by = {r["method"]: r for r in rows}
+    if {"comcat-r1", "lora-r4", "full-ft"} <= set(by):
+        c, lo, full = by["comcat-r1"]["step_s"], by["lora-r4"]["step_s"], by["full-ft"]["step_s"]
+        lines += ["", f"step time comcat-r1 / lora-r4 = {c / lo:.2f}, comcat-r1 / full-ft = {c / full:.2f}"]
+    if arch == "embedded" and by.get("comcat-r1", {}).get("heart_before") is not None:
+        lines.append(f"before training: {100 * by['comcat-r1']['heart_before']:.0f}% of 'a V* in {{colour}}' "
+                     "samples are hearts")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=("sd15", "embedded", "both"), default="both")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--steps", type=int, default=300, help="embedded training steps (default 300)")
+    ap.add_argument("--sd-steps", type=int, default=2, help="timed SD-1.5 steps after one warm-up (default 2)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", help="write all rows here")
+    ap.add_argument("--one", help=argparse.SUPPRESS)        # internal: run one method, print its row
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1)) if args.device == "cpu" else None
+    if args.one:
+        arch, method = args.one.split(":")
+        row = run_sd15(method, args.sd_steps, args.device) if arch == "sd15" else \
+            run_embedded(method, args.steps, args.device)
+        print("ROW " + json.dumps(row))
+        return
+    archs = ("sd15", "embedded") if args.arch == "both" else (args.arch,)
+    results = {}
+    for arch in archs:
+        rows = []
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--one", f"{arch}:{method}", "--steps", str(args.steps),
+                   "--sd-steps", str(args.sd_steps), "--device", args.device]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
+            if line is None:
+                print(f"{arch} {method} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(line[4:]))
+            print(f"{arch} {method}: {rows[-1]}", flush=True)
+        results[arch] = rows
+        print(table(arch, rows), flush=True)
+    if args.json:
+        from comcat.io import atomic_write_text
+        atomic_write_text(args.json, json.dumps(dict(results, device=args.device, torch=torch.__version__,
+                                                     threads=torch.get_num_threads()), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

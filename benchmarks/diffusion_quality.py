@@ -1,0 +1,77 @@
+"""Quality of the embedded text-to-image model and of a COMCAT customization, judged by the
+embedded ViT (shape) and the foreground colour (comcat/diffusion/judge.py).
+
+    python benchmarks/diffusion_quality.py [--steps 300] [--per-prompt 4] [--json F]
+
+1. base model: 'a {colour} {shape}' for the 9 trained shapes x 8 colours;
+2. before customization: 'a V* in {colour}' (8 colours), share judged a heart;
+3. after customizing on assets/examples/heart (5 images, captions 'a V* in {colour}' for 5 colours)
+   with the library's defaults for --steps: the same prompts, share judged a heart / the right colour.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from comcat.customize import CustomizeSpec, customize  # noqa: E402
+from comcat.diffusion.pipeline import load_pipeline  # noqa: E402
+from comcat.diffusion.quality import base_quality, concept_quality, sample  # noqa: E402
+from comcat.io import atomic_write_text  # noqa: E402
+from comcat.models import load_model  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--rank", type=int, default=2)
+    ap.add_argument("--per-prompt", type=int, default=4, help="base model images per prompt (default 4)")
+    ap.add_argument("--per-colour", type=int, default=8, help="concept images per colour (default 8)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json")
+    ap.add_argument("--grid", help="save a grid of the customized samples here (PNG)")
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+    classifier = load_model("embedded").model
+    pipe = load_pipeline("embedded")
+    t0 = time.time()
+    base = base_quality(pipe, classifier, per_prompt=args.per_prompt, seed=args.seed)
+    print(f"base model ({base['images']} images, {time.time() - t0:.0f}s): shape {100 * base['shape']:.1f}%  "
+          f"colour {100 * base['colour']:.1f}%  both {100 * base['both']:.1f}%", flush=True)
+    before = concept_quality(pipe, classifier, per_colour=args.per_colour, seed=args.seed)
+    print(f"before customization: heart {100 * before['shape']:.1f}%  colour {100 * before['colour']:.1f}%",
+          flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = CustomizeSpec(images=str(ROOT / "assets/examples/heart"), prompt="a V*", steps=args.steps,
+                             rank=args.rank, preview_every=0, seed=args.seed)
+        result = customize(spec, tmp, pipe=pipe)
+        size = Path(result["adapter"]).stat().st_size
+    after = concept_quality(pipe, classifier, per_colour=args.per_colour, seed=args.seed)
+    print(f"after {args.steps} steps ({result['seconds']:.0f}s training, adapter {size / 1e3:.0f} kB): "
+          f"heart {100 * after['shape']:.1f}%  colour {100 * after['colour']:.1f}%  both {100 * after['both']:.1f}%")
+    if args.grid:
+        from PIL import Image
+
+        from comcat.data.shapes import COLOURS
+        from comcat.diffusion.concept import grid
+        images = sample(pipe, [f"a V* in {c}" for c in COLOURS], 4, args.seed)
+        grid([Image.fromarray(a) for a in images], 8).save(args.grid)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(dict(base=base, before=before, after=after, steps=args.steps,
+                                                     rank=args.rank, train_seconds=result["seconds"],
+                                                     adapter_bytes=size, threads=torch.get_num_threads(),
+                                                     torch=torch.__version__), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""What an adapter is: its rank, where it goes, its token and the base model it was made for."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from ..errors import ComcatError
+
+FORMAT = "comcat-adapter/1"
+TARGETS = ("self", "cross")
+
+
+@dataclass
+class AdapterConfig:
+    """rank: r columns per head for each of q', k', v'; targets: self- and/or cross-attention;
+    scale: the default strength alpha; token: the concept's word in prompts; base_model: the
+    pipeline it was trained on (a name), fingerprint: its attention shapes (checked at load)."""
+    rank: int = 2
+    targets: tuple = TARGETS
+    scale: float = 1.0
+    token: str = "V*"
+    base_model: str = ""
+    fingerprint: str = ""
+    token_embedding: bool = False       # the file also holds a learned embedding for `token`
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ComcatError(f"adapter rank must be a positive integer, got {self.rank!r}")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ComcatError(f"adapter targets must be among {TARGETS}, got {list(self.targets)}")
+        if not self.token or any(c.isspace() for c in self.token):
+            raise ComcatError(f"the concept token must be one word without spaces, got {self.token!r}")
+
+    def to_metadata(self) -> dict[str, str]:
+        """safetensors metadata (str -> str)."""
+        return {"format": FORMAT, "config": json.dumps(asdict(self))}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str] | None, where: str) -> "AdapterConfig":
+        if not meta or meta.get("format") != FORMAT:
+            raise ComcatError(f"{where} is not a comcat adapter file (no {FORMAT} metadata)")
+        return cls(**json.loads(meta["config"]))

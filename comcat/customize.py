@@ -1,0 +1,228 @@
+"""Teach a text-to-image pipeline a new concept with a COMCAT adapter; the model stays frozen.
+
+    loss = || eps_theta(z_t, t, c) - target ||^2   (+ w * the same on class images: prior preservation)
+
+A run lives in its output folder:
+  customize.json            the spec and how far the run got
+  adapter.safetensors       the adapter after the last finished step (fp16 by default)
+  state.json + state.*.safetensors   adapter, optimizer and step, for --resume
+  previews/step_NNNNN.png   a fixed-seed preview every `preview_every` steps
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import DDPMScheduler
+
+from .adapter import AdapterConfig, add_adapter, adapter_parameters, save_adapter
+from .adapter.model import add_token, fingerprint
+from .diffusion.concept import (check_prompt, denoising_loss, encode_images, encode_text, grid, read_concept,
+                                resolution, tokenize)
+from .diffusion.pipeline import load_pipeline
+from .errors import ComcatError
+from .io import atomic_write_text, load_tree, read_run_record, save_tree
+from .loop import seed_step
+
+RUN_FILE = "customize.json"
+FORMAT = "comcat-customize/1"
+
+
+@dataclass
+class CustomizeSpec:
+    """A customization run (stored in customize.json; --resume reads it back)."""
+    pipeline: str = "embedded"
+    images: str = ""
+    prompt: str = "a photo of V* dog"
+    token: str = "V*"
+    rank: int = 2
+    targets: tuple = ("self", "cross")
+    steps: int = 500
+    lr: float = 2.5e-3
+    batch_size: int = 4
+    learn_token: bool = False           # also learn the token's embedding (new token if unknown)
+    class_prompt: str | None = None     # prior preservation: images of the class, by the base model
+    class_images: int = 8
+    prior_weight: float = 1.0
+    preview_every: int = 50
+    preview_prompts: tuple = ()         # default: the prompt
+    preview_steps: int = 25
+    guidance: float = 4.0
+    seed: int = 0
+    device: str = "auto"
+    save_dtype: str = "float16"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CustomizeSpec":
+        known = {f.name for f in fields(cls)}
+        spec = cls(**{k: v for k, v in d.items() if k in known})
+        spec.targets, spec.preview_prompts = tuple(spec.targets), tuple(spec.preview_prompts)
+        return spec
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def _check_token(pipe, spec: CustomizeSpec) -> None:
+    ids = tokenize(pipe, [spec.token])[0].tolist()
+    unk = pipe.tokenizer.unk_token_id
+    if unk is not None and unk in ids and not spec.learn_token:
+        raise ComcatError(f"the token {spec.token!r} is unknown to this pipeline's tokenizer: use --learn-token "
+                          "to learn it, or pick a word it knows")
+
+
+def _class_latents(pipe, spec: CustomizeSpec, out: Path) -> tuple[torch.Tensor, list[str]] | None:
+    """Prior preservation: the base model's own images of `class_prompt` (generated once, cached)."""
+    if not spec.class_prompt:
+        return None
+    cache = out / "class_images.pt"
+    if cache.is_file():
+        x = torch.load(cache, weights_only=True)
+    else:
+        gen = torch.Generator().manual_seed(spec.seed + 1)
+        x = pipe(spec.class_prompt, num_images_per_prompt=spec.class_images, generator=gen,
+                 num_inference_steps=spec.preview_steps, output_type="pt").images
+        x = x if x.min() < 0 else x * 2 - 1          # diffusers pipelines give [0, 1]
+        torch.save(x.cpu(), cache)
+    return encode_images(pipe, x), [spec.class_prompt] * len(x)
+
+
+def preview(pipe, spec: CustomizeSpec, n: int = 4):
+    """Fixed-seed samples of the preview prompts (n per prompt) as PIL images."""
+    prompts = list(spec.preview_prompts) or [spec.prompt]
+    gen = torch.Generator().manual_seed(spec.seed)
+    return pipe(prompts, num_images_per_prompt=n, generator=gen, num_inference_steps=spec.preview_steps,
+                guidance_scale=spec.guidance).images
+
+
+def _write_run(out: Path, spec: CustomizeSpec, **progress) -> None:
+    atomic_write_text(out / RUN_FILE, json.dumps(dict(format=FORMAT, spec=asdict(spec), **progress), indent=2))
+
+
+def read_run(out: Path) -> dict:
+    return read_run_record(out, RUN_FILE, FORMAT, "customize")
+
+
+def customize(spec: CustomizeSpec, out: str | Path, pipe=None, callback: Callable[[dict], None] | None = None,
+              should_stop: Callable[[], bool] | None = None, resume: bool = False) -> dict:
+    """Train an adapter for `spec`; returns {adapter, steps_done, stopped, losses, seconds}.
+
+    callback receives {"kind": "step", step, steps, loss} after every step and
+    {"kind": "preview", step, images (PIL), path} every `preview_every` steps and at the end.
+    should_stop() is checked every step; a stop saves the adapter and the resumable state.
+    """
+    out = Path(out)
+    if resume:
+        spec = CustomizeSpec.from_dict(read_run(out)["spec"])
+    config = AdapterConfig(rank=spec.rank, targets=spec.targets, token=spec.token, base_model=spec.pipeline,
+                           token_embedding=spec.learn_token)
+    if spec.steps <= 0 or spec.lr <= 0 or spec.batch_size <= 0:
+        raise ComcatError("steps, lr and batch size must be positive")
+    check_prompt(spec.prompt, spec.token)
+    device = resolve_device(spec.device)
+    pipe = pipe if pipe is not None else load_pipeline(spec.pipeline, device=device)
+    pixels, captions = read_concept(spec.images, spec.prompt, spec.token, resolution(pipe))
+    if spec.learn_token:
+        add_token(pipe, spec.token)
+    _check_token(pipe, spec)
+    cuda = device.startswith("cuda")
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    if cuda:
+        pipe.unet.enable_gradient_checkpointing()
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    params = add_adapter(pipe, config, "default")
+    embedding = pipe.text_encoder.get_input_embeddings().weight
+    token_id = pipe.tokenizer.convert_tokens_to_ids(spec.token)
+    train = list(params) + ([embedding] if spec.learn_token else [])
+    if spec.learn_token:
+        embedding.requires_grad_(True)
+        keep = torch.zeros_like(embedding[:, :1])
+        keep[token_id] = 1
+        embedding.register_hook(lambda g: g * keep)        # only the concept's row learns
+        frozen_rows = embedding.detach().clone()
+    opt = torch.optim.AdamW(train, lr=spec.lr, weight_decay=0.0 if spec.learn_token else 1e-2)
+
+    latents = torch.cat([encode_images(pipe, pixels), encode_images(pipe, pixels.flip(3))])
+    captions = captions * 2
+    prior = _class_latents(pipe, spec, out)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    fixed_context = None if spec.learn_token else {c: encode_text(pipe, [c]).detach() for c in set(captions) | (
+        {spec.class_prompt} if prior else set())}
+
+    start, losses = 0, []
+    state = load_tree(out / "state") if resume else None
+    if state is not None:
+        with torch.no_grad():
+            for p, saved in zip(train, state["params"]):
+                p.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        start, losses = state["step"], state["losses"]
+
+    def context(batch_captions):
+        if fixed_context is not None:
+            return torch.cat([fixed_context[c] for c in batch_captions])
+        return encode_text(pipe, batch_captions)
+
+    def save(step):
+        save_adapter(pipe, config, out, dtype=getattr(torch, spec.save_dtype))
+        save_tree(out / "state", {"params": [p.detach().cpu() for p in train], "optimizer": opt.state_dict(),
+                                  "step": step, "losses": losses})
+        _write_run(out, spec, step=step, steps=spec.steps, fingerprint=fingerprint(pipe.unet))
+
+    def emit_preview(step):
+        if callback is None and spec.preview_every <= 0:
+            return
+        images = preview(pipe, spec)
+        path = out / "previews" / f"step_{step:05d}.png"
+        path.parent.mkdir(exist_ok=True)
+        grid(images).save(path)
+        if callback:
+            callback(dict(kind="preview", step=step, images=images, path=str(path)))
+
+    t0, stopped, step = time.time(), False, start
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    for step in range(start + 1, spec.steps + 1):
+        if should_stop is not None and should_stop():
+            stopped, step = True, step - 1
+            break
+        seed_step(spec.seed, step)
+        idx = torch.randint(len(latents), (spec.batch_size,))
+        z0, batch_captions = latents[idx], [captions[i] for i in idx.tolist()]
+        if prior is not None:
+            pidx = torch.randint(len(prior[0]), (spec.batch_size,))
+            z0 = torch.cat([z0, prior[0][pidx]])
+            batch_captions += [prior[1][i] for i in pidx.tolist()]
+        with amp:
+            err = denoising_loss(pipe.unet, noise_sched, z0, context(batch_captions))
+        loss = err[:spec.batch_size].mean()
+        if prior is not None:
+            loss = loss + spec.prior_weight * err[spec.batch_size:].mean()
+        if not torch.isfinite(loss):
+            raise ComcatError(f"the loss became {loss.item()} at step {step}: lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if spec.learn_token:
+            with torch.no_grad():      # AdamW decay / numerical drift must not touch other rows
+                rows = torch.arange(len(embedding), device=embedding.device) != token_id
+                embedding[rows] = frozen_rows[rows]
+        losses.append(round(loss.item(), 5))
+        if callback:
+            callback(dict(kind="step", step=step, steps=spec.steps, loss=losses[-1]))
+        if spec.preview_every > 0 and step % spec.preview_every == 0 and step < spec.steps:
+            emit_preview(step)
+    save(step)
+    if not stopped:
+        emit_preview(step)
+    if spec.learn_token:
+        embedding.requires_grad_(False)
+    return dict(adapter=str(out / "adapter.safetensors"), steps_done=step, stopped=stopped, losses=losses,
+                seconds=round(time.time() - t0, 1), pipe=pipe)

@@ -1,0 +1,1 @@
+"""Text-to-image side of comcat: the embedded shapes pipeline and its loader."""

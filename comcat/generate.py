@@ -1,0 +1,45 @@
+"""Sampling with adapters: `python -m comcat generate` and the app's Generate tab."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .adapter import load_adapter
+from .errors import ComcatError
+from .io import atomic_write
+
+
+def parse_adapter_arg(arg: str) -> tuple[str, float | None]:
+    """'DIR' or 'DIR:SCALE' -> (path, scale or None)."""
+    path, sep, scale = arg.rpartition(":")
+    if not sep or not path:
+        return arg, None
+    try:
+        return path, float(scale)
+    except ValueError:
+        return arg, None
+
+
+def with_adapters(pipe, adapters: list[tuple[str, float | None]]) -> list[str]:
+    """Load each (path, scale) into `pipe` under its own name; returns the names."""
+    return [load_adapter(pipe, path, scale=scale, name=f"a{i}") for i, (path, scale) in enumerate(adapters)]
+
+
+def generate(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance: float = 4.0, n: int = 1):
+    """n images (PIL) of `prompt` from a fixed seed."""
+    if not prompt.strip():
+        raise ComcatError("the prompt is empty: describe the image, e.g. 'a V* in blue'")
+    if steps < 1 or n < 1:
+        raise ComcatError("--steps and --n must be >= 1")
+    gen = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_images_per_prompt=n, generator=gen, num_inference_steps=steps,
+                guidance_scale=guidance).images
+
+
+def save_image(image, path: str | Path) -> Path:
+    """Save a PIL image atomically (temp name, then rename); the suffix picks the format."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ComcatError(f"--out {path}: give an image file name ending in .png, .jpg or .webp")
+    return atomic_write(path, image.save)
