@@ -92,6 +92,8 @@ def main():
     alphas = pipe.scheduler.alphas_cumprod.to(args.device)
     record = dict(vars(args), train_seed=TRAIN_SEED, shapes=list(TRAIN_SHAPES), torch=torch.__version__,
                   threads=torch.get_num_threads())
+    if args.init and (Path(args.init) / "training.json").exists():  # the cycles before this one
+        record["previous"] = json.loads((Path(args.init) / "training.json").read_text())
     out = Path(args.out)
     running = None
     for step in range(1, args.steps + 1):

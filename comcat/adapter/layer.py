@@ -42,13 +42,24 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-class ComcatAttnProcessor(nn.Module):
-    """A diffusers attention processor holding named adapters, each with its strength alpha."""
+def pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the last dimension up to a multiple of `multiple` (exact for q, k and v of SDPA)."""
+    extra = -x.shape[-1] % multiple
+    return F.pad(x, (0, extra)) if extra else x
 
-    def __init__(self):
+
+class ComcatAttnProcessor(nn.Module):
+    """A diffusers attention processor holding named adapters, each with its strength alpha.
+
+    `align`: the widened head dimension d + sum r is zero-padded to a multiple of it (None: 8 on CUDA,
+    where the flash and memory-efficient SDPA kernels want it, 1 elsewhere).
+    """
+
+    def __init__(self, align: int | None = None):
         super().__init__()
         self.adapters = nn.ModuleDict()
         self.scales: dict[str, float] = {}
+        self.align = align
 
     def add(self, name: str, adapter: HeadLowRank, scale: float) -> None:
         self.adapters[name] = adapter
@@ -96,6 +107,8 @@ class ComcatAttnProcessor(nn.Module):
             q = torch.cat([q] + [s * split_heads(hidden_states @ m.A.to(dt), heads) for m, s in active], -1)
             k = torch.cat([k] + [split_heads(context @ m.B.to(dt), heads) for m, s in active], -1)
             v = torch.cat([v] + [split_heads(context @ m.P.to(dt), heads) for m, s in active], -1)
+            align = self.align or (8 if q.is_cuda else 1)
+            q, k, v = (pad_last(t, align) for t in (q, k, v))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
 
         out = attn.to_out[0](merge_heads(o[..., :head_dim]))
