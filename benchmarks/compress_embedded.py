@@ -75,13 +75,15 @@ def run_seed(dense, splits, args, seed: int) -> list[dict]:
             res = run_job(spec, Path(tmp) / method)
             small, r = res["loaded"].model, res["report"]
             rows.append({"method": "comcat (head)" if method == "head" else "matrix", "params": count_params(small),
-                         "top1": r["compressed"]["top1"], "time_s": time.perf_counter() - t,
+                         "top1": r["compressed"]["top1"], "nll": evaluate(small, splits.eval, progress=False)["nll"],
+                         "time_s": time.perf_counter() - t,
                          "search_s": r["time_s"]["search"], "finetune_s": r["time_s"]["finetune"],
                          "latency_b32_ms": measure_latency(small, 32, iters=30)})
             print(f"seed {seed}", rows[-1], flush=True)
     small, info = prune_baseline(dense, splits, args.ratio, args.finetune_epochs, seed)
+    scores = evaluate(small, splits.eval, progress=False)
     rows.append({"method": "torch-pruning", "params": count_params(small),
-                 "top1": evaluate(small, splits.eval, progress=False)["top1"], "time_s": info["time_s"],
+                 "top1": scores["top1"], "nll": scores["nll"], "time_s": info["time_s"],
                  "top1_before_finetune": info["top1_before_finetune"],
                  "latency_b32_ms": measure_latency(small, 32, iters=30)})
     print(f"seed {seed}", rows[-1], flush=True)
@@ -100,11 +102,13 @@ def main() -> None:
 
     dense = load_model("embedded").model
     splits = embedded_splits()
-    dense_top1 = evaluate(dense, splits.eval, progress=False)["top1"]
+    dense_scores = evaluate(dense, splits.eval, progress=False)
+    dense_top1 = dense_scores["top1"]
     sites = sum(l["attn"] + l["mlp"] for l in layer_params(dense))
     print(f"dense top-1 {dense_top1:.2f}%  ({count_params(dense):,} params, attention+MLP {sites:,})")
     runs = {seed: run_seed(dense, splits, args, seed) for seed in args.seeds}
-    rows = [{"method": "dense", "params": count_params(dense), "top1": dense_top1, "top1_per_seed": [dense_top1],
+    rows = [{"method": "dense", "params": count_params(dense), "top1": dense_top1, "nll": dense_scores["nll"],
+             "top1_per_seed": [dense_top1],
              "time_s": 0.0, "latency_b32_ms": measure_latency(dense, 32, iters=30)}]
     for i, first in enumerate(runs[args.seeds[0]]):
         per_seed = [runs[s][i] for s in args.seeds]
@@ -113,11 +117,11 @@ def main() -> None:
 
     print(f"\nembedded shapes ViT, attention + MLP at {args.ratio:.0%} of their params, 2 CPU threads; "
           f"top-1 on 2,000 held-out images, mean over seeds {args.seeds}")
-    print(f"{'method':15} {'params':>10} {'ratio':>6} {'top-1 %':>8} {'drop':>6} {'per seed':>20} {'time s':>7} {'b32 ms':>7}")
+    print(f"{'method':15} {'params':>10} {'ratio':>6} {'top-1 %':>8} {'drop':>6} {'per seed':>20} {'eval NLL':>9} {'time s':>7} {'b32 ms':>7}")
     for r in rows:
         seeds = " ".join(f"{t:.2f}" for t in r["top1_per_seed"])
         print(f"{r['method']:15} {r['params']:>10,} {r['params'] / rows[0]['params']:>6.3f} {r['top1']:>8.2f} "
-              f"{r['top1'] - dense_top1:>+6.2f} {seeds:>20} {r['time_s']:>7.1f} {r['latency_b32_ms']:>7.2f}")
+              f"{r['top1'] - dense_top1:>+6.2f} {seeds:>20} {r['nll']:>9.4f} {r['time_s']:>7.1f} {r['latency_b32_ms']:>7.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"ratio": args.ratio, "seeds": args.seeds, "rows": rows}, indent=2) + "\n")

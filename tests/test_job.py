@@ -110,12 +110,15 @@ def test_search_then_finetune_beats_no_finetuning(embedded):
     train, search, val = _shapes(1024, 0), _shapes(256, 2), _shapes(500, 5)
     ranks, info = search_ranks(dense, train, search, ratio=0.15, mlp=True, epochs=1, batch_size=64, lr_weights=0)
     small = info["model"]
-    before = evaluate(small, val, progress=False)["top1"]
+    scores = evaluate(small, val, progress=False)
+    before = scores["top1"]
     assert before < 97, "the budget should hurt before fine-tuning"
+    assert scores["nll"] > evaluate(dense, val, progress=False)["nll"] > 0
     events = []
     res = finetune(small, dense, train, search, epochs=2, lr=5e-4, batch_size=64, callback=events.append)
-    after = evaluate(res["model"], val, progress=False)["top1"]
-    assert after > before + 3
+    after_scores = evaluate(res["model"], val, progress=False)
+    after = after_scores["top1"]
+    assert after > before + 3 and after_scores["nll"] < scores["nll"]
     assert res["best_top1"] >= max(e["top1"] for e in events if e["kind"] == "validate") - 1e-9
     assert [e["kind"] for e in events].count("finetune") == res["total"] == 32
     assert small.comcat_ranks is ranks or small.comcat_ranks.blocks == ranks.blocks
