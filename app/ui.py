@@ -12,6 +12,7 @@ from comcat.plots import ranks_heatmap_plotly
 
 from comcat.customize import CustomizeSpec
 from comcat.customize import customize as run_customize
+from comcat.diffusion.shapes_t2i import GUIDANCE
 from comcat.generate import generate, with_adapters
 
 from . import compress, customize, explore
@@ -274,7 +275,7 @@ def generate_tab(trained_adapter):
             scale2 = gr.Slider(-1, 2, value=1.0, step=0.05, label="strength 2")
             seed = gr.Number(0, precision=0, label="seed")
             steps = gr.Slider(5, 100, value=25, step=1, label="sampling steps")
-            guidance = gr.Slider(1, 12, value=4, step=0.5, label="guidance")
+            guidance = gr.Slider(1, 12, value=GUIDANCE, step=0.5, label="guidance")
             n = gr.Slider(1, 16, value=8, step=1, label="images")
             go = gr.Button("Generate", variant="primary", elem_id="generate-go")
         with gr.Column(scale=2):

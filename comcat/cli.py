@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="what to draw, e.g. 'a V* in blue'")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (default 4)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance (default: the pipeline's; 2.5 for embedded, 7.5 for SD)")
     g.add_argument("--n", type=int, default=1, help="images (tiled into one picture; default 1)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g.add_argument("--out", required=True, metavar="FILE", help="image file to write (.png/.jpg/.webp)")

@@ -51,7 +51,7 @@ class CustomizeSpec:
     preview_every: int = 50
     preview_prompts: tuple = ()         # default: the prompt
     preview_steps: int = 25
-    guidance: float = 4.0
+    guidance: float | None = None      # previews; None: the pipeline's default
     seed: int = 0
     device: str = "auto"
     save_dtype: str = "float16"
@@ -97,7 +97,7 @@ def preview(pipe, spec: CustomizeSpec, n: int = 4):
     prompts = list(spec.preview_prompts) or [spec.prompt]
     gen = torch.Generator().manual_seed(spec.seed)
     return pipe(prompts, num_images_per_prompt=n, generator=gen, num_inference_steps=spec.preview_steps,
-                guidance_scale=spec.guidance).images
+                **({} if spec.guidance is None else {"guidance_scale": spec.guidance})).images
 
 
 def _write_run(out: Path, spec: CustomizeSpec, **progress) -> None:

@@ -26,15 +26,15 @@ def with_adapters(pipe, adapters: list[tuple[str, float | None]]) -> list[str]:
     return [load_adapter(pipe, path, scale=scale, name=f"a{i}") for i, (path, scale) in enumerate(adapters)]
 
 
-def generate(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance: float = 4.0, n: int = 1):
-    """n images (PIL) of `prompt` from a fixed seed."""
+def generate(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance: float | None = None, n: int = 1):
+    """n images (PIL) of `prompt` from a fixed seed (guidance None: the pipeline's default)."""
     if not prompt.strip():
         raise ComcatError("the prompt is empty: describe the image, e.g. 'a V* in blue'")
     if steps < 1 or n < 1:
         raise ComcatError("--steps and --n must be >= 1")
     gen = torch.Generator().manual_seed(seed)
     return pipe(prompt, num_images_per_prompt=n, generator=gen, num_inference_steps=steps,
-                guidance_scale=guidance).images
+                **({} if guidance is None else {"guidance_scale": guidance})).images
 
 
 def save_image(image, path: str | Path) -> Path:

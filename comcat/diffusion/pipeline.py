@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..embedded import ASSETS
 from ..errors import ComcatError
+from .shapes_t2i import GUIDANCE
 
 EMBEDDED_PIPELINE = ASSETS / "shapes_t2i"
 
@@ -55,7 +56,7 @@ class ShapesPipeline(DiffusionPipeline):
         return self.text_encoder(ids).last_hidden_state.to(self.unet.dtype)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = 25, guidance_scale: float = 4.0,
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = 25, guidance_scale: float = GUIDANCE,
                  num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
                  negative_prompt: str = "", output_type: str = "pil", cross_attention_kwargs=None,
                  callback=None, return_dict: bool = True, eta: float = 0.0):

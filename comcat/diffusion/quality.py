@@ -9,12 +9,14 @@ from .judge import rates
 from .shapes_t2i import HELD_OUT, TRAIN_SHAPES
 
 
-def sample(pipe, prompts: list[str], per_prompt: int, seed: int, steps: int = 25, guidance: float = 4.0,
+def sample(pipe, prompts: list[str], per_prompt: int, seed: int, steps: int = 25, guidance: float | None = None,
            batch: int = 64) -> np.ndarray:
-    """(len(prompts) * per_prompt, H, W, 3) uint8, prompt-major, from one seed."""
+    """(len(prompts) * per_prompt, H, W, 3) uint8, prompt-major, from one seed (guidance None: the
+    pipeline's default)."""
+    kw = {} if guidance is None else {"guidance_scale": guidance}
     gen = torch.Generator().manual_seed(seed)
     todo = [p for p in prompts for _ in range(per_prompt)]
-    out = [pipe(todo[i:i + batch], generator=gen, num_inference_steps=steps, guidance_scale=guidance,
+    out = [pipe(todo[i:i + batch], generator=gen, num_inference_steps=steps, **kw,
                 output_type="np").images for i in range(0, len(todo), batch)]
     return np.concatenate(out)
 
