@@ -23,7 +23,7 @@ from .adapter import AdapterConfig, add_adapter, adapter_parameters, save_adapte
 from .adapter.model import add_token, fingerprint
 from .diffusion.concept import (check_prompt, denoising_loss, encode_images, encode_text, grid, read_concept,
                                 resolution, tokenize)
-from .diffusion.pipeline import load_pipeline
+from .diffusion.pipeline import guidance_kwargs, load_pipeline
 from .errors import ComcatError
 from .io import atomic_write_text, load_tree, read_run_record, save_tree
 from .loop import seed_step
@@ -97,7 +97,7 @@ def preview(pipe, spec: CustomizeSpec, n: int = 4):
     prompts = list(spec.preview_prompts) or [spec.prompt]
     gen = torch.Generator().manual_seed(spec.seed)
     return pipe(prompts, num_images_per_prompt=n, generator=gen, num_inference_steps=spec.preview_steps,
-                **({} if spec.guidance is None else {"guidance_scale": spec.guidance})).images
+                **guidance_kwargs(spec.guidance)).images
 
 
 def _write_run(out: Path, spec: CustomizeSpec, **progress) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from .adapter import load_adapter
+from .diffusion.pipeline import guidance_kwargs
 from .errors import ComcatError
 from .io import atomic_write
 
@@ -34,7 +35,7 @@ def generate(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance: float 
         raise ComcatError("--steps and --n must be >= 1")
     gen = torch.Generator().manual_seed(seed)
     return pipe(prompt, num_images_per_prompt=n, generator=gen, num_inference_steps=steps,
-                **({} if guidance is None else {"guidance_scale": guidance})).images
+                **guidance_kwargs(guidance)).images
 
 
 def save_image(image, path: str | Path) -> Path:

@@ -21,6 +21,11 @@ from .shapes_t2i import GUIDANCE
 EMBEDDED_PIPELINE = ASSETS / "shapes_t2i"
 
 
+def guidance_kwargs(guidance: float | None) -> dict:
+    """Pipeline call arguments for classifier-free guidance; None leaves the pipeline's own default."""
+    return {} if guidance is None else {"guidance_scale": guidance}
+
+
 class ShapesPipeline(DiffusionPipeline):
     """Classifier-free-guided sampling in pixel space.
 

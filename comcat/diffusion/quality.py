@@ -6,6 +6,7 @@ import torch
 
 from ..data.shapes import COLOURS
 from .judge import rates
+from .pipeline import guidance_kwargs
 from .shapes_t2i import HELD_OUT, TRAIN_SHAPES
 
 
@@ -13,10 +14,9 @@ def sample(pipe, prompts: list[str], per_prompt: int, seed: int, steps: int = 25
            batch: int = 64) -> np.ndarray:
     """(len(prompts) * per_prompt, H, W, 3) uint8, prompt-major, from one seed (guidance None: the
     pipeline's default)."""
-    kw = {} if guidance is None else {"guidance_scale": guidance}
     gen = torch.Generator().manual_seed(seed)
     todo = [p for p in prompts for _ in range(per_prompt)]
-    out = [pipe(todo[i:i + batch], generator=gen, num_inference_steps=steps, **kw,
+    out = [pipe(todo[i:i + batch], generator=gen, num_inference_steps=steps, **guidance_kwargs(guidance),
                 output_type="np").images for i in range(0, len(todo), batch)]
     return np.concatenate(out)
 
