@@ -141,3 +141,14 @@ def test_unzip_refuses_unsafe_paths(tmp_path):
         z.writestr("../outside.png", b"x")
     with pytest.raises(Exception, match="unsafe path"):
         app_compress.unzip_images(str(evil))
+
+
+def test_oversized_upload_is_refused_before_copying(tmp_path):
+    from app.common import take_upload
+    from comcat.errors import ComcatError
+
+    big = tmp_path / "big.zip"
+    big.write_bytes(b"\0" * (3 * 2**20))
+    with pytest.raises(ComcatError, match="big.zip is 3 MB, over the 2 MB limit of the app"):
+        take_upload(str(big), (".zip",), "zip", max_mb=2)
+    assert take_upload(str(big), (".zip",), "zip", max_mb=4).stat().st_size == big.stat().st_size
