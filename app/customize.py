@@ -37,7 +37,7 @@ def concept_folder(uploads: list[str] | None) -> Path:
 
 
 def customize_spec(pipeline: str, uploads, prompt: str, token: str, rank: int, steps: int, lr: float,
-                   preview_every: int, learn_token: bool = False) -> CustomizeSpec:
+                   preview_every: int, learn_token: bool = True) -> CustomizeSpec:
     check_prompt(prompt.strip(), token.strip())          # before a job starts: the message shows at once
     return CustomizeSpec(pipeline=pipeline.strip() or "embedded", images=str(concept_folder(uploads)),
                          prompt=prompt.strip(), token=token.strip(), rank=int(rank), steps=int(steps),

@@ -1,12 +1,13 @@
 """Quality of the embedded text-to-image model and of a COMCAT customization, judged by the
 embedded ViT (shape) and the foreground colour (comcat/diffusion/judge.py).
 
-    python benchmarks/diffusion_quality.py [--steps 300] [--per-prompt 4] [--json F]
+    python benchmarks/diffusion_quality.py [--steps 300] [--seeds 3] [--per-prompt 8] [--json F]
 
 1. base model: 'a {colour} {shape}' for the 9 trained shapes x 8 colours;
 2. before customization: 'a V* in {colour}' (8 colours), share judged a heart;
 3. after customizing on assets/examples/heart (5 images, captions 'a V* in {colour}' for 5 colours)
-   with the library's defaults for --steps: the same prompts, share judged a heart / the right colour.
+   with the library's defaults for --steps: the same prompts, share judged a heart / the right colour,
+   for --seeds training seeds (each a fresh pipeline) and their mean.
 """
 from __future__ import annotations
 
@@ -30,13 +31,24 @@ from comcat.io import atomic_write_text  # noqa: E402
 from comcat.models import load_model  # noqa: E402
 
 
+def save_grid(pipe, seed: int, path: str) -> None:
+    """4 samples of 'a V* in {colour}' for each colour, two colours to a row."""
+    from PIL import Image
+
+    from comcat.data.shapes import COLOURS
+    from comcat.diffusion.concept import grid
+    images = sample(pipe, [f"a V* in {c}" for c in COLOURS], 4, seed)
+    grid([Image.fromarray(a) for a in images], 8).save(path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rank", type=int, default=2)
-    ap.add_argument("--per-prompt", type=int, default=4, help="base model images per prompt (default 4)")
-    ap.add_argument("--per-colour", type=int, default=8, help="concept images per colour (default 8)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-prompt", type=int, default=8, help="base model images per prompt (default 8)")
+    ap.add_argument("--per-colour", type=int, default=16, help="concept images per colour (default 16)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    ap.add_argument("--seeds", type=int, default=3, help="customization runs, training seeds 0..N-1 (default 3)")
     ap.add_argument("--json")
     ap.add_argument("--grid", help="save a grid of the customized samples here (PNG)")
     args = ap.parse_args()
@@ -51,26 +63,29 @@ def main():
     before = concept_quality(pipe, classifier, per_colour=args.per_colour, seed=args.seed)
     print(f"before customization: heart {100 * before['shape']:.1f}%  colour {100 * before['colour']:.1f}%",
           flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = CustomizeSpec(images=str(ROOT / "assets/examples/heart"), prompt="a V*", steps=args.steps,
-                             rank=args.rank, preview_every=0, seed=args.seed)
-        result = customize(spec, tmp, pipe=pipe)
-        size = Path(result["adapter"]).stat().st_size
-    after = concept_quality(pipe, classifier, per_colour=args.per_colour, seed=args.seed)
-    print(f"after {args.steps} steps ({result['seconds']:.0f}s training, adapter {size / 1e3:.0f} kB): "
-          f"heart {100 * after['shape']:.1f}%  colour {100 * after['colour']:.1f}%  both {100 * after['both']:.1f}%")
-    if args.grid:
-        from PIL import Image
-
-        from comcat.data.shapes import COLOURS
-        from comcat.diffusion.concept import grid
-        images = sample(pipe, [f"a V* in {c}" for c in COLOURS], 4, args.seed)
-        grid([Image.fromarray(a) for a in images], 8).save(args.grid)
+    runs = []
+    for train_seed in range(args.seeds):
+        pipe = load_pipeline("embedded") if train_seed else pipe
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = CustomizeSpec(images=str(ROOT / "assets/examples/heart"), prompt="a V*", steps=args.steps,
+                                 rank=args.rank, preview_every=0, seed=train_seed)
+            result = customize(spec, tmp, pipe=pipe)
+            size = Path(result["adapter"]).stat().st_size
+        after = concept_quality(pipe, classifier, per_colour=args.per_colour, seed=args.seed)
+        runs.append(dict(after, seed=train_seed, train_seconds=result["seconds"], adapter_bytes=size))
+        if args.grid and train_seed == 0:
+            save_grid(pipe, args.seed, args.grid)
+        print(f"after {args.steps} steps, training seed {train_seed} ({result['seconds']:.0f}s training, adapter "
+              f"{size / 1e3:.0f} kB): heart {100 * after['shape']:.1f}%  colour {100 * after['colour']:.1f}%  "
+              f"both {100 * after['both']:.1f}%", flush=True)
+    mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("shape", "colour", "both", "train_seconds")}
+    print(f"mean of {len(runs)} training seeds: heart {100 * mean['shape']:.1f}%  colour {100 * mean['colour']:.1f}%  "
+          f"training {mean['train_seconds']:.0f}s")
     if args.json:
-        atomic_write_text(args.json, json.dumps(dict(base=base, before=before, after=after, steps=args.steps,
-                                                     rank=args.rank, train_seconds=result["seconds"],
-                                                     adapter_bytes=size, threads=torch.get_num_threads(),
-                                                     torch=torch.__version__), indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(dict(base=base, before=before, after=runs, after_mean=mean,
+                                                     steps=args.steps, rank=args.rank, sampler=type(pipe.scheduler).__name__,
+                                                     threads=torch.get_num_threads(), torch=torch.__version__),
+                                                indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--lr", type=float, default=2.5e-3, help="AdamW learning rate (default 2.5e-3)")
     cu.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
     cu.add_argument("--targets", default="self,cross", help="attentions to adapt: self,cross (default), self or cross")
-    cu.add_argument("--learn-token", action="store_true", help="also learn the token's embedding")
+    cu.add_argument("--learn-token", action=argparse.BooleanOptionalAction, default=True,
+                    help="also learn the token's embedding (default; --no-learn-token: adapter only)")
     cu.add_argument("--class-prompt", help="prior preservation: also train on the base model's images of this prompt")
     cu.add_argument("--class-images", type=int, default=8, help="class images generated for prior preservation (8)")
     cu.add_argument("--preview-every", type=int, default=50, metavar="K", help="save a preview every K steps (0: never)")

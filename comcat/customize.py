@@ -44,7 +44,7 @@ class CustomizeSpec:
     steps: int = 500
     lr: float = 2.5e-3
     batch_size: int = 4
-    learn_token: bool = False           # also learn the token's embedding (new token if unknown)
+    learn_token: bool = True            # also learn the token's embedding (new token if unknown)
     class_prompt: str | None = None     # prior preservation: images of the class, by the base model
     class_images: int = 8
     prior_weight: float = 1.0

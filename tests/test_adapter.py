@@ -84,24 +84,54 @@ def explicit_attention(attn, x, ctx, adapters):
     return out
 
 
-@pytest.mark.parametrize("kind,align", [("attn1", None), ("attn2", None), ("attn1", 8), ("attn2", 16)])
-def test_fused_processor_equals_explicit_per_head_formula(kind, align):
+def adapted_site(kind, align, frozen):
+    """An attention of the embedded UNet (float64) with two random adapters, and inputs for it."""
     unet = build_unet().eval()
     add_adapter(unet, AdapterConfig(rank=2, scale=0.7), "one")
     add_adapter(unet, AdapterConfig(rank=1, scale=-1.3), "two")
     unet.double()
     randomize(adapter_parameters(unet, "one").values(), 1)
     randomize(adapter_parameters(unet, "two").values(), 2)
+    for name, p in unet.named_parameters():
+        p.requires_grad_(not frozen or ".processor." in name)   # frozen: the widened-weight path
     name, attn = next((n, a) for n, a in attention_sites(unet).items() if n.endswith(kind))
     x = torch.randn(2, 9, attn.to_q.in_features, dtype=torch.double)
     ctx = x if kind == "attn1" else torch.randn(2, 5, attn.to_k.in_features, dtype=torch.double)
-    proc = attn.processor
-    proc.align = align  # zero-padding the widened head dimension (as on CUDA) must stay exact
-    adapters = [(proc.adapters[n], proc.scales[n]) for n in ("one", "two")]
+    attn.processor.align = align  # zero-padding the widened head dimension must stay exact
+    return attn, x, ctx, [(attn.processor.adapters[n], attn.processor.scales[n]) for n in ("one", "two")]
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["widened", "concatenated"])
+@pytest.mark.parametrize("kind,align", [("attn1", 1), ("attn2", 1), ("attn1", 8), ("attn2", 16)])
+def test_fused_processor_equals_explicit_per_head_formula(kind, align, frozen):
+    attn, x, ctx, adapters = adapted_site(kind, align, frozen)
     with torch.no_grad():
         fused = attn(x, encoder_hidden_states=None if kind == "attn1" else ctx)
         explicit = explicit_attention(attn, x, ctx, adapters)
     assert torch.allclose(fused, explicit, atol=1e-10), (fused - explicit).abs().max()
+
+
+@pytest.mark.parametrize("kind,align", [("attn1", 1), ("attn2", 8)])
+def test_widened_path_gradients_equal_explicit_formula(kind, align):
+    """WidenedLinear's hand-written backward: adapter and input gradients match autograd through the
+    explicit formula."""
+    attn, x, ctx, adapters = adapted_site(kind, align, frozen=True)
+    params = [p for m, _ in adapters for p in (m.A, m.B, m.P, m.R)]
+    x.requires_grad_(True)
+    probe = torch.randn(2, 9, attn.to_out[0].out_features, dtype=torch.double)
+
+    def grads(fn):
+        (fn() * probe).sum().backward()
+        out = [p.grad.clone() for p in params] + [x.grad.clone()]
+        for t in params + [x]:
+            t.grad = None
+        return out
+
+    fused = grads(lambda: attn(x, encoder_hidden_states=None if kind == "attn1" else ctx))
+    explicit = grads(lambda: explicit_attention(attn, x, ctx, adapters))
+    for f, e in zip(fused, explicit):
+        assert torch.allclose(f, e, atol=1e-10), (f - e).abs().max()
+    assert all(p.grad is None for p in attn.to_q.parameters())
 
 
 def test_adapter_sizes_are_per_head_rank_r():

@@ -100,7 +100,8 @@ def test_bad_customize_inputs_fail_with_one_line_and_write_nothing(tmp_path):
         (dict(prompt="a photo of a dog"), "does not contain the concept token"),
         (dict(images=str(captioned)), "heart_red.txt .* does not contain"),
         (dict(rank=0), "positive integer"),
-        (dict(token="zqx", prompt="a zqx", images=str(_uncaptioned(tmp_path))), "unknown to this pipeline's tokenizer"),
+        (dict(token="zqx", prompt="a zqx", learn_token=False, images=str(_uncaptioned(tmp_path))),
+         "unknown to this pipeline's tokenizer"),
         (dict(pipeline=str(tmp_path)), "not a diffusers pipeline folder"),
     ]
     for kw, match in cases:

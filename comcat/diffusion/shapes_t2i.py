@@ -34,7 +34,7 @@ UNET_CONFIG = dict(
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                    max_position_embeddings=MAX_TOKENS, projection_dim=64)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                        prediction_type="epsilon", clip_sample=True)
+                        prediction_type="epsilon")
 
 
 def vocabulary() -> list[str]:
@@ -82,5 +82,7 @@ def build_unet():
 
 
 def build_scheduler():
-    from diffusers import DDIMScheduler
-    return DDIMScheduler(**SCHEDULER_CONFIG)
+    """UniPC sampling (benchmarks/diffusion_quality.py, 25 steps, guidance 2.5: base shape accuracy
+    DDIM 79-83%, DPM-Solver++ 84-88%, UniPC 88%; DDIM got worse with more steps)."""
+    from diffusers import UniPCMultistepScheduler
+    return UniPCMultistepScheduler(**SCHEDULER_CONFIG, timestep_spacing="leading")
