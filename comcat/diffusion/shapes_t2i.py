@@ -17,7 +17,7 @@ TRAIN_SHAPES = tuple(s for s in SHAPES if s != HELD_OUT)
 RESERVED_TOKENS = ("v*", "s*", "sks", "<new1>", "<new2>")
 SPECIAL = {"pad": "<|pad|>", "unk": "<|unk|>", "bos": "<|startoftext|>", "eos": "<|endoftext|>"}
 MAX_TOKENS = 16
-# classifier-free guidance that draws the prompted shape most often (benchmarks/diffusion_quality.py):
+# classifier-free guidance that draws the prompted shape most often (benchmarks/diffusion_quality.py, DDIM):
 # 1 -> 49%, 2 -> 77%, 2.5 -> 83%, 4 -> 54%, 8 -> 18% (stronger guidance over-saturates this pixel model)
 GUIDANCE = 2.5
 IMAGE_SIZE = 32
