@@ -85,7 +85,7 @@ def test_compress_streams_progress_and_exports_a_reloadable_zip(tmp_path):
 
     updates = list(ui.on_compress(**TINY))
     statuses = [u[0] for u in updates if isinstance(u[0], str)]
-    assert any("search" in s and "of budget" in s for s in statuses)
+    assert statuses[0].startswith("**starting**")   # phase lines depend on poll timing: see the next test
     head, ranks, losses, card, download = updates[-1]
     assert head.startswith("✅") and "top-1" in card and "params" in card
     assert len(ranks.data) == 1 and {t.name for t in losses.data} >= {"search (α steps)", "fine-tune"}
