@@ -113,20 +113,10 @@ def run_sd15(method: str, steps: int, device: str) -> dict:
                 step_s=sorted(times)[len(times) // 2], peak_mb=peak_memory_mb(device))
 
 
-def learn_token(pipe, token: str) -> list[torch.nn.Parameter]:
-    """The text encoder's embedding table, trainable in `token`'s row only (as customize --learn-token)."""
-    emb = pipe.text_encoder.get_input_embeddings().weight
-    pipe.text_encoder.requires_grad_(False)
-    emb.requires_grad_(True)
-    keep = torch.zeros_like(emb[:, :1])
-    keep[pipe.tokenizer.convert_tokens_to_ids(token)] = 1
-    emb.register_hook(lambda g: g * keep)
-    return [emb]
-
-
-def run_embedded(method: str, steps: int, device: str, seed: int = 0, learn: bool = True) -> dict:
+def run_embedded(method: str, steps: int, device: str, seed: int = 0) -> dict:
     from diffusers import DDPMScheduler
 
+    from comcat.adapter.model import train_token_row
     from comcat.diffusion.concept import denoising_loss, encode_images, encode_text, read_concept, resolution
     from comcat.diffusion.pipeline import load_pipeline
     from comcat.diffusion.quality import concept_quality
@@ -142,8 +132,8 @@ def run_embedded(method: str, steps: int, device: str, seed: int = 0, learn: boo
     captions = captions * 2
     torch.manual_seed(seed)
     params = inject(kind, rank, pipe)
-    token = learn_token(pipe, "V*") if learn else []
-    opt = torch.optim.AdamW(params + token, lr=lr, weight_decay=0.0 if learn else 1e-2)
+    embedding, _ = train_token_row(pipe, "V*")
+    opt = torch.optim.AdamW(params + [embedding], lr=lr, weight_decay=0.0)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     times, losses = [], []
     for step in range(1, steps + 1):

@@ -20,7 +20,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from .adapter import AdapterConfig, add_adapter, adapter_parameters, save_adapter
-from .adapter.model import add_token, fingerprint
+from .adapter.model import add_token, fingerprint, train_token_row
 from .diffusion.concept import (check_prompt, denoising_loss, encode_images, encode_text, grid, read_concept,
                                 resolution, tokenize)
 from .diffusion.pipeline import guidance_kwargs, load_pipeline
@@ -139,15 +139,11 @@ def customize(spec: CustomizeSpec, out: str | Path, pipe=None, callback: Callabl
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
     params = add_adapter(pipe, config, "default")
-    embedding = pipe.text_encoder.get_input_embeddings().weight
-    token_id = pipe.tokenizer.convert_tokens_to_ids(spec.token)
-    train = list(params) + ([embedding] if spec.learn_token else [])
+    train = list(params)
     if spec.learn_token:
-        embedding.requires_grad_(True)
-        keep = torch.zeros_like(embedding[:, :1])
-        keep[token_id] = 1
-        embedding.register_hook(lambda g: g * keep)        # only the concept's row learns
+        embedding, token_id = train_token_row(pipe, spec.token)      # only the concept's row learns
         frozen_rows = embedding.detach().clone()
+        train.append(embedding)
     opt = torch.optim.AdamW(train, lr=spec.lr, weight_decay=0.0 if spec.learn_token else 1e-2)
 
     latents = torch.cat([encode_images(pipe, pixels), encode_images(pipe, pixels.flip(3))])

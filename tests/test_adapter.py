@@ -6,7 +6,7 @@ from safetensors import safe_open
 
 from comcat.adapter import (AdapterConfig, add_adapter, adapter_names, adapter_parameters, load_adapter,
                             save_adapter, set_adapter_scale, unload_adapter)
-from comcat.adapter.model import attention_sites
+from comcat.adapter.model import attention_sites, train_token_row
 from comcat.diffusion.pipeline import ShapesPipeline, load_pipeline
 from comcat.diffusion.shapes_t2i import build_scheduler, build_text_encoder, build_tokenizer, build_unet
 from comcat.errors import ComcatError
@@ -234,3 +234,15 @@ def test_bad_adapter_inputs(tmp_path):
         load_adapter(pipe, tmp_path / "junk.safetensors")
     with pytest.raises(ComcatError, match="already loaded"):
         add_adapter(pipe, AdapterConfig(rank=1))
+
+
+def test_train_token_row_trains_the_row_the_prompt_uses():
+    """The embedded tokenizer lower-cases prompts; 'V*' must still be one token, and only its row learns."""
+    from comcat.diffusion.concept import encode_text, tokenize
+    pipe = tiny_pipeline()
+    emb, tok_id = train_token_row(pipe, "V*")
+    assert tok_id != pipe.tokenizer.unk_token_id and tok_id in tokenize(pipe, ["a V* in red"])[0].tolist()
+    trainable = [p for p in pipe.text_encoder.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0] is emb
+    encode_text(pipe, ["a V* in red"]).square().sum().backward()
+    assert emb.grad.abs().sum(1).nonzero().flatten().tolist() == [tok_id]

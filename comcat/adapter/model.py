@@ -176,6 +176,20 @@ def add_token(pipe, token: str, init: torch.Tensor | None = None) -> int:
     return tok_id
 
 
+def train_token_row(pipe, token: str) -> tuple[torch.nn.Parameter, int]:
+    """Make `token` a token of the pipeline (`add_token`) and its embedding row the only trainable
+    part of the text encoder (the other rows' gradients are masked to zero).
+    Returns (the embedding table, the token's id)."""
+    tok_id = add_token(pipe, token)
+    pipe.text_encoder.requires_grad_(False)
+    emb = _token_embeddings(pipe).weight
+    emb.requires_grad_(True)
+    keep = torch.zeros_like(emb[:, :1])
+    keep[tok_id] = 1
+    emb.register_hook(lambda g: g * keep)
+    return emb, tok_id
+
+
 def load_adapter(pipe, path: str | Path, scale: float | None = None, name: str | None = None) -> str:
     """Load an adapter file into `pipe` as `name` (default: the file's folder name) at strength
     `scale` (default: the file's). Refuses a file made for another UNet architecture."""

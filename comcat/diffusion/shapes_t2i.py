@@ -83,6 +83,6 @@ def build_unet():
 
 def build_scheduler():
     """UniPC sampling (benchmarks/diffusion_quality.py, 25 steps, guidance 2.5: base shape accuracy
-    DDIM 79-83%, DPM-Solver++ 84-88%, UniPC 88%; DDIM got worse with more steps)."""
+    DDIM 79-83%, DPM-Solver++ 84-88%, UniPC 83-87%; DDIM got worse with more steps)."""
     from diffusers import UniPCMultistepScheduler
     return UniPCMultistepScheduler(**SCHEDULER_CONFIG, timestep_spacing="leading")
