@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from comcat.adapter import adapter_names, unload_adapter
-from comcat.customize import CustomizeSpec
+from comcat.customize import CustomizeSpec, resolve_device
 from comcat.diffusion.concept import check_prompt
 from comcat.diffusion.pipeline import load_pipeline
 from comcat.errors import ComcatError
@@ -79,7 +79,7 @@ class Pipelines:
     def get(self, spec: str):
         spec = spec.strip() or "embedded"
         if spec not in self.cache:
-            self.cache[spec] = load_pipeline(spec)
+            self.cache[spec] = load_pipeline(spec, device=resolve_device("auto"))
         pipe = self.cache[spec]
         if adapter_names(pipe):
             unload_adapter(pipe)

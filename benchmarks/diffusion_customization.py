@@ -4,7 +4,7 @@
 
 For each method: trainable parameters, file bytes (fp16 and fp32), training step time and peak
 memory (each method runs in its own process: CPU peak RSS, or CUDA max allocated), measured in
-one run.
+one run. On CUDA every method trains in bf16 mixed precision (frozen weights bf16, trained fp32).
   sd15      the Stable Diffusion 1.5 UNet architecture (benchmarks/configs/sd15_unet.json), random
             weights (fine for size and time), 64x64 latents, a 77x768 text context, batch 1.
   embedded  the bundled shapes model, trained on assets/examples/heart with captions 'a V* in
@@ -15,6 +15,7 @@ one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -78,7 +79,9 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # KiB on Linux
 
 
-def run_sd15(method: str, steps: int, device: str) -> dict:
+def run_sd15(method: str, steps: int, device: str, precision: str) -> dict:
+    """Median step time of `steps` timed steps after warm-up, in fp32 or in bf16 mixed precision as
+    diffusers' training scripts do it: frozen weights in bf16, trained ones in fp32, bf16 autocast."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from comcat.diffusion.concept import denoising_loss
@@ -86,31 +89,40 @@ def run_sd15(method: str, steps: int, device: str) -> dict:
     kind, rank, _ = METHODS[method]
     cfg = {k: v for k, v in json.loads((ROOT / "benchmarks/configs/sd15_unet.json").read_text()).items()
            if not k.startswith("_")}
+    cuda, bf16 = device.startswith("cuda"), precision == "bf16"
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**cfg).to(device)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**cfg)
     params = inject(kind, rank, unet)
+    if bf16:
+        unet.to(torch.bfloat16)
+        for p in params:
+            p.data = p.data.float()
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     opt = torch.optim.AdamW(params, lr=1e-5)
     sched = DDPMScheduler()
     z0 = torch.randn(1, 4, 64, 64, device=device)
     ctx = torch.randn(1, 77, 768, device=device)
-    times = []
-    for step in range(steps + 1):        # the first step warms up and is not timed
-        if device.startswith("cuda"):
+    warmup, times = (3 if cuda else 1), []
+    for step in range(steps + warmup):
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = denoising_loss(unet, sched, z0, ctx).mean()
+        with amp:
+            loss = denoising_loss(unet, sched, z0, ctx).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
-        if step:
+        if step >= warmup:
             times.append(time.perf_counter() - t0)
     n = sum(p.numel() for p in params)
     small = n < 50_000_000
     return dict(method=method, params=n, fp16_bytes=file_bytes(params, torch.float16, small),
                 fp32_bytes=file_bytes(params, torch.float32, small), written=small,
-                step_s=sorted(times)[len(times) // 2], peak_mb=peak_memory_mb(device))
+                step_s=sorted(times)[len(times) // 2], peak_mb=peak_memory_mb(device),
+                precision="bf16 autocast, frozen weights bf16" if bf16 else "fp32")
 
 
 def run_embedded(method: str, steps: int, device: str, seed: int = 0) -> dict:
@@ -186,15 +198,19 @@ def main():
     ap.add_argument("--arch", choices=("sd15", "embedded", "both"), default="both")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=300, help="embedded training steps (default 300)")
-    ap.add_argument("--sd-steps", type=int, default=2, help="timed SD-1.5 steps after one warm-up (default 2)")
+    ap.add_argument("--sd-steps", type=int, default=2,
+                    help="timed SD-1.5 steps after warm-up (1 step on the CPU, 3 on CUDA; default 2)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="SD-1.5 runs: bf16 mixed precision or fp32 (auto: bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--json", help="write all rows here")
     ap.add_argument("--one", help=argparse.SUPPRESS)        # internal: run one method, print its row
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1)) if args.device == "cpu" else None
+    precision = args.precision if args.precision != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.one:
         arch, method = args.one.split(":")
-        row = run_sd15(method, args.sd_steps, args.device) if arch == "sd15" else \
+        row = run_sd15(method, args.sd_steps, args.device, precision) if arch == "sd15" else \
             run_embedded(method, args.steps, args.device)
         print("ROW " + json.dumps(row))
         return
@@ -204,7 +220,7 @@ def main():
         rows = []
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--one", f"{arch}:{method}", "--steps", str(args.steps),
-                   "--sd-steps", str(args.sd_steps), "--device", args.device]
+                   "--sd-steps", str(args.sd_steps), "--device", args.device, "--precision", precision]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
             if line is None:

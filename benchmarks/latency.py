@@ -1,11 +1,11 @@
-"""CPU latency of compressed vs dense models at ~50% of the parameters, measured side by side.
+"""Latency (CPU by default) of compressed vs dense models at ~50% of the parameters, measured side by side.
 
 Models: the embedded shapes ViT and the deit_small_patch16_224 architecture (random weights, no
 download), each compressed at head level with uniform ranks keeping 50% of the attention and MLP
 parameters. Dense and compressed are timed alternately (median of --rounds rounds of --iters
 forward passes) so machine noise hits both alike.
 
-    python benchmarks/latency.py [--batches 1 32] [--rounds 5]
+    python benchmarks/latency.py [--batches 1 32] [--rounds 5] [--iters 5] [--models ...] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -30,9 +30,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda (fp32)")
+    ap.add_argument("--models", default="embedded,deit_small_patch16_224", help="comma-separated: embedded and/or "
+                    "timm architectures (random weights)")
     args = ap.parse_args()
-    models = {"embedded": load_model("embedded").model, "deit_small_patch16_224": build_arch("deit_small_patch16_224")}
-    print(f"{torch.get_num_threads()} CPU threads, head level, uniform ranks, attention + MLP at {args.ratio:.0%}")
+    models = {name: load_model("embedded").model if name == "embedded" else build_arch(name)
+              for name in args.models.split(",")}
+    where = f"{torch.get_num_threads()} CPU threads" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"{where}, head level, uniform ranks, attention + MLP at {args.ratio:.0%}")
     print(f"{'model':24} {'params':>7} {'batch':>5} {'dense ms':>9} {'comcat ms':>9} {'ratio':>6}")
     for name, dense in models.items():
         dense.eval()
@@ -40,8 +45,8 @@ def main() -> None:
         for batch in args.batches:
             d, c = [], []
             for _ in range(args.rounds):
-                d.append(measure_latency(dense, batch, iters=args.iters, device="cpu"))
-                c.append(measure_latency(small, batch, iters=args.iters, device="cpu"))
+                d.append(measure_latency(dense, batch, iters=args.iters, device=args.device))
+                c.append(measure_latency(small, batch, iters=args.iters, device=args.device))
             d, c = statistics.median(d), statistics.median(c)
             print(f"{name:24} {count_params(small) / count_params(dense):>7.3f} {batch:>5} {d:>9.2f} {c:>9.2f} "
                   f"{c / d:>6.3f}")

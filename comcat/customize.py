@@ -29,6 +29,7 @@ from .io import atomic_write_text, load_tree, read_run_record, save_tree
 from .loop import seed_step
 
 RUN_FILE = "customize.json"
+PRECISIONS = ("auto", "fp32", "bf16")
 FORMAT = "comcat-customize/1"
 
 
@@ -54,6 +55,7 @@ class CustomizeSpec:
     guidance: float | None = None      # previews; None: the pipeline's default
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"             # bf16 (autocast) or fp32; auto: bf16 on CUDA, fp32 on the CPU
     save_dtype: str = "float16"
 
     @classmethod
@@ -123,8 +125,10 @@ def customize(spec: CustomizeSpec, out: str | Path, pipe=None, callback: Callabl
                            token_embedding=spec.learn_token)
     if spec.steps <= 0 or spec.lr <= 0 or spec.batch_size <= 0:
         raise ComcatError("steps, lr and batch size must be positive")
+    if spec.precision not in PRECISIONS:
+        raise ComcatError(f"precision must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}")
     check_prompt(spec.prompt, spec.token)
-    device = resolve_device(spec.device)
+    device = resolve_device(spec.device) if pipe is None else str(pipe.device)    # a given pipe trains where it is
     pipe = pipe if pipe is not None else load_pipeline(spec.pipeline, device=device)
     pixels, captions = read_concept(spec.images, spec.prompt, spec.token, resolution(pipe))
     if spec.learn_token:
@@ -184,7 +188,8 @@ def customize(spec: CustomizeSpec, out: str | Path, pipe=None, callback: Callabl
             callback(dict(kind="preview", step=step, images=images, path=str(path)))
 
     t0, stopped, step = time.time(), False, start
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and cuda)
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     for step in range(start + 1, spec.steps + 1):
         if should_stop is not None and should_stop():
             stopped, step = True, step - 1

@@ -1,4 +1,6 @@
 """COMCAT attention adapters: exactness, injection through set_attn_processor, files."""
+import copy
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -132,6 +134,36 @@ def test_widened_path_gradients_equal_explicit_formula(kind, align):
     for f, e in zip(fused, explicit):
         assert torch.allclose(f, e, atol=1e-10), (f - e).abs().max()
     assert all(p.grad is None for p in attn.to_q.parameters())
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||"""
+    return ((a.double().cpu() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("kind", ["attn1", "attn2"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_widened_adapter_in_float32_and_bf16_autocast_matches_float64(kind, autocast, device):
+    """Forward and adapter gradients of the fused processor vs the explicit formula in float64."""
+    attn, x, ctx, adapters = adapted_site(kind, 8, frozen=True)
+    probe = torch.randn(2, 9, attn.to_out[0].out_features, dtype=torch.double)
+    ref = explicit_attention(attn, x, ctx, adapters)
+    (ref * probe).sum().backward()
+    ref_grads = [p.grad.clone() for m, _ in adapters for p in (m.A, m.B, m.P, m.R)]
+
+    low = copy.deepcopy(attn).float().to(device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        out = low(x.float().to(device), encoder_hidden_states=None if kind == "attn1" else ctx.float().to(device))
+    assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    (out.float() * probe.float().to(device)).sum().backward()
+    tol = 2e-2 if autocast else 1e-4                    # bf16 operands vs float32
+    assert rel(out, ref.detach()) < tol
+    grads = [p.grad for n in ("one", "two") for p in (low.processor.adapters[n].A, low.processor.adapters[n].B,
+                                                      low.processor.adapters[n].P, low.processor.adapters[n].R)]
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32 and rel(g, r) < 3 * tol
 
 
 def test_adapter_sizes_are_per_head_rank_r():

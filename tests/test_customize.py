@@ -54,6 +54,15 @@ def test_short_customization_lowers_the_loss_and_keeps_the_model_frozen(tmp_path
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
 
 
+def test_bf16_mixed_precision_customization_lowers_the_loss(tmp_path):
+    """--precision bf16 on the CPU (autocast; the adapter's widened weights built in bf16)."""
+    pipe = load_pipeline("embedded")
+    before = concept_loss(pipe)
+    result = customize(spec(steps=60, precision="bf16"), tmp_path / "run", pipe=pipe)
+    assert all(l == l for l in result["losses"])          # no NaN
+    assert concept_loss(pipe) < before
+
+
 def test_stop_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     full = customize(spec(steps=8), tmp_path / "full")
     stops = iter([False] * 3 + [True] * 100)
@@ -100,6 +109,7 @@ def test_bad_customize_inputs_fail_with_one_line_and_write_nothing(tmp_path):
         (dict(prompt="a photo of a dog"), "does not contain the concept token"),
         (dict(images=str(captioned)), "heart_red.txt .* does not contain"),
         (dict(rank=0), "positive integer"),
+        (dict(precision="fp8"), "precision must be one of auto, fp32, bf16"),
         (dict(token="zqx", prompt="a zqx", learn_token=False, images=str(_uncaptioned(tmp_path))),
          "unknown to this pipeline's tokenizer"),
         (dict(pipeline=str(tmp_path)), "not a diffusers pipeline folder"),

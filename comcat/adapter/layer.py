@@ -69,7 +69,8 @@ class WidenedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w0, b0, w1, heads: int, pad: int, dim: int):
-        dt = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+        where = x.device.type
+        dt = torch.get_autocast_dtype(where) if torch.is_autocast_enabled(where) else x.dtype
         w = interleave(w0.to(dt), w1.to(dt), heads, pad, dim)
         if b0 is not None and dim == 0:
             b0 = interleave(b0[None].to(dt), b0.new_zeros(1, w1.shape[0], dtype=dt), heads, pad, 1)[0]
