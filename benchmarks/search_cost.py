@@ -49,7 +49,7 @@ class ExplicitLinear(nn.Module):
 
 
 class ExplicitHeadAttention(nn.Module):
-    """Per head: logits = sum_i m_i scale (X A_{:r_i})(X B_{:r_i})^T; out = sum_j m'_j P_j (X P_{:r_j}) R_{:r_j}^T."""
+    """Per head: logits = sum_i m_i scale (X A_{:r_i} + a_{:r_i})(X B_{:r_i})^T; out = sum_j m'_j P_j (X P_{:r_j}) R_{:r_j}^T."""
 
     def __init__(self, attn: HeadLowRankAttention, ranks_qk: list[int], ranks_vo: list[int]):
         super().__init__()
@@ -59,9 +59,10 @@ class ExplicitHeadAttention(nn.Module):
         a, (B, N, C), H = self.a, x.shape, self.a.num_heads
         wq, wk = (w.reshape(H, a.rank_qk, C) for w in (a.q.weight, a.k.weight))
         wv, wo = a.v.weight.reshape(H, a.rank_vo, C), a.proj.weight.reshape(C, H, a.rank_vo)
-        logits = a.key_bias(x).transpose(1, 2).unsqueeze(2)
+        bq = a.q.bias.reshape(H, 1, a.rank_qk) if a.q.bias is not None else x.new_zeros(H, 1, a.rank_qk)
+        logits = 0
         for i, r in enumerate(self.ranks_qk):
-            q = torch.einsum("bnc,hrc->bhnr", x, wq[:, :r])
+            q = torch.einsum("bnc,hrc->bhnr", x, wq[:, :r]) + bq[..., :r]
             k = torch.einsum("bnc,hrc->bhnr", x, wk[:, :r])
             logits = logits + self.m_qk[i] * a.scale * q @ k.transpose(-1, -2)
         attn = logits.softmax(-1)

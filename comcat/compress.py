@@ -21,19 +21,23 @@ def _to_rows(f: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def head_lowrank_attention(attn: nn.Module, rank_qk: int, rank_vo: int) -> HeadLowRankAttention:
     """COMCAT head-level factorization of a timm Attention, by exact thin SVD of each head's
-    W^QK_h and W^VO_h truncated to r; biases folded exactly (see HeadLowRankAttention)."""
+    [W^Q_h; b^Q_h] W^K_h^T (W^QK_h with the query bias as an extra input row) and W^VO_h, truncated
+    to r; the other biases folded exactly (see HeadLowRankAttention)."""
     hw = head_weights(attn)
     H, C = hw.num_heads, hw.wq.shape[1]
     ref = attn.qkv.weight
-    new = HeadLowRankAttention(C, H, rank_qk, rank_vo, hw.scale, key_bias=hw.bq is not None,
+    new = HeadLowRankAttention(C, H, rank_qk, rank_vo, hw.scale, query_bias=hw.bq is not None,
                                attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p).to(ref.device, ref.dtype)
-    u, s, v = product_svd(hw.wq, hw.wk)
+    wq = hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)      # (H, C (+1), d)
+    u, s, v = product_svd(wq, hw.wk)
     root = s[:, None, :rank_qk].sqrt()
-    a, b = u[..., :rank_qk] * root, v[..., :rank_qk] * root          # (H, C, r): W^QK_h ~ A_h B_h^T
+    a, b = u[..., :rank_qk] * root, v[..., :rank_qk] * root          # (H, C (+1), r): [A_h; a_h] B_h^T
     u, s, v = product_svd(hw.wv, hw.wo)
     root = s[:, None, :rank_vo].sqrt()
     p, r = u[..., :rank_vo] * root, v[..., :rank_vo] * root          # (H, C, r): W^VO_h ~ P_h R_h^T
-    new.q.weight.copy_(_to_rows(a))
+    new.q.weight.copy_(_to_rows(a[:, :C]))
+    if hw.bq is not None:
+        new.q.bias.copy_(a[:, C].reshape(-1))                        # a_h, in the rows' order h r + i
     new.k.weight.copy_(_to_rows(b))
     new.v.weight.copy_(_to_rows(p))
     new.proj.weight.copy_(r.permute(1, 0, 2).reshape(C, H * rank_vo))
@@ -41,8 +45,6 @@ def head_lowrank_attention(attn: nn.Module, rank_qk: int, rank_vo: int) -> HeadL
     if hw.bv is not None:
         b_out += torch.einsum("hcd,hd->c", hw.wo, hw.bv)                  # sum_h b^V_h W^O_h
     new.proj.bias.copy_(b_out)
-    if hw.bq is not None:
-        new.key_bias.weight.copy_(hw.scale * torch.einsum("hcd,hd->hc", hw.wk, hw.bq))  # u_h
     return new
 
 
@@ -97,9 +99,11 @@ def compress(model: nn.Module, ranks: RankConfig, inplace: bool = False) -> nn.M
 
 @torch.no_grad()
 def _keep_rows(lin: nn.Linear, groups: int, old: int, new: int) -> None:
-    """Keep the first `new` of every `old` output rows (grouped per head) of a bias-free linear."""
+    """Keep the first `new` of every `old` output rows (grouped per head) of a linear, and their bias."""
     w = lin.weight.reshape(groups, old, -1)[:, :new].reshape(groups * new, -1)
     lin.weight = nn.Parameter(w.clone())
+    if lin.bias is not None:
+        lin.bias = nn.Parameter(lin.bias.reshape(groups, old)[:, :new].reshape(-1).clone())
     lin.out_features = groups * new
 
 

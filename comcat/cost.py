@@ -35,8 +35,8 @@ def attention_params(attn, method: str | None, ranks: dict | None) -> int:
         return 4 * C * C + (3 * C if qkv_bias else 0) + (C if proj_bias else 0)
     if method == "head":
         rq, rv = ranks["qk"], ranks["vo"]
-        # q, k: 2 C H r_qk; key-bias vectors C H; v: C H r_vo; proj: H r_vo C + C
-        return 2 * C * H * rq + (C * H if qkv_bias else 0) + 2 * C * H * rv + C
+        # q, k: 2 C H r_qk; query bias H r_qk; v: C H r_vo; proj: H r_vo C + C
+        return 2 * C * H * rq + (H * rq if qkv_bias else 0) + 2 * C * H * rv + C
     return sum(_linear_cost(C, C, ranks.get(m), qkv_bias if m != "o" else proj_bias) for m in MATRICES)
 
 
@@ -85,13 +85,12 @@ def layer_flops(model: nn.Module, ranks: RankConfig | None = None) -> list[dict[
     N = num_tokens(model)
     out = []
     for i, b in enumerate(vit_blocks(model)):
-        C, H, d, qkv_bias, _ = _attn_dims(b.attn)
+        C, H, d, _, _ = _attn_dims(b.attn)
         r = _block_ranks(ranks, i)
         method = ranks.method if ranks else None
         if method == "head":
             rq, rv = r["qk"], r["vo"]
             macs = N * C * H * (2 * rq + rv) + N * H * rv * C + H * N * N * (rq + rv)
-            macs += N * C * H if qkv_bias else 0
         else:
             macs = sum(N * (C * C if r.get(m) is None else r[m] * 2 * C) for m in MATRICES) + 2 * H * N * N * d
         mlp = sum(N * (lin.in_features * lin.out_features if r.get(fc) is None
@@ -121,10 +120,16 @@ def counted_flops(model: nn.Module, input_size=None) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .lowrank import HeadLowRankAttention
+
     p = next(model.parameters())
     input_size = input_size or model.pretrained_cfg.get("input_size", (3, 224, 224))
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model.eval()(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+    HeadLowRankAttention.pad_heads = False      # count the factorized arithmetic, not alignment zeros
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model.eval()(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+    finally:
+        HeadLowRankAttention.pad_heads = True
     return counter.get_total_flops()
 
 

@@ -15,7 +15,7 @@ from .errors import ComcatError
 from .models import COMPRESSED_META, COMPRESSED_WEIGHTS, Loaded, build_arch, load_state, read_meta
 from .ranks import RankConfig
 
-FORMAT = "comcat-compressed/1"
+FORMAT = "comcat-compressed/2"   # /2: the query bias in W^QK_h's factors, no key-bias term
 JOB_FILE = "job.json"        # a compress run's spec and phase (see comcat/job.py)
 
 

@@ -49,34 +49,27 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.reshape(B, N, num_heads, -1).transpose(1, 2)
 
 
-def _merge_mask(bias: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Combine the additive key-bias term with a caller's mask (bool: True = attend)."""
-    if attn_mask is None or bias is None:
-        return bias if attn_mask is None else attn_mask
-    if attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros_like(attn_mask, dtype=bias.dtype).masked_fill(~attn_mask, float("-inf"))
-    return bias + attn_mask
-
-
 class HeadLowRankAttention(nn.Module):
     """Multi-head attention with per-head low-rank W^QK_h ~ A_h B_h^T and W^VO_h ~ P_h R_h^T.
 
-        logits_h = scale * (X A_h)(X B_h)^T + 1 (X u_h)^T          (u_h = scale * W^K_h b^Q_h)
+        logits_h = scale * (X A_h + a_h)(X B_h)^T       ([A_h; a_h] B_h^T ~ [W^Q_h; b^Q_h] W^K_h^T)
         out      = sum_h softmax(logits_h) (X P_h) R_h^T + b_out     (b_out = b^O + sum_h b^V_h W^O_h)
 
-    A_h, B_h: C x r_qk;  P_h: C x r_vo;  R_h: C x r_vo. The key bias cancels in the softmax and the
-    value bias folds into b_out because attention rows sum to 1, so at r = d this is exact.
+    A_h, B_h: C x r_qk, a_h: r_qk (the query bias, factorized with W^QK_h as its extra row);
+    P_h, R_h: C x r_vo. The key bias cancels in the softmax and the value bias folds into b_out
+    because attention rows sum to 1, so at r = d this is exact.
     """
 
+    pad_heads = True        # False: no zero padding (counted_flops counts the factorized arithmetic)
+
     def __init__(self, dim: int, num_heads: int, rank_qk: int, rank_vo: int, scale: float,
-                 key_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 query_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if rank_qk < 1 or rank_vo < 1:
             raise ValueError(f"ranks must be >= 1, got qk={rank_qk} vo={rank_vo}")
         self.num_heads, self.rank_qk, self.rank_vo, self.scale = num_heads, rank_qk, rank_vo, scale
-        self.q = nn.Linear(dim, num_heads * rank_qk, bias=False)        # [A_1 ... A_H]
+        self.q = nn.Linear(dim, num_heads * rank_qk, bias=query_bias)   # [A_1 ... A_H], [a_1 ... a_H]
         self.k = nn.Linear(dim, num_heads * rank_qk, bias=False)        # [B_1 ... B_H]
-        self.key_bias = nn.Linear(dim, num_heads, bias=False) if key_bias else None  # [u_1 ... u_H]
         self.v = nn.Linear(dim, num_heads * rank_vo, bias=False)        # [P_1 ... P_H]
         self.proj = nn.Linear(num_heads * rank_vo, dim, bias=True)      # [R_1 ... R_H], b_out
         self.attn_drop = attn_drop
@@ -88,19 +81,32 @@ class HeadLowRankAttention(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         H, rq, rv = self.num_heads, self.rank_qk, self.rank_vo
-        # one matmul for X [A | B | P | u]: the four input projections share their input
-        weights = [self.q.weight, self.k.weight, self.v.weight] + ([self.key_bias.weight] if self.key_bias else [])
-        y = F.linear(x, torch.cat(weights))
-        q, k, v, *u = y.split([H * rq, H * rq, H * rv] + ([H] if self.key_bias else []), dim=-1)
+        # SDPA's fused kernels need one head dim for q, k and v (else the math path, about 2x slower on
+        # the CPU): when r_qk != r_vo the smaller side gets zero rows per head up to max(r_qk, r_vo) (exact)
+        dq, dv = (max(rq, rv),) * 2 if self.pad_heads else (rq, rv)
+        # one matmul for X [A | B | P] + [a | 0 | 0]: the three input projections share their input
+        weight = torch.cat([_pad_rows(self.q.weight, H, dq), _pad_rows(self.k.weight, H, dq),
+                            _pad_rows(self.v.weight, H, dv)])
+        bias = None if self.q.bias is None else torch.cat([_pad_rows(self.q.bias, H, dq),
+                                                           self.q.bias.new_zeros(H * (dq + dv))])
+        q, k, v = F.linear(x, weight, bias).split([H * dq, H * dq, H * dv], dim=-1)
         q, k, v = _heads(q, H), _heads(k, H), _heads(v, H)
         if self.rank_mask_qk is not None:
-            q = q * self.rank_mask_qk
+            q = q * F.pad(self.rank_mask_qk, (0, dq - rq))
         if self.rank_mask_vo is not None:
-            v = v * self.rank_mask_vo
-        bias = u[0].transpose(1, 2).unsqueeze(2) if u else None      # (B, H, 1, N): X u_h per key
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=_merge_mask(bias, attn_mask), is_causal=is_causal,
+            v = v * F.pad(self.rank_mask_vo, (0, dv - rv))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
-        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, -1)))
+        proj = self.proj.weight if rv == dv else F.pad(self.proj.weight.view(-1, H, rv), (0, dv - rv)).flatten(1)
+        return self.proj_drop(F.linear(o.transpose(1, 2).reshape(B, N, H * dv), proj, self.proj.bias))
+
+
+def _pad_rows(w: torch.Tensor, heads: int, d: int) -> torch.Tensor:
+    """(H r, ...) per-head rows of a weight or bias -> (H d, ...) with d - r zero rows after each head's r."""
+    r = w.shape[0] // heads
+    if r == d:
+        return w
+    return F.pad(w.reshape(heads, r, -1), (0, 0, 0, d - r)).reshape(heads * d, *w.shape[1:])
 
 
 class MatrixLowRankAttention(nn.Module):

@@ -59,14 +59,18 @@ def test_attention_modules_replaced_and_input_untouched(embedded):
 
 
 def test_truncation_error_equals_dropped_singular_values(embedded):
-    """Eckart-Young: the rank-r head factors are the best approximation of each W^QK_h."""
-    from comcat.analysis import head_factors, product_svd
+    """Eckart-Young: the rank-r head factors [A_h; a_h] B_h^T are the best approximation of each
+    [W^Q_h; b^Q_h] W^K_h^T (W^QK_h with the query bias as its extra input row)."""
+    from comcat.analysis import product_svd
+    from comcat.vit import head_weights
     attn = embedded.model.blocks[2].attn
     r = 8
     lr = compress(embedded.model, RankConfig("head", [{"qk": r, "vo": r}] * 6)).blocks[2].attn
-    (x, y) = head_factors(attn)["qk"]
-    H, C = x.shape[0], x.shape[1]
-    a = lr.q.weight.double().reshape(H, r, C).transpose(1, 2)
+    hw = head_weights(attn)
+    assert hw.bq is not None and hw.bq.abs().max() > 0
+    x, y = torch.cat([hw.wq, hw.bq[:, None]], 1), hw.wk
+    H, C = y.shape[0], y.shape[1]
+    a = torch.cat([lr.q.weight.double().reshape(H, r, C), lr.q.bias.double().reshape(H, r, 1)], 2).transpose(1, 2)
     b = lr.k.weight.double().reshape(H, r, C).transpose(1, 2)
     s = product_svd(x, y)[1]
     for h in range(H):
@@ -124,10 +128,33 @@ def test_lowrank_linear_full_rank_exact():
 
 
 def test_head_attention_respects_masks():
-    """A caller's boolean mask still applies on top of the folded key bias."""
+    """A caller's boolean mask applies (the query bias is in the factors, no additive bias term)."""
     model = with_random_biases(arch("deit_tiny_patch16_224"))
     attn = model.blocks[0].attn
     lr = compress(model, full_rank(model, "head", mlp=False, head=False)).blocks[0].attn
     x = torch.randn(2, 10, 192, dtype=torch.float64)
     mask = torch.ones(10, 10, dtype=torch.bool).tril()
     assert rel_err(lr(x, attn_mask=mask), attn(x, attn_mask=mask)) < 1e-10
+
+
+@pytest.mark.parametrize("rq,rv", [(5, 11), (11, 5)])
+def test_unequal_head_ranks_are_zero_padded_exactly(embedded, rq, rv, monkeypatch):
+    """r_qk != r_vo: the smaller side is padded with zero rows to one SDPA head dim; the output is
+    still sum_h softmax(scale (X A_h + a_h)(X B_h)^T) (X P_h diag(c_vo)) R_h^T + b_out, with the
+    search's soft masks c applied to the real rank columns only."""
+    model = with_random_biases(copy.deepcopy(embedded.model))
+    attn = compress(model, RankConfig("head", [{"qk": rq, "vo": rv}] * len(model.blocks))).blocks[1].attn
+    H, C = attn.num_heads, attn.proj.out_features
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, C, dtype=torch.float64, generator=g)
+    attn.rank_mask_qk = torch.rand(rq, dtype=torch.float64, generator=g)
+    attn.rank_mask_vo = torch.rand(rv, dtype=torch.float64, generator=g)
+    a, bq = attn.q.weight.view(H, rq, C), attn.q.bias.view(H, 1, rq)
+    q = (torch.einsum("bnc,hrc->bhnr", x, a) + bq) * attn.rank_mask_qk
+    k = torch.einsum("bnc,hrc->bhnr", x, attn.k.weight.view(H, rq, C))
+    v = torch.einsum("bnc,hrc->bhnr", x, attn.v.weight.view(H, rv, C)) * attn.rank_mask_vo
+    o = torch.softmax(attn.scale * q @ k.transpose(-1, -2), -1) @ v
+    ref = torch.einsum("bhnr,chr->bnc", o, attn.proj.weight.view(C, H, rv)) + attn.proj.bias
+    assert rel_err(attn(x), ref) < 1e-12
+    monkeypatch.setattr(HeadLowRankAttention, "pad_heads", False)      # what counted_flops runs
+    assert rel_err(attn(x), ref) < 1e-12
