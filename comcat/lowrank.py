@@ -76,6 +76,7 @@ class HeadLowRankAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.rank_mask_qk: torch.Tensor | None = None   # (r_qk,), (r_vo,) soft rank masks while a
         self.rank_mask_vo: torch.Tensor | None = None   # rank search runs: A diag(c) B^T = U diag(s c) V^T
+        self._cache: tuple | None = None                 # (key, fused weights) for inference, see _weights
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -84,11 +85,7 @@ class HeadLowRankAttention(nn.Module):
         # SDPA's fused kernels need one head dim for q, k and v (else the math path, about 2x slower on
         # the CPU): when r_qk != r_vo the smaller side gets zero rows per head up to max(r_qk, r_vo) (exact)
         dq, dv = (max(rq, rv),) * 2 if self.pad_heads else (rq, rv)
-        # one matmul for X [A | B | P] + [a | 0 | 0]: the three input projections share their input
-        weight = torch.cat([_pad_rows(self.q.weight, H, dq), _pad_rows(self.k.weight, H, dq),
-                            _pad_rows(self.v.weight, H, dv)])
-        bias = None if self.q.bias is None else torch.cat([_pad_rows(self.q.bias, H, dq),
-                                                           self.q.bias.new_zeros(H * (dq + dv))])
+        weight, bias, proj = self._weights(dq, dv)
         q, k, v = F.linear(x, weight, bias).split([H * dq, H * dq, H * dv], dim=-1)
         q, k, v = _heads(q, H), _heads(k, H), _heads(v, H)
         if self.rank_mask_qk is not None:
@@ -97,8 +94,29 @@ class HeadLowRankAttention(nn.Module):
             v = v * F.pad(self.rank_mask_vo, (0, dv - rv))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
-        proj = self.proj.weight if rv == dv else F.pad(self.proj.weight.view(-1, H, rv), (0, dv - rv)).flatten(1)
         return self.proj_drop(F.linear(o.transpose(1, 2).reshape(B, N, H * dv), proj, self.proj.bias))
+
+    def _weights(self, dq: int, dv: int) -> tuple:
+        """The one input matmul's weight [A | B | P] (rows zero-padded per head to dq, dq, dv) and bias
+        [a | 0 | 0], and the output weight [R_1 ... R_H] padded to dv. Rebuilt whenever gradients
+        flow; else cached until a parameter changes (in place or replaced), saving the concatenation
+        at inference."""
+        params = [p for p in (self.q.weight, self.k.weight, self.v.weight, self.q.bias, self.proj.weight)
+                  if p is not None]
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = (dq, dv, torch.is_inference_mode_enabled()) + tuple((p.data_ptr(), p._version, p.dtype, p.device)
+                                                                 for p in params)
+        if not grad and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        H, rv = self.num_heads, self.rank_vo
+        weight = torch.cat([_pad_rows(self.q.weight, H, dq), _pad_rows(self.k.weight, H, dq),
+                            _pad_rows(self.v.weight, H, dv)])
+        bias = None if self.q.bias is None else torch.cat([_pad_rows(self.q.bias, H, dq),
+                                                           self.q.bias.new_zeros(H * (dq + dv))])
+        proj = self.proj.weight if rv == dv else F.pad(self.proj.weight.view(-1, H, rv), (0, dv - rv)).flatten(1)
+        if not grad:
+            self._cache = (key, (weight, bias, proj))
+        return weight, bias, proj
 
 
 def _pad_rows(w: torch.Tensor, heads: int, d: int) -> torch.Tensor:

@@ -158,3 +158,32 @@ def test_unequal_head_ranks_are_zero_padded_exactly(embedded, rq, rv, monkeypatc
     assert rel_err(attn(x), ref) < 1e-12
     monkeypatch.setattr(HeadLowRankAttention, "pad_heads", False)      # what counted_flops runs
     assert rel_err(attn(x), ref) < 1e-12
+
+
+def test_inference_cache_follows_parameter_changes(embedded):
+    """The fused input weights are cached at inference and rebuilt when a parameter changes in place
+    or is replaced (truncate), and never used where gradients flow."""
+    from comcat.compress import truncate
+    model = compress(embedded.model, uniform_ranks(embedded.model, "head", 0.5)).eval()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 17, attn.proj.out_features)
+
+    def fresh():
+        cache, attn._cache = attn._cache, None
+        with torch.no_grad():
+            out = attn(x)
+        attn._cache = cache
+        return out
+
+    with torch.no_grad():
+        first = attn(x)
+        assert attn._cache is not None and torch.equal(attn(x), first)
+        attn.q.weight.mul_(1.5)                          # in place: the version changes
+        assert torch.equal(attn(x), fresh()) and not torch.equal(attn(x), first)
+    out = attn(x)                                        # gradients flow: built fresh, part of the graph
+    out.sum().backward()
+    assert attn.k.weight.grad is not None and attn.k.weight.grad.abs().sum() > 0
+    small = truncate(model, uniform_ranks(embedded.model, "head", 0.25))   # parameters replaced
+    attn = small.blocks[0].attn
+    with torch.no_grad():
+        assert torch.equal(attn(x), fresh())
