@@ -14,6 +14,7 @@ one image is 0.005 points there, so methods that tie on 2,000 can be told apart)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -92,13 +93,16 @@ def run_seed(dense, splits, args, seed: int) -> list[dict]:
     return rows
 
 
+@functools.cache
+def fresh_shapes(n: int):
+    return embedded_heldout(n, seed=3)
+
+
 def big_eval(model, args) -> dict:
     """top-1 and NLL on the --big-eval fresh shapes (seed 3)."""
     if not args.big_eval:
         return {}
-    if getattr(args, "big_data", None) is None:
-        args.big_data = embedded_heldout(args.big_eval, seed=3)
-    scores = evaluate(model, args.big_data, batch_size=500, progress=False)
+    scores = evaluate(model, fresh_shapes(args.big_eval), batch_size=500, progress=False)
     return {"top1_big": scores["top1"], "nll_big": scores["nll"]}
 
 

@@ -207,7 +207,8 @@ def main():
     ap.add_argument("--one", help=argparse.SUPPRESS)        # internal: run one method, print its row
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1)) if args.device == "cpu" else None
-    precision = args.precision if args.precision != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")
+    from comcat.customize import resolve_precision
+    precision = resolve_precision(args.precision, args.device)
     if args.one:
         arch, method = args.one.split(":")
         row = run_sd15(method, args.sd_steps, args.device, precision) if arch == "sd15" else \

@@ -124,12 +124,15 @@ def counted_flops(model: nn.Module, input_size=None) -> int:
 
     p = next(model.parameters())
     input_size = input_size or model.pretrained_cfg.get("input_size", (3, 224, 224))
-    HeadLowRankAttention.pad_heads = False      # count the factorized arithmetic, not alignment zeros
+    padded = [m for m in model.modules() if isinstance(m, HeadLowRankAttention)]
+    for m in padded:
+        m.pad_heads = False          # count the factorized arithmetic, not alignment zeros
     try:
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model.eval()(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
     finally:
-        HeadLowRankAttention.pad_heads = True
+        for m in padded:
+            del m.pad_heads          # back to the class default
     return counter.get_total_flops()
 
 

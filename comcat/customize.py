@@ -70,6 +70,11 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' -> bf16 (mixed precision) on CUDA, fp32 elsewhere; 'fp32' and 'bf16' as given."""
+    return ("bf16" if str(device).startswith("cuda") else "fp32") if precision == "auto" else precision
+
+
 def _check_token(pipe, spec: CustomizeSpec) -> None:
     ids = tokenize(pipe, [spec.token])[0].tolist()
     unk = pipe.tokenizer.unk_token_id
@@ -188,7 +193,7 @@ def customize(spec: CustomizeSpec, out: str | Path, pipe=None, callback: Callabl
             callback(dict(kind="preview", step=step, images=images, path=str(path)))
 
     t0, stopped, step = time.time(), False, start
-    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and cuda)
+    bf16 = resolve_precision(spec.precision, device) == "bf16"
     amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     for step in range(start + 1, spec.steps + 1):
         if should_stop is not None and should_stop():

@@ -60,7 +60,7 @@ class HeadLowRankAttention(nn.Module):
     because attention rows sum to 1, so at r = d this is exact.
     """
 
-    pad_heads = True        # False: no zero padding (counted_flops counts the factorized arithmetic)
+    pad_heads = True        # False on an instance: no zero padding (counted_flops counts the factorized arithmetic)
 
     def __init__(self, dim: int, num_heads: int, rank_qk: int, rank_vo: int, scale: float,
                  query_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
@@ -104,9 +104,9 @@ class HeadLowRankAttention(nn.Module):
         params = [p for p in (self.q.weight, self.k.weight, self.v.weight, self.q.bias, self.proj.weight)
                   if p is not None]
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = (dq, dv, torch.is_inference_mode_enabled()) + tuple((p.data_ptr(), p._version, p.dtype, p.device)
-                                                                 for p in params)
-        if not grad and self._cache is not None and self._cache[0] == key:
+        key = None if grad else (dq, dv, torch.is_inference_mode_enabled()) + tuple(
+            (p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if key is not None and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         H, rv = self.num_heads, self.rank_vo
         weight = torch.cat([_pad_rows(self.q.weight, H, dq), _pad_rows(self.k.weight, H, dq),
@@ -114,7 +114,7 @@ class HeadLowRankAttention(nn.Module):
         bias = None if self.q.bias is None else torch.cat([_pad_rows(self.q.bias, H, dq),
                                                            self.q.bias.new_zeros(H * (dq + dv))])
         proj = self.proj.weight if rv == dv else F.pad(self.proj.weight.view(-1, H, rv), (0, dv - rv)).flatten(1)
-        if not grad:
+        if key is not None:
             self._cache = (key, (weight, bias, proj))
         return weight, bias, proj
 
