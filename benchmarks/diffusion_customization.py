@@ -4,7 +4,8 @@
 
 For each method: trainable parameters, file bytes (fp16 and fp32), training step time and peak
 memory (each method runs in its own process: CPU peak RSS, or CUDA max allocated), measured in
-one run. On CUDA every method trains in bf16 mixed precision (frozen weights bf16, trained fp32).
+one run. On CUDA every method trains in bf16 mixed precision (frozen weights bf16, trained fp32);
+`--cuda-graph` times replays of each method's whole training step captured as one CUDA graph.
   sd15      the Stable Diffusion 1.5 UNet architecture (benchmarks/configs/sd15_unet.json), random
             weights (fine for size and time), 64x64 latents, a 77x768 text context, batch 1.
   embedded  the bundled shapes model, trained on assets/examples/heart with captions 'a V* in
@@ -79,9 +80,11 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # KiB on Linux
 
 
-def run_sd15(method: str, steps: int, device: str, precision: str) -> dict:
+def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool = False) -> dict:
     """Median step time of `steps` timed steps after warm-up, in fp32 or in bf16 mixed precision as
-    diffusers' training scripts do it: frozen weights in bf16, trained ones in fp32, bf16 autocast."""
+    diffusers' training scripts do it: frozen weights in bf16, trained ones in fp32, bf16 autocast.
+    `graph` (CUDA): the whole step (noise, forward, backward, AdamW) is captured once as a CUDA graph
+    and replayed, so the time is the GPU's work without Python's kernel-launch overhead."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from comcat.diffusion.concept import denoising_loss
@@ -90,6 +93,8 @@ def run_sd15(method: str, steps: int, device: str, precision: str) -> dict:
     cfg = {k: v for k, v in json.loads((ROOT / "benchmarks/configs/sd15_unet.json").read_text()).items()
            if not k.startswith("_")}
     cuda, bf16 = device.startswith("cuda"), precision == "bf16"
+    if graph and not cuda:
+        raise SystemExit("--cuda-graph needs --device cuda")
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**cfg)
@@ -98,31 +103,55 @@ def run_sd15(method: str, steps: int, device: str, precision: str) -> dict:
         unet.to(torch.bfloat16)
         for p in params:
             p.data = p.data.float()
-    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    # a captured graph must not rely on autocast's weight cache (it is cleared when the context exits)
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=not graph) \
+        if bf16 else contextlib.nullcontext()
+    opt = torch.optim.AdamW(params, lr=1e-5, **(dict(capturable=True, foreach=True) if graph else {}))
     sched = DDPMScheduler()
     z0 = torch.randn(1, 4, 64, 64, device=device)
     ctx = torch.randn(1, 77, 768, device=device)
+
+    def step():
+        with amp:
+            loss = denoising_loss(unet, sched, z0, ctx).mean()
+        loss.backward()
+        opt.step()
+        return loss
+
     warmup, times = (3 if cuda else 1), []
-    for step in range(steps + warmup):
+    if graph:       # PyTorch's whole-network capture: warm up on a side stream, grads None at capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                opt.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        opt.zero_grad(set_to_none=True)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            step()
+        run, warmup = captured.replay, 1
+    else:
+        def run():
+            opt.zero_grad(set_to_none=True)
+            step()
+    for i in range(steps + warmup):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with amp:
-            loss = denoising_loss(unet, sched, z0, ctx).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        run()
         if cuda:
             torch.cuda.synchronize()
-        if step >= warmup:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     n = sum(p.numel() for p in params)
     small = n < 50_000_000
+    mode = "bf16 autocast, frozen weights bf16" if bf16 else "fp32"
     return dict(method=method, params=n, fp16_bytes=file_bytes(params, torch.float16, small),
                 fp32_bytes=file_bytes(params, torch.float32, small), written=small,
                 step_s=sorted(times)[len(times) // 2], peak_mb=peak_memory_mb(device),
-                precision="bf16 autocast, frozen weights bf16" if bf16 else "fp32")
+                precision=mode + (", CUDA graph" if graph else ""))
 
 
 def run_embedded(method: str, steps: int, device: str, seed: int = 0) -> dict:
@@ -203,6 +232,9 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="SD-1.5 runs: bf16 mixed precision or fp32 (auto: bf16 on CUDA, fp32 on the CPU)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="SD-1.5 on CUDA: capture each method's whole training step as a CUDA graph and time "
+                         "its replays (the GPU's work, without Python's launch overhead at batch 1)")
     ap.add_argument("--json", help="write all rows here")
     ap.add_argument("--one", help=argparse.SUPPRESS)        # internal: run one method, print its row
     args = ap.parse_args()
@@ -211,7 +243,7 @@ def main():
     precision = resolve_precision(args.precision, args.device)
     if args.one:
         arch, method = args.one.split(":")
-        row = run_sd15(method, args.sd_steps, args.device, precision) if arch == "sd15" else \
+        row = run_sd15(method, args.sd_steps, args.device, precision, args.cuda_graph) if arch == "sd15" else \
             run_embedded(method, args.steps, args.device)
         print("ROW " + json.dumps(row))
         return
@@ -222,6 +254,7 @@ def main():
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--one", f"{arch}:{method}", "--steps", str(args.steps),
                    "--sd-steps", str(args.sd_steps), "--device", args.device, "--precision", precision]
+            cmd += ["--cuda-graph"] if args.cuda_graph else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
             if line is None:
@@ -233,7 +266,8 @@ def main():
         print(table(arch, rows), flush=True)
     if args.json:
         from comcat.io import atomic_write_text
-        atomic_write_text(args.json, json.dumps(dict(results, device=args.device, torch=torch.__version__,
+        atomic_write_text(args.json, json.dumps(dict(results, device=args.device, cuda_graph=args.cuda_graph,
+                                                     torch=torch.__version__,
                                                      threads=torch.get_num_threads()), indent=2) + "\n")
 
 
