@@ -7,7 +7,7 @@ memory (each method runs in its own process: CPU peak RSS, or CUDA max allocated
 one run. On CUDA every method trains in bf16 mixed precision (frozen weights bf16, trained fp32);
 `--cuda-graph` times replays of each method's whole training step captured as one CUDA graph.
   sd15      the Stable Diffusion 1.5 UNet architecture (benchmarks/configs/sd15_unet.json), random
-            weights (fine for size and time), 64x64 latents, a 77x768 text context, batch 1.
+            weights (fine for size and time), 64x64 latents, a 77x768 text context, batch --sd-batch.
   embedded  the bundled shapes model, trained on assets/examples/heart with captions 'a V* in
             {colour}' for --steps steps, every method also learning the V* embedding row (as
             `customize` does by default); the quality of point 5 is added: for 'a V* in {colour}' over
@@ -80,7 +80,7 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # KiB on Linux
 
 
-def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool = False) -> dict:
+def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool = False, batch: int = 1) -> dict:
     """Median step time of `steps` timed steps after warm-up, in fp32 or in bf16 mixed precision as
     diffusers' training scripts do it: frozen weights in bf16, trained ones in fp32, bf16 autocast.
     `graph` (CUDA): the whole step (noise, forward, backward, AdamW) is captured once as a CUDA graph
@@ -108,8 +108,8 @@ def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool =
         if bf16 else contextlib.nullcontext()
     opt = torch.optim.AdamW(params, lr=1e-5, **(dict(capturable=True, foreach=True) if graph else {}))
     sched = DDPMScheduler()
-    z0 = torch.randn(1, 4, 64, 64, device=device)
-    ctx = torch.randn(1, 77, 768, device=device)
+    z0 = torch.randn(batch, 4, 64, 64, device=device)
+    ctx = torch.randn(batch, 77, 768, device=device)
 
     def step():
         with amp:
@@ -151,7 +151,7 @@ def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool =
     return dict(method=method, params=n, fp16_bytes=file_bytes(params, torch.float16, small),
                 fp32_bytes=file_bytes(params, torch.float32, small), written=small,
                 step_s=sorted(times)[len(times) // 2], peak_mb=peak_memory_mb(device),
-                precision=mode + (", CUDA graph" if graph else ""))
+                precision=mode + (", CUDA graph" if graph else ""), batch=batch)
 
 
 def run_embedded(method: str, steps: int, device: str, seed: int = 0) -> dict:
@@ -229,6 +229,7 @@ def main():
     ap.add_argument("--steps", type=int, default=300, help="embedded training steps (default 300)")
     ap.add_argument("--sd-steps", type=int, default=2,
                     help="timed SD-1.5 steps after warm-up (1 step on the CPU, 3 on CUDA; default 2)")
+    ap.add_argument("--sd-batch", type=int, default=1, help="SD-1.5 batch size (default 1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="SD-1.5 runs: bf16 mixed precision or fp32 (auto: bf16 on CUDA, fp32 on the CPU)")
@@ -243,7 +244,8 @@ def main():
     precision = resolve_precision(args.precision, args.device)
     if args.one:
         arch, method = args.one.split(":")
-        row = run_sd15(method, args.sd_steps, args.device, precision, args.cuda_graph) if arch == "sd15" else \
+        row = run_sd15(method, args.sd_steps, args.device, precision, args.cuda_graph, args.sd_batch) \
+            if arch == "sd15" else \
             run_embedded(method, args.steps, args.device)
         print("ROW " + json.dumps(row))
         return
@@ -254,7 +256,7 @@ def main():
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--one", f"{arch}:{method}", "--steps", str(args.steps),
                    "--sd-steps", str(args.sd_steps), "--device", args.device, "--precision", precision]
-            cmd += ["--cuda-graph"] if args.cuda_graph else []
+            cmd += ["--sd-batch", str(args.sd_batch)] + (["--cuda-graph"] if args.cuda_graph else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
             if line is None:
@@ -266,9 +268,8 @@ def main():
         print(table(arch, rows), flush=True)
     if args.json:
         from comcat.io import atomic_write_text
-        atomic_write_text(args.json, json.dumps(dict(results, device=args.device, cuda_graph=args.cuda_graph,
-                                                     torch=torch.__version__,
-                                                     threads=torch.get_num_threads()), indent=2) + "\n")
+        meta = dict(device=args.device, cuda_graph=args.cuda_graph, sd_batch=args.sd_batch, torch=torch.__version__)
+        atomic_write_text(args.json, json.dumps(dict(results, **meta, threads=torch.get_num_threads()), indent=2) + "\n")
 
 
 if __name__ == "__main__":
