@@ -180,6 +180,9 @@ def test_inference_cache_follows_parameter_changes(embedded):
         assert attn._cache is not None and torch.equal(attn(x), first)
         attn.q.weight.mul_(1.5)                          # in place: the version changes
         assert torch.equal(attn(x), fresh()) and not torch.equal(attn(x), first)
+        before = attn(x)
+        attn.proj.bias = torch.nn.Parameter(attn.proj.bias + 1.0)   # the output bias replaced
+        assert torch.equal(attn(x), fresh()) and torch.allclose(attn(x), before + 1.0, atol=1e-6)
     out = attn(x)                                        # gradients flow: built fresh, part of the graph
     out.sum().backward()
     assert attn.k.weight.grad is not None and attn.k.weight.grad.abs().sum() > 0
