@@ -116,7 +116,6 @@ def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool =
             loss = denoising_loss(unet, sched, z0, ctx).mean()
         loss.backward()
         opt.step()
-        return loss
 
     warmup, times = (3 if cuda else 1), []
     if graph:       # PyTorch's whole-network capture: warm up on a side stream, grads None at capture
