@@ -5,11 +5,14 @@
   prune    structured pruning with Torch-Pruning (per-head dims of qkv + MLP hidden channels,
            Taylor importance), the same distillation fine-tuning
 All compress the attention and MLP weights to --ratio of their parameters and are evaluated on the
-2,000 held-out shapes every report uses, and on --big-eval fresh shapes (seed 3, used nowhere else:
-one image is 0.005 points there, so methods that tie on 2,000 can be told apart). Prints one table;
---json writes it.
+2,000 held-out shapes every report uses, and on --big-eval fresh shapes (--big-eval-seed, default 3,
+used nowhere else: one image is 0.005 points in 20,000, so methods that tie on 2,000 can be told
+apart). Comcat is compared with each baseline image by image on both sets: the mean paired difference
+with a 95% interval from a bootstrap over training seeds and images (a fixed evaluation set is itself
+a sample). Prints one table; --json writes it.
 
-    python benchmarks/compress_embedded.py [--ratio 0.5] [--seeds 0 1 2] [--big-eval 20000] [--json docs/results/compress_embedded.json]
+    python benchmarks/compress_embedded.py [--ratio 0.5] [--seeds 0 1 2] [--methods comcat matrix prune]
+        [--big-eval 20000] [--big-eval-seed 3] [--json docs/results/compress_embedded.json]
 """
 from __future__ import annotations
 
@@ -68,42 +71,84 @@ def prune_baseline(dense, splits, ratio: float, epochs: int, seed: int) -> tuple
     return res["model"], {"top1_before_finetune": before, "time_s": time.perf_counter() - t}
 
 
+METHODS = {"comcat": "comcat (head)", "matrix": "matrix", "prune": "torch-pruning"}    # --methods: row names
+
+
 def run_seed(dense, splits, args, seed: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("head", "matrix"):
+        for name, method in [(n, m) for n, m in (("comcat", "head"), ("matrix", "matrix")) if n in args.methods]:
             spec = JobSpec(method=method, ratio=args.ratio, mlp=True, search_epochs=args.search_epochs,
                            finetune_epochs=args.finetune_epochs, seed=seed, latency=False)
             t = time.perf_counter()
             res = run_job(spec, Path(tmp) / method)
             small, r = res["loaded"].model, res["report"]
-            rows.append({"method": "comcat (head)" if method == "head" else "matrix", "params": count_params(small),
+            rows.append({"method": METHODS[name], "params": count_params(small),
                          "top1": r["compressed"]["top1"], "nll": r["compressed"]["nll"],
                          "time_s": time.perf_counter() - t,
                          "search_s": r["time_s"]["search"], "finetune_s": r["time_s"]["finetune"],
-                         "latency_b32_ms": measure_latency(small, 32, iters=30), **big_eval(small, args)})
-            print(f"seed {seed}", rows[-1], flush=True)
-    small, info = prune_baseline(dense, splits, args.ratio, args.finetune_epochs, seed)
-    scores = evaluate(small, splits.eval, progress=False)
-    rows.append({"method": "torch-pruning", "params": count_params(small),
-                 "top1": scores["top1"], "nll": scores["nll"], "time_s": info["time_s"],
-                 "top1_before_finetune": info["top1_before_finetune"],
-                 "latency_b32_ms": measure_latency(small, 32, iters=30), **big_eval(small, args)})
-    print(f"seed {seed}", rows[-1], flush=True)
+                         "latency_b32_ms": measure_latency(small, 32, iters=30), **per_image(small, splits, args)})
+            print(f"seed {seed}", public(rows[-1]), flush=True)
+    if "prune" in args.methods:
+        small, info = prune_baseline(dense, splits, args.ratio, args.finetune_epochs, seed)
+        scores = evaluate(small, splits.eval, progress=False)
+        rows.append({"method": METHODS["prune"], "params": count_params(small),
+                     "top1": scores["top1"], "nll": scores["nll"], "time_s": info["time_s"],
+                     "top1_before_finetune": info["top1_before_finetune"],
+                     "latency_b32_ms": measure_latency(small, 32, iters=30), **per_image(small, splits, args)})
+        print(f"seed {seed}", public(rows[-1]), flush=True)
     return rows
 
 
 @functools.cache
-def fresh_shapes(n: int):
-    return embedded_heldout(n, seed=3)
+def fresh_shapes(n: int, seed: int):
+    return embedded_heldout(n, seed=seed)
 
 
-def big_eval(model, args) -> dict:
-    """top-1 and NLL on the --big-eval fresh shapes (seed 3)."""
-    if not args.big_eval:
-        return {}
-    scores = evaluate(model, fresh_shapes(args.big_eval), batch_size=500, progress=False)
-    return {"top1_big": scores["top1"], "nll_big": scores["nll"]}
+@torch.no_grad()
+def scores(model, data, batch_size: int = 500) -> tuple[torch.Tensor, float]:
+    """((N,) bool: which images of `data` the model classifies right, mean NLL)."""
+    model.eval()
+    x, y = data.tensors
+    right, nll = [], 0.0
+    for i in range(0, len(y), batch_size):
+        logits = model(x[i:i + batch_size])
+        right.append(logits.argmax(1) == y[i:i + batch_size])
+        nll += torch.nn.functional.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
+    return torch.cat(right), nll / len(y)
+
+
+def per_image(model, splits, args) -> dict:
+    """top-1 and NLL on the --big-eval fresh shapes, and (kept out of the JSON) which images of them
+    and of the 2,000 held-out ones the model gets right."""
+    out = {"_right": scores(model, splits.eval)[0]}
+    if args.big_eval:
+        right, nll = scores(model, fresh_shapes(args.big_eval, args.big_eval_seed))
+        out.update(top1_big=100.0 * right.double().mean().item(), nll_big=nll, _right_big=right)
+    return out
+
+
+def public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+def paired(a: torch.Tensor, b: torch.Tensor, reps: int = 4000, seed: int = 0) -> dict:
+    """a, b: (S, N) bool, right/wrong of two methods in S training seeds on the same N images.
+    Mean paired top-1 difference a - b in points, and its 95% interval from a two-way bootstrap:
+    seeds resampled with replacement, images by Poisson(1) counts (only images where a and b ever
+    differ matter; the others add zero)."""
+    d = a.double() - b.double()
+    S, N = d.shape
+    d = d[:, d.abs().sum(0) > 0]
+    g = torch.Generator().manual_seed(seed)
+    stats = []
+    for _ in range(0, reps, 500):
+        seeds = torch.randint(S, (500, S), generator=g)
+        counts = torch.poisson(torch.ones(500, d.shape[1], dtype=torch.float64), generator=g)
+        stats.append((d[seeds].mean(1) * counts).sum(1) * 100 / N)
+    lo, hi = torch.quantile(torch.cat(stats), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"diff": d.sum().item() * 100 / (S * N), "ci95": [lo, hi], "ahead_seeds": int((d.sum(1) > 0).sum()),
+            "behind_seeds": int((d.sum(1) < 0).sum()), "images_differing": d.shape[1]}
 
 
 def main() -> None:
@@ -112,7 +157,9 @@ def main() -> None:
     ap.add_argument("--search-epochs", type=int, default=4)
     ap.add_argument("--finetune-epochs", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one full run per seed; top-1 is averaged")
+    ap.add_argument("--methods", nargs="+", choices=("comcat", "matrix", "prune"), default=["comcat", "matrix", "prune"])
     ap.add_argument("--big-eval", type=int, default=20000, help="fresh shapes for a finer top-1 (0: skip)")
+    ap.add_argument("--big-eval-seed", type=int, default=3, help="seed of the fresh shapes (default 3)")
     ap.add_argument("--json", help="write the table here")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -126,15 +173,23 @@ def main() -> None:
     runs = {seed: run_seed(dense, splits, args, seed) for seed in args.seeds}
     rows = [{"method": "dense", "params": count_params(dense), "top1": dense_top1, "nll": dense_scores["nll"],
              "top1_per_seed": [dense_top1],
-             "time_s": 0.0, "latency_b32_ms": measure_latency(dense, 32, iters=30), **big_eval(dense, args)}]
+             "time_s": 0.0, "latency_b32_ms": measure_latency(dense, 32, iters=30),
+             **public(per_image(dense, splits, args))}]
+    right = {}                                   # method -> {set: (seeds, images) bool}
     for i, first in enumerate(runs[args.seeds[0]]):
         per_seed = [runs[s][i] for s in args.seeds]
         mean = {k: sum(r[k] for r in per_seed) / len(per_seed) for k in first if isinstance(first[k], float)}
-        rows.append({**first, **mean, "top1_per_seed": [r["top1"] for r in per_seed]})
+        rows.append({**public(first), **mean, "top1_per_seed": [r["top1"] for r in per_seed]})
         if args.big_eval:
             rows[-1]["top1_big_per_seed"] = [r["top1_big"] for r in per_seed]
+        right[first["method"]] = {key: torch.stack([r[key] for r in per_seed]) for key in first if key.startswith("_")}
     if args.big_eval:
         rows[0]["top1_big_per_seed"] = [rows[0]["top1_big"]]
+    comparisons = {}
+    if METHODS["comcat"] in right:
+        ours = right.pop(METHODS["comcat"])
+        comparisons = {f"comcat - {m}": {("fresh" if key == "_right_big" else "heldout"): paired(ours[key], theirs[key])
+                                         for key in theirs} for m, theirs in right.items()}
 
     print(f"\nembedded shapes ViT, attention + MLP at {args.ratio:.0%} of their params, 2 CPU threads; "
           f"top-1 on 2,000 held-out images, mean over seeds {args.seeds}")
@@ -144,16 +199,24 @@ def main() -> None:
         print(f"{r['method']:15} {r['params']:>10,} {r['params'] / rows[0]['params']:>6.3f} {r['top1']:>8.2f} "
               f"{r['top1'] - dense_top1:>+6.2f} {seeds:>20} {r['nll']:>9.4f} {r['time_s']:>7.1f} {r['latency_b32_ms']:>7.2f}")
     if args.big_eval:
-        print(f"\non {args.big_eval:,} fresh shapes (seed 3):")
+        print(f"\non {args.big_eval:,} fresh shapes (seed {args.big_eval_seed}):")
         print(f"{'method':15} {'top-1 %':>8} {'drop':>6} {'per seed':>26} {'NLL':>8}")
         for r in rows:
             seeds = " ".join(f"{t:.3f}" for t in r["top1_big_per_seed"])
             print(f"{r['method']:15} {r['top1_big']:>8.3f} {r['top1_big'] - rows[0]['top1_big']:>+6.3f} {seeds:>26} "
                   f"{r['nll_big']:>8.4f}")
+    if comparisons:
+        print("\ncomcat minus each baseline, image by image (points; 95% interval over seeds and images):")
+        for name, sets in comparisons.items():
+            for where, c in sets.items():
+                print(f"{name:26} {where:8} {c['diff']:+7.3f}  [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]  "
+                      f"ahead in {c['ahead_seeds']} seeds, behind in {c['behind_seeds']}, "
+                      f"{c['images_differing']} images ever differ")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"ratio": args.ratio, "seeds": args.seeds, "big_eval": args.big_eval,
-                                               "rows": rows}, indent=2) + "\n")
+                                               "big_eval_seed": args.big_eval_seed, "rows": rows,
+                                               "paired": comparisons}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
