@@ -79,21 +79,17 @@ def run_seed(dense, splits, args, seed: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for name, method in [(n, m) for n, m in (("comcat", "head"), ("matrix", "matrix")) if n in args.methods]:
             spec = JobSpec(method=method, ratio=args.ratio, mlp=True, search_epochs=args.search_epochs,
-                           finetune_epochs=args.finetune_epochs, seed=seed, latency=False)
+                           finetune_epochs=args.finetune_epochs, seed=seed, evaluate=False, latency=False)
             t = time.perf_counter()
             res = run_job(spec, Path(tmp) / method)
             small, r = res["loaded"].model, res["report"]
-            rows.append({"method": METHODS[name], "params": count_params(small),
-                         "top1": r["compressed"]["top1"], "nll": r["compressed"]["nll"],
-                         "time_s": time.perf_counter() - t,
+            rows.append({"method": METHODS[name], "params": count_params(small), "time_s": time.perf_counter() - t,
                          "search_s": r["time_s"]["search"], "finetune_s": r["time_s"]["finetune"],
                          "latency_b32_ms": measure_latency(small, 32, iters=30), **per_image(small, splits, args)})
             print(f"seed {seed}", public(rows[-1]), flush=True)
     if "prune" in args.methods:
         small, info = prune_baseline(dense, splits, args.ratio, args.finetune_epochs, seed)
-        scores = evaluate(small, splits.eval, progress=False)
-        rows.append({"method": METHODS["prune"], "params": count_params(small),
-                     "top1": scores["top1"], "nll": scores["nll"], "time_s": info["time_s"],
+        rows.append({"method": METHODS["prune"], "params": count_params(small), "time_s": info["time_s"],
                      "top1_before_finetune": info["top1_before_finetune"],
                      "latency_b32_ms": measure_latency(small, 32, iters=30), **per_image(small, splits, args)})
         print(f"seed {seed}", public(rows[-1]), flush=True)
@@ -105,26 +101,15 @@ def fresh_shapes(n: int, seed: int):
     return embedded_heldout(n, seed=seed)
 
 
-@torch.no_grad()
-def scores(model, data, batch_size: int = 500) -> tuple[torch.Tensor, float]:
-    """((N,) bool: which images of `data` the model classifies right, mean NLL)."""
-    model.eval()
-    x, y = data.tensors
-    right, nll = [], 0.0
-    for i in range(0, len(y), batch_size):
-        logits = model(x[i:i + batch_size])
-        right.append(logits.argmax(1) == y[i:i + batch_size])
-        nll += torch.nn.functional.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
-    return torch.cat(right), nll / len(y)
-
-
 def per_image(model, splits, args) -> dict:
-    """top-1 and NLL on the --big-eval fresh shapes, and (kept out of the JSON) which images of them
-    and of the 2,000 held-out ones the model gets right."""
-    out = {"_right": scores(model, splits.eval)[0]}
+    """top-1 and NLL on the 2,000 held-out shapes and on the --big-eval fresh ones, and (kept out of
+    the JSON) which images of each the model gets right."""
+    held = evaluate(model, splits.eval, batch_size=500, progress=False, per_image=True)
+    out = {"top1": held["top1"], "nll": held["nll"], "_right": held["right"]}
     if args.big_eval:
-        right, nll = scores(model, fresh_shapes(args.big_eval, args.big_eval_seed))
-        out.update(top1_big=100.0 * right.double().mean().item(), nll_big=nll, _right_big=right)
+        big = evaluate(model, fresh_shapes(args.big_eval, args.big_eval_seed), batch_size=500, progress=False,
+                       per_image=True)
+        out.update(top1_big=big["top1"], nll_big=big["nll"], _right_big=big["right"])
     return out
 
 
@@ -166,15 +151,13 @@ def main() -> None:
 
     dense = load_model("embedded").model
     splits = embedded_splits()
-    dense_scores = evaluate(dense, splits.eval, progress=False)
+    dense_scores = public(per_image(dense, splits, args))
     dense_top1 = dense_scores["top1"]
     sites = sum(l["attn"] + l["mlp"] for l in layer_params(dense))
     print(f"dense top-1 {dense_top1:.2f}%  ({count_params(dense):,} params, attention+MLP {sites:,})")
     runs = {seed: run_seed(dense, splits, args, seed) for seed in args.seeds}
-    rows = [{"method": "dense", "params": count_params(dense), "top1": dense_top1, "nll": dense_scores["nll"],
-             "top1_per_seed": [dense_top1],
-             "time_s": 0.0, "latency_b32_ms": measure_latency(dense, 32, iters=30),
-             **public(per_image(dense, splits, args))}]
+    rows = [{"method": "dense", "params": count_params(dense), "top1_per_seed": [dense_top1], "time_s": 0.0,
+             "latency_b32_ms": measure_latency(dense, 32, iters=30), **dense_scores}]
     right = {}                                   # method -> {set: (seeds, images) bool}
     for i, first in enumerate(runs[args.seeds[0]]):
         per_seed = [runs[s][i] for s in args.seeds]

@@ -55,5 +55,6 @@ def main() -> None:
                 print(f"{name:24} {count_params(small) / count_params(dense):>7.3f} {threads:>7} {batch:>5} "
                       f"{d:>9.2f} {c:>9.2f} {c / d:>6.3f}", flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -64,22 +64,24 @@ def resolve_data(data: str | Path | Dataset | None, model: nn.Module) -> Dataset
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: str | Path | Dataset | None = None, batch_size: int = 128,
-             device: str | None = None, progress: bool = True, num_workers: int = 0) -> dict:
+             device: str | None = None, progress: bool = True, num_workers: int = 0, per_image: bool = False) -> dict:
     """{'top1': %, 'top5': %, 'nll': mean cross-entropy, 'images': n} of `model` on `data`
-    (None/'embedded' = shapes held-out)."""
+    (None/'embedded' = shapes held-out); with `per_image` also 'right': (n,) bool, top-1 right per image."""
     ds = resolve_data(data, model)
     if len(ds) == 0:
         raise ComcatError("the evaluation set is empty: pass a folder with images")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.eval().to(device)
     correct1 = correct5 = n = 0
-    nll = 0.0
+    nll, right = 0.0, []
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
     for x, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         logits = model(x.to(device))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-        correct1 += (top[:, 0] == y).sum().item()
+        right.append(top[:, 0] == y)
+        correct1 += right[-1].sum().item()
         correct5 += (top == y[:, None]).any(1).sum().item()
         nll += F.cross_entropy(logits.float().cpu(), y, reduction="sum").item()
         n += len(y)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "nll": nll / n, "images": n}
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "nll": nll / n, "images": n,
+            **({"right": torch.cat(right)} if per_image else {})}

@@ -41,7 +41,6 @@ def test_compress_search_and_amp_finetune_on_cuda_report_gpu_latency(tmp_path):
     assert {"cuda_b1", "cuda_b32"} <= set(report["compressed"]["latency_ms"])
 
 
-
 def test_adapter_training_step_replays_as_a_cuda_graph_like_eager_steps():
     """The adapter's whole training step (forward, backward, AdamW) can be captured as one CUDA graph
     (benchmarks/diffusion_customization.py --cuda-graph): 1 warm-up + 2 replayed steps = 3 eager steps."""

@@ -110,9 +110,13 @@ def test_search_then_finetune_beats_no_finetuning(embedded):
     train, search, val = _shapes(1024, 0), _shapes(256, 2), _shapes(500, 5)
     ranks, info = search_ranks(dense, train, search, ratio=0.15, mlp=True, epochs=1, batch_size=64, lr_weights=0)
     small = info["model"]
-    scores = evaluate(small, val, progress=False)
+    scores = evaluate(small, val, progress=False, per_image=True)
     before = scores["top1"]
     assert before < 97, "the budget should hurt before fine-tuning"
+    right = scores["right"]                    # per image: the same top-1, image by image
+    x, y = val.tensors
+    with torch.no_grad():
+        assert torch.equal(right, small(x).argmax(1) == y) and right.float().mean() * 100 == pytest.approx(before)
     assert scores["nll"] > evaluate(dense, val, progress=False)["nll"] > 0
     events = []
     res = finetune(small, dense, train, search, epochs=2, lr=5e-4, batch_size=64, callback=events.append)
