@@ -53,24 +53,44 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decode", choices=("expected", "argmax"), default="expected",
                    help="final searched ranks: each site's expected rank under the learned logits scaled to "
                         "the budget (default), or the argmax candidate fitted by logit price")
-    c.add_argument("--finetune-epochs", type=int, default=None, metavar="M",
-                   help="distillation fine-tuning epochs after the ranks are fixed (default 2 with --search, else 0)")
-    c.add_argument("--allocate", choices=("uniform", "energy", "greedy"), default="uniform",
-                   help="without --search: same rank in every layer (uniform, default); one energy threshold "
-                        "for all layers, the largest that meets the budget (energy); or rank steps taken by "
-                        "energy gained per parameter until the budget is met (greedy)")
+    c.add_argument("--allocate", choices=("auto", "calibrated", "uniform", "energy", "greedy"), default="auto",
+                   help="without --search, how --params-ratio is shared out: calibrated (the default with images): "
+                        "where the predicted KL to the dense model falls most per parameter; uniform: the same rank "
+                        "everywhere; energy: one spectral-energy threshold for all layers; greedy: rank steps by "
+                        "spectral energy per parameter (with --search: where the search starts)")
+    c.add_argument("--calibration", choices=("auto", "data", "sequential", "none"), default="auto",
+                   help="data (the default with images): fit every factor to the inputs its layer sees in the "
+                        "dense model on the training images (labels unused); sequential: in the compressed model, "
+                        "block after block; none: plain SVD of the weights (the default without images)")
+    c.add_argument("--calibration-images", type=int, default=512, metavar="N",
+                   help="training images for calibration and block distillation (default 512)")
+    c.add_argument("--distill-steps", type=int, default=100, metavar="K",
+                   help="block-wise distillation: K steps per block, each compressed block learning to reproduce "
+                        "the dense block's output (default 100; 0: none)")
+    c.add_argument("--distill-lr", type=float, default=1e-3, help="block distillation learning rate (default 1e-3)")
+    c.add_argument("--distill-views", type=int, default=2, metavar="V",
+                   help="block distillation also on V augmented passes (crop, flip, mixup/cutmix) over its "
+                        "images (default 2; 0: the images as they are)")
+    c.add_argument("--finetune-epochs", type=int, default=0, metavar="M",
+                   help="end-to-end distillation epochs after that: KL to the dense model on mixup/cutmix views "
+                        "(default 0)")
+    c.add_argument("--labels", action="store_true",
+                   help="also train on the images' labels (class folders of the model's classes only)")
+    c.add_argument("--no-mix", action="store_true", help="end-to-end distillation without mixup / cutmix")
     c.add_argument("--mlp", action="store_true", help="also factorize MLP fc1/fc2 (searched, or by the same rule)")
     c.add_argument("--classifier-rank", type=int, default=None, metavar="R",
                    help="also factorize the classifier at rank R (with --search: search its rank too, any R)")
-    c.add_argument("--data", metavar="DIR", help="ImageFolder: DIR/<class>/<img> (seeded halves: search+train | "
-                   "evaluate) or DIR/train + DIR/val (default: embedded shapes for the embedded model)")
+    c.add_argument("--data", metavar="DIR", help="images: DIR/<class>/<image> or a flat DIR/<image> (unlabeled; a "
+                   "seeded half is evaluated, the rest split into training and validation) or DIR/train + DIR/val "
+                   "(default: embedded shapes for the embedded model)")
     c.add_argument("--train-images", type=int, default=4096, metavar="N",
                    help="embedded data: shapes generated for fine-tuning and weight epochs (default 4096)")
-    c.add_argument("--search-images", type=int, default=1024, metavar="N",
-                   help="embedded: shapes generated for the search; DIR/train+val: train images searched on (1024)")
+    c.add_argument("--fit-images", type=int, default=1024, metavar="N",
+                   help="embedded: shapes generated for calibration and the search; DIR/train+val: training "
+                        "images they use (1024)")
     c.add_argument("--seed", type=int, default=0, help="seed of data order, splits and sampling (default 0)")
     c.add_argument("--batch-size", type=int, default=64, help="batch size per process (default 64)")
-    c.add_argument("--lr", type=float, default=2e-4, help="fine-tuning learning rate (AdamW, cosine; default 2e-4)")
+    c.add_argument("--lr", type=float, default=5e-5, help="end-to-end learning rate (AdamW, cosine; default 5e-5)")
     c.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     c.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
     c.add_argument("--no-eval", action="store_true", help="skip top-1 evaluation")
@@ -153,6 +173,17 @@ def cmd_analyze(args) -> None:
             print(f"wrote {p}")
 
 
+BARS = {"calibrate": "calibrate (blocks)", "allocate": "allocate (probes)", "search": "rank search",
+        "distill": "block distillation", "finetune": "fine-tune"}
+
+
+def validation_line(e: dict) -> str:
+    """One line of validation scores: agreement and KL with the dense model, top-1 when labeled."""
+    top1 = f", top-1 {e['top1']:.2f}%" if "top1" in e else ""
+    return (f"validation ({e['images']} held-out images) agreement with dense {e['agreement']:.2f}%, "
+            f"KL {e['kl']:.4f}{top1}")
+
+
 class TqdmProgress:
     """Turns run_job events into one tqdm bar per phase (main process only)."""
 
@@ -171,19 +202,22 @@ class TqdmProgress:
             self.close()
             if e["phase"] == "data":
                 print(f"data: {e['source']}: " + ", ".join(f"{k} {v}" for k, v in e["sizes"].items()))
+                if e.get("note"):
+                    print(f"  {e['note']}: figures are agreement with the dense model, not top-1")
             return
-        if kind in ("search", "finetune") and self.bar is None:
-            self.bar = tqdm(total=e["total"], desc="rank search" if kind == "search" else "fine-tune",
-                            dynamic_ncols=True)
+        if kind in BARS and self.bar is None:
+            self.bar = tqdm(total=e["total"], desc=BARS[kind], dynamic_ncols=True)
         if kind == "search":
             self.bar.set_postfix_str(f"{e['phase']} loss {e['loss']:.3f} cost/target {e['cost'] / e['target']:.3f} "
                                      f"tau {e['tau']:.2f}", refresh=False)
         elif kind == "finetune":
             self.bar.set_postfix_str(f"loss {e['loss']:.3f} lr {e['lr']:.2e}", refresh=False)
+        elif kind == "distill":
+            self.bar.set_postfix_str(f"block {e['block'] + 1}/{e['blocks']} loss {e['loss']:.4f}", refresh=False)
         elif kind == "validate":
-            (self.bar.write if self.bar else print)(f"validation top-1 {e['top1']:.2f}% (step {e['step']})")
+            (self.bar.write if self.bar else print)(validation_line(e) + (f" after {e['after']}" if "after" in e else ""))
             return
-        if self.bar is not None and kind in ("search", "finetune"):
+        if self.bar is not None and kind in BARS:
             self.bar.n = e["step"]
             self.bar.refresh()
 
@@ -201,18 +235,26 @@ def job_spec(args):
         raise ComcatError("--search chooses the ranks itself: drop --ranks / --energy and give --params-ratio R")
     if rules != 1:
         raise ComcatError("give exactly one of --ranks FILE, --energy E or --params-ratio R (or --resume DIR)")
-    finetune = args.finetune_epochs if args.finetune_epochs is not None else (2 if args.search else 0)
-    if finetune < 0 or args.search_epochs < 1 or args.batch_size < 1:
-        raise ComcatError("--search-epochs and --batch-size must be >= 1 and --finetune-epochs >= 0")
-    if args.train_images < 1 or args.search_images < 1:
-        raise ComcatError("--train-images and --search-images must be >= 1")
+    if args.finetune_epochs < 0 or args.search_epochs < 1 or args.batch_size < 1 or args.distill_steps < 0 \
+            or args.distill_views < 0:
+        raise ComcatError("--search-epochs and --batch-size must be >= 1, --finetune-epochs, --distill-steps and "
+                          "--distill-views >= 0")
+    if args.train_images < 1 or args.fit_images < 1 or args.calibration_images < 1:
+        raise ComcatError("--train-images, --fit-images and --calibration-images must be >= 1")
+    for name in ("lr", "distill_lr"):
+        value = getattr(args, name)
+        if not (value > 0 and value < float("inf")):
+            raise ComcatError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     return JobSpec(model=args.model, arch=args.arch, method=args.method, ratio=args.params_ratio,
-                   budget=args.budget, search=args.search, mlp=args.mlp,
-                   classifier=args.classifier_rank is not None, classifier_rank=args.classifier_rank, ranks_file=args.ranks, energy=args.energy,
-                   allocate=args.allocate, search_epochs=args.search_epochs, decode=args.decode,
-                   finetune_epochs=finetune,
-                   data=args.data, train_images=args.train_images, search_images=args.search_images, seed=args.seed, batch_size=args.batch_size, lr=args.lr, device=args.device,
-                   workers=args.workers, evaluate=not args.no_eval, latency=not args.no_latency)
+                   budget=args.budget, search=args.search, mlp=args.mlp, classifier=args.classifier_rank is not None,
+                   classifier_rank=args.classifier_rank, ranks_file=args.ranks, energy=args.energy,
+                   allocate=args.allocate, calibration=args.calibration, calibration_images=args.calibration_images,
+                   distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+                   distill_views=args.distill_views, search_epochs=args.search_epochs,
+                   decode=args.decode, finetune_epochs=args.finetune_epochs, data=args.data,
+                   train_images=args.train_images, fit_images=args.fit_images, seed=args.seed,
+                   batch_size=args.batch_size, lr=args.lr, labels=args.labels, mix=not args.no_mix,
+                   device=args.device, workers=args.workers, evaluate=not args.no_eval, latency=not args.no_latency)
 
 
 def cmd_compress(args) -> None:
@@ -249,14 +291,18 @@ def cmd_evaluate(args) -> None:
 
     loaded = load_model(args.model, args.arch)
     metrics = {"model": loaded.source, **evaluate(loaded.model, args.data, batch_size=args.batch_size)}
-    print(f"{loaded.source}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
+    if "top1" in metrics:
+        print(f"{loaded.source}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
+    else:
+        print(f"{loaded.source}: {metrics['images']} images without labels of the model's classes, so no top-1 "
+              "(compare a compressed model with its dense one in its report.md)")
     if args.json:
         _write_json(args.json, metrics)
 
 
 def cmd_demo(args) -> None:
     from .analysis import analyze
-    from .evaluate import evaluate
+    from .evaluate import predict, scores
     from .models import load_model
     from .pipeline import choose_ranks, run_compress
 
@@ -264,13 +310,14 @@ def cmd_demo(args) -> None:
     spectra = analyze(loaded.model)
     print(f"embedded shapes ViT: {spectra.depth} blocks, {spectra.num_heads} heads of dim {spectra.head_dim}")
     print(spectra.summary(0.9))
-    dense = evaluate(loaded.model, progress=False)
+    logits, labels = predict(loaded.model, progress=False)
+    dense = {**scores(logits, labels), "logits": logits}
     print(f"\ncompressed attention, uniform ranks, no fine-tuning (dense top-1 {dense['top1']:.2f}%)")
     print(f"{'method':8} {'attn params':>11} {'model params':>12} {'FLOPs':>8} {'top-1 %':>8}")
     for ratio in (0.75, 0.5):
         for method in ("head", "matrix"):
             cfg = choose_ranks(loaded, method, params_ratio=ratio)
-            _, r = run_compress(loaded, cfg, latency=False, progress=False, dense_top1=dense)
+            _, r = run_compress(loaded, cfg, latency=False, progress=False, dense_scores=dense)
             c = r["compressed"]
             print(f"{method:8} {r['attn_params_ratio']:>11.1%} {c['params']:>12,} "
                   f"{c['flops'] / 1e6:>7.1f}M {c['top1']:>8.2f}")

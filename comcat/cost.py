@@ -154,3 +154,28 @@ def measure_latency(model: nn.Module, batch: int = 1, input_size=None, device: s
         if i >= warmup:
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+@torch.no_grad()
+def compare_latency(models: dict[str, nn.Module], batch: int = 1, input_size=None, device: str = "cpu",
+                    rounds: int = 5, iters: int = 5, warmup: int = 2) -> dict[str, dict]:
+    """Latency of several models measured side by side: `rounds` rounds, each timing every model in
+    turn (median of `iters` passes), so that a change in the machine's load hits all of them alike.
+    Per model {"ms": median over rounds, "min", "max", "rounds": [...]}, and per model after the
+    first {"ratio": median of the per-round ratios to the first model, "ratio_min", "ratio_max"}."""
+    names = list(models)
+    input_size = input_size or models[names[0]].pretrained_cfg.get("input_size", (3, 224, 224))
+    per = {n: [] for n in names}
+    for n in names:
+        models[n].eval().to(device)
+    for _ in range(rounds):
+        for n in names:
+            per[n].append(measure_latency(models[n], batch, input_size, device, warmup=warmup, iters=iters))
+        warmup = 1
+    out = {}
+    for n in names:
+        out[n] = {"ms": statistics.median(per[n]), "min": min(per[n]), "max": max(per[n]), "rounds": per[n]}
+        if n != names[0]:
+            ratios = [a / b for a, b in zip(per[n], per[names[0]])]
+            out[n].update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+    return out

@@ -1,4 +1,6 @@
-"""top-1 / top-5 on the embedded held-out shapes or on an ImageFolder directory."""
+"""Predictions of a model on a dataset, and what they say: top-1 / top-5 against labels (when the
+images carry the model's labels), agreement and KL divergence against a reference model's
+predictions (the dense model's, for a compressed one)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,52 +8,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data.shapes import make_shapes
-from .embedded import shapes_tensor
+from .data.images import IMAGE_SUFFIXES, image_folder, load_rgb  # noqa: F401 - re-exported
+from .data.splits import HELDOUT_IMAGES, HELDOUT_SEED, embedded_heldout  # noqa: F401 - re-exported
 from .errors import ComcatError
-from .models import data_config
-
-HELDOUT_SEED = 1          # the embedded ViT was trained on seed 0 (assets/train_shapes_vit.py)
-HELDOUT_IMAGES = 2000
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def embedded_heldout(n: int = HELDOUT_IMAGES, seed: int = HELDOUT_SEED) -> TensorDataset:
-    images, labels, _ = make_shapes(n, seed)
-    return TensorDataset(shapes_tensor(images), torch.from_numpy(labels))
-
-
-def load_rgb(path: str):
-    """PIL loader that turns an unreadable image into a one-line ComcatError."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ComcatError(f"cannot read image {path} ({type(e).__name__}): remove or replace it") from None
-
-
-def image_folder(root: str | Path, model: nn.Module, limit: int | None = None, training: bool = False) -> Dataset:
-    """An ImageFolder (class sub-folders, sorted = label order) with the model's timm transforms
-    (the augmenting training transforms when `training`)."""
-    from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
-
-    root = Path(root)
-    if not root.is_dir():
-        raise ComcatError(f"data folder {root} does not exist: pass a folder with one sub-folder per class")
-    try:
-        ds = ImageFolder(str(root), transform=create_transform(**data_config(model), is_training=training), loader=load_rgb)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise ComcatError(f"{root} has no images in class sub-folders ({str(e).splitlines()[0][:120]}): "
-                          "lay it out as DIR/<class>/<image>.jpg") from None
-    if limit is not None and limit < len(ds):
-        ds = Subset(ds, range(limit))
-    return ds
 
 
 def resolve_data(data: str | Path | Dataset | None, model: nn.Module) -> Dataset:
@@ -63,25 +25,50 @@ def resolve_data(data: str | Path | Dataset | None, model: nn.Module) -> Dataset
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: str | Path | Dataset | None = None, batch_size: int = 128,
-             device: str | None = None, progress: bool = True, num_workers: int = 0, per_image: bool = False) -> dict:
-    """{'top1': %, 'top5': %, 'nll': mean cross-entropy, 'images': n} of `model` on `data`
-    (None/'embedded' = shapes held-out); with `per_image` also 'right': (n,) bool, top-1 right per image."""
+def predict(model: nn.Module, data: str | Path | Dataset | None = None, batch_size: int = 128,
+            device: str | None = None, progress: bool = True, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (n, classes) float32 on the CPU, labels (n,), -1 where an image has none)."""
     ds = resolve_data(data, model)
     if len(ds) == 0:
         raise ComcatError("the evaluation set is empty: pass a folder with images")
+    if batch_size < 1:
+        raise ComcatError(f"the batch size must be >= 1, got {batch_size}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.eval().to(device)
-    correct1 = correct5 = n = 0
-    nll, right = 0.0, []
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
-    for x, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
-        logits = model(x.to(device))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-        right.append(top[:, 0] == y)
-        correct1 += right[-1].sum().item()
-        correct5 += (top == y[:, None]).any(1).sum().item()
-        nll += F.cross_entropy(logits.float().cpu(), y, reduction="sum").item()
-        n += len(y)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "nll": nll / n, "images": n,
-            **({"right": torch.cat(right)} if per_image else {})}
+    logits, labels = [], []
+    for x, y in tqdm(DataLoader(ds, batch_size=batch_size, num_workers=num_workers), desc="evaluate",
+                     disable=not progress, leave=False):
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(logits), torch.cat(labels)
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None,
+           per_image: bool = False) -> dict:
+    """From predictions: {'images'}, with labels (all >= 0) {'top1', 'top5' (%), 'nll'}, with a
+    reference model's logits {'agreement' (% same top-1), 'kl' (mean KL(reference || model))};
+    per_image adds 'right' (top-1 right per image, with labels) and 'agree' (with a reference)."""
+    out: dict = {"images": len(logits)}
+    if len(labels) and int(labels.min()) >= 0:
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        right = top[:, 0] == labels
+        out.update(top1=100.0 * right.double().mean().item(), top5=100.0 * (top == labels[:, None]).any(1).double().mean().item(),
+                   nll=F.cross_entropy(logits, labels).item())
+        if per_image:
+            out["right"] = right
+    if reference is not None:
+        agree = logits.argmax(1) == reference.argmax(1)
+        out.update(agreement=100.0 * agree.double().mean().item(),
+                   kl=F.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True,
+                               reduction="batchmean").item())
+        if per_image:
+            out["agree"] = agree
+    return out
+
+
+def evaluate(model: nn.Module, data: str | Path | Dataset | None = None, batch_size: int = 128,
+             device: str | None = None, progress: bool = True, num_workers: int = 0, per_image: bool = False,
+             reference: torch.Tensor | None = None) -> dict:
+    """scores() of `model` on `data` (None / 'embedded' = the embedded held-out shapes)."""
+    logits, labels = predict(model, data, batch_size, device, progress, num_workers)
+    return scores(logits, labels, reference, per_image)

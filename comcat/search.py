@@ -286,17 +286,19 @@ def check_budget(cost_fn, target: float, floor: RankConfig, budget: str = "param
 def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, method: str = "head",
                  budget: str = "params", mlp: bool = True, classifier: bool = False, epochs: int = 2,
                  candidates: int = 8, batch_size: int = 64, lr_alpha: float = 0.05, lr_weights: float = 1e-4,
-                 tau: tuple = (5.0, 0.1), beta: float = 1.5, warm_start: bool = True, distill: bool = True,
-                 decode: str = "expected", seed: int = 0,
+                 tau: tuple = (5.0, 0.1), beta: float = 1.5, warm_start: bool = True, labels: bool = False,
+                 calibration=None, init_ranks: RankConfig | None = None, decode: str = "expected", seed: int = 0,
                  device: str = "cpu", num_workers: int = 0, callback=None, should_stop=None,
                  resume: dict | None = None, checkpoint=None):
     """Differentiable rank search (head or matrix level) under a params/FLOPs budget (search_target).
 
     Each epoch is a search epoch (alpha steps on `search_data`, loss = task * (cost/target)^beta when
     over the target) followed, when lr_weights > 0, by a weight epoch (task loss on `train_data` with
-    sampled masks). The task loss is CE on the labels, plus with `distill` KL(p_dense || p_searched),
-    the dense model's predictions being a denser signal than labels. tau anneals exponentially over
-    all steps. With warm_start the logits start tilted towards the uniform ranks of the budget.
+    sampled masks). The task loss is KL(p_dense || p_searched), plus with `labels` the cross-entropy
+    with the images' labels. tau anneals exponentially over all steps. `calibration` (a
+    calibrate.Calibration): the full-rank model is factorized in the whitened bases, so a rank mask
+    truncates the calibrated factorization. The logits start tilted towards `init_ranks`, else (with
+    warm_start) towards the uniform ranks of the budget.
     Final ranks: decode="expected" (default) takes each site's expected rank under softmax(alpha),
     scaled by one factor to the budget (fit_expected); decode="argmax" the argmax candidates,
     lowered or raised by logit price (fit). On the real ViT-Tiny argmax decoding lost to uniform
@@ -312,19 +314,22 @@ def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, 
     if decode not in ("expected", "argmax"):
         raise ComcatError(f"decode must be 'expected' or 'argmax', got {decode!r}")
     cost_fn, target = search_target(dense, ratio, budget, mlp)
+    from .calibrate import build
+
     full = full_ranks(dense, method, mlp)
-    model = compress(dense, replace(full, head=min(dense.head.weight.shape)) if classifier else full)
+    full = replace(full, head=min(dense.head.weight.shape)) if classifier else full
+    model = build(dense, full, calibration) if calibration is not None else compress(dense, full)
     model.to(device).train()
     model.requires_grad_(lr_weights > 0)            # frozen weights: gradients for alpha only
     search = RankSearch(model, cost_fn, candidates).to(device)
     check_budget(cost_fn, target, search.config({name: 1 for name in search.choices}), budget)
-    if warm_start:
-        start = uniform_ranks(dense, method, ratio, mlp=mlp)
-        if classifier:
+    if init_ranks is not None or warm_start:
+        start = init_ranks or uniform_ranks(dense, method, ratio, mlp=mlp)
+        if classifier and start.head is None:
             start = replace(start, head=max(1, round(ratio * dense.head.weight.shape[0] * dense.head.weight.shape[1]
                                                      / sum(dense.head.weight.shape))))
         search.start_at(start)
-    teacher = dense.to(device).eval() if distill else None
+    teacher = dense.to(device).eval()
     net = DistributedDataParallel(model) if dist.world() > 1 and lr_weights > 0 else model
     opt_alpha = torch.optim.Adam(search.parameters(), lr=lr_alpha)
     opt_w = torch.optim.AdamW(model.parameters(), lr=lr_weights, weight_decay=0.0) if lr_weights > 0 else None
@@ -357,13 +362,13 @@ def search_ranks(dense: nn.Module, train_data, search_data, ratio: float = 0.5, 
                 seed_step(seed, step)
                 t = temperature(step, total, *tau)
                 cost = search.sample(t)
-                x, y = x.to(device), y.to(device)
+                x = x.to(device)
                 logits = net(x)
-                task = F.cross_entropy(logits, y)
-                if teacher is not None:
-                    with torch.no_grad():
-                        target_p = F.log_softmax(teacher(x), -1)
-                    task = task + F.kl_div(F.log_softmax(logits, -1), target_p, log_target=True, reduction="batchmean")
+                with torch.no_grad():
+                    target_p = F.log_softmax(teacher(x), -1)
+                task = F.kl_div(F.log_softmax(logits, -1), target_p, log_target=True, reduction="batchmean")
+                if labels:
+                    task = task + F.cross_entropy(logits, torch.as_tensor(y).to(device))
                 if not torch.isfinite(task):
                     search.clear()
                     raise ComcatError("the loss became NaN/inf during the rank search: lower the learning rates")

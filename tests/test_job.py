@@ -119,11 +119,12 @@ def test_search_then_finetune_beats_no_finetuning(embedded):
         assert torch.equal(right, small(x).argmax(1) == y) and right.float().mean() * 100 == pytest.approx(before)
     assert scores["nll"] > evaluate(dense, val, progress=False)["nll"] > 0
     events = []
-    res = finetune(small, dense, train, search, epochs=2, lr=5e-4, batch_size=64, callback=events.append)
+    res = finetune(small, dense, train, search, epochs=2, lr=1e-4, batch_size=64, callback=events.append)
     after_scores = evaluate(res["model"], val, progress=False)
     after = after_scores["top1"]
-    assert after > before + 3 and after_scores["nll"] < scores["nll"]
-    assert res["best_top1"] >= max(e["top1"] for e in events if e["kind"] == "validate") - 1e-9
+    assert after > before + 2 and after_scores["nll"] < scores["nll"]
+    validated = [e for e in events if e["kind"] == "validate"]
+    assert len(validated) == 3 and res["best"]["kl"] == min(e["kl"] for e in validated)
     assert [e["kind"] for e in events].count("finetune") == res["total"] == 32
     assert small.comcat_ranks is ranks or small.comcat_ranks.blocks == ranks.blocks
 
@@ -138,8 +139,8 @@ def test_nan_loss_is_a_clear_error(embedded):
         search_ranks(embedded.model, bad, bad, ratio=0.5, epochs=1, batch_size=4)
 
 
-SMALL = dict(mlp=True, ratio=0.4, search_epochs=2, finetune_epochs=1, train_images=256, search_images=128,
-             batch_size=32, latency=False)
+SMALL = dict(mlp=True, ratio=0.4, search=True, search_epochs=2, finetune_epochs=1, train_images=256, fit_images=128,
+             calibration_images=64, distill_steps=5, batch_size=32, latency=False)
 
 
 def _weights(out):
@@ -147,24 +148,30 @@ def _weights(out):
 
 
 def test_stop_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+    """Stopped in the search, in block distillation and in fine-tuning, resumed each time: the same
+    model as an uninterrupted run."""
     from comcat.io import load_compressed
     from comcat.job import JobSpec, run_job
 
-    whole = run_job(JobSpec(**SMALL), tmp_path / "whole")
+    events = []
+    whole = run_job(JobSpec(**SMALL), tmp_path / "whole", callback=events.append)
     assert whole["stopped"] is None and whole["report"]["search"]["cost"] <= whole["report"]["search"]["target"]
     assert json.loads((tmp_path / "whole" / "job.json").read_text())["phase"] == "done"
     assert not (tmp_path / "whole" / "state").exists()
+    phases = [e["phase"] for e in events if e["kind"] == "phase"]
+    assert phases == ["data", "calibrate", "allocate", "search", "distill", "finetune", "report"]
+    steps = {k: sum(e["kind"] == k for e in events) for k in ("search", "distill", "finetune")}
+    assert steps == {"search": 8, "distill": 30, "finetune": 8}      # 2 x 128/32; 6 blocks x 5; 256/32
 
     out, calls = tmp_path / "parts", {"n": 0}
 
-    def stop_at(*steps):
+    def stop_at(*at):
         def should_stop():
             calls["n"] += 1
-            return calls["n"] in steps
+            return calls["n"] in at
         return should_stop
 
-    # stop in the search's 2nd epoch (12 steps per epoch: 4 search + 8 weights)
-    first = run_job(JobSpec(**SMALL), out, should_stop=stop_at(20))
+    first = run_job(JobSpec(**SMALL), out, should_stop=stop_at(6))          # in the search's 2nd epoch
     assert first["stopped"] == "search"
     saved = load_compressed(out)                 # the best valid model so far, within budget
     assert saved.meta["report"]["stopped"] == "search"
@@ -172,15 +179,17 @@ def test_stop_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     assert (out / "state" / "search.json").is_file() and "Stopped" in (out / "report.md").read_text()
     with pytest.raises(ComcatError, match="--resume"):
         run_job(JobSpec(**SMALL), out)            # a new run must not overwrite an unfinished one
-    # resume; stop again during fine-tuning (the search has 4 steps left, then 8 fine-tune steps)
     calls["n"] = 0
-    second = run_job(None, out, resume=True, should_stop=stop_at(7))
-    assert second["stopped"] == "finetune" and (out / "state" / "finetune.json").is_file()
-    third = run_job(None, out, resume=True)
-    assert third["stopped"] is None
+    second = run_job(None, out, resume=True, should_stop=stop_at(2 + 13))   # 2 search steps left, then block 2
+    assert second["stopped"] == "distill" and (out / "state" / "distill.json").is_file()
+    calls["n"] = 0
+    third = run_job(None, out, resume=True, should_stop=stop_at(17 + 3))    # 17 distill steps left, then fine-tuning
+    assert third["stopped"] == "finetune" and (out / "state" / "finetune.json").is_file()
+    last = run_job(None, out, resume=True)
+    assert last["stopped"] is None
     a, b = _weights(tmp_path / "whole"), _weights(out)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert third["report"]["compressed"]["top1"] == pytest.approx(whole["report"]["compressed"]["top1"])
+    assert last["report"]["compressed"]["top1"] == pytest.approx(whole["report"]["compressed"]["top1"])
     with pytest.raises(ComcatError, match="already finished"):
         run_job(None, out, resume=True)
 
@@ -194,13 +203,14 @@ def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     r = _cli(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
              "-m", "comcat", "compress", "--search", "--mlp", "--params-ratio", "0.5", "--search-epochs", "1",
-             "--finetune-epochs", "1", "--train-images", "256", "--search-images", "128", "--batch-size", "32",
-             "--no-latency", "--out", str(out))
+             "--finetune-epochs", "1", "--train-images", "256", "--fit-images", "128", "--batch-size", "32",
+             "--calibration-images", "64", "--distill-steps", "3", "--no-latency", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((out / "comcat.json").read_text())
     assert meta["report"]["processes"] == 2
-    # each process saw its half: 128 search images / 2 processes / 32 per batch = 2 search steps per epoch
-    assert meta["report"]["search"]["total"] == 2 + 4
+    # each process saw its half: 128 fit images / 2 processes / 32 per batch = 2 search steps (calibrated
+    # factors stay fixed: no weight epochs); 256 training images / 2 / 32 = 4 fine-tuning steps
+    assert meta["report"]["search"]["total"] == 2 and meta["report"]["finetune"]["total"] == 4
     assert meta["report"]["compressed"]["top1"] > 90
     assert r.stdout.count("saved ") == 1          # only the main process reports
 
@@ -226,7 +236,7 @@ def test_cli_search_bad_inputs_leave_nothing(tmp_path):
     # NaN during the search (absurd weight learning rate): clear error, no folder left
     from comcat.job import JobSpec, run_job
     with pytest.raises(ComcatError, match="NaN"):
-        run_job(JobSpec(**{**SMALL, "lr_weights": 1e12}), out)
+        run_job(JobSpec(**{**SMALL, "calibration": "none", "lr_weights": 1e12}), out)
     assert not out.exists()
 
 

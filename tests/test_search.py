@@ -95,15 +95,15 @@ def test_short_search_meets_budget_and_learns(embedded):
 
     events = []
     ranks, info = search_ranks(embedded.model, data(10, 128), data(11, 128), ratio=0.5, epochs=2,
-                               batch_size=32, callback=events.append)
+                               batch_size=32, labels=True, callback=events.append)
     dense = embedded.model
     assert site_params(dense, ranks, "head", True) <= 0.5 * site_params(dense, None, "head", True)
     assert info["cost"] == model_params(embedded.model, ranks)
     assert [e["phase"] for e in events[:5]] == ["search"] * 4 + ["weights"]
     assert events[0]["tau"] == pytest.approx(5.0) and events[-1]["tau"] < 0.2
-    # the budget term pulls the expected cost down during the search
+    # the budget term pulls the sampled cost down from the first search epoch to the last
     search_costs = [e["cost"] for e in events if e["phase"] == "search"]
-    assert search_costs[-1] < search_costs[0]
+    assert sum(search_costs[-4:]) < sum(search_costs[:4])
     ranks.validate(embedded.model)
 
     stop_after = iter(range(3))
