@@ -11,13 +11,15 @@ from comcat.errors import ComcatError
 from comcat.job import JobSpec
 
 from .common import take_upload, workdir
+from .explore import model_spec
 
+MODEL_SOURCES = ("embedded", "timm name", "uploaded checkpoint", "model from Explore")
 DATA_SOURCES = ("embedded shapes", "folder path", "uploaded zip")
 MAX_ZIP_FILES = 200_000
 
 
 def unzip_images(path: str | None) -> Path:
-    """Extract an uploaded ImageFolder zip under the app's temp folder, refusing paths that leave it."""
+    """Extract an uploaded zip of images under the app's temp folder, refusing paths that leave it."""
     src = take_upload(path, (".zip",), "zip of an image folder")
     out = workdir("data")
     try:
@@ -35,23 +37,58 @@ def unzip_images(path: str | None) -> Path:
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else out   # folder/… or its contents
 
 
-def job_spec(ratio: float, budget: str, method: str, search: bool, search_epochs: int, finetune_epochs: int,
-             mlp: bool, data_source: str, data_path: str = "", data_zip: str | None = None,
-             device: str = "auto", train_images: int = 4096, search_images: int = 1024,
-             model: str = "embedded") -> JobSpec:
-    """The page's settings as a JobSpec (the same one the CLI builds)."""
-    if data_source == "folder path":
-        if not data_path.strip() or not Path(data_path.strip()).is_dir():
-            raise ComcatError(f"data folder {data_path.strip()!r} does not exist: give the path of an image folder")
-        data = data_path.strip()
-    elif data_source == "uploaded zip":
-        data = str(unzip_images(data_zip))
-    else:
-        data = None
-    return JobSpec(model=model, method=method, ratio=float(ratio), budget=budget, search=bool(search),
-                   search_epochs=max(1, int(search_epochs)), finetune_epochs=max(0, int(finetune_epochs)),
-                   mlp=bool(mlp), data=data, device=device, train_images=max(1, int(train_images)),
-                   search_images=max(1, int(search_images)))
+def chosen_model(source: str, name: str = "", upload: str | None = None, arch: str = "",
+                 explored=None) -> tuple[str, str | None]:
+    """(SPEC, arch) to compress: picked here as in Explore, or the model the Explore tab loaded."""
+    if source == "model from Explore":
+        if explored is None:
+            raise ComcatError("no model has been explored yet: press Explore in the Explore tab first, or pick "
+                              "another model here")
+        return explored.spec, explored.arch
+    return model_spec(source, name, upload, arch)
+
+
+def chosen_data(source: str, path: str = "", upload: str | None = None, model: str = "embedded") -> str | None:
+    """The data of a run: None for the embedded shapes, else a folder (typed, or an unzipped upload)."""
+    if source == "folder path":
+        if not path.strip() or not Path(path.strip()).is_dir():
+            raise ComcatError(f"data folder {path.strip()!r} does not exist: type the path of a folder of images "
+                              "(DIR/<image> or DIR/<class>/<image>) on the server")
+        return path.strip()
+    if source == "uploaded zip":
+        return str(unzip_images(upload))
+    if model != "embedded":
+        raise ComcatError("the embedded shapes only fit the embedded model: choose 'folder path' or 'uploaded zip' "
+                          "under data and give images of your own (labels are not needed)")
+    return None
+
+
+@dataclass
+class Settings:
+    """The page's compression settings (what a JobSpec takes besides the model and the data)."""
+    ratio: float = 0.5
+    budget: str = "params"
+    method: str = "head"
+    mlp: bool = False
+    search: bool = False
+    search_epochs: int = 4
+    distill_steps: int = 100
+    finetune_epochs: int = 0
+    device: str = "auto"
+    train_images: int = 4096
+    fit_images: int = 1024
+
+    def spec(self, model: str, arch: str | None, data: str | None) -> JobSpec:
+        return JobSpec(model=model, arch=arch, method=self.method, ratio=float(self.ratio), budget=self.budget,
+                       search=bool(self.search), search_epochs=max(1, int(self.search_epochs)),
+                       distill_steps=max(0, int(self.distill_steps)), finetune_epochs=max(0, int(self.finetune_epochs)),
+                       mlp=bool(self.mlp), data=data, device=self.device, train_images=max(1, int(self.train_images)),
+                       fit_images=max(1, int(self.fit_images)))
+
+
+LOSS_CURVES = {"search": "search (α steps)", "weights": "search (weight steps)", "distill": "block distillation",
+               "finetune": "end-to-end fine-tuning"}
+STEPPED = ("calibrate", "allocate", "search", "distill", "finetune")
 
 
 @dataclass
@@ -65,20 +102,24 @@ class Progress:
     last: dict = field(default_factory=dict)
     ranks: object = None
     ranks_changed: bool = False
-    losses: dict = field(default_factory=lambda: {"search": [], "weights": [], "finetune": []})
+    losses: dict = field(default_factory=lambda: {k: [] for k in LOSS_CURVES})
     val: list = field(default_factory=list)
+    data: dict = field(default_factory=dict)
 
     def update(self, e: dict) -> None:
         kind = e.get("kind")
         if kind == "phase":
             self.phase, self.phase_started, self.step, self.total = e["phase"], time.perf_counter(), 0, 0
-        elif kind in ("search", "finetune"):
+            if e["phase"] == "data":
+                self.data = e
+        elif kind in STEPPED:
             self.step, self.total, self.last = e["step"], e["total"], e
-            self.losses[e.get("phase", "finetune") if kind == "search" else "finetune"].append((self.elapsed, e["loss"]))
+            if "loss" in e:
+                self.losses[e.get("phase", "search") if kind == "search" else kind].append((self.elapsed, e["loss"]))
             if kind == "search" and e.get("ranks") is not None and e["ranks"] != self.ranks:
                 self.ranks, self.ranks_changed = e["ranks"], True
         elif kind == "validate":
-            self.val.append((e.get("step", 0), e["top1"]))
+            self.val.append(e)
         elif kind == "done":
             self.phase = "done"
 
@@ -93,22 +134,48 @@ class Progress:
         return (time.perf_counter() - self.phase_started) / self.step * (self.total - self.step)
 
     def status(self) -> str:
-        """One markdown line: phase, step, loss, cost vs budget, temperature, ETA."""
+        """One markdown line: phase, step, loss, cost vs budget, temperature, validation, ETA."""
         parts = [f"**{self.phase}**"]
         if self.total:
             parts.append(f"step {self.step}/{self.total}")
         e = self.last
         if self.phase == "search" and e.get("kind") == "search":
             parts += [f"loss {e['loss']:.3f}", f"cost {e['cost'] / e['target']:.0%} of budget", f"τ {e['tau']:.2f}"]
+        elif self.phase == "distill" and e.get("kind") == "distill":
+            parts += [f"block {e['block'] + 1}/{e['blocks']}", f"loss {e['loss']:.4f}"]
         elif self.phase == "finetune" and e.get("kind") == "finetune":
             parts.append(f"loss {e['loss']:.3f}")
         if self.val:
-            parts.append(f"val top-1 {self.val[-1][1]:.2f}%")
+            v = self.val[-1]
+            top1 = f", top-1 {v['top1']:.1f}%" if "top1" in v else ""
+            parts.append(f"validation ({v['images']} held-out images): agrees with dense {v['agreement']:.1f}%{top1}")
         eta = self.eta()
-        if eta is not None and self.phase in ("search", "finetune"):
+        if eta is not None and self.phase in STEPPED:
             parts.append(f"ETA {eta:.0f} s")
         parts.append(f"{self.elapsed:.0f} s elapsed")
         return " · ".join(parts)
+
+
+def result_card(report: dict) -> str:
+    """The headline figures of a finished run, each saying what it is measured on."""
+    d, c = report["dense"], report["compressed"]
+    lines = []
+    if "agreement" in c:
+        data = report.get("data", {})
+        where = f"{c['images']} held-out images" + (f" of {Path(data['source'].split(' (')[0]).name}"
+                                                    if data.get("source") else "")
+        lines.append(f"**{c['agreement']:.1f}% agreement with the dense model** (same top-1; KL {c['kl']:.3f}) on {where}")
+        if "top1" in c:
+            lines.append(f"top-1 **{c['top1']:.1f}%** (dense {d['top1']:.1f}%, {c['top1'] - d['top1']:+.1f} points)")
+        elif data.get("note"):
+            lines.append(f"no top-1: {data['note']}")
+    lines.append(f"params {c['params']:,} ({c['params'] / d['params']:.2f}× dense) · FLOPs {c['flops'] / 1e6:,.0f}M "
+                 f"({c['flops'] / d['flops']:.2f}×) · attention at {report['attn_params_ratio']:.0%} of its params")
+    for key, r in report.get("latency_ratio", {}).items():
+        lines.append(f"latency {key.replace('_b', ' batch ')}: {c['latency_ms'][key]:.1f} ms vs {d['latency_ms'][key]:.1f} ms "
+                     f"dense, {r['median']:.2f}× (range {r['range'][0]:.2f}–{r['range'][1]:.2f} over 5 alternating "
+                     "rounds; the server's load moves it)")
+    return "\n\n".join(lines)
 
 
 def zip_model(out: Path) -> Path:
@@ -121,4 +188,3 @@ def zip_model(out: Path) -> Path:
                 z.write(p, Path(out.name) / p.relative_to(out))
     os.replace(tmp, target)
     return target
-

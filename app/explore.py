@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from comcat.analysis import Spectra, analyze
 from comcat.errors import ComcatError
-from comcat.models import CHECKPOINT_SUFFIXES, Loaded, load_checkpoint, load_model
+from comcat.models import CHECKPOINT_SUFFIXES, load_model
 from comcat.plots import (ALL, energy_heatmaps_mpl, energy_heatmaps_plotly, head_spectra_plotly,
                           param_curves_mpl, param_curves_plotly, save_png)
 
@@ -15,20 +15,28 @@ from .common import take_upload, workdir
 SOURCES = ("embedded", "timm name", "uploaded checkpoint")
 
 
-def load(source: str, name: str = "", upload: str | None = None, arch: str = "") -> Loaded:
-    """The model a user picked: the embedded one, a timm name, or an uploaded checkpoint + its arch."""
+def model_spec(source: str, name: str = "", upload: str | None = None, arch: str = "") -> tuple[str, str | None]:
+    """(SPEC, arch) of the model a user picked, as comcat.load_model takes them; an upload is first
+    copied into the app's folder."""
     if source == "embedded":
-        return load_model("embedded")
+        return "embedded", None
     if source == "timm name":
-        return load_model(name.strip() or "deit_small_patch16_224")
+        return name.strip() or "deit_small_patch16_224", None
+    if source != "uploaded checkpoint":
+        raise ComcatError(f"unknown model source {source!r}")
     path = take_upload(upload, CHECKPOINT_SUFFIXES, "checkpoint")
-    return load_checkpoint(path, arch.strip() or None)
+    if not arch.strip():
+        raise ComcatError(f"{path.name} is a bare checkpoint: type its architecture in the 'architecture' box, "
+                          "e.g. vit_tiny_patch16_224")
+    return str(path), arch.strip()
 
 
 @dataclass
 class Exploration:
     source: str
     spectra: Spectra
+    spec: str = "embedded"            # what load_model(spec, arch) takes to load the model again
+    arch: str | None = None
 
     def figures(self, names=ALL, layer: int = 0):
         """(energy heatmaps, per-head spectra of `layer`, param curves) as plotly figures."""
@@ -52,7 +60,8 @@ class Exploration:
 
 
 def explore(source: str, name: str = "", upload: str | None = None, arch: str = "") -> Exploration:
-    loaded = load(source, name, upload, arch)
+    spec, arch_name = model_spec(source, name, upload, arch)
+    loaded = load_model(spec, arch_name)
     if loaded.compressed:
         raise ComcatError(f"{loaded.source} is already compressed: explore the dense model it came from")
-    return Exploration(loaded.source, analyze(loaded.model))
+    return Exploration(loaded.source, analyze(loaded.model), spec, arch_name)

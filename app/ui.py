@@ -61,10 +61,11 @@ def explore_tab():
             heads = gr.Plot(label="per-head spectra")
             files = gr.File(label="export (JSON + PNG)", file_count="multiple")
     state = gr.State()
-    go.click(on_explore, [source, name, upload, arch, shown, layer], [heat, heads, curves, summary, files, state],
-             concurrency_id="explore", concurrency_limit=2)
+    explored = go.click(on_explore, [source, name, upload, arch, shown, layer],
+                        [heat, heads, curves, summary, files, state], concurrency_id="explore", concurrency_limit=2)
     for control in (shown, layer):
         control.change(on_replot, [state, shown, layer], [heat, heads], concurrency_id="explore")
+    return state, explored
 
 
 # ---------------------------------------------------------------- Compress
@@ -72,84 +73,131 @@ def loss_figure(p: compress.Progress):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for key, label in (("search", "search (α steps)"), ("weights", "search (weight steps)"), ("finetune", "fine-tune")):
+    for key, label in compress.LOSS_CURVES.items():
         if p.losses[key]:
             t, loss = zip(*p.losses[key])
             fig.add_trace(go.Scatter(x=t, y=loss, mode="lines", name=label))
-    fig.update_layout(height=300, xaxis_title="seconds", yaxis_title="loss", margin=dict(t=30, l=50, r=20, b=40))
+    fig.update_layout(height=300, xaxis_title="seconds", yaxis_title="loss", yaxis_type="log",
+                      margin=dict(t=30, l=50, r=20, b=40))
     return fig
 
 
-def on_compress(ratio, budget, method, search, search_epochs, finetune_epochs, mlp, data_source, data_path,
-                data_zip, device, train_images=4096, search_images=1024):
-    """Stream (status, ranks heatmap, loss curve, result card, download) while the run goes."""
-    nothing = (gr.skip(),) * 4
+def on_compress(model_source="embedded", name="", upload=None, arch="", explored=None, ratio=0.5, budget="params",
+                method="head", mlp=False, search=False, search_epochs=4, distill_steps=100, finetune_epochs=0,
+                data_source="embedded shapes", data_path="", data_zip=None, device="auto", train_images=4096,
+                fit_images=1024, resume_dir=None):
+    """Stream (status, ranks heatmap, loss curve, result card, download, run folder) while the run goes;
+    with resume_dir, continue the run stopped there."""
+    nothing = (gr.skip(),) * 5
     try:
-        spec = compress.job_spec(ratio, budget, method, search, search_epochs, finetune_epochs, mlp, data_source,
-                                 data_path, data_zip, device, train_images, search_images)
-        out = workdir("compress") / "model"
-        COMPRESS.start(lambda cb, stop: run_job(spec, out, callback=cb, should_stop=stop))
+        if resume_dir:
+            out, spec = Path(resume_dir), None
+        else:
+            model, arch_name = compress.chosen_model(model_source, name, upload, arch, explored)
+            data = compress.chosen_data(data_source, data_path, data_zip, model)
+            spec = compress.Settings(ratio, budget, method, mlp, search, search_epochs, distill_steps, finetune_epochs,
+                                     device, train_images, fit_images).spec(model, arch_name, data)
+            out = workdir("compress") / "model"
+        COMPRESS.start(lambda cb, stop: run_job(spec, out, resume=spec is None, callback=cb, should_stop=stop))
     except (Busy, Exception) as e:   # noqa: BLE001 - shown in the page
         yield (message(e), *nothing)
         return
-    yield ("**starting** · loading the model and data", *nothing)
-    dense = load_model(spec.model).model
+    yield ("**starting** · loading the model and data", *nothing[:-1], str(out))
     p = compress.Progress()
+    dense = None
     for events in COMPRESS.stream(0.5):
         for e in events:
             p.update(e)
         ranks = gr.skip()
         if p.ranks_changed:
+            if dense is None:
+                dense = _run_model(out)
             ranks, p.ranks_changed = ranks_heatmap_plotly(p.ranks, dense), False
         status = p.status() + (" · stopping…" if COMPRESS.stopping and p.phase != "done" else "")
-        yield status, ranks, loss_figure(p), gr.skip(), gr.skip()
+        yield status, ranks, loss_figure(p), gr.skip(), gr.skip(), gr.skip()
     if COMPRESS.error is not None:
-        yield message(COMPRESS.error), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        yield message(COMPRESS.error), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
     result = COMPRESS.result
     small = result["loaded"].model
-    head = (f"⏹️ Stopped during {result['stopped']}: the best valid model so far is kept."
+    head = (f"⏹️ Stopped during {result['stopped']}: the best valid model so far is kept; press Resume to go on."
             if result["stopped"] else f"✅ Done in {p.elapsed:.0f} s.")
-    yield (head, ranks_heatmap_plotly(small.comcat_ranks, dense), loss_figure(p),
-           report_markdown(result["report"], result["loaded"].source), str(compress.zip_model(out)))
+    card = compress.result_card(result["report"]) + "\n\n---\n\n" + report_markdown(result["report"],
+                                                                                    result["loaded"].source)
+    yield (head, ranks_heatmap_plotly(small.comcat_ranks, _run_model(out)), loss_figure(p), card,
+           str(compress.zip_model(out)), str(out))
+
+
+def _run_model(out: Path):
+    """The dense model of the run in `out` (for the ranks heatmap's full ranks)."""
+    import json
+
+    spec = json.loads((out / "job.json").read_text())["spec"]
+    return load_model(spec["model"], spec["arch"]).model
+
+
+def on_compress_resume(run_dir):
+    if not run_dir or not (Path(run_dir) / "job.json").is_file():
+        yield "nothing to resume: start a run first", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return
+    yield from on_compress(resume_dir=run_dir)
 
 
 def on_stop():
     return "**stopping** at the next step…" if COMPRESS.stop() else "nothing is running"
 
 
-def compress_tab():
+def compress_tab(explored):
     with gr.Row():
         with gr.Column(scale=1):
-            ratio = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="budget: keep this fraction of attention + MLP")
+            model_source = gr.Radio(list(compress.MODEL_SOURCES), value="embedded", label="model",
+                                    elem_id="compress-model")
+            name = gr.Textbox(label="timm name (pretrained weights need network)", placeholder="deit_small_patch16_224")
+            upload = gr.File(label="checkpoint (.safetensors / .pth)", file_types=[".safetensors", ".pth", ".pt", ".bin"],
+                             type="filepath", elem_id="compress-upload")
+            arch = gr.Textbox(label="architecture of the checkpoint (timm name)", placeholder="vit_tiny_patch16_224",
+                              elem_id="compress-arch")
+            data_source = gr.Radio(list(compress.DATA_SOURCES), value="embedded shapes",
+                                   label="data (your images; labels not needed)", elem_id="compress-data")
+            data_path = gr.Textbox(label="image folder on the server (DIR/<image>, DIR/<class>/<image>, or train/ + val/)")
+            data_zip = gr.File(label="zip of an image folder", file_types=[".zip"], type="filepath",
+                               elem_id="compress-zip")
+            ratio = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="budget: keep this fraction of the compressed "
+                                                                   "sites' parameters (attention, + MLPs if ticked)")
             budget = gr.Radio(["params", "flops"], value="params", label="budget counts")
             method = gr.Radio(["head", "matrix"], value="head", label="factorization")
-            search = gr.Checkbox(value=True, label="search ranks (Gumbel-softmax)")
-            mlp = gr.Checkbox(value=True, label="also compress the MLPs")
-            search_epochs = gr.Slider(1, 20, value=4, step=1, label="search epochs", elem_id="compress-search-epochs")
-            finetune_epochs = gr.Slider(0, 20, value=2, step=1, label="fine-tune epochs",
-                                        elem_id="compress-finetune-epochs")
-            data_source = gr.Radio(list(compress.DATA_SOURCES), value="embedded shapes", label="data")
-            data_path = gr.Textbox(label="image folder (train/ + val/, or class folders)")
-            data_zip = gr.File(label="zip of an image folder", file_types=[".zip"], type="filepath")
-            device = gr.Radio(["auto", "cpu", "cuda"], value="auto", label="device")
-            with gr.Accordion("images per epoch", open=False, elem_id="compress-images"):
-                train_images = gr.Number(4096, precision=0, label="training images (embedded: generated)",
+            mlp = gr.Checkbox(value=False, label="also compress the MLPs (small models' MLPs are far from low-rank)")
+            distill_steps = gr.Slider(0, 300, value=100, step=10, label="block distillation steps per block",
+                                      elem_id="compress-distill-steps")
+            with gr.Accordion("more", open=False, elem_id="compress-more"):
+                search = gr.Checkbox(value=False, label="search ranks (Gumbel-softmax) instead of allocating them")
+                search_epochs = gr.Slider(1, 20, value=4, step=1, label="search epochs", elem_id="compress-search-epochs")
+                finetune_epochs = gr.Slider(0, 20, value=0, step=1, label="end-to-end fine-tuning epochs",
+                                            elem_id="compress-finetune-epochs")
+                device = gr.Radio(["auto", "cpu", "cuda"], value="auto", label="device")
+                train_images = gr.Number(4096, precision=0, label="embedded shapes: training images (generated)",
                                          elem_id="compress-train-images")
-                search_images = gr.Number(1024, precision=0, label="search images", elem_id="compress-search-images")
+                fit_images = gr.Number(1024, precision=0, label="embedded shapes: calibration images (generated)",
+                                       elem_id="compress-fit-images")
             with gr.Row():
                 start = gr.Button("Compress", variant="primary", elem_id="compress-go")
                 stop = gr.Button("Stop", variant="stop", elem_id="compress-stop")
+                resume = gr.Button("Resume", elem_id="compress-resume")
         with gr.Column(scale=2):
-            status = gr.Markdown("Pick a budget and press Compress.", elem_id="compress-status")
+            status = gr.Markdown("Pick a model, your images and a budget, and press Compress.",
+                                 elem_id="compress-status")
             ranks = gr.Plot(label="ranks per layer", elem_id="compress-ranks")
             losses = gr.Plot(label="loss")
             card = gr.Markdown(elem_id="compress-result")
             download = gr.File(label="compressed model (zip)")
-    start.click(on_compress, [ratio, budget, method, search, search_epochs, finetune_epochs, mlp, data_source,
-                              data_path, data_zip, device, train_images, search_images], [status, ranks, losses, card, download],
-                concurrency_id="compress", concurrency_limit=2)
+    run_dir = gr.State()
+    outputs = [status, ranks, losses, card, download, run_dir]
+    start.click(on_compress, [model_source, name, upload, arch, explored, ratio, budget, method, mlp, search,
+                              search_epochs, distill_steps, finetune_epochs, data_source, data_path, data_zip, device,
+                              train_images, fit_images], outputs, concurrency_id="compress", concurrency_limit=2)
+    resume.click(on_compress_resume, run_dir, outputs, concurrency_id="compress", concurrency_limit=2)
     stop.click(on_stop, None, status, concurrency_limit=None, queue=False)
+    return model_source
 
 
 # ---------------------------------------------------------------- Customize
@@ -294,9 +342,12 @@ def build_demo() -> gr.Blocks:
                     "how low-rank a ViT's attention is, compress it under a budget, and teach a text-to-image model a "
                     "new concept with per-head low-rank attention adapters.")
         with gr.Tab("Explore"):
-            explore_tab()
+            explored, explore_done = explore_tab()
         with gr.Tab("Compress"):
-            compress_tab()
+            compress_source = compress_tab(explored)
+        # a model explored successfully is what Compress offers next
+        explore_done.then(lambda ex: "model from Explore" if ex is not None else gr.skip(), explored, compress_source,
+                          queue=False)
         with gr.Tab("Customize"):
             trained = customize_tab()
         with gr.Tab("Generate"):

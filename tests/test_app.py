@@ -75,9 +75,9 @@ def test_runner_runs_one_job_at_a_time_and_stops():
     assert isinstance(r.error, ZeroDivisionError) and not r.running
 
 
-TINY = dict(ratio=0.5, budget="params", method="head", search=True, search_epochs=1, finetune_epochs=1, mlp=True,
-            data_source="embedded shapes", data_path="", data_zip=None, device="cpu", train_images=64,
-            search_images=64)
+TINY = dict(ratio=0.5, budget="params", method="head", search=True, search_epochs=1, distill_steps=3,
+            finetune_epochs=1, mlp=True, data_source="embedded shapes", data_path="", data_zip=None, device="cpu",
+            train_images=64, fit_images=64)
 
 
 def test_compress_streams_progress_and_exports_a_reloadable_zip(tmp_path):
@@ -86,9 +86,11 @@ def test_compress_streams_progress_and_exports_a_reloadable_zip(tmp_path):
     updates = list(ui.on_compress(**TINY))
     statuses = [u[0] for u in updates if isinstance(u[0], str)]
     assert statuses[0].startswith("**starting**")   # phase lines depend on poll timing: see the next test
-    head, ranks, losses, card, download = updates[-1]
-    assert head.startswith("✅") and "top-1" in card and "params" in card
-    assert len(ranks.data) == 1 and {t.name for t in losses.data} >= {"search (α steps)", "fine-tune"}
+    head, ranks, losses, card, download, run_dir = updates[-1]
+    assert head.startswith("✅") and "agreement with the dense model" in card and "top-1" in card
+    assert "held-out images" in card and "params" in card
+    assert len(ranks.data) == 1 and {t.name for t in losses.data} >= {"search (α steps)", "block distillation",
+                                                                      "end-to-end fine-tuning"}
     with zipfile.ZipFile(download) as z:
         z.extractall(tmp_path)
     small = load_compressed(tmp_path / "model")
@@ -103,30 +105,75 @@ def test_progress_status_follows_the_events():
               "target": 100.0, "tau": 3.2, "ranks": None})
     s = p.status()
     assert s.startswith("**search**") and "step 2/8" in s and "120% of budget" in s and "τ 3.20" in s and "ETA" in s
+    p.update({"kind": "phase", "phase": "distill"})
+    p.update({"kind": "distill", "block": 2, "blocks": 6, "step": 13, "total": 30, "loss": 0.0123})
+    assert "block 3/6" in p.status() and "loss 0.0123" in p.status()
     p.update({"kind": "phase", "phase": "finetune"})
-    p.update({"kind": "validate", "step": 0, "total": 4, "top1": 97.5})
+    p.update({"kind": "validate", "step": 0, "total": 4, "images": 100, "agreement": 91.0, "kl": 0.2, "top1": 97.5})
     p.update({"kind": "finetune", "step": 1, "total": 4, "loss": 0.25})
     s = p.status()
-    assert s.startswith("**finetune**") and "step 1/4" in s and "loss 0.250" in s and "val top-1 97.50%" in s
-    assert [len(p.losses[k]) for k in ("search", "weights", "finetune")] == [1, 0, 1]
+    assert s.startswith("**finetune**") and "step 1/4" in s and "loss 0.250" in s
+    assert "validation (100 held-out images): agrees with dense 91.0%, top-1 97.5%" in s
+    assert [len(p.losses[k]) for k in ("search", "weights", "distill", "finetune")] == [1, 0, 1, 1]
     p.update({"kind": "done", "stopped": None, "report": {}})
     assert p.status().startswith("**done**") and "ETA" not in p.status()
 
 
-def test_second_start_says_busy_and_stop_keeps_the_best_model():
-    long = {**TINY, "search_epochs": 20, "train_images": 512, "search_images": 512}
+def test_stop_keeps_the_best_model_and_resume_finishes_the_run():
+    long = {**TINY, "search_epochs": 20, "train_images": 512, "fit_images": 512}
     run = ui.on_compress(**long)
     first = next(run)[0]
     assert first.startswith("**starting**")
     busy = list(ui.on_compress(**TINY))
     assert len(busy) == 1 and "already running" in busy[0][0]
     for update in run:
-        if "step" in str(update[0]):
+        if "step" in str(update[0]) and "search" in str(update[0]):
             assert ui.on_stop().startswith("**stopping**")
             break
     final = list(run)[-1]
-    assert final[0].startswith("⏹️ Stopped during search") and "Stopped" in final[3]
+    assert final[0].startswith("⏹️ Stopped during search") and "Stopped" in final[3] and "Resume" in final[0]
     assert ui.on_stop() == "nothing is running"
+    run_dir = final[5]
+    resumed = list(ui.on_compress_resume(run_dir))
+    assert resumed[-1][0].startswith("✅") and "agreement with the dense model" in resumed[-1][3]
+    assert "nothing to resume" in next(ui.on_compress_resume(None))[0]
+    assert "already finished" in list(ui.on_compress_resume(run_dir))[-1][0]
+
+
+def test_compress_an_uploaded_checkpoint_on_a_flat_folder(tmp_path):
+    """A checkpoint uploaded in the page, compressed on a zip of unlabeled images: agreement, no top-1."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from comcat.data.shapes import make_shapes
+    from comcat.models import load_model
+
+    ckpt = tmp_path / "mine.safetensors"
+    save_file(load_model("embedded").model.state_dict(), str(ckpt))
+    images, _, _ = make_shapes(40, 3)
+    zpath = tmp_path / "photos.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for i, img in enumerate(images):
+            path = tmp_path / f"{i}.png"
+            Image.fromarray(img).save(path)
+            z.write(path, f"photos/{i}.png")
+    missing = next(ui.on_compress(model_source="uploaded checkpoint", upload=str(ckpt), arch="",
+                                  data_source="uploaded zip", data_zip=str(zpath)))[0]
+    assert "architecture" in missing and "--arch" not in missing
+    updates = list(ui.on_compress(model_source="uploaded checkpoint", upload=str(ckpt), arch="comcat_shapes_vit",
+                                  data_source="uploaded zip", data_zip=str(zpath), distill_steps=2, device="cpu"))
+    head, _, _, card, download, _ = updates[-1]
+    assert head.startswith("✅"), head
+    assert "agreement with the dense model" in card and "no top-1: labels not used: a flat folder has no labels" in card
+    assert "top-1 **" not in card
+
+
+def test_compress_the_explored_model():
+    assert "press Explore" in next(ui.on_compress(model_source="model from Explore"))[0]
+    ex = ui.on_explore("embedded", "", None, "", [], 0)[-1]
+    assert ex.spec == "embedded"
+    shapes_for_timm = next(ui.on_compress(model_source="timm name", name="vit_tiny_patch16_224"))[0]
+    assert "embedded shapes only fit the embedded model" in shapes_for_timm
 
 
 def test_compress_bad_inputs():

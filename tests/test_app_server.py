@@ -39,11 +39,11 @@ def test_bad_input_through_the_api_is_a_message(client):
 
 
 def test_tiny_compress_through_the_api(client):
-    job = client.submit(0.5, "params", "head", True, 1, 0, False, "embedded shapes", "", None, "cpu", 64, 64,
-                        api_name="/on_compress")
+    job = client.submit("embedded", "", None, "", 0.5, "params", "head", False, True, 1, 3, 0,
+                        "embedded shapes", "", None, "cpu", 64, 64, api_name="/on_compress")
     outputs = job.result()
     status, _, _, card, download = outputs
-    assert status.startswith("✅") and "top-1" in card and download.endswith(".zip")
+    assert status.startswith("✅") and "top-1" in card and "agreement" in card and download.endswith(".zip")
     assert client.predict(api_name="/on_stop") == "nothing is running"
 
 

@@ -65,7 +65,8 @@ def set_number(driver, elem_id: str, value) -> None:
 
 
 def tab(driver, name: str) -> None:
-    next(b for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == name).click()
+    buttons = lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == name]
+    wait(driver).until(buttons)[0].click()
 
 
 def text_of(driver, elem_id: str) -> str:
@@ -80,14 +81,31 @@ def test_explore_shows_the_heatmap(page, shots):
     page.save_screenshot(str(shots / "explore.png"))
 
 
+def choose(driver, elem_id: str, option: str) -> None:
+    """Click the option of a gradio Radio with this elem_id."""
+    label = next(l for l in driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} label") if l.text.strip() == option)
+    label.click()
+
+
+def upload(driver, elem_id: str, path) -> None:
+    driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=file]").send_keys(str(path))
+    try:
+        wait(driver, 30).until(lambda d: Path(path).stem in d.find_element(By.ID, elem_id).text)   # shown as "stem\n.suffix"
+    except Exception:
+        raise AssertionError(f"{elem_id} shows {driver.find_element(By.ID, elem_id).text!r}; page: "
+                             f"{driver.find_element(By.TAG_NAME, 'body').text[:3000]!r}")
+
+
 def tiny_settings(page, search_epochs, images):
     tab(page, "Compress")
     wait(page).until(EC.element_to_be_clickable((By.ID, "compress-go")))
+    set_number(page, "compress-distill-steps", 10)
+    page.find_element(By.CSS_SELECTOR, "#compress-more button, #compress-more .label-wrap").click()
+    wait(page).until(lambda d: d.find_element(By.CSS_SELECTOR, "#compress-search-epochs input").is_displayed())
+    page.find_element(By.XPATH, "//label[contains(., 'search ranks')]").click()
     set_number(page, "compress-search-epochs", search_epochs)
     set_number(page, "compress-finetune-epochs", 1)
-    page.find_element(By.CSS_SELECTOR, "#compress-images button, #compress-images .label-wrap").click()
-    for elem in ("compress-train-images", "compress-search-images"):
-        wait(page).until(lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem} input").is_displayed())
+    for elem in ("compress-train-images", "compress-fit-images"):
         set_number(page, elem, images)
 
 
@@ -97,21 +115,59 @@ def test_tiny_compress_runs_to_completion(page, shots):
     wait(page, 10).until(lambda d: "starting" in text_of(d, "compress-status") or "step" in text_of(d, "compress-status"))
     wait(page, 300).until(lambda d: "Done" in text_of(d, "compress-status"))
     card = text_of(page, "compress-result")
-    assert "top-1" in card and "params" in card
+    assert "agreement with the dense model" in card and "top-1" in card and "params" in card
     assert page.find_elements(By.CSS_SELECTOR, "#compress-ranks .js-plotly-plot")
     page.save_screenshot(str(shots / "compress.png"))
 
 
-def test_stop_ends_a_longer_run(page, shots):
-    set_number(page, "compress-search-epochs", 20)
-    set_number(page, "compress-train-images", 512)
-    set_number(page, "compress-search-images", 512)
+def test_stop_then_resume_finishes_the_run(page, shots):
+    set_number(page, "compress-search-epochs", 4)
+    set_number(page, "compress-train-images", 256)
+    set_number(page, "compress-fit-images", 256)
     page.find_element(By.ID, "compress-go").click()
     wait(page, 120).until(lambda d: "step" in text_of(d, "compress-status"))
     page.find_element(By.ID, "compress-stop").click()
     wait(page, 300).until(lambda d: "Stopped" in text_of(d, "compress-status"))
     assert "Stopped" in text_of(page, "compress-result")
     page.save_screenshot(str(shots / "compress_stopped.png"))
+    page.find_element(By.ID, "compress-resume").click()
+    wait(page, 600).until(lambda d: "Done" in text_of(d, "compress-status"))
+    assert "agreement with the dense model" in text_of(page, "compress-result")
+
+
+def test_compress_an_uploaded_checkpoint_on_unlabeled_images(page, tmp_path):
+    import zipfile
+
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from comcat.data.shapes import make_shapes
+    from comcat.models import load_model
+
+    ckpt = tmp_path / "mine.safetensors"
+    save_file(load_model("embedded").model.state_dict(), str(ckpt))
+    images, _, _ = make_shapes(40, 3)
+    zpath = tmp_path / "photos.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for i, img in enumerate(images):
+            Image.fromarray(img).save(tmp_path / f"{i}.png")
+            z.write(tmp_path / f"{i}.png", f"photos/{i}.png")
+    page.refresh()                                          # the defaults, whatever the tests before set
+    tab(page, "Compress")
+    wait(page).until(EC.element_to_be_clickable((By.ID, "compress-go")))
+    set_number(page, "compress-distill-steps", 10)
+    choose(page, "compress-model", "uploaded checkpoint")
+    upload(page, "compress-upload", ckpt)
+    box = page.find_element(By.CSS_SELECTOR, "#compress-arch textarea, #compress-arch input")
+    box.clear()
+    box.send_keys("comcat_shapes_vit")
+    choose(page, "compress-data", "uploaded zip")
+    upload(page, "compress-zip", zpath)
+    page.find_element(By.ID, "compress-go").click()
+    wait(page, 600).until(lambda d: "Done" in text_of(d, "compress-status") or "⚠️" in text_of(d, "compress-status"))
+    card = text_of(page, "compress-result")
+    assert "Done" in text_of(page, "compress-status"), text_of(page, "compress-status")
+    assert "agreement with the dense model" in card and "no top-1" in card
 
 
 def test_tiny_customize_then_generate(page, shots):
