@@ -67,7 +67,7 @@ def prune_baseline(dense, splits, ratio: float, epochs: int, seed: int) -> tuple
     model.zero_grad()
     before = evaluate(model, splits.eval, progress=False)["top1"]
     t = time.perf_counter()
-    res = finetune(model, dense, splits.train, splits.search, epochs=epochs, seed=seed)
+    res = finetune(model, dense, splits.train, splits.val, epochs=epochs, seed=seed)
     return res["model"], {"top1_before_finetune": before, "time_s": time.perf_counter() - t}
 
 
@@ -78,7 +78,7 @@ def run_seed(dense, splits, args, seed: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, method in [(n, m) for n, m in (("comcat", "head"), ("matrix", "matrix")) if n in args.methods]:
-            spec = JobSpec(method=method, ratio=args.ratio, mlp=True, search_epochs=args.search_epochs,
+            spec = JobSpec(method=method, ratio=args.ratio, mlp=True, search=True, search_epochs=args.search_epochs,
                            finetune_epochs=args.finetune_epochs, seed=seed, evaluate=False, latency=False)
             t = time.perf_counter()
             res = run_job(spec, Path(tmp) / method)

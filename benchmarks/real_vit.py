@@ -1,0 +1,245 @@
+"""Real-weights head-to-head on the pretrained ViT-Tiny in ../shared/data (skips when absent).
+
+The images of ../shared/data/imagenet-sample are split as a compress run splits a folder (seed
+--seed): a seeded half is the evaluation half, reported here; the other half is fitted on (400
+training images for calibration, allocation, search and block distillation; 100 validation images
+held out, unused here). Labels are never used for fitting. For each setting (attention at 50% or
+30% of its parameters with the MLPs dense, and attention + MLPs at 50%), at head level (COMCAT) and
+matrix level, the rows add one step each:
+
+  plain SVD uniform      every site at the same rank, SVD of the weights (what comcat did before)
+  calibrated uniform     the same ranks, factors fitted to the layers' inputs (comcat/calibrate.py)
+  calibrated + allocation   ranks allocated from the calibrated errors (comcat/allocate.py)
+  + search               Gumbel-softmax search from there, KL loss, factors fixed (comcat/search.py)
+  + block distillation   the allocation row's model, each block distilled from the dense one
+                         (comcat/reconstruct.py); the one-click default
+Torch-Pruning (structured: every head's q/k/v dims, and the MLP hidden units in the MLP setting,
+Taylor importance on the dense model's own predictions) at the same parameter count gets the same
+block distillation. Top-1 and agreement with the dense model on the evaluation half, the 95%
+interval of head minus matrix (and minus Torch-Pruning) from a paired bootstrap over images, and
+the time of each row (cumulative along a method's steps). Writes JSON, markdown and a plot.
+
+    python benchmarks/real_vit.py [--settings attn50 attn30 all50] [--seed 0] [--search-epochs 4]
+        [--distill-steps 100] [--distill-views 2] [--out docs/results/real_vit]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from comcat.allocate import FISHER_IMAGES, PROBE_IMAGES, calibrated_ranks  # noqa: E402
+from comcat.calibrate import build, calibrate  # noqa: E402
+from comcat.compress import compress  # noqa: E402
+from comcat.cost import count_params, layer_params  # noqa: E402
+from comcat.data.splits import folder_splits  # noqa: E402
+from comcat.evaluate import predict, scores  # noqa: E402
+from comcat.models import load_model  # noqa: E402
+from comcat.ranks import uniform_ranks  # noqa: E402
+from comcat.reconstruct import AugmentedViews, distill_blocks  # noqa: E402
+from comcat.search import search_ranks, search_target  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+SETTINGS = {"attn50": (0.5, False), "attn30": (0.3, False), "all50": (0.5, True)}
+
+
+def cached(ds):
+    """Decode and transform once: (x, y) tensors."""
+    from torch.utils.data import TensorDataset
+
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return TensorDataset(torch.stack(xs), torch.tensor(ys))
+
+
+def paired(a: torch.Tensor, b: torch.Tensor, reps: int = 10000, seed: int = 0) -> dict:
+    """a, b: (N,) bool, right/wrong of two models on the same images. Mean difference a - b in
+    points and its 95% interval, images resampled with replacement."""
+    d = a.double() - b.double()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(d), (reps, len(d)), generator=g)
+    boot = d[idx].mean(1) * 100
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"diff": d.mean().item() * 100, "ci95": [lo, hi]}
+
+
+def prune(dense, train, ratio: float, mlp: bool):
+    """Torch-Pruning: remove (1 - ratio) of every head's q/k/v dims (and of the MLP hidden units with
+    mlp), Taylor importance from the cross-entropy with the dense model's own top-1 (no labels)."""
+    import torch_pruning as tp
+    from timm.layers import Attention
+
+    model = copy.deepcopy(dense).train()
+    ignored = [model.head, model.patch_embed.proj] + [b.attn.proj for b in model.blocks]
+    ignored += [b.mlp.fc2 for b in model.blocks] + ([] if mlp else [b.mlp.fc1 for b in model.blocks])
+    num_heads = {b.attn.qkv: b.attn.num_heads for b in model.blocks}
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 224, 224), importance=tp.importance.GroupTaylorImportance(),
+                                  pruning_ratio=1 - ratio, ignored_layers=ignored, num_heads=num_heads,
+                                  prune_head_dims=True, prune_num_heads=False, global_pruning=False)
+    model.zero_grad()
+    for x, _ in DataLoader(train, batch_size=50):
+        with torch.no_grad():
+            target = dense(x).argmax(1)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+    pruner.step()
+    for m in model.modules():
+        if isinstance(m, Attention):       # timm reads these in forward; the dense logit scale stays
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            m.attn_dim = m.num_heads * m.head_dim
+            m.fused_attn = False
+    model.zero_grad()
+    return model.eval().requires_grad_(True)
+
+
+def attn_ratio(dense, cfg) -> float:
+    return sum(l["attn"] for l in layer_params(dense, cfg)) / sum(l["attn"] for l in layer_params(dense))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    ap.add_argument("--methods", nargs="+", choices=("head", "matrix", "prune"), default=["head", "matrix", "prune"])
+    ap.add_argument("--seed", type=int, default=0, help="seed of the folder split (default 0)")
+    ap.add_argument("--search-epochs", type=int, default=4)
+    ap.add_argument("--distill-steps", type=int, default=100)
+    ap.add_argument("--distill-views", type=int, default=2)
+    ap.add_argument("--out", default=None, help="write OUT.json, OUT.md, OUT.png")
+    args = ap.parse_args()
+    weights, images = SHARED / "vit_tiny_patch16_224.safetensors", SHARED / "imagenet-sample"
+    if not (weights.is_file() and images.is_dir()):
+        print(f"skipped: {SHARED} with the ViT-Tiny weights and imagenet-sample is absent")
+        return
+    torch.set_num_threads(2)
+    dense = load_model(str(weights), "vit_tiny_patch16_224").model.eval()
+    splits = folder_splits(images, dense, seed=args.seed)
+    t = time.perf_counter()
+    train, evaluation = cached(splits.fit), cached(splits.eval)
+    print(f"split seed {args.seed}: {len(train)} training images (labels unused), {len(splits.val)} validation "
+          f"(unused), {len(evaluation)} evaluation; decoded in {time.perf_counter() - t:.0f} s", flush=True)
+    ref, labels = predict(dense, evaluation, progress=False)
+    dense_scores = scores(ref, labels)
+    loader = DataLoader(train, batch_size=32)
+    views = AugmentedViews(loader, args.distill_views, args.seed)        # what a compress run distills on
+    results = {"seed": args.seed, "dense": dense_scores, "params": count_params(dense), "settings": {}}
+
+    def score(model) -> dict:
+        logits, _ = predict(model, evaluation, progress=False)
+        s = scores(logits, labels, ref, per_image=True)
+        return {"top1": s["top1"], "agreement": s["agreement"], "kl": s["kl"], "params": count_params(model),
+                "_right": s["right"]}
+
+    for name in args.settings:
+        ratio, mlp = SETTINGS[name]
+        rows = results["settings"][name] = {}
+        cost_fn, target = search_target(dense, ratio, "params", mlp)
+        for method in [m for m in args.methods if m != "prune"]:
+            t0 = time.perf_counter()
+            cal = calibrate(dense, loader, mlp=mlp, matrix=method == "matrix", probe=PROBE_IMAGES, fisher=FISHER_IMAGES)
+            t_cal = time.perf_counter() - t0
+            uniform = uniform_ranks(dense, method, ratio, mlp=mlp)
+            got = rows[method] = {}
+            got["plain SVD uniform"] = {**score(compress(dense, uniform)), "time_s": 0.0, "attn_ratio": attn_ratio(dense, uniform)}
+            got["calibrated uniform"] = {**score(build(dense, uniform, cal)), "time_s": t_cal}
+            t0 = time.perf_counter()
+            cfg, _ = calibrated_ranks(dense, cal, method, cost_fn, target, ratio, mlp)
+            allocated = build(dense, cfg, cal)
+            t_alloc = t_cal + time.perf_counter() - t0
+            got["calibrated + allocation"] = {**score(allocated), "time_s": t_alloc, "ranks": cfg.to_dict(),
+                                              "attn_ratio": attn_ratio(dense, cfg)}
+            t0 = time.perf_counter()
+            searched, _ = search_ranks(dense, train, train, ratio, method, "params", mlp, epochs=args.search_epochs,
+                                       batch_size=50, lr_weights=0.0, calibration=cal, init_ranks=cfg, seed=args.seed)
+            got["+ search"] = {**score(build(dense, searched, cal)), "time_s": t_alloc + time.perf_counter() - t0,
+                               "ranks": searched.to_dict()}
+            t0 = time.perf_counter()
+            distilled = distill_blocks(allocated, dense, views, args.distill_steps, seed=args.seed)["model"]
+            got["+ block distillation"] = {**score(distilled), "time_s": t_alloc + time.perf_counter() - t0}
+            for row, r in got.items():
+                print(f"{name} {method:7} {row:26} top-1 {r['top1']:6.2f}  agreement {r['agreement']:6.2f}  "
+                      f"KL {r['kl']:.3f}  params {r['params']:,}  {r['time_s']:6.0f} s", flush=True)
+        if "prune" in args.methods:
+            t0 = time.perf_counter()
+            pruned = prune(dense, train, ratio, mlp)
+            got = rows["torch-pruning"] = {"pruned": {**score(pruned), "time_s": time.perf_counter() - t0}}
+            distilled = distill_blocks(pruned, dense, views, args.distill_steps, seed=args.seed)["model"]
+            got["+ block distillation"] = {**score(distilled), "time_s": time.perf_counter() - t0}
+            for row, r in got.items():
+                print(f"{name} prune   {row:26} top-1 {r['top1']:6.2f}  agreement {r['agreement']:6.2f}  "
+                      f"KL {r['kl']:.3f}  params {r['params']:,}  {r['time_s']:6.0f} s", flush=True)
+        # head minus each baseline, row by row, image by image
+        comparisons = {}
+        for row, r in rows.get("head", {}).items():
+            for other in ("matrix", "torch-pruning"):
+                peer = rows.get(other, {}).get(row if other == "matrix" else
+                                               ("+ block distillation" if row == "+ block distillation" else "pruned"))
+                if peer is not None and (other == "matrix" or row in ("+ block distillation", "calibrated + allocation")):
+                    comparisons[f"{row} | head - {other}"] = paired(r["_right"], peer["_right"])
+        results["settings"][name]["paired"] = comparisons
+        for k, c in comparisons.items():
+            print(f"{name} {k:48} {c['diff']:+6.2f} points  95% [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]", flush=True)
+    if args.out:
+        write(results, Path(args.out))
+
+
+def public(tree):
+    if isinstance(tree, dict):
+        return {k: public(v) for k, v in tree.items() if not str(k).startswith("_")}
+    return tree
+
+
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(public(results), indent=2) + "\n")
+    d = results["dense"]
+    lines = [f"Real ViT-Tiny, split seed {results['seed']}: top-1 on the 500 evaluation images (dense {d['top1']:.1f}%), "
+             "agreement with the dense model's top-1, KL(dense || compressed), params, and the time of each row "
+             "(cumulative along its method's steps, 2 CPU threads).", ""]
+    for name, rows in results["settings"].items():
+        lines += [f"### {name}", "", "| method | step | top-1 % | agreement % | KL | params | time s |", "|---|---|---|---|---|---|---|"]
+        for method, got in rows.items():
+            if method == "paired":
+                continue
+            for row, r in got.items():
+                lines.append(f"| {method} | {row} | {r['top1']:.1f} | {r['agreement']:.1f} | {r['kl']:.3f} | "
+                             f"{r['params']:,} | {r['time_s']:.0f} |")
+        lines += ["", "| comparison | top-1 difference (points) | 95% interval |", "|---|---|---|"]
+        for k, c in rows.get("paired", {}).items():
+            lines.append(f"| {k} | {c['diff']:+.1f} | [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] |")
+        lines.append("")
+    out.with_suffix(".md").write_text("\n".join(lines))
+    plot(results, out.with_suffix(".png"))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(results["settings"])
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False, layout="constrained")
+    for ax, name in zip(axes[0], settings):
+        rows = results["settings"][name]
+        for method, marker in (("head", "o"), ("matrix", "s"), ("torch-pruning", "^")):
+            if method in rows:
+                steps = list(rows[method])
+                ax.plot(range(len(steps)), [rows[method][s]["top1"] for s in steps], marker=marker, label=method)
+                if method == "head":
+                    ax.set_xticks(range(len(steps)), steps, rotation=25, ha="right", fontsize=8)
+        ax.axhline(results["dense"]["top1"], color="gray", ls="--", label="dense")
+        ax.set(title=name, ylabel="top-1 % (evaluation half)", ylim=(0, 90))
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
