@@ -16,6 +16,22 @@ from .explore import model_spec
 MODEL_SOURCES = ("embedded", "timm name", "uploaded checkpoint", "model from Explore")
 DATA_SOURCES = ("embedded shapes", "folder path", "uploaded zip")
 MAX_ZIP_FILES = 200_000
+DATA_ROOT: Path | None = None     # server folders a visitor may name (python app.py --data-root DIR); None: none
+
+
+def server_folder(path: str) -> Path:
+    """`path` (relative to DATA_ROOT, or absolute inside it) resolved inside DATA_ROOT; messages show
+    only what the visitor typed."""
+    typed = path.strip()
+    if DATA_ROOT is None:
+        raise ComcatError("this app reads no server folders: upload a zip of your images (the operator can allow a "
+                          "folder with python app.py --data-root DIR)")
+    root = DATA_ROOT.resolve()
+    target = (root / typed).resolve()
+    if not typed or not target.is_relative_to(root) or not target.is_dir():
+        raise ComcatError(f"data folder {typed!r} does not exist under the app's data root: type a folder inside it "
+                          "(DIR/<image> or DIR/<class>/<image>)")
+    return target
 
 
 def unzip_images(path: str | None) -> Path:
@@ -51,10 +67,7 @@ def chosen_model(source: str, name: str = "", upload: str | None = None, arch: s
 def chosen_data(source: str, path: str = "", upload: str | None = None, model: str = "embedded") -> str | None:
     """The data of a run: None for the embedded shapes, else a folder (typed, or an unzipped upload)."""
     if source == "folder path":
-        if not path.strip() or not Path(path.strip()).is_dir():
-            raise ComcatError(f"data folder {path.strip()!r} does not exist: type the path of a folder of images "
-                              "(DIR/<image> or DIR/<class>/<image>) on the server")
-        return path.strip()
+        return str(server_folder(path))
     if source == "uploaded zip":
         return str(unzip_images(upload))
     if model != "embedded":

@@ -25,15 +25,20 @@ class Runner:
         self.result = None
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self.owner: str | None = None       # the session that started the running job
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, fn) -> None:
-        """Run fn(callback, should_stop) in a thread; raises Busy when one is already running."""
+    def start(self, fn, owner: str | None = None) -> None:
+        """Run fn(callback, should_stop) in a thread for session `owner`; raises Busy when one is
+        already running."""
         if not self._lock.acquire(blocking=False):
-            raise Busy(f"a {self.kind} job is already running: wait for it to finish or press Stop")
+            whose = "your" if owner == self.owner else "another visitor's"
+            raise Busy(f"{whose} {self.kind} job is already running: wait for it to finish"
+                       + (" or press Stop" if owner == self.owner else ""))
+        self.owner = owner
         self._stop.clear()
         self._events = queue.Queue()
         self.result, self.error = None, None
@@ -49,12 +54,15 @@ class Runner:
         self._thread = threading.Thread(target=work, name=f"comcat-{self.kind}", daemon=True)
         self._thread.start()
 
-    def stop(self) -> bool:
-        """Ask the running job to stop at its next step; False when nothing runs."""
+    def stop(self, owner: str | None = None) -> str:
+        """Ask the running job to stop at its next step, if `owner` started it: 'stopping',
+        'idle' (nothing runs) or 'other' (another session's job: left running)."""
         if not self.running:
-            return False
+            return "idle"
+        if owner != self.owner:
+            return "other"
         self._stop.set()
-        return True
+        return "stopping"
 
     @property
     def stopping(self) -> bool:

@@ -85,9 +85,9 @@ def loss_figure(p: compress.Progress):
 def on_compress(model_source="embedded", name="", upload=None, arch="", explored=None, ratio=0.5, budget="params",
                 method="head", mlp=False, search=False, search_epochs=4, distill_steps=100, finetune_epochs=0,
                 data_source="embedded shapes", data_path="", data_zip=None, device="auto", train_images=4096,
-                fit_images=1024, resume_dir=None):
+                fit_images=1024, resume_dir=None, request: gr.Request = None):
     """Stream (status, ranks heatmap, loss curve, result card, download, run folder) while the run goes;
-    with resume_dir, continue the run stopped there."""
+    with resume_dir, continue the run stopped there. `request`: the visitor's session (Stop is theirs)."""
     nothing = (gr.skip(),) * 5
     try:
         if resume_dir:
@@ -98,7 +98,8 @@ def on_compress(model_source="embedded", name="", upload=None, arch="", explored
             spec = compress.Settings(ratio, budget, method, mlp, search, search_epochs, distill_steps, finetune_epochs,
                                      device, train_images, fit_images).spec(model, arch_name, data)
             out = workdir("compress") / "model"
-        COMPRESS.start(lambda cb, stop: run_job(spec, out, resume=spec is None, callback=cb, should_stop=stop))
+        COMPRESS.start(lambda cb, stop: run_job(spec, out, resume=spec is None, callback=cb, should_stop=stop),
+                       owner=session(request))
     except (Busy, Exception) as e:   # noqa: BLE001 - shown in the page
         yield (message(e), *nothing)
         return
@@ -136,15 +137,24 @@ def _run_model(out: Path):
     return load_model(spec["model"], spec["arch"]).model
 
 
-def on_compress_resume(run_dir):
+def on_compress_resume(run_dir, request: gr.Request = None):
     if not run_dir or not (Path(run_dir) / "job.json").is_file():
         yield "nothing to resume: start a run first", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
-    yield from on_compress(resume_dir=run_dir)
+    yield from on_compress(resume_dir=run_dir, request=request)
 
 
-def on_stop():
-    return "**stopping** at the next step…" if COMPRESS.stop() else "nothing is running"
+def session(request) -> str | None:
+    """The visitor's session id (None outside a page: tests, scripts)."""
+    return getattr(request, "session_hash", None)
+
+
+STOP_REPLIES = {"stopping": "**stopping** at the next step…", "idle": "nothing is running",
+                "other": "another visitor's run is going: only they can stop it"}
+
+
+def on_stop(request: gr.Request = None):
+    return STOP_REPLIES[COMPRESS.stop(session(request))]
 
 
 def compress_tab(explored):
@@ -159,7 +169,8 @@ def compress_tab(explored):
                               elem_id="compress-arch")
             data_source = gr.Radio(list(compress.DATA_SOURCES), value="embedded shapes",
                                    label="data (your images; labels not needed)", elem_id="compress-data")
-            data_path = gr.Textbox(label="image folder on the server (DIR/<image>, DIR/<class>/<image>, or train/ + val/)")
+            data_path = gr.Textbox(label="image folder under the app's --data-root (DIR/<image>, DIR/<class>/<image>, "
+                                         "or train/ + val/)")
             data_zip = gr.File(label="zip of an image folder", file_types=[".zip"], type="filepath",
                                elem_id="compress-zip")
             ratio = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="budget: keep this fraction of the compressed "
@@ -218,7 +229,8 @@ def _preview_gallery(p: customize.Progress):
     return [(im, f"step {step}") for im in images]
 
 
-def on_customize(pipeline, uploads, prompt, token, rank, steps, lr, preview_every, resume_dir=None):
+def on_customize(pipeline, uploads, prompt, token, rank, steps, lr, preview_every, resume_dir=None,
+                 request: gr.Request = None):
     """Stream (status, loss curve, preview gallery, adapter download, run folder) while training."""
     try:
         if resume_dir:
@@ -227,7 +239,7 @@ def on_customize(pipeline, uploads, prompt, token, rank, steps, lr, preview_ever
             spec = customize.customize_spec(pipeline, uploads, prompt, token, rank, steps, lr, preview_every)
             out = workdir("customize") / "run"
         CUSTOMIZE.start(lambda cb, stop: run_customize(spec or CustomizeSpec(), out, callback=cb, should_stop=stop,
-                                                       resume=spec is None))
+                                                       resume=spec is None), owner=session(request))
     except (Busy, Exception) as e:   # noqa: BLE001 - shown in the page
         yield message(e), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
@@ -250,15 +262,15 @@ def on_customize(pipeline, uploads, prompt, token, rank, steps, lr, preview_ever
            _preview_gallery(p) if p.previews else gr.skip(), r["adapter"], str(out))
 
 
-def on_resume(run_dir):
+def on_resume(run_dir, request: gr.Request = None):
     if not run_dir:
         yield "nothing to resume: start a run first", gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
-    yield from on_customize(None, None, None, None, None, None, None, None, resume_dir=run_dir)
+    yield from on_customize(None, None, None, None, None, None, None, None, resume_dir=run_dir, request=request)
 
 
-def on_customize_stop():
-    return "**stopping** at the next step…" if CUSTOMIZE.stop() else "nothing is running"
+def on_customize_stop(request: gr.Request = None):
+    return STOP_REPLIES[CUSTOMIZE.stop(session(request))]
 
 
 def customize_tab():
@@ -336,7 +348,9 @@ def generate_tab(trained_adapter):
     trained_adapter.change(lambda f: f or gr.skip(), trained_adapter, adapter1)
 
 
-def build_demo() -> gr.Blocks:
+def build_demo(data_root: str | None = None) -> gr.Blocks:
+    """The page; `data_root`: the server folder whose sub-folders visitors may compress on (None: uploads only)."""
+    compress.DATA_ROOT = Path(data_root) if data_root else None
     with gr.Blocks(title="comcat") as demo:
         gr.Markdown("# comcat\nHead-level low-rank attention after COMCAT (Xiao et al., ICML 2023): explore "
                     "how low-rank a ViT's attention is, compress it under a budget, and teach a text-to-image model a "

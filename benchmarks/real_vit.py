@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--methods", nargs="+", choices=("head", "matrix", "prune"), default=["head", "matrix", "prune"])
     ap.add_argument("--seed", type=int, default=0, help="seed of the folder split (default 0)")
-    ap.add_argument("--search-epochs", type=int, default=4)
+    ap.add_argument("--search-epochs", type=int, default=4, help="0: no search row")
     ap.add_argument("--distill-steps", type=int, default=100)
     ap.add_argument("--distill-views", type=int, default=2)
     ap.add_argument("--out", default=None, help="write OUT.json, OUT.md, OUT.png")
@@ -154,11 +154,13 @@ def main() -> None:
             t_alloc = t_cal + time.perf_counter() - t0
             got["calibrated + allocation"] = {**score(allocated), "time_s": t_alloc, "ranks": cfg.to_dict(),
                                               "attn_ratio": attn_ratio(dense, cfg)}
-            t0 = time.perf_counter()
-            searched, _ = search_ranks(dense, train, train, ratio, method, "params", mlp, epochs=args.search_epochs,
-                                       batch_size=50, lr_weights=0.0, calibration=cal, init_ranks=cfg, seed=args.seed)
-            got["+ search"] = {**score(build(dense, searched, cal)), "time_s": t_alloc + time.perf_counter() - t0,
-                               "ranks": searched.to_dict()}
+            if args.search_epochs:
+                t0 = time.perf_counter()
+                searched, _ = search_ranks(dense, train, train, ratio, method, "params", mlp, epochs=args.search_epochs,
+                                           batch_size=50, lr_weights=0.0, calibration=cal, init_ranks=cfg,
+                                           seed=args.seed)
+                got["+ search"] = {**score(build(dense, searched, cal)), "time_s": t_alloc + time.perf_counter() - t0,
+                                   "ranks": searched.to_dict()}
             t0 = time.perf_counter()
             distilled = distill_blocks(allocated, dense, views, args.distill_steps, seed=args.seed)["model"]
             got["+ block distillation"] = {**score(distilled), "time_s": t_alloc + time.perf_counter() - t0}
@@ -185,8 +187,8 @@ def main() -> None:
         results["settings"][name]["paired"] = comparisons
         for k, c in comparisons.items():
             print(f"{name} {k:48} {c['diff']:+6.2f} points  95% [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]", flush=True)
-    if args.out:
-        write(results, Path(args.out))
+        if args.out:                                       # after every setting: a long run keeps what it has
+            write(results, Path(args.out))
 
 
 def public(tree):

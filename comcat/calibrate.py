@@ -16,11 +16,11 @@ Sigma = L L^T has, among rank-r maps plus a free bias,
     sum_{i,j} (x~_i dW x_j^T)^2 over token pairs;
   * the MLP's fc1 / fc2 and, for the matrix-level baseline, W^Q, W^K, W^V, W^O one at a time.
 
-calibrate() walks the blocks in order: each block's statistics come from the tokens that the
-already-compressed blocks before it produce (sequential), and inside a block the VO path and the
-MLP are fitted after the QK path / attention they follow. The statistics are running moments in
-float64; the only activations kept are one block's input tokens for the calibration images
-(n x N x C floats).
+calibrate() collects every block's statistics in one pass of the dense model; build() then fits
+any ranks from them without touching the images again (what the rank allocation needs).
+calibrate_sequential() instead fits each block on the tokens that the compressed blocks before it
+produce (`--calibration sequential`). The statistics are running moments in float64; the only
+activations kept are one block's input tokens for the calibration images (n x N x C floats).
 """
 from __future__ import annotations
 

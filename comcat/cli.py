@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance (default: the pipeline's; 2.5 for embedded, 7.5 for SD)")
-    g.add_argument("--n", type=int, default=1, help="images (tiled into one picture; default 1)")
+    g.add_argument("--n", type=int, default=1, help="images (tiled into one picture; default 1, at most 64)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g.add_argument("--out", required=True, metavar="FILE", help="image file to write (.png/.jpg/.webp)")
 
@@ -161,6 +161,8 @@ def cmd_analyze(args) -> None:
     from .models import load_model
     from .plots import save_analysis_plots
 
+    if not 0 < args.energy <= 1:
+        raise ComcatError(f"--energy must be in (0, 1], got {args.energy}: e.g. 0.9 keeps 90% of the spectral energy")
     loaded = load_model(args.model, args.arch)
     spectra = analyze(loaded.model)
     print(f"{loaded.source}: {spectra.depth} blocks, {spectra.num_heads} heads of dim {spectra.head_dim}, width {spectra.dim}")
@@ -362,12 +364,17 @@ def cmd_customize(args) -> None:
               f"after {result['steps_done']} steps in {result['seconds']:.0f}s")
 
 
+MAX_GENERATE = 64      # images per generate call
+
+
 def cmd_generate(args) -> None:
     from .customize import resolve_device
     from .diffusion.concept import grid
     from .diffusion.pipeline import load_pipeline
     from .generate import generate, parse_adapter_arg, save_image, with_adapters
 
+    if not 1 <= args.n <= MAX_GENERATE or not 1 <= args.steps <= 1000:
+        raise ComcatError(f"--n must be in 1..{MAX_GENERATE} and --steps in 1..1000, got {args.n} and {args.steps}")
     pipe = load_pipeline(args.pipeline, device=resolve_device(args.device))
     with_adapters(pipe, [parse_adapter_arg(a) for a in args.adapter])
     images = generate(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, n=args.n)
@@ -380,6 +387,8 @@ def main(argv=None) -> int:
     handler = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate,
                "customize": cmd_customize, "generate": cmd_generate}.get(args.command, cmd_demo)
     try:
+        from .dist import check_device
+        check_device(getattr(args, "device", None))
         handler(args)
     except ComcatError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,7 +25,7 @@ from .diffusion.concept import (check_prompt, denoising_loss, encode_images, enc
                                 resolution, tokenize)
 from .diffusion.pipeline import guidance_kwargs, load_pipeline
 from .errors import ComcatError
-from .io import atomic_write_text, load_tree, read_run_record, save_tree
+from .io import atomic_write_text, claim_out, load_tree, read_run_record, save_tree
 from .loop import seed_step
 
 RUN_FILE = "customize.json"
@@ -126,10 +126,13 @@ def customize(spec: CustomizeSpec, out: str | Path, pipe=None, callback: Callabl
     out = Path(out)
     if resume:
         spec = CustomizeSpec.from_dict(read_run(out)["spec"])
+    else:
+        claim_out(out, (RUN_FILE, "adapter.safetensors"), "customize run")
     config = AdapterConfig(rank=spec.rank, targets=spec.targets, token=spec.token, base_model=spec.pipeline,
                            token_embedding=spec.learn_token)
-    if spec.steps <= 0 or spec.lr <= 0 or spec.batch_size <= 0:
-        raise ComcatError("steps, lr and batch size must be positive")
+    if spec.steps <= 0 or not (0 < spec.lr < float("inf")) or spec.batch_size <= 0:
+        raise ComcatError(f"steps, lr and batch size must be positive numbers, got {spec.steps}, {spec.lr}, "
+                          f"{spec.batch_size}")
     if spec.precision not in PRECISIONS:
         raise ComcatError(f"precision must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}")
     check_prompt(spec.prompt, spec.token)

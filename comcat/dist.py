@@ -28,6 +28,24 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def check_device(requested: str | None) -> None:
+    """A one-line ComcatError unless `requested` is auto, cpu, cuda[:N] with that GPU here, or mps."""
+    from .errors import ComcatError
+
+    if requested in (None, "auto", "cpu"):
+        return
+    try:
+        d = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise ComcatError(f"--device {requested!r} is not a device: use auto, cpu or cuda") from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise ComcatError(f"--device {requested}: no such CUDA GPU here: use --device cpu (or auto)")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ComcatError("--device mps: no Apple GPU here: use --device cpu (or auto)")
+    if d.type not in ("cuda", "mps"):
+        raise ComcatError(f"--device {requested!r} is not supported: use auto, cpu or cuda")
+
+
 def device(requested: str | None = None) -> str:
     """'cuda' (this process's GPU) when available, else 'cpu'; an explicit request wins."""
     if requested and requested != "auto":

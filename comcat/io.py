@@ -41,6 +41,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def claim_out(out: Path, ours: tuple[str, ...], what: str) -> None:
+    """Refuse an --out that is a file, a non-empty folder holding none of the files `ours` (someone
+    else's), or a place this process cannot write to; one line each."""
+    if out.exists() and not out.is_dir():
+        raise ComcatError(f"--out {out} is a file: choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not any((out / name).is_file() for name in ours):
+        raise ComcatError(f"{out} exists and is not a {what} folder: choose an empty or new --out")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ComcatError(f"cannot write to {out}: choose a folder you can write to")
+
+
 def read_run_record(out: Path, name: str, fmt: str, command: str) -> dict:
     """The JSON record `out/name` of a resumable run, checked to be of format `fmt`."""
     try:
@@ -87,12 +99,56 @@ def save_compressed(loaded: Loaded, out_dir: str | Path, extra: dict | None = No
     return out
 
 
+def _check_arch(meta: dict, weights: Path) -> None:
+    """comcat.json's architecture checked against the tensor shapes stored in `weights` before any
+    model is allocated: known keyword names and plain values only, the dense shapes that compression
+    keeps (embeddings, norms, MLPs, classifier) and the number of blocks must match."""
+    import inspect
+
+    from safetensors import safe_open
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs, arch = meta.get("arch_kwargs", {}), meta.get("arch")
+    known = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
+    if not isinstance(arch, str) or not isinstance(kwargs, dict) or any(
+            k not in known or not isinstance(v, (int, float, bool, str, list, type(None))) for k, v in kwargs.items()):
+        raise ComcatError(f"{weights.parent / 'comcat.json'} has an invalid arch / arch_kwargs: re-export the model")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            stored = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise ComcatError(f"could not read {weights} ({type(e).__name__}): re-export the compressed model") from None
+    blocks = {int(k.split(".")[1]) for k in stored if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    width = stored.get("patch_embed.proj.weight", [None])[0]
+    if kwargs.get("depth", len(blocks)) != len(blocks) or kwargs.get("embed_dim", width) != width:
+        raise ComcatError(f"{weights.parent / 'comcat.json'} does not match {weights.name} (depth / width): "
+                          "re-export the compressed model")
+    try:
+        with torch.device("meta"):                     # shapes only, nothing allocated
+            dense = build_arch(arch, **kwargs)
+    except ComcatError:
+        raise
+    except Exception as e:
+        raise ComcatError(f"{weights.parent / 'comcat.json'} describes no buildable model ({type(e).__name__}): "
+                          "re-export the compressed model") from None
+    for k in [k for k in stored if k.endswith(".up.bias")]:             # a low-rank MLP linear keeps its bias
+        stored.setdefault(k.replace(".up.bias", ".bias"), stored[k])
+    wrong = [k for k, p in dense.state_dict().items()                   # attention is what compression reshapes
+             if k in stored and ".attn." not in k and list(p.shape) != stored[k]]
+    wrong += [k for k in ("patch_embed.proj.weight", "pos_embed", "norm.weight") if k in stored and k not in wrong
+              and k not in dense.state_dict()]
+    if wrong or blocks != set(range(len(getattr(dense, "blocks", ())))):
+        raise ComcatError(f"{weights.parent / 'comcat.json'} does not match {weights.name} "
+                          f"({wrong[0] if wrong else 'number of blocks'}): re-export the compressed model")
+
+
 def load_compressed(directory: str | Path) -> Loaded:
     """Rebuild a compressed model from its directory alone (no original checkpoint needed)."""
     directory = Path(directory)
     meta = read_meta(directory)
     if meta.get("format") != FORMAT:
         raise ComcatError(f"{directory} has format {meta.get('format')!r}, expected {FORMAT!r}: re-export it")
+    _check_arch(meta, directory / COMPRESSED_WEIGHTS)
     model = build_arch(meta["arch"], **meta.get("arch_kwargs", {}))
     if meta.get("pretrained_cfg"):
         model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **meta["pretrained_cfg"]}

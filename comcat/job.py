@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import dist
 from .errors import ComcatError
-from .io import (JOB_FILE, atomic_write_text, load_compressed, load_tree, read_run_record, save_compressed,
+from .io import (JOB_FILE, atomic_write_text, claim_out, load_compressed, load_tree, read_run_record, save_compressed,
                  save_tree)
 from .models import EMBEDDED_ARCH, Loaded, load_model
 
@@ -133,10 +133,7 @@ def start_job(spec: JobSpec, out: str | Path) -> dict:
         raise ComcatError(f"calibration must be one of {CALIBRATIONS}, got {spec.calibration!r}")
     if (out / JOB_FILE).is_file() and _read_job(out)["phase"] != "done":
         raise ComcatError(f"{out} holds an unfinished run: continue it with --resume {out} or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise ComcatError(f"--out {out} is a file: choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "comcat.json").is_file() and not (out / JOB_FILE).is_file():
-        raise ComcatError(f"{out} exists and is not a comcat model directory: choose an empty or new --out")
+    claim_out(out, ("comcat.json", JOB_FILE), "comcat model")
     return {"format": JOB_FORMAT, "spec": asdict(spec), "phase": "search" if spec.search else "ranks"}
 
 

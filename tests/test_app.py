@@ -1,5 +1,6 @@
 """Issue 5: the app's handlers called directly (no server, no browser)."""
 import json
+import threading
 import time
 import zipfile
 
@@ -46,6 +47,19 @@ def test_explore_refuses_a_non_checkpoint_upload(tmp_path):
     assert msg.startswith("⚠️") and "\n" not in msg
 
 
+def test_stop_stops_only_the_visitors_own_run():
+    r = Runner("test")
+    gate = threading.Event()
+    r.start(lambda cb, stop: gate.wait(5) and not stop(), owner="alice")
+    with pytest.raises(Busy, match="another visitor's test job is already running: wait for it to finish$"):
+        r.start(lambda cb, stop: None, owner="bob")
+    assert r.stop("bob") == "other" and not r.stopping
+    assert r.stop("alice") == "stopping" and r.stopping
+    gate.set()
+    list(r.stream(0.01))
+    assert r.result is False
+
+
 def test_runner_runs_one_job_at_a_time_and_stops():
     r = Runner("test")
     steps = []
@@ -67,9 +81,9 @@ def test_runner_runs_one_job_at_a_time_and_stops():
         seen += events
         if len(seen) > 5 and not stopped:
             stopped = r.stop()
-            assert stopped and r.stopping
+            assert stopped == "stopping" and r.stopping
     assert r.result == "stopped" and seen == steps and len(steps) < 1000
-    assert not r.stop()
+    assert r.stop() == "idle"
     r.start(lambda cb, stop: 1 / 0)              # errors are kept for the page, and the lock is freed
     list(r.stream(0.01))
     assert isinstance(r.error, ZeroDivisionError) and not r.running
@@ -120,7 +134,7 @@ def test_progress_status_follows_the_events():
 
 
 def test_stop_keeps_the_best_model_and_resume_finishes_the_run():
-    long = {**TINY, "search_epochs": 20, "train_images": 512, "fit_images": 512}
+    long = {**TINY, "search_epochs": 4, "train_images": 256, "fit_images": 256}
     run = ui.on_compress(**long)
     first = next(run)[0]
     assert first.startswith("**starting**")
@@ -177,9 +191,26 @@ def test_compress_the_explored_model():
 
 
 def test_compress_bad_inputs():
-    assert "does not exist" in next(ui.on_compress(**{**TINY, "data_source": "folder path",
-                                                       "data_path": "/no/such/dir"}))[0]
+    assert "upload a zip" in next(ui.on_compress(**{**TINY, "data_source": "folder path", "data_path": "/etc"}))[0]
     assert "upload a zip" in next(ui.on_compress(**{**TINY, "data_source": "uploaded zip"}))[0]
+
+
+def test_server_folders_only_inside_the_data_root(tmp_path, monkeypatch):
+    import time
+
+    from app import compress
+
+    (tmp_path / "root" / "mine").mkdir(parents=True)
+    (tmp_path / "root" / "loop").symlink_to(tmp_path / "root")
+    (tmp_path / "root" / "out").symlink_to("/")
+    monkeypatch.setattr(compress, "DATA_ROOT", tmp_path / "root")
+    assert compress.server_folder("mine") == (tmp_path / "root" / "mine").resolve()
+    assert compress.server_folder(str(tmp_path / "root" / "mine")) == (tmp_path / "root" / "mine").resolve()
+    for bad in ("/", "/proc", "/etc", "..", "../..", "out", "out/etc", "missing", ""):
+        t = time.perf_counter()
+        first = next(ui.on_compress(**{**TINY, "data_source": "folder path", "data_path": bad}))[0]
+        assert "does not exist under the app's data root" in first and time.perf_counter() - t < 1.0, bad
+        assert str(tmp_path) not in first                    # no server path beyond what was typed
 
 
 def test_unzip_refuses_unsafe_paths(tmp_path):

@@ -251,3 +251,19 @@ def test_mixup_views_are_identical_for_teacher_and_student(embedded):
     student_views = [t for t in seen["student"] if t.shape[0] == 32]
     assert len(student_views) == 2 and all(any(torch.equal(s, t) for t in teacher_views) for s in student_views)
     assert not any(torch.equal(s, train.tensors[0][:32]) for s in student_views)     # mixed, not the raw batch
+
+
+def test_symlink_loops_are_not_followed(tmp_path):
+    from PIL import Image
+
+    from comcat.data.images import scan
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        for i in range(5):
+            Image.new("RGB", (8, 8)).save(tmp_path / d / f"{i}.png")
+    (tmp_path / "a" / "loop").symlink_to("..")
+    (tmp_path / "up").symlink_to(tmp_path)
+    (tmp_path / "self").symlink_to("self")
+    files, labels, classes = scan(tmp_path)
+    assert classes == ["a", "b"] and len(files) == 10 and labels == [0] * 5 + [1] * 5

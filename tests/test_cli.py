@@ -41,7 +41,7 @@ def test_cli_end_to_end(tmp_path, shapes_folder):
 
     out = tmp_path / "small"
     r = run_cli("compress", "--method", "head", "--params-ratio", "0.5", "--allocate", "energy", "--mlp",
-                "--no-latency", "--out", str(out))
+                "--calibration-images", "128", "--distill-steps", "5", "--no-latency", "--out", str(out))
     assert r.returncode == 0, r.stderr
     meta = json.loads((out / "comcat.json").read_text())
     assert meta["report"]["compressed"]["params"] < 0.6 * meta["report"]["dense"]["params"]
@@ -115,7 +115,7 @@ def test_cli_compress_with_rank_file_matrix_method(tmp_path, capsys):
     ranks = {"method": "matrix", "blocks": [{"q": 8, "k": 8, "v": 24, "o": 24, "fc2": 32}] * 6, "head": None}
     (tmp_path / "r.json").write_text(json.dumps(ranks))
     assert main(["compress", "--method", "matrix", "--ranks", str(tmp_path / "r.json"), "--no-latency",
-                 "--out", str(tmp_path / "m")]) == 0
+                 "--calibration-images", "64", "--distill-steps", "2", "--out", str(tmp_path / "m")]) == 0
     meta = json.loads((tmp_path / "m" / "comcat.json").read_text())
     assert meta["ranks"]["blocks"] == ranks["blocks"] and meta["method"] == "matrix"
     assert "top-1" in capsys.readouterr().out

@@ -44,6 +44,24 @@ def test_save_refuses_dense_model_and_foreign_dir(embedded, tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"depth": 2000}, "depth / width"), ({"embed_dim": 200000}, "depth / width"), ({"mlp_ratio": 1000.0}, "mlp.fc1"),
+    ({"num_heads": 7}, "no buildable model"), ({"evil": 1}, "invalid arch"), ({"depth": "6"}, "depth / width"),
+])
+def test_metadata_is_checked_against_the_stored_shapes_before_allocating(embedded, tmp_path, kwargs, message):
+    import json
+    import resource
+
+    small = compress(embedded.model, uniform_ranks(embedded.model, "head", 0.5, mlp=True))
+    out = save_compressed(Loaded(small, embedded.arch), tmp_path / "m")
+    meta = json.loads((out / "comcat.json").read_text())
+    (out / "comcat.json").write_text(json.dumps({**meta, "arch_kwargs": kwargs}))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ComcatError, match=message):
+        load_compressed(out)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200_000      # kB: nothing big allocated
+
+
 def test_local_checkpoint_formats(embedded, tmp_path):
     sd = embedded.model.state_dict()
     save_file(sd, str(tmp_path / "m.safetensors"))

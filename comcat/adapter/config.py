@@ -8,6 +8,7 @@ from ..errors import ComcatError
 
 FORMAT = "comcat-adapter/1"
 TARGETS = ("self", "cross")
+MAX_RANK = 64         # per head; a concept needs 1-4
 
 
 @dataclass
@@ -26,8 +27,9 @@ class AdapterConfig:
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ComcatError(f"adapter rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or not 0 < self.rank <= MAX_RANK:
+            raise ComcatError(f"adapter rank must be a positive integer up to {MAX_RANK}, got {self.rank!r} "
+                              "(1-4 is what a concept needs)")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ComcatError(f"adapter targets must be among {TARGETS}, got {list(self.targets)}")

@@ -24,9 +24,24 @@ def load_rgb(path: str):
         raise ComcatError(f"cannot read image {path} ({type(e).__name__}): remove or replace it") from None
 
 
+MAX_ENTRIES = 500_000    # files and folders a data folder may hold (a walk stops there)
+
+
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """The image files under `folder`, hidden names skipped; symlinked folders are not entered (no
+    loops), and a walk over more than MAX_ENTRIES entries is refused."""
+    import os
+
+    found, seen = [], 0
+    for top, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        seen += len(dirs) + len(files)
+        if seen > MAX_ENTRIES:
+            raise ComcatError(f"the data folder {folder.name!r} holds more than {MAX_ENTRIES:,} files and folders: "
+                              "point it at a folder of images")
+        found += [Path(top) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
+                  and (Path(top) / f).is_file()]
+    return sorted(found)
 
 
 def scan(root: str | Path) -> tuple[list[Path], list[int], list[str] | None]:
@@ -36,7 +51,9 @@ def scan(root: str | Path) -> tuple[list[Path], list[int], list[str] | None]:
     if not root.is_dir():
         raise ComcatError(f"data folder {root} does not exist: give a folder of images (DIR/<image> or "
                           "DIR/<class>/<image>)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _images(d))
+    here = root.resolve()
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                     and not here.is_relative_to(d.resolve()) and _images(d))     # no link back up (a loop)
     if classes:
         files, labels = [], []
         for i, c in enumerate(classes):

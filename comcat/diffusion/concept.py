@@ -11,7 +11,7 @@ from PIL import Image
 from ..errors import ComcatError
 from ..evaluate import IMAGE_SUFFIXES, load_rgb
 
-MAX_IMAGES = 100
+MIN_IMAGES, MAX_IMAGES = 3, 10
 
 
 def resolution(pipe) -> int:
@@ -43,8 +43,9 @@ def read_concept(folder: str | Path, prompt: str, token: str, size: int) -> tupl
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
         raise ComcatError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add 3-10 images of the concept")
-    if len(images) > MAX_IMAGES:
-        raise ComcatError(f"{folder} has {len(images)} images; a concept needs 3-10 (at most {MAX_IMAGES})")
+    if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
+        raise ComcatError(f"{folder} has {len(images)} image(s); a concept needs {MIN_IMAGES}-{MAX_IMAGES}: "
+                          "keep a few varied images of it")
     pixels, captions = [], []
     for p in images:
         img = square(load_rgb(str(p)), size)
