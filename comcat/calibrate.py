@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .analysis import product_svd
+from .compress import head_module
 from .errors import ComcatError
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
 from .ranks import MATRICES, MLP_SITES, RankConfig
@@ -200,11 +201,6 @@ def add_attention_stats(st: AttentionStats | None, mixer: nn.Module, x: torch.Te
 
 
 # ----------------------------------------------------------------------------- attention factorization
-def _to_rows(f: torch.Tensor) -> torch.Tensor:
-    """(H, C, r) per-head columns -> (H*r, C) nn.Linear weight, row h*r+i = f[h, :, i]."""
-    return f.transpose(1, 2).reshape(-1, f.shape[1])
-
-
 def qk_factors(hw, st: AttentionStats | None, ridge: float = RIDGE):
     """(A (H, C+1, d) with the query-bias row last (or (H, C, d) without a query bias), B (H, C, d), s (H, d))."""
     wq = hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)
@@ -238,26 +234,14 @@ def head_attention(attn: nn.Module, rank_qk: int, rank_vo: int, st: AttentionSta
     """HeadLowRankAttention of a timm Attention at ranks (r_qk, r_vo): whitened by `st` (plain SVD
     when None). qk / vo: precomputed qk_factors / vo_factors to reuse."""
     hw = head_weights(attn)
-    H, C = hw.num_heads, hw.wq.shape[1]
     a, b, _ = qk if qk is not None else qk_factors(hw, st, ridge)
     p, r, _ = vo if vo is not None else vo_factors(hw, st, ridge)
     a, b, p, r = a[..., :rank_qk], b[..., :rank_qk], p[..., :rank_vo], r[..., :rank_vo]
-    ref = attn.qkv.weight
-    new = HeadLowRankAttention(C, H, rank_qk, rank_vo, hw.scale, query_bias=hw.bq is not None,
-                               attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p).to(ref.device, ref.dtype)
-    new.q.weight.copy_(_to_rows(a[:, :C]))
-    if hw.bq is not None:
-        new.q.bias.copy_(a[:, C].reshape(-1))                        # a_h, in the rows' order h r + i
-    new.k.weight.copy_(_to_rows(b))
-    new.v.weight.copy_(_to_rows(p))
-    new.proj.weight.copy_(r.permute(1, 0, 2).reshape(C, H * rank_vo))
-    b_out = hw.bo.clone() if hw.bo is not None else torch.zeros(C, dtype=torch.float64)
-    if hw.bv is not None:
-        b_out += torch.einsum("hcd,hd->c", hw.wo, hw.bv)                  # sum_h b^V_h W^O_h
-    if st is not None:                                                   # sum_h mu_h (W^VO_h - P_h R_h^T)
+    new = head_module(attn, hw, a, b, p, r)
+    if st is not None:                                                   # + sum_h mu_h (W^VO_h - P_h R_h^T)
         mu = st.mixed.mean
-        b_out += torch.einsum("hc,hcd,hed->e", mu, hw.wv, hw.wo) - torch.einsum("hc,hcr,her->e", mu, p, r)
-    new.proj.bias.copy_(b_out)
+        shift = torch.einsum("hc,hcd,hed->e", mu, hw.wv, hw.wo) - torch.einsum("hc,hcr,her->e", mu, p, r)
+        new.proj.bias.add_(shift.to(new.proj.bias.dtype))
     return new
 
 

@@ -24,10 +24,6 @@ def head_lowrank_attention(attn: nn.Module, rank_qk: int, rank_vo: int) -> HeadL
     [W^Q_h; b^Q_h] W^K_h^T (W^QK_h with the query bias as an extra input row) and W^VO_h, truncated
     to r; the other biases folded exactly (see HeadLowRankAttention)."""
     hw = head_weights(attn)
-    H, C = hw.num_heads, hw.wq.shape[1]
-    ref = attn.qkv.weight
-    new = HeadLowRankAttention(C, H, rank_qk, rank_vo, hw.scale, query_bias=hw.bq is not None,
-                               attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p).to(ref.device, ref.dtype)
     wq = hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)      # (H, C (+1), d)
     u, s, v = product_svd(wq, hw.wk)
     root = s[:, None, :rank_qk].sqrt()
@@ -35,6 +31,16 @@ def head_lowrank_attention(attn: nn.Module, rank_qk: int, rank_vo: int) -> HeadL
     u, s, v = product_svd(hw.wv, hw.wo)
     root = s[:, None, :rank_vo].sqrt()
     p, r = u[..., :rank_vo] * root, v[..., :rank_vo] * root          # (H, C, r): W^VO_h ~ P_h R_h^T
+    return head_module(attn, hw, a, b, p, r)
+
+
+def head_module(attn: nn.Module, hw, a, b, p, r) -> HeadLowRankAttention:
+    """The HeadLowRankAttention replacing `attn` with per-head factors a, b (H, C (+1), r_qk) and
+    p, r (H, C, r_vo); value bias folded into the output bias: b_O + sum_h b^V_h W^O_h."""
+    H, C, rank_qk, rank_vo = hw.num_heads, hw.wq.shape[1], a.shape[-1], p.shape[-1]
+    ref = attn.qkv.weight
+    new = HeadLowRankAttention(C, H, rank_qk, rank_vo, hw.scale, query_bias=hw.bq is not None,
+                               attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p).to(ref.device, ref.dtype)
     new.q.weight.copy_(_to_rows(a[:, :C]))
     if hw.bq is not None:
         new.q.bias.copy_(a[:, C].reshape(-1))                        # a_h, in the rows' order h r + i
