@@ -230,12 +230,14 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False, layout="constrained")
     for ax, name in zip(axes[0], settings):
         rows = results["settings"][name]
+        names = list(rows.get("head", rows.get("matrix", {})))
         for method, marker in (("head", "o"), ("matrix", "s"), ("torch-pruning", "^")):
             if method in rows:
                 steps = list(rows[method])
-                ax.plot(range(len(steps)), [rows[method][s]["top1"] for s in steps], marker=marker, label=method)
-                if method == "head":
-                    ax.set_xticks(range(len(steps)), steps, rotation=25, ha="right", fontsize=8)
+                # Torch-Pruning's rows sit under the first step (no training) and the distillation step
+                xs = [names.index(s) if s in names else 0 for s in steps]
+                ax.plot(xs, [rows[method][s]["top1"] for s in steps], marker=marker, label=method)
+        ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
         ax.axhline(results["dense"]["top1"], color="gray", ls="--", label="dense")
         ax.set(title=name, ylabel="top-1 % (evaluation half)", ylim=(0, 90))
         ax.legend(fontsize=8)
