@@ -52,14 +52,14 @@ def scan(root: str | Path) -> tuple[list[Path], list[int], list[str] | None]:
         raise ComcatError(f"data folder {root} does not exist: give a folder of images (DIR/<image> or "
                           "DIR/<class>/<image>)")
     here = root.resolve()
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
-                     and not here.is_relative_to(d.resolve()) and _images(d))     # no link back up (a loop)
+    per_class = {d.name: _images(d) for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                 and not here.is_relative_to(d.resolve())}                    # no link back up (a loop)
+    classes = sorted(c for c, found in per_class.items() if found)
     if classes:
         files, labels = [], []
         for i, c in enumerate(classes):
-            found = _images(root / c)
-            files += found
-            labels += [i] * len(found)
+            files += per_class[c]
+            labels += [i] * len(per_class[c])
         return files, labels, classes
     files = _images(root)
     if not files:
