@@ -36,13 +36,24 @@ from comcat.job import JobSpec, run_job  # noqa: E402
 from comcat.models import load_model  # noqa: E402
 
 
+def fix_pruned_attention(model: torch.nn.Module) -> None:
+    """After Torch-Pruning cut the q/k/v dims: the head dims timm reads in forward, at the dense
+    logit scale (so no fused attention, which would rescale)."""
+    from timm.models.vision_transformer import Attention
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            m.attn_dim = m.num_heads * m.head_dim
+            m.fused_attn = False
+
+
 def prune_baseline(dense, splits, ratio: float, epochs: int, seed: int) -> tuple[torch.nn.Module, dict]:
     """Torch-Pruning: remove (1 - ratio) of every head's qkv dims and of the MLP hidden channels;
     the residual width stays, so the same block-output distillation applies."""
     import copy
 
     import torch_pruning as tp
-    from timm.models.vision_transformer import Attention
 
     model = copy.deepcopy(dense).train()
     ignored = [model.head, model.patch_embed.proj] + [m for b in model.blocks for m in (b.attn.proj, b.mlp.fc2)]
@@ -59,11 +70,7 @@ def prune_baseline(dense, splits, ratio: float, epochs: int, seed: int) -> tuple
             break
         torch.nn.functional.cross_entropy(model(x), y).backward()
     pruner.step()
-    for m in model.modules():
-        if isinstance(m, Attention):       # timm reads these in forward; keep the dense logit scale
-            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
-            m.attn_dim = m.num_heads * m.head_dim
-            m.fused_attn = False
+    fix_pruned_attention(model)
     model.zero_grad()
     before = evaluate(model, splits.eval, progress=False)["top1"]
     t = time.perf_counter()

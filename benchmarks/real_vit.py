@@ -40,24 +40,18 @@ sys.path.insert(0, str(ROOT))
 from comcat.allocate import FISHER_IMAGES, PROBE_IMAGES, calibrated_ranks  # noqa: E402
 from comcat.calibrate import build, calibrate  # noqa: E402
 from comcat.compress import compress  # noqa: E402
-from comcat.cost import count_params, layer_params  # noqa: E402
+from comcat.cost import count_params  # noqa: E402
 from comcat.data.splits import folder_splits  # noqa: E402
 from comcat.evaluate import predict, scores  # noqa: E402
 from comcat.models import load_model  # noqa: E402
 from comcat.ranks import uniform_ranks  # noqa: E402
 from comcat.reconstruct import AugmentedViews, distill_blocks  # noqa: E402
 from comcat.search import search_ranks, search_target  # noqa: E402
+from compress_embedded import fix_pruned_attention  # noqa: E402
+from search_vit_tiny import attn_ratio, tensors  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 SETTINGS = {"attn50": (0.5, False), "attn30": (0.3, False), "all50": (0.5, True)}
-
-
-def cached(ds):
-    """Decode and transform once: (x, y) tensors."""
-    from torch.utils.data import TensorDataset
-
-    xs, ys = zip(*(ds[i] for i in range(len(ds))))
-    return TensorDataset(torch.stack(xs), torch.tensor(ys))
 
 
 def paired(a: torch.Tensor, b: torch.Tensor, reps: int = 10000, seed: int = 0) -> dict:
@@ -75,7 +69,6 @@ def prune(dense, train, ratio: float, mlp: bool):
     """Torch-Pruning: remove (1 - ratio) of every head's q/k/v dims (and of the MLP hidden units with
     mlp), Taylor importance from the cross-entropy with the dense model's own top-1 (no labels)."""
     import torch_pruning as tp
-    from timm.layers import Attention
 
     model = copy.deepcopy(dense).train()
     ignored = [model.head, model.patch_embed.proj] + [b.attn.proj for b in model.blocks]
@@ -90,17 +83,9 @@ def prune(dense, train, ratio: float, mlp: bool):
             target = dense(x).argmax(1)
         torch.nn.functional.cross_entropy(model(x), target).backward()
     pruner.step()
-    for m in model.modules():
-        if isinstance(m, Attention):       # timm reads these in forward; the dense logit scale stays
-            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
-            m.attn_dim = m.num_heads * m.head_dim
-            m.fused_attn = False
+    fix_pruned_attention(model)
     model.zero_grad()
     return model.eval().requires_grad_(True)
-
-
-def attn_ratio(dense, cfg) -> float:
-    return sum(l["attn"] for l in layer_params(dense, cfg)) / sum(l["attn"] for l in layer_params(dense))
 
 
 def main() -> None:
@@ -121,7 +106,7 @@ def main() -> None:
     dense = load_model(str(weights), "vit_tiny_patch16_224").model.eval()
     splits = folder_splits(images, dense, seed=args.seed)
     t = time.perf_counter()
-    train, evaluation = cached(splits.fit), cached(splits.eval)
+    train, evaluation = tensors(splits.fit), tensors(splits.eval)
     print(f"split seed {args.seed}: {len(train)} training images (labels unused), {len(splits.val)} validation "
           f"(unused), {len(evaluation)} evaluation; decoded in {time.perf_counter() - t:.0f} s", flush=True)
     ref, labels = predict(dense, evaluation, progress=False)
