@@ -35,3 +35,26 @@ def with_random_biases(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|"""
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def checkpoint_and_photos(tmp_path: Path) -> tuple[Path, Path]:
+    """The embedded model saved as an uploaded checkpoint would be, and a zip of 40 unlabeled shapes
+    (photos/<i>.png): what a visitor uploads to compress their own model on their own images."""
+    import zipfile
+
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from comcat.data.shapes import make_shapes
+    from comcat.models import load_model
+
+    ckpt = tmp_path / "mine.safetensors"
+    save_file(load_model("embedded").model.state_dict(), str(ckpt))
+    images, _, _ = make_shapes(40, 3)
+    zpath = tmp_path / "photos.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for i, img in enumerate(images):
+            path = tmp_path / f"{i}.png"
+            Image.fromarray(img).save(path)
+            z.write(path, f"photos/{i}.png")
+    return ckpt, zpath

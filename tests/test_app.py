@@ -156,21 +156,9 @@ def test_stop_keeps_the_best_model_and_resume_finishes_the_run():
 
 def test_compress_an_uploaded_checkpoint_on_a_flat_folder(tmp_path):
     """A checkpoint uploaded in the page, compressed on a zip of unlabeled images: agreement, no top-1."""
-    from PIL import Image
-    from safetensors.torch import save_file
+    from conftest import checkpoint_and_photos
 
-    from comcat.data.shapes import make_shapes
-    from comcat.models import load_model
-
-    ckpt = tmp_path / "mine.safetensors"
-    save_file(load_model("embedded").model.state_dict(), str(ckpt))
-    images, _, _ = make_shapes(40, 3)
-    zpath = tmp_path / "photos.zip"
-    with zipfile.ZipFile(zpath, "w") as z:
-        for i, img in enumerate(images):
-            path = tmp_path / f"{i}.png"
-            Image.fromarray(img).save(path)
-            z.write(path, f"photos/{i}.png")
+    ckpt, zpath = checkpoint_and_photos(tmp_path)
     missing = next(ui.on_compress(model_source="uploaded checkpoint", upload=str(ckpt), arch="",
                                   data_source="uploaded zip", data_zip=str(zpath)))[0]
     assert "architecture" in missing and "--arch" not in missing

@@ -136,22 +136,9 @@ def test_stop_then_resume_finishes_the_run(page, shots):
 
 
 def test_compress_an_uploaded_checkpoint_on_unlabeled_images(page, tmp_path):
-    import zipfile
+    from conftest import checkpoint_and_photos
 
-    from PIL import Image
-    from safetensors.torch import save_file
-
-    from comcat.data.shapes import make_shapes
-    from comcat.models import load_model
-
-    ckpt = tmp_path / "mine.safetensors"
-    save_file(load_model("embedded").model.state_dict(), str(ckpt))
-    images, _, _ = make_shapes(40, 3)
-    zpath = tmp_path / "photos.zip"
-    with zipfile.ZipFile(zpath, "w") as z:
-        for i, img in enumerate(images):
-            Image.fromarray(img).save(tmp_path / f"{i}.png")
-            z.write(tmp_path / f"{i}.png", f"photos/{i}.png")
+    ckpt, zpath = checkpoint_and_photos(tmp_path)
     page.refresh()                                          # the defaults, whatever the tests before set
     tab(page, "Compress")
     wait(page).until(EC.element_to_be_clickable((By.ID, "compress-go")))
