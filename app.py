@@ -1,6 +1,8 @@
 """Start the comcat app: python app.py [--host 127.0.0.1] [--port 7860] [--share] [--data-root DIR]."""
 import argparse
 import os
+import signal
+import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -13,10 +15,18 @@ def main() -> None:
     ap.add_argument("--data-root", default=None, metavar="DIR",
                     help="let visitors compress on image folders inside DIR (default: uploads only)")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))          # so the temp folder goes at exit (atexit)
+    from app.common import MAX_UPLOAD_MB, WORK
+
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(WORK / "gradio"))     # gradio's upload cache goes at exit too
     from app.ui import build_demo
 
-    build_demo(data_root=args.data_root).queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
-                                                           share=args.share)
+    demo = build_demo(data_root=args.data_root).queue(default_concurrency_limit=1)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=f"{MAX_UPLOAD_MB}mb",
+                quiet=True, prevent_thread_lock=True)          # quiet: gradio's hint names share=True, ours --share
+    print(f"comcat app on {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else
+                                             " (python app.py --share for a public link)"), flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """What every tab shares: the app's private temp folder, upload checks, readable errors."""
 from __future__ import annotations
 
+import atexit
+import contextvars
+import re
 import shutil
 import tempfile
 import uuid
@@ -8,15 +11,70 @@ from pathlib import Path
 
 from comcat.errors import ComcatError
 
-WORK = Path(tempfile.mkdtemp(prefix="comcat-app-"))     # uploads and outputs live here only
+WORK = Path(tempfile.mkdtemp(prefix="comcat-app-"))     # uploads and outputs live here only, removed at exit
+atexit.register(shutil.rmtree, WORK, True)
 MAX_UPLOAD_MB = 1024
+OWNER: contextvars.ContextVar = contextvars.ContextVar("owner", default=None)   # the visitor a handler serves
+
+
+def visitor(request) -> str | None:
+    """The visitor's session id (gradio's session hash) for `request`, and the owner of the folders
+    this handler makes (workdir)."""
+    owner = getattr(request, "session_hash", None)
+    OWNER.set(owner)
+    return owner
+
+
+def _folder(owner: str | None) -> Path:
+    return WORK / (re.sub(r"[^A-Za-z0-9_-]", "", owner) or "shared" if owner else "shared")
 
 
 def workdir(kind: str) -> Path:
-    """A fresh folder under the app's temp folder, e.g. workdir('explore')."""
-    d = WORK / kind / uuid.uuid4().hex[:10]
+    """A fresh folder under the app's temp folder for the current visitor, e.g. workdir('explore')."""
+    d = _folder(OWNER.get()) / kind / uuid.uuid4().hex[:10]
     d.mkdir(parents=True)
     return d
+
+
+def forget(owner: str | None) -> None:
+    """Remove a visitor's folders (their session ended)."""
+    if owner:
+        shutil.rmtree(_folder(owner), ignore_errors=True)
+
+
+DATA_ROOT: Path | None = None     # server folders a visitor may name (python app.py --data-root DIR); None: none
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def server_folder(path: str, what: str, instead: str = "upload your files") -> Path:
+    """`path` (relative to DATA_ROOT, or absolute inside it) resolved inside DATA_ROOT; messages show
+    only what the visitor typed. `instead`: what to do where no server folders are allowed."""
+    typed = path.strip()
+    if DATA_ROOT is None:
+        raise ComcatError(f"this app reads no server folders: {instead} (the operator can allow a folder with "
+                          "python app.py --data-root DIR)")
+    root = DATA_ROOT.resolve()
+    target = (root / typed).resolve()
+    if not typed or not target.is_relative_to(root) or not target.is_dir():
+        raise ComcatError(f"{what} {typed!r} does not exist under the app's data root: type a folder inside it")
+    return target
+
+
+def pipeline_spec(text: str) -> str:
+    """What a visitor typed as a text-to-image pipeline, as load_pipeline takes it: 'embedded', a
+    hub ID (never read as a server path), or a folder under the data root."""
+    text = (text or "").strip() or "embedded"
+    if text == "embedded":
+        return text
+    if DATA_ROOT is not None:
+        try:
+            return str(server_folder(text, "pipeline folder"))
+        except ComcatError:
+            pass
+    if HUB_ID.fullmatch(text):
+        return "hub:" + text
+    raise ComcatError(f"pipeline {text!r}: type 'embedded' or a hub ID like runwayml/stable-diffusion-v1-5"
+                      + (", or a diffusers folder under the app's data root" if DATA_ROOT else ""))
 
 
 def take_upload(path: str | None, suffixes: tuple[str, ...], what: str, max_mb: float = MAX_UPLOAD_MB) -> Path:
@@ -34,9 +92,30 @@ def take_upload(path: str | None, suffixes: tuple[str, ...], what: str, max_mb: 
     return dst
 
 
+CLI_TO_PAGE = [      # the library's advice names command-line flags; the page names its own controls
+    (r"also pass its architecture, e\.g\. --arch (\S+)", r"type its architecture in the 'architecture' box, e.g. \1"),
+    (r"pass the right --arch", "type the right architecture in the 'architecture' box"),
+    (r"continue it with --resume \S+", "press Resume"),
+    (r"--lr\b", "the learning rate"),
+]
+
+
+def public_text(text: str) -> str:
+    """`text` for the page: the app's own server paths cut to what a visitor knows (a file in the
+    app's temp folder by its name, one under the data root relative to it), and command-line advice
+    in the page's terms."""
+    for pattern, page in CLI_TO_PAGE:
+        text = re.sub(pattern, page, text)
+    text = re.sub(re.escape(str(WORK)) + r"/[^\s'\"]*/([^/\s'\"]+)", r"\1", text)
+    if DATA_ROOT is not None:
+        text = text.replace(str(DATA_ROOT.resolve()) + "/", "").replace(str(DATA_ROOT) + "/", "")
+    return text
+
+
 def message(e: BaseException) -> str:
-    """One readable line for the page: the library's own message, else the exception's first line."""
+    """One readable line for the page: the library's own message, else the exception's first line;
+    server paths as `public_text` gives them."""
     if isinstance(e, ComcatError):
-        return f"⚠️ {e}"
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    return f"⚠️ {type(e).__name__}: {first}" if first else f"⚠️ {type(e).__name__}"
+        return f"**Error:** {public_text(str(e))}"
+    first = public_text((str(e).strip().splitlines() or [""])[0][:200])
+    return f"**Error:** {type(e).__name__}: {first}" if first else f"**Error:** {type(e).__name__}"

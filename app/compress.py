@@ -10,28 +10,13 @@ from pathlib import Path
 from comcat.errors import ComcatError
 from comcat.job import JobSpec
 
-from .common import take_upload, workdir
+from .common import server_folder, take_upload, workdir
 from .explore import model_spec
 
 MODEL_SOURCES = ("embedded", "timm name", "uploaded checkpoint", "model from Explore")
 DATA_SOURCES = ("embedded shapes", "folder path", "uploaded zip")
 MAX_ZIP_FILES = 200_000
-DATA_ROOT: Path | None = None     # server folders a visitor may name (python app.py --data-root DIR); None: none
-
-
-def server_folder(path: str) -> Path:
-    """`path` (relative to DATA_ROOT, or absolute inside it) resolved inside DATA_ROOT; messages show
-    only what the visitor typed."""
-    typed = path.strip()
-    if DATA_ROOT is None:
-        raise ComcatError("this app reads no server folders: upload a zip of your images (the operator can allow a "
-                          "folder with python app.py --data-root DIR)")
-    root = DATA_ROOT.resolve()
-    target = (root / typed).resolve()
-    if not typed or not target.is_relative_to(root) or not target.is_dir():
-        raise ComcatError(f"data folder {typed!r} does not exist under the app's data root: type a folder inside it "
-                          "(DIR/<image> or DIR/<class>/<image>)")
-    return target
+MAX_UNZIPPED_MB = 4096            # what a zip may unpack to (its entries' declared sizes; zipfile holds them to it)
 
 
 def unzip_images(path: str | None) -> Path:
@@ -43,6 +28,10 @@ def unzip_images(path: str | None) -> Path:
             names = z.namelist()
             if len(names) > MAX_ZIP_FILES:
                 raise ComcatError(f"{src.name} holds {len(names):,} files, over the app's limit of {MAX_ZIP_FILES:,}")
+            unpacked = sum(i.file_size for i in z.infolist()) / 2**20
+            if unpacked > MAX_UNZIPPED_MB:
+                raise ComcatError(f"{src.name} unpacks to {unpacked:,.0f} MB, over the app's limit of "
+                                  f"{MAX_UNZIPPED_MB:,} MB: zip fewer or smaller images")
             for n in names:
                 if n.startswith(("/", "\\")) or ".." in Path(n).parts:
                     raise ComcatError(f"{src.name} has an unsafe path {n!r}: zip the image folder itself")
@@ -67,7 +56,7 @@ def chosen_model(source: str, name: str = "", upload: str | None = None, arch: s
 def chosen_data(source: str, path: str = "", upload: str | None = None, model: str = "embedded") -> str | None:
     """The data of a run: None for the embedded shapes, else a folder (typed, or an unzipped upload)."""
     if source == "folder path":
-        return str(server_folder(path))
+        return str(server_folder(path, "data folder", "upload a zip of your images"))
     if source == "uploaded zip":
         return str(unzip_images(upload))
     if model != "embedded":
@@ -198,6 +187,6 @@ def zip_model(out: Path) -> Path:
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
         for p in sorted(out.rglob("*")):
             if p.is_file() and "state" not in p.relative_to(out).parts:
-                z.write(p, Path(out.name) / p.relative_to(out))
+                z.write(p, p.relative_to(out))          # at the root: the unzipped folder loads
     os.replace(tmp, target)
     return target

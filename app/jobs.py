@@ -64,6 +64,12 @@ class Runner:
         self._stop.set()
         return "stopping"
 
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the running job (if any) ends, at most `timeout` seconds."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
     @property
     def stopping(self) -> bool:
         return self._stop()

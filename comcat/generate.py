@@ -1,9 +1,12 @@
 """Sampling with adapters: `python -m comcat generate` and the app's Generate tab."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .adapter import load_adapter
 from .diffusion.pipeline import guidance_kwargs
@@ -17,9 +20,12 @@ def parse_adapter_arg(arg: str) -> tuple[str, float | None]:
     if not sep or not path:
         return arg, None
     try:
-        return path, float(scale)
+        value = float(scale)
     except ValueError:
         return arg, None
+    if not math.isfinite(value):
+        raise ComcatError(f"--adapter {arg}: the strength after ':' must be a finite number, e.g. {path}:0.8")
+    return path, value
 
 
 def with_adapters(pipe, adapters: list[tuple[str, float | None]]) -> list[str]:
@@ -34,8 +40,14 @@ def generate(pipe, prompt: str, seed: int = 0, steps: int = 25, guidance: float 
     if steps < 1 or n < 1:
         raise ComcatError("--steps and --n must be >= 1")
     gen = torch.Generator().manual_seed(seed)
-    return pipe(prompt, num_images_per_prompt=n, generator=gen, num_inference_steps=steps,
-                **guidance_kwargs(guidance)).images
+    images = pipe(prompt, num_images_per_prompt=n, generator=gen, num_inference_steps=steps, output_type="np",
+                  **guidance_kwargs(guidance)).images
+    if images.dtype != np.uint8:              # diffusers pipelines: floats in [0, 1]
+        if not np.isfinite(images).all():
+            raise ComcatError("sampling produced NaN/inf values: a loaded adapter or the model is broken "
+                              "(retrain it, lower its strength, or generate without it)")
+        images = (images.clip(0, 1) * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in images]
 
 
 def save_image(image, path: str | Path) -> Path:

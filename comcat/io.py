@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,11 +15,19 @@ from safetensors.torch import load_file, save_file
 from .compress import compress
 from .cost import count_params, counted_flops
 from .errors import ComcatError
-from .models import COMPRESSED_META, COMPRESSED_WEIGHTS, Loaded, build_arch, load_state, read_meta
+from .models import COMPRESSED_META, COMPRESSED_WEIGHTS, Loaded, build_arch, check_finite, load_state, read_meta
 from .ranks import RankConfig
 
 FORMAT = "comcat-compressed/2"   # /2: the query bias in W^QK_h's factors, no key-bias term
 JOB_FILE = "job.json"        # a compress run's spec and phase (see comcat/job.py)
+LOCK_FILE = ".comcat.lock"   # held (flock) by the process writing a run's folder
+
+
+def usual_mode(path: str | Path, folder: bool = False) -> None:
+    """Give a mkstemp / mkdtemp file (0600) or folder (0700) the mode a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
 
 
 def atomic_write(path: str | Path, write) -> Path:
@@ -27,14 +38,74 @@ def atomic_write(path: str | Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)      # mkstemp makes 0600; give the file the usual mode
+        usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def clean_temp(out: Path) -> None:
+    """Remove what a killed atomic write left in `out` and `out/state` (.NAME.*.tmp* files)."""
+    for folder in (out, out / "state"):
+        for p in folder.glob(".*.tmp*") if folder.is_dir() else ():
+            if p.is_file():
+                p.unlink(missing_ok=True)
+            elif p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _lock(fd: int, out: Path) -> None:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ComcatError(f"another comcat process is writing to {out}: wait for it to finish or choose another "
+                          "--out") from None
+
+
+def check_unlocked(out: Path) -> None:
+    """A one-line error when another process holds `out`'s lock (see out_lock)."""
+    if os.name != "posix" or not (out / LOCK_FILE).is_file():
+        return
+    fd = os.open(out / LOCK_FILE, os.O_RDONLY)
+    _lock(fd, out)
+    os.close(fd)                          # closing releases the probe's lock
+
+
+@contextmanager
+def out_lock(out: Path):
+    """Hold an exclusive lock on the run folder `out` (flock on out/.comcat.lock) while writing it;
+    a second writer gets a one-line error. The folder is made if needed, and removed again when
+    it is left empty."""
+    if os.name != "posix":               # no flock: no lock
+        yield
+        return
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    _lock(fd, out)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+def clear_run(out: Path, ours: tuple[str, ...]) -> None:
+    """--overwrite: remove the files and folders `ours` of an earlier run in `out` (nothing else)."""
+    for name in ours:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -46,7 +117,9 @@ def claim_out(out: Path, ours: tuple[str, ...], what: str) -> None:
     else's), or a place this process cannot write to; one line each."""
     if out.exists() and not out.is_dir():
         raise ComcatError(f"--out {out} is a file: choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not any((out / name).is_file() for name in ours):
+    check_unlocked(out)
+    others = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
+    if others and not any((out / name).is_file() for name in ours):
         raise ComcatError(f"{out} exists and is not a {what} folder: choose an empty or new --out")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
@@ -55,6 +128,7 @@ def claim_out(out: Path, ours: tuple[str, ...], what: str) -> None:
 
 def read_run_record(out: Path, name: str, fmt: str, command: str) -> dict:
     """The JSON record `out/name` of a resumable run, checked to be of format `fmt`."""
+    check_unlocked(out)
     try:
         record = json.loads((out / name).read_text())
     except FileNotFoundError:
@@ -83,18 +157,25 @@ def save_compressed(loaded: Loaded, out_dir: str | Path, extra: dict | None = No
                            if isinstance(v, (str, int, float, bool, list, tuple, type(None)))},
         **(extra or {}),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{COMPRESSED_WEIGHTS}.", suffix=".tmp")
-    os.close(fd)
-    try:       # both files complete before either is replaced; other files in out are kept
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, tmp, metadata={"format": FORMAT})
-        atomic_write_text(out / f".{COMPRESSED_META}.new", json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, out / COMPRESSED_WEIGHTS)
-        os.replace(out / f".{COMPRESSED_META}.new", out / COMPRESSED_META)
+    meta["pair"] = uuid.uuid4().hex     # the weights carry it too: a pair from two saves is detected
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+    def write(folder: Path) -> None:
+        atomic_write(folder / COMPRESSED_WEIGHTS,
+                     lambda tmp: save_file(state, tmp, metadata={"format": FORMAT, "pair": meta["pair"]}))
+        atomic_write_text(folder / COMPRESSED_META, json.dumps(meta, indent=2) + "\n")
+
+    if out.is_dir() and any(out.iterdir()):       # a run's folder (job.json, state/): the pair id guards it
+        write(out)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)  # a new folder: written beside it, renamed into place whole
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        usual_mode(tmp, folder=True)
+        os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        (out / f".{COMPRESSED_META}.new").unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
@@ -142,6 +223,20 @@ def _check_arch(meta: dict, weights: Path) -> None:
                           f"({wrong[0] if wrong else 'number of blocks'}): re-export the compressed model")
 
 
+def _check_pair(meta: dict, weights: Path) -> None:
+    """comcat.json and model.safetensors come from the same save (files written before the pair id
+    existed carry none and pass)."""
+    from safetensors import safe_open
+
+    if "pair" not in meta:
+        return
+    with safe_open(str(weights), "pt") as f:
+        pair = (f.metadata() or {}).get("pair")
+    if pair != meta["pair"]:
+        raise ComcatError(f"{weights.parent}: comcat.json and {weights.name} come from different saves (a save was "
+                          "interrupted): continue the run with --resume, or compress again")
+
+
 def load_compressed(directory: str | Path) -> Loaded:
     """Rebuild a compressed model from its directory alone (no original checkpoint needed)."""
     directory = Path(directory)
@@ -149,6 +244,7 @@ def load_compressed(directory: str | Path) -> Loaded:
     if meta.get("format") != FORMAT:
         raise ComcatError(f"{directory} has format {meta.get('format')!r}, expected {FORMAT!r}: re-export it")
     _check_arch(meta, directory / COMPRESSED_WEIGHTS)
+    _check_pair(meta, directory / COMPRESSED_WEIGHTS)
     model = build_arch(meta["arch"], **meta.get("arch_kwargs", {}))
     if meta.get("pretrained_cfg"):
         model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **meta["pretrained_cfg"]}
@@ -158,6 +254,7 @@ def load_compressed(directory: str | Path) -> Loaded:
         state = load_file(str(weights))
     except Exception as e:
         raise ComcatError(f"could not read {weights} ({type(e).__name__}): re-export the compressed model") from None
+    check_finite(state, str(weights))
     load_state(model, state, f"{weights} does not match comcat.json", "re-export the compressed model")
     return Loaded(model.eval(), meta["arch"], meta.get("arch_kwargs", {}), str(directory), meta)
 
@@ -195,6 +292,7 @@ def save_tree(path: str | Path, tree) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp)
+        usual_mode(tmp)
         atomic_write_text(path.with_suffix(".json"), json.dumps({"tensors": Path(tmp).name, "tree": skeleton}))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -211,7 +309,11 @@ def load_tree(path: str | Path):
         return None
     try:
         meta = json.loads(path.with_suffix(".json").read_text())
-        return _unflatten(meta["tree"], load_file(str(path.parent / meta["tensors"])))
+        tree = _unflatten(meta["tree"], load_file(str(path.parent / meta["tensors"])))
     except Exception as e:
         raise ComcatError(f"the saved run state {path}.json is unreadable ({type(e).__name__}): "
                           "start the run again without --resume") from None
+    for old in path.parent.glob(f"{path.name}.*.safetensors"):         # a killed save's orphans
+        if old.name != meta["tensors"]:
+            old.unlink(missing_ok=True)
+    return tree

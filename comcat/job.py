@@ -20,15 +20,17 @@ continues from the state and ends where an uninterrupted run would.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import dist
 from .errors import ComcatError
-from .io import (JOB_FILE, atomic_write_text, claim_out, load_compressed, load_tree, read_run_record, save_compressed,
-                 save_tree)
+from .io import (JOB_FILE, atomic_write_text, claim_out, clean_temp, clear_run, load_compressed, load_tree, out_lock,
+                 read_run_record, save_compressed, save_tree)
 from .models import EMBEDDED_ARCH, Loaded, load_model
 
 JOB_FORMAT = "comcat-job/2"
@@ -55,6 +57,7 @@ class JobSpec:
     distill_steps: int = 100            # block distillation steps per block (0: none)
     distill_lr: float = 1e-3
     distill_views: int = 2              # augmented (crop, flip, mix) passes over the images to distill on
+    distill_cls: float = 1.0            # extra weight of the class token's error in block distillation
     search_epochs: int = 4
     finetune_epochs: int = 0            # end-to-end distillation epochs
     data: str | None = None
@@ -124,16 +127,25 @@ def _checkpoint(path: Path):
     return save
 
 
-def start_job(spec: JobSpec, out: str | Path) -> dict:
-    """Validate the spec cheaply and claim `out` for a new run (refuses a foreign or unfinished folder)."""
+RUN_FILES = ("comcat.json", "model.safetensors", JOB_FILE, "state", "ranks.png", "report.md")   # what --overwrite removes
+
+
+def start_job(spec: JobSpec, out: str | Path, overwrite: bool = False) -> dict:
+    """Validate the spec cheaply and claim `out` for a new run: a foreign folder is refused, and a
+    folder holding an earlier run is refused unless `overwrite`, which removes that run's files."""
     out = Path(out)
     if spec.search and spec.ratio is None:
         raise ComcatError("--search needs a budget: pass --params-ratio R")
     if spec.calibration not in CALIBRATIONS:
         raise ComcatError(f"calibration must be one of {CALIBRATIONS}, got {spec.calibration!r}")
-    if (out / JOB_FILE).is_file() and _read_job(out)["phase"] != "done":
-        raise ComcatError(f"{out} holds an unfinished run: continue it with --resume {out} or choose another --out")
     claim_out(out, ("comcat.json", JOB_FILE), "comcat model")
+    if not overwrite and (out / JOB_FILE).is_file():
+        finished = read_run_record(out, JOB_FILE, JOB_FORMAT, "compress").get("phase") == "done"
+        raise ComcatError(f"{out} holds {'a finished' if finished else 'an unfinished'} run: "
+                          f"{'' if finished else f'continue it with --resume {out}, '}start over with --overwrite, "
+                          "or choose another --out")
+    if not overwrite and (out / "comcat.json").is_file():
+        raise ComcatError(f"{out} holds a compressed model: replace it with --overwrite or choose another --out")
     return {"format": JOB_FORMAT, "spec": asdict(spec), "phase": "search" if spec.search else "ranks"}
 
 
@@ -174,13 +186,30 @@ class Run:
 
 
 def run_job(spec: JobSpec | None, out: str | Path, resume: bool = False, callback=None, should_stop=None,
-            progress: bool = False) -> dict:
+            progress: bool = False, overwrite: bool = False) -> dict:
     """Run (or with resume=True continue) a compress run into `out`. Returns {"loaded", "report",
-    "stopped", "out"}. callback(event) gets every step and phase change."""
+    "stopped", "out"}. callback(event) gets every step and phase change. `overwrite`: a new run
+    replaces an earlier one in `out`. One process at a time writes `out` (a lock file)."""
     out = Path(out)
-    job = _read_job(out) if resume else start_job(spec, out)
+    job = _read_job(out) if resume else start_job(spec, out, overwrite)
     if resume and job["phase"] == "done":
         raise ComcatError(f"the run in {out} is already finished: its model is {out / 'model.safetensors'}")
+    lock = out_lock(out) if os.environ.get("RANK", "0") == "0" else nullcontext()
+    with lock:
+        if resume:
+            clean_temp(out)
+            return _start(job, out, resume, callback, should_stop, progress)
+        if overwrite:
+            clear_run(out, RUN_FILES)
+        try:
+            return _start(job, out, resume, callback, should_stop, progress)
+        except BaseException:
+            if dist.is_main() and job["phase"] in ("search", "ranks"):     # no model written yet: leave no trace
+                clear_run(out, (JOB_FILE, "state"))
+            raise
+
+
+def _start(job: dict, out: Path, resume: bool, callback, should_stop, progress: bool) -> dict:
     dist.setup()
     device = dist.device(JobSpec.from_dict(job["spec"]).device)
     loaded = load_model(job["spec"]["model"], job["spec"]["arch"])
@@ -206,18 +235,9 @@ def run_job(spec: JobSpec | None, out: str | Path, resume: bool = False, callbac
         emit({"kind": "phase", "phase": "data", "sizes": splits.sizes(), "source": splits.source,
               "labeled": splits.labeled, "note": splits.note})
     run = Run(job, spec, out, loaded, dense, splits, device, emit, lambda: bool(should_stop and should_stop()), progress)
-    if resume:
-        return _phases(run)
-    _write_job(out, job)
-    try:
-        return _phases(run)
-    except ComcatError:
-        if dist.is_main() and job["phase"] in ("search", "ranks"):     # no model written yet: leave no trace
-            (out / JOB_FILE).unlink(missing_ok=True)
-            shutil.rmtree(out / "state", ignore_errors=True)
-            if out.is_dir() and not any(out.iterdir()):
-                out.rmdir()
-        raise
+    if not resume:
+        _write_job(out, job)
+    return _phases(run)
 
 
 def _next(spec: JobSpec) -> str:
@@ -371,7 +391,7 @@ def _distill(run: Run, small):
     views = AugmentedViews(DataLoader(images, batch_size=32), spec.distill_views, spec.seed, spec.mix)
     res = distill_blocks(small, run.dense, views, spec.distill_steps, spec.distill_lr,
                          seed=spec.seed, device=run.device, callback=run.emit, should_stop=run.stop, resume=resume,
-                         checkpoint=checkpoint)
+                         checkpoint=checkpoint, cls_weight=spec.distill_cls)
     run.timed("distill", t)
     run.job["distill"] = {"steps": res["steps"], "total": res["total"]}
     after = _validate(run, small, "distill")

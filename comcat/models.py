@@ -40,8 +40,8 @@ def build_arch(arch: str, **kwargs) -> nn.Module:
     import timm
 
     if not timm.is_model(arch):
-        raise ComcatError(f"unknown architecture {arch!r}: use a timm model name such as "
-                          "deit_small_patch16_224 (see timm.list_models('deit*'))")
+        raise ComcatError(f"unknown architecture {arch!r}: use a timm model name such as vit_tiny_patch16_224 "
+                          "or deit_small_patch16_224")
     return timm.create_model(arch, pretrained=False, **kwargs)
 
 
@@ -82,10 +82,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: str | Path, arch: str | None) -> Loaded:
     """A local checkpoint file of a timm architecture `arch`."""
     path = Path(path)
+    if not path.is_file():
+        raise ComcatError(f"checkpoint {path} does not exist: check the path")
+    sd = read_state_dict(path)
     if arch is None:
         raise ComcatError(f"{path.name} is a bare checkpoint: also pass its architecture, e.g. "
-                          "--arch vit_tiny_patch16_224")
-    sd = read_state_dict(path)
+                          f"--arch {guess_arch(sd) or 'vit_tiny_patch16_224'}")
     kwargs = {}
     head = sd.get("head.weight")
     probe = build_arch(arch)
@@ -93,8 +95,42 @@ def load_checkpoint(path: str | Path, arch: str | None) -> Loaded:
         kwargs["num_classes"] = head.shape[0]
         probe = build_arch(arch, **kwargs)
     model = check_supported(probe, arch)
-    load_state(model, sd, f"{path.name} does not match {arch}", "pass the right --arch")
+    guess = guess_arch(sd)
+    check_finite(sd, path.name)
+    load_state(model, sd, f"{path.name} does not match {arch}",
+               f"pass the right --arch{f' (its shapes fit {guess})' if guess and guess != arch else ''}")
     return Loaded(model.eval(), arch, kwargs, str(path))
+
+
+VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
+
+
+def guess_arch(sd: dict) -> str | None:
+    """The timm ViT / DeiT name whose shapes a state dict has (width, depth, patch, image size), or
+    None: width 192, 12 blocks, patch 16, 197 tokens -> vit_tiny_patch16_224."""
+    import math
+
+    import timm
+
+    proj, pos = sd.get("patch_embed.proj.weight"), sd.get("pos_embed")
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    if proj is None or pos is None or proj.ndim != 4 or VIT_SIZES.get(proj.shape[0]) is None:
+        return None
+    prefix = 2 if "dist_token" in sd else 1
+    side = math.isqrt(max(pos.shape[1] - prefix, 0))
+    family = "deit" if "dist_token" in sd else "vit"
+    size = VIT_SIZES[proj.shape[0]]
+    name = f"{family}_{size}_{'distilled_' if prefix == 2 else ''}patch{proj.shape[-1]}_{side * proj.shape[-1]}"
+    if not timm.is_model(name) or (size == "base" and depth != 12) or (size in ("tiny", "small") and depth != 12):
+        return None
+    return name
+
+
+def check_finite(sd: dict, where: str) -> None:
+    """A one-line error when a floating-point tensor of `sd` holds NaN or inf."""
+    broken = next((k for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken is not None:
+        raise ComcatError(f"{where}: {broken} holds NaN or inf values: the weights are broken, export them again")
 
 
 def load_state(model: nn.Module, sd: dict, what: str, fix: str) -> None:
@@ -113,7 +149,10 @@ def load_timm_pretrained(name: str) -> Loaded:
     """A timm ViT-family model with pretrained weights (download or local hub cache)."""
     import timm
 
+    if not timm.is_model(name):
+        raise ComcatError(f"{name!r} is not a timm model name: try vit_tiny_patch16_224 or deit_small_patch16_224")
     check_supported(timm.create_model(name, pretrained=False), name)
+    _check_reachable(name)
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as e:
@@ -123,11 +162,38 @@ def load_timm_pretrained(name: str) -> Loaded:
     return Loaded(model.eval(), name, {}, f"timm:{name}")
 
 
+def _check_reachable(name: str) -> None:
+    """Fail at once, not after the hub's retries, when `name`'s weights are neither in the local hub
+    cache nor downloadable (offline mode, or no answer from the hub within 3 s)."""
+    import socket
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id and any(isinstance(try_to_load_from_cache(hub_id, f), str)
+                      for f in ("model.safetensors", "pytorch_model.bin")):
+        return                                             # cached: no network needed
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    why = "offline mode (HF_HUB_OFFLINE)" if offline else None
+    if why is None:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        except OSError:
+            why = "the hub does not answer"
+    if why:
+        raise ComcatError(f"the pretrained weights of {name} are not on this machine and cannot be downloaded ({why}): "
+                          "download them where there is network, or use a local checkpoint file")
+
+
 def load_model(spec: str = "embedded", arch: str | None = None) -> Loaded:
     """Load from a SPEC: 'embedded' | compressed dir | checkpoint file (+ arch) | timm name."""
     spec = str(spec).strip()
     if spec in ("", "embedded", EMBEDDED_ARCH):
         return load_embedded()
+    if spec.startswith("timm:"):                       # a timm name, never read as a path
+        return load_timm_pretrained(spec.removeprefix("timm:"))
     path = Path(spec)
     if path.is_dir():
         from .io import load_compressed

@@ -41,7 +41,13 @@ class RankConfig:
         method = d.get("method", "head")
         if method not in METHODS:
             raise ComcatError(f"rank config method must be one of {METHODS}, got {method!r}")
-        return cls(method, [dict(b) for b in d["blocks"]], d.get("head"), d.get("note", {}))
+        blocks, head = d["blocks"], d.get("head")
+        if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+            raise ComcatError('a rank config\'s "blocks" is a list with one {"qk": r, "vo": r} object per block')
+        if head is not None and not _is_rank(head):
+            raise ComcatError(f"classifier rank {head!r} is not a positive integer: use an integer or null")
+        note = d.get("note", {})
+        return cls(method, [dict(b) for b in blocks], head, note if isinstance(note, dict) else {})
 
     @classmethod
     def load(cls, path: str | Path) -> "RankConfig":
@@ -69,13 +75,18 @@ class RankConfig:
                 r = ranks.get(site)
                 if site in ATTN_SITES[self.method] and r is None and self.method == "head":
                     raise ComcatError(f"block {i}: head-level method needs a rank for {site!r} (1..{limits[site]})")
-                if r is not None and (not isinstance(r, (int, np.integer)) or not 1 <= r <= limits[site]):
+                if r is not None and (not _is_rank(r) or not 1 <= r <= limits[site]):
                     raise ComcatError(f"block {i}: rank {site}={r!r} is out of range: use an integer in 1..{limits[site]}")
         if self.head is not None:
             lim = min(model.head.in_features, model.head.out_features)
             if not 1 <= self.head <= lim:
                 raise ComcatError(f"classifier rank {self.head} is out of range: use 1..{lim} or null")
         return self
+
+
+def _is_rank(r) -> bool:
+    """An integer (JSON true/false are not ranks)."""
+    return isinstance(r, (int, np.integer)) and not isinstance(r, (bool, np.bool_))
 
 
 def site_limits(block: nn.Module, method: str) -> dict[str, int]:

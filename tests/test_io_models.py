@@ -1,4 +1,5 @@
 import json
+import os
 import pickle
 
 import pytest
@@ -31,6 +32,25 @@ def test_save_reload_round_trip(embedded, tmp_path):
     # saving again over the same directory replaces it atomically and leaves no temp folders
     save_compressed(back, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_saved_model_is_one_unit_with_the_usual_file_modes(embedded, tmp_path):
+    """A new folder appears whole (written beside it, then renamed); in a run's folder the two files
+    carry one pair id, so a comcat.json from another save than the weights is refused (issue 17)."""
+    small = compress(embedded.model, uniform_ranks(embedded.model, "head", 0.5))
+    out = save_compressed(Loaded(small, embedded.arch), tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in out.iterdir()) == ["comcat.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~umask)}
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~umask)
+    first = (out / "comcat.json").read_text()
+    save_compressed(Loaded(small, embedded.arch), out)                   # a second save into the same folder
+    assert json.loads(first)["pair"] != json.loads((out / "comcat.json").read_text())["pair"]
+    (out / "comcat.json").write_text(first)                              # as if killed between the two renames
+    with pytest.raises(ComcatError, match="come from different saves"):
+        load_compressed(out)
 
 
 def test_save_refuses_dense_model_and_foreign_dir(embedded, tmp_path):
@@ -90,9 +110,11 @@ class Evil:
     ("CORRUPT.pth", "vit_tiny_patch16_224", "could not read checkpoint"),
     ("EVIL.pth", "vit_tiny_patch16_224", "could not read checkpoint"),
     ("NOTWEIGHTS.pth", "vit_tiny_patch16_224", "state dict of tensors"),
+    ("NAN.safetensors", "comcat_shapes_vit", "NAN.safetensors: blocks.0.attn.qkv.weight holds NaN or inf values"),
     ("EMPTYDIR", None, "no comcat.json"),
-    ("vit_tiny_patch16_224", None, "could not get pretrained weights"),
-    ("deit_small_patch16_224", None, "could not get pretrained weights"),
+    ("vit_tiny_patch16_224", None, "cannot be downloaded"),
+    ("deit_small_patch16_224", None, "cannot be downloaded"),
+    ("timm:not_a_model", None, "is not a timm model name"),
 ])
 def test_bad_models_give_one_line_errors(tmp_path, monkeypatch, spec, arch, message, capsys):
     from comcat.embedded import EMBEDDED_WEIGHTS
@@ -103,6 +125,10 @@ def test_bad_models_give_one_line_errors(tmp_path, monkeypatch, spec, arch, mess
     (tmp_path / "EVIL.pth").write_bytes(pickle.dumps({"x": Evil()}))
     torch.save({"lr": 0.1, "epoch": 3}, tmp_path / "NOTWEIGHTS.pth")
     (tmp_path / "EMPTYDIR").mkdir()
+    from safetensors.torch import load_file
+    weights = load_file(str(EMBEDDED_WEIGHTS))
+    weights["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    save_file(weights, str(tmp_path / "NAN.safetensors"))
     spec = {"EMBEDDED_AS_FILE": str(EMBEDDED_WEIGHTS)}.get(spec, spec)
     if "." in spec or spec.isupper():
         spec = spec if spec.startswith("/") else str(tmp_path / spec)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import ComcatError
 
@@ -33,7 +34,9 @@ class AdapterConfig:
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ComcatError(f"adapter targets must be among {TARGETS}, got {list(self.targets)}")
-        if not self.token or any(c.isspace() for c in self.token):
+        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not math.isfinite(self.scale):
+            raise ComcatError(f"adapter scale must be a finite number, got {self.scale!r}")
+        if not isinstance(self.token, str) or not self.token or any(c.isspace() for c in self.token):
             raise ComcatError(f"the concept token must be one word without spaces, got {self.token!r}")
 
     def to_metadata(self) -> dict[str, str]:
@@ -42,6 +45,17 @@ class AdapterConfig:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str] | None, where: str) -> "AdapterConfig":
+        """The config stored in a file's metadata: valid JSON, known keys, plain values, in bounds."""
         if not meta or meta.get("format") != FORMAT:
             raise ComcatError(f"{where} is not a comcat adapter file (no {FORMAT} metadata)")
-        return cls(**json.loads(meta["config"]))
+        try:
+            stored = json.loads(meta.get("config", ""))
+        except json.JSONDecodeError:
+            stored = None
+        known = {f.name for f in fields(cls)}
+        plain = isinstance(stored, dict) and isinstance(stored.get("targets", ()), (list, tuple)) \
+            and all(isinstance(stored.get(k, ""), str) for k in ("token", "base_model", "fingerprint")) \
+            and isinstance(stored.get("extra", {}), dict)
+        if not plain or set(stored) - known:
+            raise ComcatError(f"{where} has invalid adapter metadata: save the adapter again with comcat")
+        return cls(**stored)

@@ -25,6 +25,7 @@ def load_rgb(path: str):
 
 
 MAX_ENTRIES = 500_000    # files and folders a data folder may hold (a walk stops there)
+MAX_WALK_S = 60.0        # and the time listing it may take (a slow or network file system)
 
 
 def _images(folder: Path) -> list[Path]:
@@ -32,8 +33,13 @@ def _images(folder: Path) -> list[Path]:
     loops), and a walk over more than MAX_ENTRIES entries is refused."""
     import os
 
-    found, seen = [], 0
+    import time
+
+    found, seen, deadline = [], 0, time.monotonic() + MAX_WALK_S
     for top, dirs, files in os.walk(folder, followlinks=False):
+        if time.monotonic() > deadline:
+            raise ComcatError(f"listing the data folder {folder.name!r} took over {MAX_WALK_S:.0f} s: point it at a "
+                              "smaller folder of images")
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         seen += len(dirs) + len(files)
         if seen > MAX_ENTRIES:
@@ -86,13 +92,17 @@ def model_classes(model: nn.Module) -> tuple[int, list[str] | None]:
 def label_map(classes: list[str] | None, model: nn.Module) -> tuple[list[int] | None, str]:
     """Model class index of each folder class, or None with the reason the labels cannot be used.
     Folder names that are the model's label names (e.g. ImageNet synsets n01440764) map by name;
-    otherwise as many folders as the model has classes map in sorted order."""
+    other names are not its classes. A model without label names takes as many folders as it has
+    classes, in sorted order."""
     if classes is None:
         return None, "a flat folder has no labels"
     n, names = model_classes(model)
     if names and all(c in names for c in classes):
         index = {name: i for i, name in enumerate(names)}
         return [index[c] for c in classes], ""
+    if names:
+        other = next(c for c in classes if c not in names)
+        return None, f"its class folder {other!r} is not one of the model's classes ({', '.join(names[:3])}, ...)"
     if len(classes) == n:
         return list(range(n)), ""
     return None, f"its {len(classes)} class folders are not the model's {n} classes"

@@ -87,6 +87,9 @@ class ShapesPipeline(DiffusionPipeline):
             sample = self.scheduler.step(eps, t, sample, **extra).prev_sample
             if callback is not None:
                 callback(i, t)
+        if not torch.isfinite(sample).all():
+            raise ComcatError("sampling produced NaN/inf values: a loaded adapter or the model is broken "
+                              "(retrain it, lower its strength, or generate without it)")
         images = self.unpack(sample.float()).clamp(-1, 1)
         if output_type == "pt":
             out = images
@@ -97,13 +100,19 @@ class ShapesPipeline(DiffusionPipeline):
 
 
 def load_pipeline(spec: str = "embedded", device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """`embedded`, a local diffusers folder or a hub ID -> a pipeline on `device`.
+    """`embedded`, a local diffusers folder or a hub ID ('hub:ID': never a local folder) -> a
+    pipeline on `device`.
 
     A folder saved from `ShapesPipeline` loads as one; anything else goes through
     `DiffusionPipeline.from_pretrained` (Stable Diffusion 1.x/2.x and the like).
     """
+    hub_only = spec.startswith("hub:")
+    spec = spec.removeprefix("hub:")
     source = EMBEDDED_PIPELINE if spec == "embedded" else Path(spec)
     index = source / "model_index.json"
+    if hub_only and source.exists():        # from_pretrained would read it as a folder
+        raise ComcatError(f"could not load pipeline {spec!r} from the hub: give 'embedded' or a hub ID reachable "
+                          "from this machine")
     if source.is_dir() and not index.is_file():
         raise ComcatError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
     local = index.is_file()
