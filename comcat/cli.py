@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import ComcatError
 
@@ -32,12 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", metavar="F", help="write spectra, energy curves and param curves to this JSON file")
     a.add_argument("--plots", metavar="DIR", help="write energy_heatmaps.png and param_curves.png here")
     a.add_argument("--energy", type=float, default=0.9, help="energy threshold of the printed summary (default 0.9)")
+    a.add_argument("--table", metavar="F.csv", help="write the per-layer diagnosis (stable and effective rank, ranks "
+                   "for 90/95/99%% energy, tail exponent, against shuffled weights) to this CSV file")
 
     c = sub.add_parser("compress", help="find ranks, convert to low rank, fine-tune, report, save",
-                       description="Compress every attention layer (and optionally the MLPs): ranks from a "
-                                   "differentiable search under a budget (--search) or a fixed rule, then "
-                                   "optional distillation fine-tuning from the dense model. Runs under "
-                                   "torchrun --nproc_per_node N too. Ctrl-C stops cleanly; --resume continues.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Compress every attention layer (and optionally the MLPs) under a budget. "
+                                   "With --data: calibrate on your images (labels unused), allocate ranks, "
+                                   "distill block by block from the dense model, report on held-out images. "
+                                   "Runs under torchrun --nproc_per_node N too. Ctrl-C stops cleanly; "
+                                   "--resume continues.",
+                       epilog="examples:\n"
+                              "  # your checkpoint, half the attention parameters, your images (one click)\n"
+                              "  python -m comcat compress --model vit_tiny.safetensors --arch vit_tiny_patch16_224 \\\n"
+                              "      --params-ratio 0.5 --data my_images/ --out small/\n"
+                              "  python -m comcat compress --resume small/           # after Ctrl-C or a crash\n"
+                              "  # the embedded model, rank search with MLPs, no data needed\n"
+                              "  python -m comcat compress --search --mlp --params-ratio 0.5 --out tiny/\n"
+                              "  # plain SVD at ranks keeping 90% of the spectral energy\n"
+                              "  python -m comcat compress --energy 0.9 --out energy/")
     _model_args(c)
     c.add_argument("--method", choices=("head", "matrix"), default="head",
                    help="head: COMCAT per-head W^QK_h/W^VO_h (default); matrix: factorize W^Q, W^K, W^V, W^O separately")
@@ -71,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--distill-views", type=int, default=2, metavar="V",
                    help="block distillation also on V augmented passes (crop, flip, mixup/cutmix) over its "
                         "images (default 2; 0: the images as they are)")
+    c.add_argument("--distill-cls", type=float, default=1.0, metavar="W",
+                   help="block distillation: extra weight W of the class token's error (default 1; 0: all tokens "
+                        "alike)")
     c.add_argument("--finetune-epochs", type=int, default=0, metavar="M",
                    help="end-to-end distillation epochs after that: KL to the dense model on mixup/cutmix views "
                         "(default 0)")
@@ -97,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     c.add_argument("--out", metavar="DIR", help="write model.safetensors + comcat.json + report.md + ranks.png here")
     c.add_argument("--resume", metavar="DIR", help="continue a stopped run from its --out folder (other flags ignored)")
+    c.add_argument("--overwrite", action="store_true", help="replace an earlier run or model in --out (its files only)")
 
     e = sub.add_parser("evaluate", help="top-1/top-5 of a model or compressed directory",
                        description="Evaluate on the embedded held-out shapes or an ImageFolder directory.")
@@ -132,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "CPUs with AMX)")
     cu.add_argument("--out", metavar="DIR", help="write adapter.safetensors, previews/ and the run state here")
     cu.add_argument("--resume", metavar="DIR", help="continue a stopped run from its --out folder")
+    cu.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (its files only)")
+    cu.add_argument("--checkpoint-every", type=int, default=50, metavar="K",
+                    help="save the resumable state every K steps (default 50; a killed run resumes from there)")
 
     g = sub.add_parser("generate", help="text-to-image with zero or more adapters",
                        description="Generate images from a prompt; --adapter DIR[:SCALE] may repeat.")
@@ -173,6 +194,16 @@ def cmd_analyze(args) -> None:
     if args.plots:
         for p in save_analysis_plots(spectra, args.plots):
             print(f"wrote {p}")
+    if args.table:
+        from .diagnose import layer_table, table_summary, to_csv
+        from .io import atomic_write_text
+
+        if Path(args.table).is_dir():
+            raise ComcatError(f"--table {args.table} is a folder: give a .csv file name")
+        rows = layer_table(loaded.model)
+        print(table_summary(rows))
+        atomic_write_text(args.table, to_csv(rows))
+        print(f"wrote {args.table}")
 
 
 BARS = {"calibrate": "calibrate (blocks)", "allocate": "allocate (probes)", "search": "rank search",
@@ -238,9 +269,9 @@ def job_spec(args):
     if rules != 1:
         raise ComcatError("give exactly one of --ranks FILE, --energy E or --params-ratio R (or --resume DIR)")
     if args.finetune_epochs < 0 or args.search_epochs < 1 or args.batch_size < 1 or args.distill_steps < 0 \
-            or args.distill_views < 0:
-        raise ComcatError("--search-epochs and --batch-size must be >= 1, --finetune-epochs, --distill-steps and "
-                          "--distill-views >= 0")
+            or args.distill_views < 0 or not 0 <= args.distill_cls < float("inf"):
+        raise ComcatError("--search-epochs and --batch-size must be >= 1, --finetune-epochs, --distill-steps, "
+                          "--distill-views and --distill-cls >= 0")
     if args.train_images < 1 or args.fit_images < 1 or args.calibration_images < 1:
         raise ComcatError("--train-images, --fit-images and --calibration-images must be >= 1")
     for name in ("lr", "distill_lr"):
@@ -252,7 +283,7 @@ def job_spec(args):
                    classifier_rank=args.classifier_rank, ranks_file=args.ranks, energy=args.energy,
                    allocate=args.allocate, calibration=args.calibration, calibration_images=args.calibration_images,
                    distill_steps=args.distill_steps, distill_lr=args.distill_lr,
-                   distill_views=args.distill_views, search_epochs=args.search_epochs,
+                   distill_views=args.distill_views, distill_cls=args.distill_cls, search_epochs=args.search_epochs,
                    decode=args.decode, finetune_epochs=args.finetune_epochs, data=args.data,
                    train_images=args.train_images, fit_images=args.fit_images, seed=args.seed,
                    batch_size=args.batch_size, lr=args.lr, labels=args.labels, mix=not args.no_mix,
@@ -273,7 +304,7 @@ def cmd_compress(args) -> None:
     progress = TqdmProgress()
     try:
         result = run_job(spec, args.resume or args.out, resume=args.resume is not None, callback=progress,
-                         should_stop=stop, progress=True)
+                         should_stop=stop, progress=True, overwrite=args.overwrite)
         main_process = dist.is_main()
     finally:
         progress.close()
@@ -338,22 +369,23 @@ def cmd_customize(args) -> None:
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), steps=args.steps, lr=args.lr,
         batch_size=args.batch_size, learn_token=args.learn_token, class_prompt=args.class_prompt,
         class_images=args.class_images, preview_every=args.preview_every, seed=args.seed, device=args.device,
-        precision=args.precision)
+        precision=args.precision, checkpoint_every=args.checkpoint_every)
     stop = StopFlag()
     stop.install_signal()
     bar = tqdm(total=spec.steps if spec else None, desc="customize", dynamic_ncols=True)
 
     def progress(e):
+        if e["kind"] in ("start", "step"):
+            bar.total, bar.n = e["steps"], e["step"]
+            bar.refresh()
         if e["kind"] == "step":
-            bar.total = e["steps"]
-            bar.n = e["step"]
             bar.set_postfix_str(f"loss {e['loss']:.4f}")
-        else:
+        elif e["kind"] == "preview":
             bar.write(f"preview at step {e['step']}: {e['path']}")
 
     try:
         result = customize(spec or CustomizeSpec(), args.resume or args.out, callback=progress, should_stop=stop,
-                           resume=args.resume is not None)
+                           resume=args.resume is not None, overwrite=args.overwrite)
     finally:
         bar.close()
     if result["stopped"]:

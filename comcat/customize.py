@@ -2,10 +2,11 @@
 
     loss = || eps_theta(z_t, t, c) - target ||^2   (+ w * the same on class images: prior preservation)
 
-A run lives in its output folder:
-  customize.json            the spec and how far the run got
-  adapter.safetensors       the adapter after the last finished step (fp16 by default)
-  state.json + state.*.safetensors   adapter, optimizer and step, for --resume
+A run lives in its output folder (one process at a time writes it: .comcat.lock):
+  customize.json            the spec and how far the run got (written first: the folder is a run)
+  adapter.safetensors       the adapter at the last checkpoint (fp16 by default)
+  state.json + state.*.safetensors   adapter, optimizer and step, every `checkpoint_every` steps
+                            and at a stop, for --resume (also after the process was killed)
   previews/step_NNNNN.png   a fixed-seed preview every `preview_every` steps
 """
 from __future__ import annotations
@@ -21,14 +22,16 @@ from diffusers import DDPMScheduler
 
 from .adapter import AdapterConfig, add_adapter, adapter_parameters, save_adapter
 from .adapter.model import add_token, fingerprint, train_token_row
-from .diffusion.concept import (check_prompt, denoising_loss, encode_images, encode_text, grid, read_concept,
-                                resolution, tokenize)
+from .diffusion.concept import (check_prompt, concept_files, denoising_loss, encode_images, encode_text, grid,
+                                read_concept, resolution, tokenize)
 from .diffusion.pipeline import guidance_kwargs, load_pipeline
 from .errors import ComcatError
-from .io import atomic_write_text, claim_out, load_tree, read_run_record, save_tree
+from .io import (atomic_write, atomic_write_text, claim_out, clean_temp, clear_run, load_tree, out_lock,
+                 read_run_record, save_tree)
 from .loop import seed_step
 
 RUN_FILE = "customize.json"
+RUN_FILES = (RUN_FILE, "adapter.safetensors", "state.json", "previews", "class_images.pt")   # what --overwrite removes
 PRECISIONS = ("auto", "fp32", "bf16")
 FORMAT = "comcat-customize/1"
 
@@ -50,6 +53,7 @@ class CustomizeSpec:
     class_images: int = 8
     prior_weight: float = 1.0
     preview_every: int = 50
+    checkpoint_every: int = 50          # resumable state every K steps (a killed run resumes from the last)
     preview_prompts: tuple = ()         # default: the prompt
     preview_steps: int = 25
     guidance: float | None = None      # previews; None: the pipeline's default
@@ -95,11 +99,14 @@ def _class_latents(pipe, spec: CustomizeSpec, out: Path) -> tuple[torch.Tensor, 
         x = pipe(spec.class_prompt, num_images_per_prompt=spec.class_images, generator=gen,
                  num_inference_steps=spec.preview_steps, output_type="pt").images
         x = x if x.min() < 0 else x * 2 - 1          # diffusers pipelines give [0, 1]
-        torch.save(x.cpu(), cache)
+        atomic_write(cache, lambda tmp: torch.save(x.cpu(), tmp))
     return encode_images(pipe, x), [spec.class_prompt] * len(x)
 
 
-def preview(pipe, spec: CustomizeSpec, n: int = 4):
+PREVIEWS = 4          # preview images per prompt
+
+
+def preview(pipe, spec: CustomizeSpec, n: int = PREVIEWS):
     """Fixed-seed samples of the preview prompts (n per prompt) as PIL images."""
     prompts = list(spec.preview_prompts) or [spec.prompt]
     gen = torch.Generator().manual_seed(spec.seed)
@@ -116,26 +123,48 @@ def read_run(out: Path) -> dict:
 
 
 def customize(spec: CustomizeSpec, out: str | Path, pipe=None, callback: Callable[[dict], None] | None = None,
-              should_stop: Callable[[], bool] | None = None, resume: bool = False) -> dict:
+              should_stop: Callable[[], bool] | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """Train an adapter for `spec`; returns {adapter, steps_done, stopped, losses, seconds}.
 
-    callback receives {"kind": "step", step, steps, loss} after every step and
-    {"kind": "preview", step, images (PIL), path} every `preview_every` steps and at the end.
-    should_stop() is checked every step; a stop saves the adapter and the resumable state.
+    callback receives {"kind": "start", step, steps, losses (so far), images (the concept's files)}
+    once, {"kind": "step", step, steps, loss} after every step and {"kind": "preview", step, images
+    (PIL), prompts (one per image), path} every `preview_every` steps and at the end.
+    should_stop() is checked every step; a stop saves the adapter and the resumable state, as every
+    `checkpoint_every` steps do. `overwrite`: a new run replaces an earlier run's files in `out`.
     """
     out = Path(out)
     if resume:
         spec = CustomizeSpec.from_dict(read_run(out)["spec"])
     else:
         claim_out(out, (RUN_FILE, "adapter.safetensors"), "customize run")
-    config = AdapterConfig(rank=spec.rank, targets=spec.targets, token=spec.token, base_model=spec.pipeline,
-                           token_embedding=spec.learn_token)
+        if (out / RUN_FILE).is_file() and not overwrite:
+            raise ComcatError(f"{out} holds an earlier customize run: continue it with --resume {out}, start over "
+                              "with --overwrite, or choose another --out")
+    _check_spec(spec)
+    with out_lock(out):
+        if resume:
+            clean_temp(out)
+        elif overwrite:
+            clear_run(out, RUN_FILES)
+            for old in out.glob("state.*.safetensors"):
+                old.unlink()
+        return _train(spec, out, pipe, callback, should_stop, resume)
+
+
+def _check_spec(spec: CustomizeSpec) -> None:
+    AdapterConfig(rank=spec.rank, targets=spec.targets, token=spec.token)     # its bounds, one line each
     if spec.steps <= 0 or not (0 < spec.lr < float("inf")) or spec.batch_size <= 0:
         raise ComcatError(f"steps, lr and batch size must be positive numbers, got {spec.steps}, {spec.lr}, "
                           f"{spec.batch_size}")
     if spec.precision not in PRECISIONS:
         raise ComcatError(f"precision must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}")
     check_prompt(spec.prompt, spec.token)
+    read_concept(spec.images, spec.prompt, spec.token, 8)        # every image readable, before any work
+
+
+def _train(spec: CustomizeSpec, out: Path, pipe, callback, should_stop, resume: bool) -> dict:
+    config = AdapterConfig(rank=spec.rank, targets=spec.targets, token=spec.token, base_model=spec.pipeline,
+                           token_embedding=spec.learn_token)
     device = resolve_device(spec.device) if pipe is None else str(pipe.device)    # a given pipe trains where it is
     pipe = pipe if pipe is not None else load_pipeline(spec.pipeline, device=device)
     pixels, captions = read_concept(spec.images, spec.prompt, spec.token, resolution(pipe))
@@ -189,12 +218,18 @@ def customize(spec: CustomizeSpec, out: str | Path, pipe=None, callback: Callabl
         if callback is None and spec.preview_every <= 0:
             return
         images = preview(pipe, spec)
+        prompts = [p for p in (list(spec.preview_prompts) or [spec.prompt]) for _ in range(PREVIEWS)]
         path = out / "previews" / f"step_{step:05d}.png"
         path.parent.mkdir(exist_ok=True)
-        grid(images).save(path)
+        atomic_write(path, grid(images).save)
         if callback:
-            callback(dict(kind="preview", step=step, images=images, path=str(path)))
+            callback(dict(kind="preview", step=step, images=images, prompts=prompts, path=str(path)))
 
+    if not resume:
+        _write_run(out, spec, step=0, steps=spec.steps)          # from here on the folder is a resumable run
+    if callback:
+        callback(dict(kind="start", step=start, steps=spec.steps, losses=list(losses),
+                      images=[str(p) for p in concept_files(spec.images)]))
     t0, stopped, step = time.time(), False, start
     bf16 = resolve_precision(spec.precision, device) == "bf16"
     amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
@@ -226,6 +261,8 @@ def customize(spec: CustomizeSpec, out: str | Path, pipe=None, callback: Callabl
         losses.append(round(loss.item(), 5))
         if callback:
             callback(dict(kind="step", step=step, steps=spec.steps, loss=losses[-1]))
+        if spec.checkpoint_every > 0 and step % spec.checkpoint_every == 0 and step < spec.steps:
+            save(step)
         if spec.preview_every > 0 and step % spec.preview_every == 0 and step < spec.steps:
             emit_preview(step)
     save(step)

@@ -245,6 +245,25 @@ def test_learned_token_embedding_travels_with_the_adapter(tmp_path):
     assert torch.allclose(fresh.text_encoder.get_input_embeddings().weight[new_id], torch.full((64,), 0.25))
 
 
+def test_unloading_restores_the_base_pipelines_tokenizer_and_embeddings_exactly():
+    """Generate's 'without' gallery: after loading the example adapter (a new token V* with its learned
+    row) and unloading it, the tokenizer and the table are the base model's and so are the images
+    (issue 18)."""
+    from comcat.embedded import ASSETS
+    from comcat.generate import generate
+
+    pipe = load_pipeline("embedded")
+    vocab, table = dict(pipe.tokenizer.get_vocab()), pipe.text_encoder.get_input_embeddings().weight.clone()
+    before = generate(pipe, "a V* in blue", seed=3, steps=3)[0]
+    for _ in range(2):                      # twice: the second load must not start from the first's token
+        load_adapter(pipe, ASSETS / "examples" / "heart_adapter.safetensors")
+        assert pipe.tokenizer.get_vocab() != vocab
+        unload_adapter(pipe)
+        assert pipe.tokenizer.get_vocab() == vocab
+        assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, table)
+        assert generate(pipe, "a V* in blue", seed=3, steps=3)[0].tobytes() == before.tobytes()
+
+
 def test_bad_adapter_inputs(tmp_path):
     with pytest.raises(ComcatError, match="positive integer"):
         AdapterConfig(rank=0)

@@ -31,6 +31,7 @@ def shapes_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path, shapes_folder):
     r = run_cli("analyze", "--json", str(tmp_path / "a.json"), "--plots", str(tmp_path / "plots"))
     assert r.returncode == 0, r.stderr
@@ -80,9 +81,19 @@ def test_cli_help_explains_every_flag(capsys):
     assert "--allocate" in help_text("compress", capsys)
 
 
+def test_help_starts_without_torch():
+    """--help answers at once: the parser and `import comcat` load no heavy library (issue 18)."""
+    code = ("import sys, comcat, comcat.cli; comcat.cli.build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'timm', 'diffusers', 'gradio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["analyze", "--model", "resnet18"], "not a ViT-family model"),
     (["evaluate", "--model", "nope/missing.pth", "--arch", "vit_tiny_patch16_224"], "does not exist"),
+    (["evaluate", "--model", "missing.safetensors"], "does not exist"),       # before asking for --arch
     (["compress", "--params-ratio", "0", "--out", "OUT"], "ratio must be in"),
     (["compress", "--energy", "1.5", "--out", "OUT"], "energy threshold must be in"),
     (["compress", "--ranks", "RANKS", "--out", "OUT"], "has 1 blocks"),
@@ -111,6 +122,7 @@ def test_shapes_are_deterministic_and_balanced():
     assert sa[0].caption.startswith(f"a {sa[0].colour} {sa[0].shape}")
 
 
+@pytest.mark.slow
 def test_cli_compress_with_rank_file_matrix_method(tmp_path, capsys):
     ranks = {"method": "matrix", "blocks": [{"q": 8, "k": 8, "v": 24, "o": 24, "fc2": 32}] * 6, "head": None}
     (tmp_path / "r.json").write_text(json.dumps(ranks))

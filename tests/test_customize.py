@@ -1,6 +1,10 @@
 """Customizing the embedded text-to-image model: training, stop/resume, CLI, bad inputs."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -33,6 +37,7 @@ def concept_loss(pipe, seed=123, repeats=64) -> float:
         return denoising_loss(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), z0, ctx).mean().item()
 
 
+@pytest.mark.slow
 def test_short_customization_lowers_the_loss_and_keeps_the_model_frozen(tmp_path):
     pipe = load_pipeline("embedded")
     frozen = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
@@ -54,6 +59,7 @@ def test_short_customization_lowers_the_loss_and_keeps_the_model_frozen(tmp_path
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_customization_lowers_the_loss(tmp_path):
     """--precision bf16 on the CPU (autocast; the adapter's widened weights built in bf16)."""
     pipe = load_pipeline("embedded")
@@ -74,6 +80,46 @@ def test_stop_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     with safe_open(str(tmp_path / "full" / "adapter.safetensors"), "pt") as a, \
             safe_open(str(tmp_path / "part" / "adapter.safetensors"), "pt") as b:
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_result(tmp_path):
+    """kill -9 at step 7 (checkpoints every 3 steps): --resume continues from step 6 and ends where an
+    uninterrupted run ends; the killed run's lock and temp files do not block it (issue 17)."""
+    part = tmp_path / "part"
+    script = (
+        "import os, signal\n"
+        "from comcat.customize import CustomizeSpec, customize\n"
+        f"spec = CustomizeSpec(images={str(HEARTS)!r}, prompt='a V*', steps=8, batch_size=4, preview_every=0, "
+        "checkpoint_every=3)\n"
+        "def kill(e):\n"
+        "    if e['kind'] == 'step' and e['step'] == 7:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"customize(spec, {str(part)!r}, callback=kill)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env).returncode == -signal.SIGKILL
+    assert json.loads((part / "customize.json").read_text())["step"] == 6
+    (part / ".adapter.safetensors.x.tmp.safetensors").write_bytes(b"half")       # a save the kill cut short
+    resumed = customize(CustomizeSpec(), part, resume=True)
+    full = customize(spec(steps=8, checkpoint_every=3), tmp_path / "full")
+    assert resumed["steps_done"] == 8 and len(resumed["losses"]) == 8
+    np.testing.assert_allclose(resumed["losses"], full["losses"], rtol=1e-4, atol=1e-6)
+    with safe_open(str(tmp_path / "full" / "adapter.safetensors"), "pt") as a, \
+            safe_open(str(part / "adapter.safetensors"), "pt") as b:
+        for k in a.keys():
+            torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k), rtol=1e-3, atol=1e-4)
+    names = {p.name for p in part.iterdir()}
+    assert {"adapter.safetensors", "customize.json", "state.json"} < names and len(names) == 4, names
+
+
+def test_overwrite_starts_a_run_over_in_the_same_folder(tmp_path):
+    out = tmp_path / "run"
+    customize(spec(steps=2), out)
+    with pytest.raises(ComcatError, match="start over with --overwrite"):
+        customize(spec(steps=2), out)
+    (out / "mine.txt").write_text("kept")
+    again = customize(spec(steps=3), out, overwrite=True)
+    assert again["steps_done"] == 3 and (out / "mine.txt").read_text() == "kept"
+    assert json.loads((out / "customize.json").read_text())["spec"]["steps"] == 3
 
 
 def test_cli_customize_then_generate_with_a_scaled_adapter(tmp_path, capsys):

@@ -5,7 +5,9 @@ optionally `token_embedding`, and metadata holding the AdapterConfig as JSON.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -100,6 +102,8 @@ def adapter_parameters(target, name: str = "default") -> dict[str, torch.nn.Para
 
 def set_adapter_scale(target, name: str, scale: float) -> None:
     """Set the strength alpha of adapter `name` everywhere (0 turns it off)."""
+    if not math.isfinite(scale):
+        raise ComcatError(f"the adapter strength must be a finite number, got {scale}")
     adapter_parameters(target, name)
     for proc in _processors(_unet(target)).values():
         if isinstance(proc, ComcatAttnProcessor) and name in proc.adapters:
@@ -108,7 +112,8 @@ def set_adapter_scale(target, name: str, scale: float) -> None:
 
 def unload_adapter(target, name: str | None = None) -> None:
     """Remove adapter `name` (all adapters when None); attentions left without one get the
-    default fused processor back."""
+    default fused processor back. When no adapter is left in a pipeline, its tokenizer and token
+    embeddings are what they were before the first adapter added its token."""
     unet = _unet(target)
     if name is not None:
         adapter_parameters(unet, name)
@@ -120,6 +125,27 @@ def unload_adapter(target, name: str | None = None) -> None:
             if not proc.adapters:
                 procs[site] = AttnProcessor2_0()
     _install(unet, procs)
+    if not adapter_names(unet):
+        _restore_text(target)
+
+
+def _keep_text(pipe) -> None:
+    """Before an adapter adds or changes a token: keep the tokenizer and the embedding table."""
+    if getattr(pipe, "_comcat_text", None) is None:
+        pipe._comcat_text = (copy.deepcopy(pipe.tokenizer), _token_embeddings(pipe).weight.detach().clone())
+
+
+def _restore_text(pipe) -> None:
+    """The tokenizer and embedding table _keep_text kept, back in place (exactly)."""
+    kept = getattr(pipe, "_comcat_text", None)
+    if kept is None:
+        return
+    tokenizer, table = kept
+    pipe.tokenizer = tokenizer
+    pipe.text_encoder.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():
+        _token_embeddings(pipe).weight.copy_(table)
+    pipe._comcat_text = None
 
 
 def _token_embeddings(pipe):
@@ -154,7 +180,14 @@ def read_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise ComcatError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
-    return AdapterConfig.from_metadata(meta, str(path)), tensors
+    config = AdapterConfig.from_metadata(meta, str(path))
+    for k, t in tensors.items():
+        if not t.is_floating_point():
+            raise ComcatError(f"{path}: {k} holds {t.dtype} numbers, an adapter holds floats: save it again with "
+                              "comcat")
+        if not torch.isfinite(t).all():
+            raise ComcatError(f"{path}: {k} holds NaN or inf values: the adapter is broken, train it again")
+    return config, tensors
 
 
 def add_token(pipe, token: str, init: torch.Tensor | None = None) -> int:
@@ -195,6 +228,8 @@ def load_adapter(pipe, path: str | Path, scale: float | None = None, name: str |
     `scale` (default: the file's). Refuses a file made for another UNet architecture."""
     config, tensors = read_adapter(path)
     unet = _unet(pipe)
+    if scale is not None and not math.isfinite(scale):
+        raise ComcatError(f"the adapter strength must be a finite number, got {scale}")
     if config.fingerprint and config.fingerprint != fingerprint(unet):
         raise ComcatError(f"{path} was made for another base model ({config.base_model or 'unknown'}): "
                           "load it into the pipeline it was trained on")
@@ -217,6 +252,12 @@ def load_adapter(pipe, path: str | Path, scale: float | None = None, name: str |
                                       f"{tuple(p.shape)}: it was made for another base model")
                 p.copy_(tensors[k])
         if "token_embedding" in tensors:
+            _keep_text(pipe)
+            table = _token_embeddings(pipe)
+            width = None if table is None else table.weight.shape[1]
+            if tuple(tensors["token_embedding"].shape) != (width,):
+                raise ComcatError(f"{path}: the token embedding has shape {tuple(tensors['token_embedding'].shape)}, "
+                                  f"this pipeline's text encoder needs ({width},): it was made for another base model")
             add_token(pipe, config.token, tensors["token_embedding"])
     except BaseException:
         unload_adapter(unet, name)

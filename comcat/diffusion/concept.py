@@ -29,9 +29,9 @@ def square(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.BICUBIC if s != size else Image.NEAREST)
 
 
-def read_concept(folder: str | Path, prompt: str, token: str, size: int) -> tuple[torch.Tensor, list[str]]:
-    """Images of a folder as (N, 3, size, size) in [-1, 1] and one caption each: `NAME.txt`
-    beside `NAME.png` when present, otherwise `prompt`. Every caption must contain `token`."""
+def concept_files(folder: str | Path) -> list[Path]:
+    """The image files of a concept folder (sorted); a one-line error for a missing folder or files
+    other than images and NAME.txt captions."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ComcatError(f"image folder {folder} does not exist: give a folder of 3-10 images of the concept")
@@ -40,7 +40,14 @@ def read_concept(folder: str | Path, prompt: str, token: str, size: int) -> tupl
     if others:
         raise ComcatError(f"{folder} holds files that are not images: {', '.join(others[:3])}; "
                           "keep only images (and optional NAME.txt captions) there")
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def read_concept(folder: str | Path, prompt: str, token: str, size: int) -> tuple[torch.Tensor, list[str]]:
+    """Images of a folder as (N, 3, size, size) in [-1, 1] and one caption each: `NAME.txt`
+    beside `NAME.png` when present, otherwise `prompt`. Every caption must contain `token`."""
+    folder = Path(folder)
+    images = concept_files(folder)
     if not images:
         raise ComcatError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add 3-10 images of the concept")
     if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
