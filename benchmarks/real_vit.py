@@ -20,7 +20,7 @@ interval of head minus matrix (and minus Torch-Pruning) from a paired bootstrap 
 the time of each row (cumulative along a method's steps). Writes JSON, markdown and a plot.
 
     python benchmarks/real_vit.py [--settings attn50 attn30 all50] [--seed 0] [--search-epochs 4]
-        [--distill-steps 100] [--distill-views 2] [--out docs/results/real_vit]
+        [--distill-steps 100] [--distill-views 2] [--distill-cls 1] [--out docs/results/real_vit]
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from comcat.allocate import FISHER_IMAGES, PROBE_IMAGES, calibrated_ranks  # noqa: E402
 from comcat.calibrate import build, calibrate  # noqa: E402
 from comcat.compress import compress  # noqa: E402
-from comcat.cost import count_params  # noqa: E402
+from comcat.cost import compare_latency, count_params  # noqa: E402
 from comcat.data.splits import folder_splits  # noqa: E402
 from comcat.evaluate import predict, scores  # noqa: E402
 from comcat.models import load_model  # noqa: E402
@@ -63,6 +63,16 @@ def paired(a: torch.Tensor, b: torch.Tensor, reps: int = 10000, seed: int = 0) -
     boot = d[idx].mean(1) * 100
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"diff": d.mean().item() * 100, "ci95": [lo, hi]}
+
+
+def latency(dense, small) -> dict:
+    """CPU latency of `small` over the dense model at batch 1 and 32: median ratio and its range over
+    5 rounds that time the two models alternately."""
+    out = {}
+    for batch in (1, 32):
+        t = compare_latency({"dense": dense, "compressed": small}, batch)["compressed"]
+        out[f"b{batch}"] = {"ratio": t["ratio"], "range": [t["ratio_min"], t["ratio_max"]], "ms": t["ms"]}
+    return out
 
 
 def prune(dense, train, ratio: float, mlp: bool):
@@ -96,6 +106,7 @@ def main() -> None:
     ap.add_argument("--search-epochs", type=int, default=4, help="0: no search row")
     ap.add_argument("--distill-steps", type=int, default=100)
     ap.add_argument("--distill-views", type=int, default=2)
+    ap.add_argument("--distill-cls", type=float, default=1.0, help="class-token weight in block distillation")
     ap.add_argument("--out", default=None, help="write OUT.json, OUT.md, OUT.png")
     args = ap.parse_args()
     weights, images = SHARED / "vit_tiny_patch16_224.safetensors", SHARED / "imagenet-sample"
@@ -113,7 +124,8 @@ def main() -> None:
     dense_scores = scores(ref, labels)
     loader = DataLoader(train, batch_size=32)
     views = AugmentedViews(loader, args.distill_views, args.seed)        # what a compress run distills on
-    results = {"seed": args.seed, "dense": dense_scores, "params": count_params(dense), "settings": {}}
+    results = {"seed": args.seed, "distill": {"steps": args.distill_steps, "views": args.distill_views,
+                                              "cls": args.distill_cls}, "dense": dense_scores, "params": count_params(dense), "settings": {}}
 
     def score(model) -> dict:
         logits, _ = predict(model, evaluation, progress=False)
@@ -147,8 +159,11 @@ def main() -> None:
                 got["+ search"] = {**score(build(dense, searched, cal)), "time_s": t_alloc + time.perf_counter() - t0,
                                    "ranks": searched.to_dict()}
             t0 = time.perf_counter()
-            distilled = distill_blocks(allocated, dense, views, args.distill_steps, seed=args.seed)["model"]
+            distilled = distill_blocks(allocated, dense, views, args.distill_steps, seed=args.seed,
+                                       cls_weight=args.distill_cls)["model"]
             got["+ block distillation"] = {**score(distilled), "time_s": t_alloc + time.perf_counter() - t0}
+            if method == "head":
+                results["settings"][name]["_latency"] = latency(dense, distilled)
             for row, r in got.items():
                 print(f"{name} {method:7} {row:26} top-1 {r['top1']:6.2f}  agreement {r['agreement']:6.2f}  "
                       f"KL {r['kl']:.3f}  params {r['params']:,}  {r['time_s']:6.0f} s", flush=True)
@@ -156,7 +171,8 @@ def main() -> None:
             t0 = time.perf_counter()
             pruned = prune(dense, train, ratio, mlp)
             got = rows["torch-pruning"] = {"pruned": {**score(pruned), "time_s": time.perf_counter() - t0}}
-            distilled = distill_blocks(pruned, dense, views, args.distill_steps, seed=args.seed)["model"]
+            distilled = distill_blocks(pruned, dense, views, args.distill_steps, seed=args.seed,
+                                       cls_weight=args.distill_cls)["model"]
             got["+ block distillation"] = {**score(distilled), "time_s": time.perf_counter() - t0}
             for row, r in got.items():
                 print(f"{name} prune   {row:26} top-1 {r['top1']:6.2f}  agreement {r['agreement']:6.2f}  "
@@ -172,6 +188,11 @@ def main() -> None:
         results["settings"][name]["paired"] = comparisons
         for k, c in comparisons.items():
             print(f"{name} {k:48} {c['diff']:+6.2f} points  95% [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]", flush=True)
+        if "_latency" in rows:
+            rows["latency"] = rows.pop("_latency")
+            for b, t in rows["latency"].items():
+                print(f"{name} head + block distillation: CPU latency {b} {t['ratio']:.3f}x dense "
+                      f"(range {t['range'][0]:.3f}-{t['range'][1]:.3f})", flush=True)
         if args.out:                                       # after every setting: a long run keeps what it has
             write(results, Path(args.out))
 
@@ -192,14 +213,19 @@ def write(results: dict, out: Path) -> None:
     for name, rows in results["settings"].items():
         lines += [f"### {name}", "", "| method | step | top-1 % | agreement % | KL | params | time s |", "|---|---|---|---|---|---|---|"]
         for method, got in rows.items():
-            if method == "paired":
+            if method in ("paired", "latency", "_latency"):
                 continue
             for row, r in got.items():
                 lines.append(f"| {method} | {row} | {r['top1']:.1f} | {r['agreement']:.1f} | {r['kl']:.3f} | "
                              f"{r['params']:,} | {r['time_s']:.0f} |")
-        lines += ["", "| comparison | top-1 difference (points) | 95% interval |", "|---|---|---|"]
+        lines += ["", "| step | comparison | top-1 difference (points) | 95% interval |", "|---|---|---|---|"]
         for k, c in rows.get("paired", {}).items():
             lines.append(f"| {k} | {c['diff']:+.1f} | [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] |")
+        if rows.get("latency"):
+            lines += ["", "CPU latency of the head + block distillation model over dense (median ratio, range over 5 "
+                      "alternating rounds; the machine's load moves it): " + ", ".join(
+                          f"batch {b[1:]} {t['ratio']:.3f}x ({t['range'][0]:.3f}-{t['range'][1]:.3f})"
+                          for b, t in rows["latency"].items())]
         lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     plot(results, out.with_suffix(".png"))

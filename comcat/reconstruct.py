@@ -3,12 +3,13 @@
 For block i, on the student's own input tokens h_s (what its compressed blocks 0..i-1 produce) and
 the dense block's output t_i = B_i(h_t) on the dense model's tokens h_t:
 
-    min_theta  mean ||B_i^theta(h_s) - t_i||^2 / Var(t_i)
+    min_theta  mean ||B_i^theta(h_s) - t_i||^2 / Var(t_i)  +  w_cls mean ||B_i^theta(h_s)[0] - t_i[0]||^2 / Var(t_i[0])
 
 by AdamW with a cosine learning rate over `steps` batches of images; the blocks are trained one
 after another, so each also learns to undo what the blocks before it still get wrong. Only one
 block trains at a time, so a step costs about 1/depth of an end-to-end step, and the targets are
-dense (every token of every block), which is what a few hundred images need. The tokens of the
+dense (every token of every block), which is what a few hundred images need; the second term
+weighs the class token, the one the classifier reads, by w_cls more. The tokens of the
 training images are computed once per block and kept: 3 x n x N x C floats. `AugmentedViews` adds
 seeded random-resized-crop / flip / mixup-cutmix views of the same images to them.
 """
@@ -73,6 +74,14 @@ def trainable(block: nn.Module, scope: str) -> list[nn.Parameter]:
     return list(params.values()) or list(block.parameters())
 
 
+def read_tokens(model: nn.Module) -> list[int]:
+    """The tokens the classifier reads: the class token (and a distilled DeiT's distillation token)
+    when the model pools by token, none for an average-pooled model."""
+    if getattr(model, "global_pool", "token") != "token":
+        return []
+    return [0, 1] if getattr(model, "dist_token", None) is not None else [0]
+
+
 def distill_blocks(student: nn.Module, teacher: nn.Module, loader, steps: int = 100, lr: float = 1e-3,
                    batch_size: int = 32, seed: int = 0, device: str = "cpu", callback=None, should_stop=None,
                    resume: dict | None = None, checkpoint=None, scope: str = "all", cls_weight: float = 0.0) -> dict:
@@ -86,6 +95,7 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, loader, steps: int = 
     student.to(device).eval()
     teacher.to(device).eval()
     s_blocks, t_blocks = vit_blocks(student), vit_blocks(teacher)
+    read = read_tokens(teacher) if cls_weight else []
     depth, total = len(t_blocks), len(t_blocks) * steps
     h_t = block_inputs(teacher, loader)
     if len(h_t) == 0:
@@ -101,7 +111,7 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, loader, steps: int = 
         block = s_blocks[i]
         target = _run([t_blocks[i]], h_t)
         scale = target.float().var().clamp_min(1e-12)
-        cls_scale = target[:, 0].float().var().clamp_min(1e-12)
+        cls_scale = target[:, read].float().var().clamp_min(1e-12) if read else None
         opt = torch.optim.AdamW(trainable(block, scope), lr=lr, weight_decay=0.0)
         if resume and i == first and "opt" in resume:
             opt.load_state_dict(resume["opt"])
@@ -113,8 +123,8 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, loader, steps: int = 
                 group["lr"] = _lr(k, steps, lr)
             out, want = block(h_s[idx]).float(), target[idx].float()
             loss = F.mse_loss(out, want) / scale
-            if cls_weight:
-                loss = loss + cls_weight * F.mse_loss(out[:, 0], want[:, 0]) / cls_scale
+            if read:
+                loss = loss + cls_weight * F.mse_loss(out[:, read], want[:, read]) / cls_scale
             if not torch.isfinite(loss):
                 raise ComcatError("the block-distillation loss became NaN/inf: lower --distill-lr")
             opt.zero_grad(set_to_none=True)

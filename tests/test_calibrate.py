@@ -174,6 +174,30 @@ def test_block_distillation_learns_and_resumes(embedded):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_the_class_token_weight_lowers_the_class_tokens_error(embedded):
+    """With w_cls the last block's class-token output (what the classifier reads) ends closer to the
+    dense one than without; the tokens weighed are the ones the model's pooling reads."""
+    import timm
+
+    from comcat.compress import compress
+    from comcat.reconstruct import distill_blocks, read_tokens
+
+    dense = embedded.model
+    loader = _loader(n=64)
+    images = torch.cat([x for x, _ in loader])
+    start = compress(dense, uniform_ranks(dense, "head", 0.25))
+
+    def cls_error(w):
+        small = distill_blocks(copy.deepcopy(start), dense, loader, steps=6, lr=1e-3, cls_weight=w)["model"]
+        with torch.no_grad():
+            return (small.forward_features(images)[:, 0] - dense.forward_features(images)[:, 0]).pow(2).mean().item()
+    assert cls_error(4.0) < cls_error(0.0)
+    assert read_tokens(dense) == [0]
+    kw = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2)
+    assert read_tokens(timm.create_model("deit_tiny_distilled_patch16_224", **kw)) == [0, 1]
+    assert read_tokens(timm.create_model("vit_tiny_patch16_224", global_pool="avg", **kw)) == []
+
+
 def _png_folder(root, n, seed, classes=None):
     """n shapes as PNGs: flat in root, or in class folders named after `classes`."""
     from PIL import Image
@@ -217,7 +241,7 @@ def test_labels_only_when_they_are_the_models(tmp_path, embedded):
     mine = tmp_path / "mine"                       # 3 classes of my own: not the model's 10
     _png_folder(mine, 24, 0, classes=["cat", "dog", "fox"])
     s = folder_splits(mine, embedded.model)
-    assert not s.labeled and "3 class folders are not the model's 10" in s.note
+    assert not s.labeled and "class folder 'cat' is not one of the model's classes" in s.note
     assert all(y == -1 for y in s.eval.labels)
     with pytest.raises(ComcatError, match="--labels"):
         folder_splits(mine, embedded.model, use_labels=True)
