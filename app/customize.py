@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from comcat.errors import ComcatError
 from comcat.evaluate import IMAGE_SUFFIXES
 from comcat.embedded import ASSETS
 
-from .common import take_upload, workdir
+from .common import pipeline_spec, take_upload, workdir
 
 EXAMPLE_IMAGES = ASSETS / "examples" / "heart"
 EXAMPLE_ADAPTER = ASSETS / "examples" / "heart_adapter.safetensors"
@@ -39,48 +40,67 @@ def concept_folder(uploads: list[str] | None) -> Path:
 def customize_spec(pipeline: str, uploads, prompt: str, token: str, rank: int, steps: int, lr: float,
                    preview_every: int, learn_token: bool = True) -> CustomizeSpec:
     check_prompt(prompt.strip(), token.strip())          # before a job starts: the message shows at once
-    return CustomizeSpec(pipeline=pipeline.strip() or "embedded", images=str(concept_folder(uploads)),
+    return CustomizeSpec(pipeline=pipeline_spec(pipeline), images=str(concept_folder(uploads)),
                          prompt=prompt.strip(), token=token.strip(), rank=int(rank), steps=int(steps),
                          lr=float(lr), preview_every=int(preview_every), learn_token=bool(learn_token))
 
 
 @dataclass
 class Progress:
-    """The Customize tab's view of a run, built from the library's callback events."""
+    """The Customize tab's view of a run, built from the library's callback events; a resumed run
+    starts from the losses so far, and its ETA from the steps this session trained."""
     step: int = 0
     steps: int = 0
-    losses: list = field(default_factory=list)
-    previews: list = field(default_factory=list)     # (step, PIL images) newest last
+    first: int = 0                                   # the step this session started from
+    losses: list = field(default_factory=list)       # (step, loss)
+    concept: list = field(default_factory=list)      # the concept's image files
+    previews: list = field(default_factory=list)     # (step, PIL images, prompts) oldest first
     started: float = field(default_factory=time.time)
 
     def update(self, e: dict) -> None:
-        if e["kind"] == "step":
+        if e["kind"] == "start":
+            self.step = self.first = e["step"]
+            self.steps, self.concept = e["steps"], e["images"]
+            self.losses = list(enumerate(e["losses"], 1))
+            self.started = time.time()
+        elif e["kind"] == "step":
             self.step, self.steps = e["step"], e["steps"]
             self.losses.append((e["step"], e["loss"]))
         elif e["kind"] == "preview":
-            self.previews.append((e["step"], e["images"]))
+            self.previews.append((e["step"], e["images"], e.get("prompts") or [""] * len(e["images"])))
+
+    def gallery(self) -> list:
+        """The concept's images, then every preview so far with its step and prompt."""
+        return ([(str(f), f"concept image: {Path(f).name}") for f in self.concept]
+                + [(im, f"step {step} · {prompt}") for step, images, prompts in self.previews
+                   for im, prompt in zip(images, prompts)])
 
     def status(self) -> str:
         if not self.steps:
             return "**starting** · loading the pipeline and the images"
         elapsed = time.time() - self.started
-        done = len(self.losses)
+        done = self.step - self.first
         eta = elapsed / done * (self.steps - self.step) if done else 0
         loss = f" · loss {self.losses[-1][1]:.4f}" if self.losses else ""
         return f"**training** · step {self.step}/{self.steps}{loss} · ETA {eta:.0f} s"
 
 
 class Pipelines:
-    """The Generate tab's pipelines, loaded once per spec and kept."""
+    """The Generate tab's pipelines: the `keep` most recently used, keyed by what they are (a local
+    folder by its resolved path, so two spellings of one folder share one entry)."""
 
-    def __init__(self):
-        self.cache = {}
+    def __init__(self, keep: int = 2):
+        self.cache: OrderedDict = OrderedDict()
+        self.keep = keep
 
-    def get(self, spec: str):
-        spec = spec.strip() or "embedded"
-        if spec not in self.cache:
-            self.cache[spec] = load_pipeline(spec, device=resolve_device("auto"))
-        pipe = self.cache[spec]
+    def get(self, text: str):
+        key = pipeline_spec(text)         # a folder resolved, a hub ID marked as one
+        if key not in self.cache:
+            self.cache[key] = load_pipeline(key, device=resolve_device("auto"))
+            while len(self.cache) > self.keep:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(key)
+        pipe = self.cache[key]
         if adapter_names(pipe):
             unload_adapter(pipe)
         return pipe

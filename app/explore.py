@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from comcat.analysis import Spectra, analyze
+from comcat.diagnose import COLUMNS, layer_table, recommend, recommendation_text, table_summary, to_csv
 from comcat.errors import ComcatError
 from comcat.models import CHECKPOINT_SUFFIXES, load_model
 from comcat.plots import (ALL, energy_heatmaps_mpl, energy_heatmaps_plotly, head_spectra_plotly,
                           param_curves_mpl, param_curves_plotly, save_png)
 
-from .common import take_upload, workdir
+from .common import public_text, take_upload, workdir
 
 SOURCES = ("embedded", "timm name", "uploaded checkpoint")
 
@@ -21,7 +23,11 @@ def model_spec(source: str, name: str = "", upload: str | None = None, arch: str
     if source == "embedded":
         return "embedded", None
     if source == "timm name":
-        return name.strip() or "deit_small_patch16_224", None
+        name = name.strip() or "deit_small_patch16_224"
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+            raise ComcatError(f"{name!r} is not a timm model name: type one like vit_tiny_patch16_224, or choose "
+                              "'uploaded checkpoint' for a file")
+        return "timm:" + name, None
     if source != "uploaded checkpoint":
         raise ComcatError(f"unknown model source {source!r}")
     path = take_upload(upload, CHECKPOINT_SUFFIXES, "checkpoint")
@@ -37,6 +43,11 @@ class Exploration:
     spectra: Spectra
     spec: str = "embedded"            # what load_model(spec, arch) takes to load the model again
     arch: str | None = None
+    table: list = field(default_factory=list)     # diagnose.layer_table rows
+    model: object = None                          # the dense model (for recommendations at other budgets)
+
+    def recommendation(self, ratio: float) -> str:
+        return recommendation_text(recommend(self.model, float(ratio), self.spectra))
 
     def figures(self, names=ALL, layer: int = 0):
         """(energy heatmaps, per-head spectra of `layer`, param curves) as plotly figures."""
@@ -48,15 +59,21 @@ class Exploration:
     def summary(self) -> str:
         s = self.spectra
         return (f"**{self.source}**: {s.depth} layers, width {s.dim}, {s.num_heads} heads of dim {s.head_dim}.\n\n"
-                + " ".join(s.summary(e) for e in (0.9, 0.99)))
+                + " ".join(s.summary(e) for e in (0.9, 0.99))
+                + (f"\n\n{table_summary(self.table)}" if self.table else ""))
+
+    def table_rows(self) -> list[list]:
+        """The layer table for the page: one row per layer and site, numbers rounded."""
+        return [[r[c] if isinstance(r[c], (int, str)) else round(r[c], 2) for c in COLUMNS] for r in self.table]
 
     def export(self) -> list[str]:
-        """spectra.json + energy_heatmaps.png + param_curves.png in a fresh folder; returns the paths."""
+        """spectra.json + layers.csv + energy_heatmaps.png + param_curves.png in a fresh folder; returns the paths."""
         out = workdir("explore")
         (out / "spectra.json").write_text(json.dumps({"source": self.source, **self.spectra.to_dict()}))
+        (out / "layers.csv").write_text(to_csv(self.table))
         pngs = [save_png(energy_heatmaps_mpl(self.spectra), out / "energy_heatmaps.png"),
                 save_png(param_curves_mpl(self.spectra), out / "param_curves.png")]
-        return [str(out / "spectra.json")] + [str(p) for p in pngs]
+        return [str(out / "spectra.json"), str(out / "layers.csv")] + [str(p) for p in pngs]
 
 
 def explore(source: str, name: str = "", upload: str | None = None, arch: str = "") -> Exploration:
@@ -64,4 +81,5 @@ def explore(source: str, name: str = "", upload: str | None = None, arch: str = 
     loaded = load_model(spec, arch_name)
     if loaded.compressed:
         raise ComcatError(f"{loaded.source} is already compressed: explore the dense model it came from")
-    return Exploration(loaded.source, analyze(loaded.model), spec, arch_name)
+    return Exploration(public_text(loaded.source), analyze(loaded.model), spec, arch_name, layer_table(loaded.model),
+                       loaded.model)

@@ -15,8 +15,8 @@ from comcat.customize import customize as run_customize
 from comcat.diffusion.shapes_t2i import GUIDANCE
 from comcat.generate import generate, with_adapters
 
-from . import compress, customize, explore
-from .common import message, workdir
+from . import common, compress, customize, explore
+from .common import forget, message, public_text, visitor, workdir
 from .jobs import Busy, Runner
 
 PLOT_NAMES = {"W^Q": "q", "W^K": "k", "W^V": "v", "W^O": "o", "W^QK per head": "qk", "W^VO per head": "vo"}
@@ -26,14 +26,25 @@ PIPELINES = customize.Pipelines()
 
 
 # ---------------------------------------------------------------- Explore
-def on_explore(source, name, upload, arch, shown, layer):
-    """-> heatmaps, head spectra, param curves, summary, exports, state."""
+def on_explore(source, name, upload, arch, shown, layer, budget=0.5, request: gr.Request = None):
+    """-> heatmaps, head spectra, param curves, summary, exports, layer table, recommendation at
+    `budget`, the layer slider's range, state."""
+    session(request)
     try:
         ex = explore.explore(source, name, upload, arch)
+        layer = min(int(layer), ex.spectra.depth - 1)
         figs = ex.figures([PLOT_NAMES[s] for s in shown], layer)
-        return (*figs, ex.summary(), ex.export(), ex)
+        slider = gr.update(maximum=ex.spectra.depth - 1, value=layer)     # the loaded model's layers
+        return (*figs, ex.summary(), ex.export(), ex.table_rows(), ex.recommendation(budget), slider, ex)
     except Exception as e:          # noqa: BLE001 - shown in the page
-        return None, None, None, message(e), None, None
+        return None, None, None, message(e), None, None, None, gr.skip(), None
+
+
+def on_budget(ex, budget):
+    try:
+        return ex.recommendation(budget) if ex is not None else gr.skip()
+    except Exception as e:          # noqa: BLE001 - shown in the page
+        return message(e)
 
 
 def on_replot(ex, shown, layer):
@@ -47,25 +58,34 @@ def explore_tab():
     with gr.Row():
         with gr.Column(scale=1):
             source = gr.Radio(list(explore.SOURCES), value="embedded", label="model")
-            name = gr.Textbox(value="deit_small_patch16_224", label="timm name (pretrained weights need network)")
+            name = gr.Textbox(label="timm name (pretrained weights need network)", placeholder="deit_small_patch16_224")
             upload = gr.File(label="checkpoint (.safetensors / .pth)", file_types=[".safetensors", ".pth", ".pt", ".bin"],
                              type="filepath")
             arch = gr.Textbox(label="architecture of the checkpoint (timm name)", placeholder="vit_tiny_patch16_224")
             shown = gr.CheckboxGroup(list(PLOT_NAMES), value=list(PLOT_NAMES), label="heatmaps")
-            layer = gr.Slider(0, 11, value=0, step=1, label="layer for per-head spectra")
+            layer = gr.Slider(0, 5, value=0, step=1, label="layer for per-head spectra")   # its range: the model's
             go = gr.Button("Explore", variant="primary", elem_id="explore-go")
+            budget = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="recommend ranks at this fraction of the "
+                               "attention parameters", elem_id="explore-budget")
+            to_compress = gr.Button("Compress this model at this budget", elem_id="explore-to-compress")
         with gr.Column(scale=3):
             summary = gr.Markdown(elem_id="explore-summary")
+            advice = gr.Markdown(elem_id="explore-recommendation")
             heat = gr.Plot(label="cumulative singular-value energy", elem_id="explore-heatmap")
             curves = gr.Plot(label="head vs matrix level")
             heads = gr.Plot(label="per-head spectra")
-            files = gr.File(label="export (JSON + PNG)", file_count="multiple")
+            table = gr.Dataframe(headers=list(explore.COLUMNS), label="per layer: spectral metrics against "
+                                 "shuffled weights (structure: how far from noise)", elem_id="explore-table",
+                                 interactive=False, max_height=400)
+            files = gr.File(label="export (JSON, CSV, PNG)", file_count="multiple")
     state = gr.State()
-    explored = go.click(on_explore, [source, name, upload, arch, shown, layer],
-                        [heat, heads, curves, summary, files, state], concurrency_id="explore", concurrency_limit=2)
+    explored = go.click(on_explore, [source, name, upload, arch, shown, layer, budget],
+                        [heat, heads, curves, summary, files, table, advice, layer, state], concurrency_id="explore", concurrency_limit=2)
     for control in (shown, layer):
         control.change(on_replot, [state, shown, layer], [heat, heads], concurrency_id="explore")
-    return state, explored
+    follow_typing(name, upload, source, "timm name", "uploaded checkpoint")
+    budget.release(on_budget, [state, budget], advice, concurrency_id="explore")
+    return state, explored, to_compress, budget
 
 
 # ---------------------------------------------------------------- Compress
@@ -89,6 +109,7 @@ def on_compress(model_source="embedded", name="", upload=None, arch="", explored
     """Stream (status, ranks heatmap, loss curve, result card, download, run folder) while the run goes;
     with resume_dir, continue the run stopped there. `request`: the visitor's session (Stop is theirs)."""
     nothing = (gr.skip(),) * 5
+    owner = session(request)
     try:
         if resume_dir:
             out, spec = Path(resume_dir), None
@@ -99,7 +120,7 @@ def on_compress(model_source="embedded", name="", upload=None, arch="", explored
                                      device, train_images, fit_images).spec(model, arch_name, data)
             out = workdir("compress") / "model"
         COMPRESS.start(lambda cb, stop: run_job(spec, out, resume=spec is None, callback=cb, should_stop=stop),
-                       owner=session(request))
+                       owner=owner)
     except (Busy, Exception) as e:   # noqa: BLE001 - shown in the page
         yield (message(e), *nothing)
         return
@@ -114,17 +135,17 @@ def on_compress(model_source="embedded", name="", upload=None, arch="", explored
             if dense is None:
                 dense = _run_model(out)
             ranks, p.ranks_changed = ranks_heatmap_plotly(p.ranks, dense), False
-        status = p.status() + (" · stopping…" if COMPRESS.stopping and p.phase != "done" else "")
+        status = public_text(p.status()) + (" · stopping…" if COMPRESS.stopping and p.phase != "done" else "")
         yield status, ranks, loss_figure(p), gr.skip(), gr.skip(), gr.skip()
     if COMPRESS.error is not None:
         yield message(COMPRESS.error), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
     result = COMPRESS.result
     small = result["loaded"].model
-    head = (f"⏹️ Stopped during {result['stopped']}: the best valid model so far is kept; press Resume to go on."
-            if result["stopped"] else f"✅ Done in {p.elapsed:.0f} s.")
-    card = compress.result_card(result["report"]) + "\n\n---\n\n" + report_markdown(result["report"],
-                                                                                    result["loaded"].source)
+    head = (f"**Stopped** during {result['stopped']}: the best valid model so far is kept; press Resume to go on."
+            if result["stopped"] else f"**Done** in {p.elapsed:.0f} s.")
+    card = public_text(compress.result_card(result["report"]) + "\n\n---\n\n"
+                 + report_markdown(result["report"], result["loaded"].source))
     yield (head, ranks_heatmap_plotly(small.comcat_ranks, _run_model(out)), loss_figure(p), card,
            str(compress.zip_model(out)), str(out))
 
@@ -145,8 +166,24 @@ def on_compress_resume(run_dir, request: gr.Request = None):
 
 
 def session(request) -> str | None:
-    """The visitor's session id (None outside a page: tests, scripts)."""
-    return getattr(request, "session_hash", None)
+    """The visitor's session id (None outside a page: tests, scripts); their folders' owner."""
+    return visitor(request)
+
+
+def on_leave(request: gr.Request = None):
+    """The visitor closed the page: stop their runs, then remove their folders once the runs end."""
+    import threading
+
+    owner = session(request)
+    if owner is None:
+        return
+    stopped = [r for r in (COMPRESS, CUSTOMIZE) if r.stop(owner) == "stopping"]
+
+    def clean():
+        for r in stopped:
+            r.wait(600)
+        forget(owner)
+    threading.Thread(target=clean, name="comcat-forget", daemon=True).start()
 
 
 STOP_REPLIES = {"stopping": "**stopping** at the next step…", "idle": "nothing is running",
@@ -155,6 +192,13 @@ STOP_REPLIES = {"stopping": "**stopping** at the next step…", "idle": "nothing
 
 def on_stop(request: gr.Request = None):
     return STOP_REPLIES[COMPRESS.stop(session(request))]
+
+
+def follow_typing(typed, uploaded, choice, typed_value: str, uploaded_value: str) -> None:
+    """Typing in a box or uploading a file selects that source in the `choice` radio (a typed path
+    is never silently ignored)."""
+    typed.input(lambda text: typed_value if text.strip() else gr.skip(), typed, choice, queue=False)
+    uploaded.upload(lambda _: uploaded_value, uploaded, choice, queue=False)
 
 
 def compress_tab(explored):
@@ -198,7 +242,7 @@ def compress_tab(explored):
             status = gr.Markdown("Pick a model, your images and a budget, and press Compress.",
                                  elem_id="compress-status")
             ranks = gr.Plot(label="ranks per layer", elem_id="compress-ranks")
-            losses = gr.Plot(label="loss")
+            losses = gr.Plot(label="loss", elem_id="compress-losses")
             card = gr.Markdown(elem_id="compress-result")
             download = gr.File(label="compressed model (zip)")
     run_dir = gr.State()
@@ -208,7 +252,9 @@ def compress_tab(explored):
                               train_images, fit_images], outputs, concurrency_id="compress", concurrency_limit=2)
     resume.click(on_compress_resume, run_dir, outputs, concurrency_id="compress", concurrency_limit=2)
     stop.click(on_stop, None, status, concurrency_limit=None, queue=False)
-    return model_source
+    follow_typing(name, upload, model_source, "timm name", "uploaded checkpoint")
+    follow_typing(data_path, data_zip, data_source, "folder path", "uploaded zip")
+    return model_source, ratio
 
 
 # ---------------------------------------------------------------- Customize
@@ -218,20 +264,26 @@ def customize_loss_figure(p: customize.Progress):
     fig = go.Figure()
     if p.losses:
         steps, losses = zip(*p.losses)
-        fig.add_trace(go.Scatter(x=steps, y=losses, mode="lines", name="loss", line=dict(width=1)))
+        fig.add_trace(go.Scatter(x=steps, y=losses, mode="lines", name="loss", line=dict(width=1), opacity=0.4))
+        fig.add_trace(go.Scatter(x=steps, y=smooth(losses), mode="lines", name="smoothed", line=dict(width=2)))
     fig.update_layout(height=260, xaxis_title="step", yaxis_title="denoising loss",
                       margin=dict(t=20, l=50, r=20, b=40))
     return fig
 
 
-def _preview_gallery(p: customize.Progress):
-    step, images = p.previews[-1]
-    return [(im, f"step {step}") for im in images]
+def smooth(values, beta: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (as TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** i))
+    return out
 
 
 def on_customize(pipeline, uploads, prompt, token, rank, steps, lr, preview_every, resume_dir=None,
                  request: gr.Request = None):
     """Stream (status, loss curve, preview gallery, adapter download, run folder) while training."""
+    owner = session(request)
     try:
         if resume_dir:
             out, spec = Path(resume_dir), None
@@ -239,27 +291,27 @@ def on_customize(pipeline, uploads, prompt, token, rank, steps, lr, preview_ever
             spec = customize.customize_spec(pipeline, uploads, prompt, token, rank, steps, lr, preview_every)
             out = workdir("customize") / "run"
         CUSTOMIZE.start(lambda cb, stop: run_customize(spec or CustomizeSpec(), out, callback=cb, should_stop=stop,
-                                                       resume=spec is None), owner=session(request))
+                                                       resume=spec is None), owner=owner)
     except (Busy, Exception) as e:   # noqa: BLE001 - shown in the page
         yield message(e), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
     p = customize.Progress()
     yield p.status(), gr.skip(), gr.skip(), gr.skip(), str(out)
     for events in CUSTOMIZE.stream(0.5):
-        fresh = any(e["kind"] == "preview" for e in events)
+        fresh = any(e["kind"] in ("preview", "start") for e in events)
         for e in events:
             p.update(e)
         status = p.status() + (" · stopping…" if CUSTOMIZE.stopping else "")
-        yield status, customize_loss_figure(p), _preview_gallery(p) if fresh else gr.skip(), gr.skip(), gr.skip()
+        yield status, customize_loss_figure(p), p.gallery() if fresh else gr.skip(), gr.skip(), gr.skip()
     if CUSTOMIZE.error is not None:
         yield message(CUSTOMIZE.error), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
     r = CUSTOMIZE.result
     size = Path(r["adapter"]).stat().st_size / 1e3
-    head = (f"⏹️ Stopped at step {r['steps_done']}: the adapter so far is saved; press Resume to go on."
-            if r["stopped"] else f"✅ Done: {r['steps_done']} steps in {r['seconds']:.0f} s.")
+    head = (f"**Stopped** at step {r['steps_done']}: the adapter so far is saved; press Resume to go on."
+            if r["stopped"] else f"**Done**: {r['steps_done']} steps in {r['seconds']:.0f} s.")
     yield (f"{head} Adapter: {size:.0f} kB.", customize_loss_figure(p),
-           _preview_gallery(p) if p.previews else gr.skip(), r["adapter"], str(out))
+           p.gallery(), r["adapter"], str(out))
 
 
 def on_resume(run_dir, request: gr.Request = None):
@@ -295,7 +347,8 @@ def customize_tab():
             status = gr.Markdown("Upload a few images (or keep the bundled hearts) and press Customize.",
                                  elem_id="customize-status")
             losses = gr.Plot(label="loss")
-            previews = gr.Gallery(label="previews", columns=4, height=220, elem_id="customize-previews")
+            previews = gr.Gallery(label="your images, then every preview", columns=4, height=360,
+                                  elem_id="customize-previews")
             adapter = gr.File(label="adapter (.safetensors)", elem_id="customize-adapter")
     run_dir = gr.State()
     outputs = [status, losses, previews, adapter, run_dir]
@@ -307,8 +360,10 @@ def customize_tab():
 
 
 # ---------------------------------------------------------------- Generate
-def on_generate(pipeline, prompt, adapter1, scale1, adapter2, scale2, seed, steps, guidance, n):
+def on_generate(pipeline, prompt, adapter1, scale1, adapter2, scale2, seed, steps, guidance, n,
+                request: gr.Request = None):
     """-> (images with the adapters, the same seeds without, status)."""
+    session(request)
     try:
         pipe = PIPELINES.get(pipeline)
         plain = generate(pipe, prompt, seed=int(seed), steps=int(steps), guidance=float(guidance), n=int(n))
@@ -317,7 +372,7 @@ def on_generate(pipeline, prompt, adapter1, scale1, adapter2, scale2, seed, step
         adapted = generate(pipe, prompt, seed=int(seed), steps=int(steps), guidance=float(guidance), n=int(n)) \
             if names else None
         what = f"with {len(names)} adapter(s)" if names else "no adapter chosen: both galleries show the base model"
-        return adapted or plain, plain, f"✅ {len(plain)} image(s), seed {int(seed)}, {what}."
+        return adapted or plain, plain, f"**Done**: {len(plain)} image(s), seed {int(seed)}, {what}."
     except Exception as e:          # noqa: BLE001 - shown in the page
         return None, None, message(e)
 
@@ -341,8 +396,8 @@ def generate_tab(trained_adapter):
         with gr.Column(scale=2):
             status = gr.Markdown(elem_id="generate-status")
             with gr.Row():
-                adapted = gr.Gallery(label="with the adapters", columns=4, elem_id="generate-adapted")
-                plain = gr.Gallery(label="without (same seeds)", columns=4, elem_id="generate-plain")
+                adapted = gr.Gallery(label="with the adapters", columns=3, elem_id="generate-adapted")   # 4 clip
+                plain = gr.Gallery(label="without (same seeds)", columns=3, elem_id="generate-plain")
     go.click(on_generate, [pipeline, prompt, adapter1, scale1, adapter2, scale2, seed, steps, guidance, n],
              [adapted, plain, status], concurrency_id="generate", concurrency_limit=1)
     trained_adapter.change(lambda f: f or gr.skip(), trained_adapter, adapter1)
@@ -350,20 +405,25 @@ def generate_tab(trained_adapter):
 
 def build_demo(data_root: str | None = None) -> gr.Blocks:
     """The page; `data_root`: the server folder whose sub-folders visitors may compress on (None: uploads only)."""
-    compress.DATA_ROOT = Path(data_root) if data_root else None
-    with gr.Blocks(title="comcat") as demo:
+    common.DATA_ROOT = Path(data_root) if data_root else None
+    with gr.Blocks(title="comcat", delete_cache=(3600, 3600)) as demo:     # gradio's uploads: an hour at most
         gr.Markdown("# comcat\nHead-level low-rank attention after COMCAT (Xiao et al., ICML 2023): explore "
                     "how low-rank a ViT's attention is, compress it under a budget, and teach a text-to-image model a "
                     "new concept with per-head low-rank attention adapters.")
-        with gr.Tab("Explore"):
-            explored, explore_done = explore_tab()
-        with gr.Tab("Compress"):
-            compress_source = compress_tab(explored)
-        # a model explored successfully is what Compress offers next
+        with gr.Tabs() as tabs:
+            with gr.Tab("Explore", id="explore"):
+                explored, explore_done, to_compress, budget = explore_tab()
+            with gr.Tab("Compress", id="compress"):
+                compress_source, ratio = compress_tab(explored)
+            with gr.Tab("Customize", id="customize"):
+                trained = customize_tab()
+            with gr.Tab("Generate", id="generate"):
+                generate_tab(trained)
+        # a model explored successfully is what Compress offers next; the button takes its budget there
         explore_done.then(lambda ex: "model from Explore" if ex is not None else gr.skip(), explored, compress_source,
                           queue=False)
-        with gr.Tab("Customize"):
-            trained = customize_tab()
-        with gr.Tab("Generate"):
-            generate_tab(trained)
+        to_compress.click(lambda ex, b: ("model from Explore", b, gr.Tabs(selected="compress")) if ex is not None
+                          else (gr.skip(), gr.skip(), gr.skip()), [explored, budget], [compress_source, ratio, tabs],
+                          queue=False)
+        demo.unload(on_leave)
     return demo

@@ -93,3 +93,43 @@ def test_plot_builders(embedded, tmp_path):
     paths = save_analysis_plots(spectra, tmp_path)
     assert [p.name for p in paths] == ["energy_heatmaps.png", "param_curves.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def test_layer_diagnosis_metrics_and_the_shuffled_reference(embedded, tmp_path):
+    """The metrics on known spectra, and a learned model against its own shuffled weights: the
+    per-head products carry more structure than noise, and the CLI writes the table as CSV."""
+    import csv
+
+    from comcat.cli import main
+    from comcat.diagnose import effective_rank, hill_alpha, layer_table, stable_rank
+
+    flat = np.ones(10)
+    assert stable_rank(flat) == 10 and abs(effective_rank(flat) - 10) < 1e-9
+    assert stable_rank(np.array([1.0, 0, 0])) == 1 and abs(effective_rank(np.array([1.0, 0, 0])) - 1) < 1e-9
+    power = np.arange(1, 2001, dtype=float) ** -1.0          # lambda_i = s_i^2 ~ i^-2: a heavier tail than flat
+    assert hill_alpha(power) < hill_alpha(np.linspace(1, 0.9, 2000))
+    rows = layer_table(embedded.model)
+    assert len(rows) == 6 * 6 and {r["site"] for r in rows} == {"q", "k", "v", "o", "qk", "vo"}
+    assert all(r["r90"] <= r["r95"] <= r["r99"] for r in rows)
+    assert all(r["structure"] > 0.1 for r in rows if r["site"] in ("qk", "vo"))
+    out = tmp_path / "layers.csv"
+    assert main(["analyze", "--table", str(out)]) == 0
+    table = list(csv.DictReader(out.open()))
+    assert len(table) == 36 and float(table[0]["effective_rank"]) == round(rows[0]["effective_rank"], 4)
+
+
+def test_recommendation_is_the_budget_rule_with_its_savings(embedded):
+    from comcat.cost import model_params
+    from comcat.diagnose import recommend, recommendation_text
+    from comcat.ranks import energy_ranks_for_budget
+
+    rec = recommend(embedded.model, 0.5)
+    cfg = energy_ranks_for_budget(embedded.model, "head", 0.5)
+    assert rec["ranks"]["blocks"] == cfg.blocks and rec["params"][1] == model_params(embedded.model, cfg)
+    assert rec["params"][1] < rec["params"][0] and rec["flops"][1] < rec["flops"][0]
+    for layer in rec["layers"]:
+        assert len(layer["heads_qk"]) == embedded.model.blocks[0].attn.num_heads
+        assert all(0 < k <= 1 + 1e-12 for k in layer["heads_qk"] + layer["heads_vo"])
+    text = recommendation_text(rec)
+    assert "heads that lose most: layer" in text and f"{rec['params'][1]:,}" in text
+    assert recommend(embedded.model, 0.3)["params"][1] < rec["params"][1]

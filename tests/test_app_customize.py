@@ -18,13 +18,16 @@ def test_customize_streams_loss_and_previews_then_offers_the_adapter():
     updates = list(ui.on_customize(**TINY))
     assert any("step" in str(u[0]) and "loss" in str(u[0]) for u in updates)
     status, losses, gallery, adapter, run_dir = updates[-1]
-    assert status.startswith("✅") and "6 steps" in status and "kB" in status
+    assert status.startswith("**Done**") and "6 steps" in status and "kB" in status
     assert len(losses.data[0].x) == 6
-    assert len(gallery) == 4 and gallery[0][1] == "step 6"
+    hearts = sorted(HEARTS.glob("*.png"))        # the bundled concept, shown first, then every preview
+    assert [c for _, c in gallery] == [f"concept image: {h.name}" for h in hearts] + ["step 3 · a V*"] * 4 + \
+        ["step 6 · a V*"] * 4
+    assert len(losses.data) == 2 and losses.data[1].name == "smoothed"
     assert adapter.endswith("adapter.safetensors")
     # the Generate tab uses it: with and without, same seeds, different images
     adapted, plain, msg = ui.on_generate("embedded", "a V* in blue", adapter, 1.0, None, 1.0, 0, 4, 4.0, 2)
-    assert msg.startswith("✅") and len(adapted) == len(plain) == 2
+    assert msg.startswith("**Done**") and len(adapted) == len(plain) == 2
     import numpy as np
     assert any(np.abs(np.asarray(a, float) - np.asarray(b, float)).max() > 0 for a, b in zip(adapted, plain))
 
@@ -38,7 +41,7 @@ def test_customize_stop_then_resume_finishes_the_run():
             assert ui.on_customize_stop().startswith("**stopping**")
             break
     final = list(run)[-1]
-    assert final[0].startswith("⏹️ Stopped at step") and final[3].endswith("adapter.safetensors")
+    assert final[0].startswith("**Stopped** at step") and final[3].endswith("adapter.safetensors")
     busy_free = ui.on_customize_stop()
     assert busy_free == "nothing is running"
     # resume the same folder, with fewer remaining steps by editing nothing: it continues to 400
@@ -49,7 +52,8 @@ def test_customize_stop_then_resume_finishes_the_run():
     state["spec"]["steps"] = state["step"] + 2          # keep the test short: two more steps
     run_file.write_text(json.dumps(state))
     resumed = list(ui.on_resume(run_dir))[-1]
-    assert resumed[0].startswith("✅") and f"{state['step'] + 2} steps" in resumed[0]
+    assert resumed[0].startswith("**Done**") and f"{state['step'] + 2} steps" in resumed[0]
+    assert list(resumed[1].data[0].x) == list(range(1, state["step"] + 3))     # the loss curve goes on
 
 
 def test_customize_bad_inputs_are_one_line(tmp_path):
@@ -66,7 +70,7 @@ def test_customize_bad_inputs_are_one_line(tmp_path):
     _, _, msg = ui.on_generate("embedded", "", None, 1.0, None, 1.0, 0, 4, 4.0, 1)
     assert "prompt is empty" in msg
     _, _, msg = ui.on_generate("embedded", "a red star", str(junk), 1.0, None, 1.0, 0, 4, 4.0, 1)
-    assert msg.startswith("⚠️") and "adapter file" in msg
+    assert msg.startswith("**Error:**") and "adapter file" in msg
 
 
 def test_uploaded_images_are_copied_into_the_apps_folder(tmp_path):

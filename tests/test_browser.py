@@ -19,7 +19,8 @@ from conftest import ROOT  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="chromium and chromium-driver are not installed")
+pytestmark = [pytest.mark.slow,            # minutes: CI runs it with python -m pytest -m slow
+              pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="chromium and chromium-driver are not installed")]
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +79,18 @@ def test_explore_shows_the_heatmap(page, shots):
     wait(page).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#explore-heatmap .js-plotly-plot"))
     wait(page).until(lambda d: "head level" in text_of(d, "explore-summary"))
     assert page.find_elements(By.CSS_SELECTOR, "#explore-heatmap .js-plotly-plot .heatmaplayer")
+    wait(page).until(lambda d: "structure" in text_of(d, "explore-table") and "qk" in text_of(d, "explore-table"))
+    assert "At 50% of the attention parameters" in text_of(page, "explore-recommendation")
     page.save_screenshot(str(shots / "explore.png"))
+    page.find_element(By.ID, "explore-to-compress").click()       # the diagnosis is one click from Compress
+    wait(page).until(lambda d: d.find_element(By.ID, "compress-go").is_displayed())
+    wait(page).until(lambda d: checked(d, "compress-model") == "model from Explore")
 
 
-def choose(driver, elem_id: str, option: str) -> None:
-    """Click the option of a gradio Radio with this elem_id."""
-    label = next(l for l in driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} label") if l.text.strip() == option)
-    label.click()
+def checked(driver, elem_id: str) -> str:
+    """The selected option of a gradio Radio with this elem_id."""
+    return next((l.text.strip() for l in driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} label")
+                 if l.find_element(By.TAG_NAME, "input").is_selected()), "")
 
 
 def upload(driver, elem_id: str, path) -> None:
@@ -117,6 +123,8 @@ def test_tiny_compress_runs_to_completion(page, shots):
     card = text_of(page, "compress-result")
     assert "agreement with the dense model" in card and "top-1" in card and "params" in card
     assert page.find_elements(By.CSS_SELECTOR, "#compress-ranks .js-plotly-plot")
+    wait(page).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#compress-losses .js-plotly-plot .scatterlayer .trace"))
+    page.execute_script("window.scrollTo(0, 0)")                # the status, the ranks and the curves
     page.save_screenshot(str(shots / "compress.png"))
 
 
@@ -143,15 +151,15 @@ def test_compress_an_uploaded_checkpoint_on_unlabeled_images(page, tmp_path):
     tab(page, "Compress")
     wait(page).until(EC.element_to_be_clickable((By.ID, "compress-go")))
     set_number(page, "compress-distill-steps", 10)
-    choose(page, "compress-model", "uploaded checkpoint")
-    upload(page, "compress-upload", ckpt)
+    upload(page, "compress-upload", ckpt)              # uploading picks the source (issue 18): no radio click
     box = page.find_element(By.CSS_SELECTOR, "#compress-arch textarea, #compress-arch input")
     box.clear()
     box.send_keys("comcat_shapes_vit")
-    choose(page, "compress-data", "uploaded zip")
     upload(page, "compress-zip", zpath)
+    wait(page).until(lambda d: checked(d, "compress-model") == "uploaded checkpoint")
+    wait(page).until(lambda d: checked(d, "compress-data") == "uploaded zip")
     page.find_element(By.ID, "compress-go").click()
-    wait(page, 600).until(lambda d: "Done" in text_of(d, "compress-status") or "⚠️" in text_of(d, "compress-status"))
+    wait(page, 600).until(lambda d: "Done" in text_of(d, "compress-status") or "Error:" in text_of(d, "compress-status"))
     card = text_of(page, "compress-result")
     assert "Done" in text_of(page, "compress-status"), text_of(page, "compress-status")
     assert "agreement with the dense model" in card and "no top-1" in card
@@ -171,4 +179,15 @@ def test_tiny_customize_then_generate(page, shots):
     wait(page, 300).until(lambda d: "image(s)" in text_of(d, "generate-status"))
     assert page.find_elements(By.CSS_SELECTOR, "#generate-adapted img")
     assert page.find_elements(By.CSS_SELECTOR, "#generate-plain img")
+
+
+def test_generate_with_the_bundled_adapter(page, shots):
+    """What a user sees first in Generate: the bundled heart adapter beside the base model, same seeds."""
+    page.refresh()
+    tab(page, "Generate")
+    wait(page).until(EC.element_to_be_clickable((By.ID, "generate-go"))).click()
+    wait(page, 300).until(lambda d: "image(s)" in text_of(d, "generate-status"))
+    adapted = [i.get_attribute("src") for i in page.find_elements(By.CSS_SELECTOR, "#generate-adapted img")]
+    plain = [i.get_attribute("src") for i in page.find_elements(By.CSS_SELECTOR, "#generate-plain img")]
+    assert adapted and plain and adapted != plain
     page.save_screenshot(str(shots / "generate.png"))

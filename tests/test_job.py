@@ -147,6 +147,7 @@ def _weights(out):
     return load_file(str(out / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_stop_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     """Stopped in the search, in block distillation and in fine-tuning, resumed each time: the same
     model as an uninterrupted run."""
@@ -199,6 +200,7 @@ def _cli(*args, env=None, timeout=600):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     r = _cli(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",

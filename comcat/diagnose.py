@@ -1,0 +1,139 @@
+"""Per-layer spectral diagnosis of a model's attention, after WeightWatcher's layer table, and the
+ranks comcat would choose at a budget (`recommend`).
+
+For the singular values s_1 >= ... >= s_n of a matrix (or of all heads' per-head products of a
+layer, pooled), with eigenvalues lambda_i = s_i^2:
+
+  stable rank       sum_i s_i^2 / s_1^2
+  effective rank    exp(H(p)),  p_i = s_i / sum_j s_j   (Roy & Vetterli, 2007)
+  r90, r95, r99     the smallest rank keeping 90 / 95 / 99% of sum_i s_i^2 (per head for products: mean)
+  alpha             the Hill estimate of the power-law tail exponent of the eigenvalues,
+                    1 + k / sum_{i<=k} ln(lambda_i / lambda_k), k = n / 2 (heavier tail: smaller alpha)
+
+and the same effective rank for a randomized copy of the weights (their entries shuffled, which
+keeps the scale and destroys learned structure). `structure` = 1 - effective rank / randomized
+effective rank: near 0, the layer looks like noise; the larger, the more low-rank structure it has
+learned, and the more it compresses.
+"""
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import torch
+from torch import nn
+
+from .analysis import MATRICES, PRODUCTS, head_factors, product_svdvals, rank_for_energy
+from .vit import matrix_weights, vit_blocks
+
+COLUMNS = ("layer", "site", "stable_rank", "effective_rank", "r90", "r95", "r99", "alpha",
+           "random_effective_rank", "structure")
+
+
+def stable_rank(s: np.ndarray) -> float:
+    return float((s ** 2).sum() / max(s[0] ** 2, np.finfo(float).tiny))
+
+
+def effective_rank(s: np.ndarray) -> float:
+    p = s / max(s.sum(), np.finfo(float).tiny)
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def hill_alpha(s: np.ndarray) -> float:
+    """1 + k / sum_{i<=k} ln(lambda_i / lambda_k) over the top half of lambda = s^2."""
+    lam = np.sort(s ** 2)[::-1]
+    k = max(2, len(lam) // 2)
+    logs = np.log(lam[:k] / max(lam[k - 1], np.finfo(float).tiny))
+    return float(1 + k / max(logs.sum(), np.finfo(float).tiny))
+
+
+def _shuffled(w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return w.flatten()[torch.randperm(w.numel(), generator=g)].view_as(w)
+
+
+@torch.no_grad()
+def _site_spectra(block: nn.Module, g: torch.Generator | None = None) -> dict[str, np.ndarray]:
+    """Singular values per site of one block: q, k, v, o (C,) and qk, vo (H, d); with `g`, of the
+    weights with their entries shuffled (each head's factors within the head)."""
+    mats = matrix_weights(block.attn)
+    out = {m: torch.linalg.svdvals((_shuffled(mats[m], g) if g else mats[m]).double()).numpy() for m in MATRICES}
+    for p, (x, y) in head_factors(block.attn).items():
+        if g is not None:
+            x, y = torch.stack([_shuffled(h, g) for h in x]), torch.stack([_shuffled(h, g) for h in y])
+        out[p] = product_svdvals(x.double(), y.double()).numpy()
+    return out
+
+
+def layer_table(model: nn.Module, seed: int = 0) -> list[dict]:
+    """One row per block and site (q, k, v, o, qk, vo) with the metrics of the module docstring."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, block in enumerate(vit_blocks(model)):
+        real, rand = _site_spectra(block), _site_spectra(block, g)
+        for site in MATRICES + PRODUCTS:
+            s, r = real[site], rand[site]
+            pooled, pooled_r = np.sort(s.ravel())[::-1], np.sort(r.ravel())[::-1]
+            ranks = {f"r{int(e * 100)}": float(np.mean(rank_for_energy(s, e))) for e in (0.9, 0.95, 0.99)}
+            eff, eff_r = effective_rank(pooled), effective_rank(pooled_r)
+            rows.append({"layer": i, "site": site, "stable_rank": stable_rank(pooled),
+                         "effective_rank": eff, **ranks, "alpha": hill_alpha(pooled),
+                         "random_effective_rank": eff_r, "structure": 1 - eff / eff_r})
+    return rows
+
+
+def table_summary(rows: list[dict]) -> str:
+    """Which sites carry the most and the least learned structure (one line each)."""
+    ranked = sorted(rows, key=lambda r: r["structure"], reverse=True)
+    name = lambda r: f"layer {r['layer']} {r['site'].upper()} ({r['structure']:.0%})"     # noqa: E731
+    return (f"Most learned low-rank structure: {', '.join(name(r) for r in ranked[:3])}; least (closest to "
+            f"noise, compress least): {', '.join(name(r) for r in ranked[-3:])}.")
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def recommend(model: nn.Module, ratio: float, spectra=None) -> dict:
+    """The head-level ranks comcat's plain rule gives at `ratio` of the attention parameters
+    (ranks.energy_ranks_for_budget, no images), with the model's predicted params and FLOPs, and per
+    layer the share of the energy of its W^QK_h and W^VO_h those ranks keep, pooled over heads and
+    per head."""
+    from .analysis import analyze, cumulative_energy
+    from .cost import model_flops, model_params
+    from .ranks import energy_ranks_for_budget
+
+    cfg = energy_ranks_for_budget(model, "head", ratio)
+    spectra = spectra if spectra is not None else analyze(model)
+    layers = []
+    for i, ranks in enumerate(cfg.blocks):
+        kept = {p: float(cumulative_energy(np.sqrt((spectra.head[p][i] ** 2).sum(0)))[ranks[p] - 1])
+                for p in PRODUCTS}
+        heads = {p: cumulative_energy(spectra.head[p][i])[:, ranks[p] - 1].tolist() for p in PRODUCTS}
+        layers.append({"layer": i, "qk": ranks["qk"], "vo": ranks["vo"], "kept_qk": kept["qk"],
+                       "kept_vo": kept["vo"], "heads_qk": heads["qk"], "heads_vo": heads["vo"]})
+    return {"ratio": ratio, "ranks": cfg.to_dict(), "layers": layers,
+            "params": [model_params(model), model_params(model, cfg)],
+            "flops": [model_flops(model), model_flops(model, cfg)]}
+
+
+def recommendation_text(rec: dict) -> str:
+    """Markdown: what the recommendation saves and where it loses most."""
+    (dp, sp), (df, sf) = rec["params"], rec["flops"]
+    worst = min(rec["layers"], key=lambda l: min(l["kept_qk"], l["kept_vo"]))
+    heads = sorted((kept, l["layer"], h, p.upper()) for l in rec["layers"] for p in PRODUCTS
+                   for h, kept in enumerate(l[f"heads_{p}"]))[:3]
+    return (f"At **{rec['ratio']:.0%}** of the attention parameters, head-level ranks (QK / VO per layer: "
+            + ", ".join(f"{l['qk']}/{l['vo']}" for l in rec["layers"])
+            + f") give **{sp:,}** parameters ({sp / dp:.2f}× dense) and **{sf / 1e6:,.0f}M** FLOPs "
+            f"({sf / df:.2f}×). Least energy kept: layer {worst['layer']} (QK {worst['kept_qk']:.1%}, VO "
+            f"{worst['kept_vo']:.1%}); heads that lose most: "
+            + ", ".join(f"layer {i} head {h} {p} ({kept:.1%} kept)" for kept, i, h, p in heads)
+            + ". These are plain-SVD ranks; Compress with your images calibrates and allocates them by the "
+            "measured error instead.")
