@@ -5,6 +5,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from comcat.errors import ComcatError
 from comcat.job import run_job
 from comcat.models import load_model
 from comcat.pipeline import report_markdown
@@ -38,6 +39,30 @@ def on_explore(source, name, upload, arch, shown, layer, budget=0.5, request: gr
         return (*figs, ex.summary(), ex.export(), ex.table_rows(), ex.recommendation(budget), slider, ex)
     except Exception as e:          # noqa: BLE001 - shown in the page
         return None, None, None, message(e), None, None, None, gr.skip(), None
+
+
+ADAPTER_COLUMNS = ("site", "kind", "heads", "rank", "QK change mean", "QK change max", "VO change mean",
+                   "VO change max", "QK update s1", "VO update s1")
+
+
+def on_inspect_adapter(pipeline, upload, request: gr.Request = None):
+    """-> (summary, table rows, CSV file) of an adapter's per-head updates against its base pipeline."""
+    from comcat.adapter.inspect import adapter_summary, adapter_table, to_csv
+
+    session(request)
+    try:
+        path = customize.adapter_file(upload)
+        if path is None:
+            raise ComcatError("upload an adapter file (.safetensors) first")
+        rows = adapter_table(PIPELINES.get(pipeline), path)
+        out = workdir("explore") / f"{path.stem}_updates.csv"
+        out.write_text(to_csv(rows))
+        table = [[r["site"], r["kind"], r["heads"], r["rank"]] + [round(r[k], 3) for k in (
+            "qk_change_mean", "qk_change_max", "vo_change_mean", "vo_change_max")]
+            + [round(r["qk_update_sv"][0], 3), round(r["vo_update_sv"][0], 3)] for r in rows]
+        return adapter_summary(rows), table, str(out)
+    except Exception as e:          # noqa: BLE001 - shown in the page
+        return message(e), None, None
 
 
 def on_budget(ex, budget):
@@ -78,6 +103,16 @@ def explore_tab():
                                  "shuffled weights (structure: how far from noise)", elem_id="explore-table",
                                  interactive=False, max_height=400)
             files = gr.File(label="export (JSON, CSV, PNG)", file_count="multiple")
+            with gr.Accordion("a COMCAT adapter against its base model", open=False, elem_id="explore-adapter"):
+                a_pipeline = gr.Textbox("embedded", label="pipeline: embedded or a hub ID")
+                example = str(customize.EXAMPLE_ADAPTER) if customize.EXAMPLE_ADAPTER.is_file() else None
+                a_file = gr.File(example, label="adapter (.safetensors)", type="filepath", file_types=[".safetensors"])
+                a_go = gr.Button("Inspect the adapter", elem_id="explore-adapter-go")
+                a_summary = gr.Markdown(elem_id="explore-adapter-summary")
+                a_table = gr.Dataframe(headers=list(ADAPTER_COLUMNS), interactive=False, max_height=400,
+                                       label="per attention: the update's size against the base, mean and max "
+                                             "over heads, and its largest singular value", elem_id="explore-adapter-table")
+                a_csv = gr.File(label="export (CSV)")
     state = gr.State()
     explored = go.click(on_explore, [source, name, upload, arch, shown, layer, budget],
                         [heat, heads, curves, summary, files, table, advice, layer, state], concurrency_id="explore", concurrency_limit=2)
@@ -85,6 +120,7 @@ def explore_tab():
         control.change(on_replot, [state, shown, layer], [heat, heads], concurrency_id="explore")
     follow_typing(name, upload, source, "timm name", "uploaded checkpoint")
     budget.release(on_budget, [state, budget], advice, concurrency_id="explore")
+    a_go.click(on_inspect_adapter, [a_pipeline, a_file], [a_summary, a_table, a_csv], concurrency_id="generate")
     return state, explored, to_compress, budget
 
 

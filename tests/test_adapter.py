@@ -297,3 +297,30 @@ def test_train_token_row_trains_the_row_the_prompt_uses():
     assert len(trainable) == 1 and trainable[0] is emb
     encode_text(pipe, ["a V* in red"]).square().sum().backward()
     assert emb.grad.abs().sum(1).nonzero().flatten().tolist() == [tok_id]
+
+
+def test_adapter_table_measures_each_heads_update_against_the_base():
+    """The inspected ratios equal ||alpha A_h B_h^T|| / ||W^Q_h W^K_h^T|| (and the VO ones) formed
+    explicitly, and the pipeline is left without the adapter (issue 18)."""
+    from comcat.adapter.inspect import adapter_summary, adapter_table
+    from comcat.embedded import ASSETS
+
+    pipe = load_pipeline("embedded")
+    path = ASSETS / "examples" / "heart_adapter.safetensors"
+    rows = adapter_table(pipe, path)
+    assert adapter_names(pipe) == [] and len(rows) == len(attention_sites(pipe.unet))
+    load_adapter(pipe, path, name="x")
+    site = rows[0]["site"]
+    attn, m = attention_sites(pipe.unet)[site], pipe.unet.attn_processors[site + ".processor"].adapters["x"]
+    H, r = attn.heads, m.rank
+    d = attn.to_q.out_features // H
+    qk, vo = [], []
+    for h in range(H):
+        wq, wk, wv = (lin.weight[h * d:(h + 1) * d].double() for lin in (attn.to_q, attn.to_k, attn.to_v))
+        wo = attn.to_out[0].weight[:, h * d:(h + 1) * d].double()
+        a, b, p = (t[:, h * r:(h + 1) * r].double() for t in (m.A, m.B, m.P))
+        qk.append(torch.linalg.norm(a @ b.T) / torch.linalg.norm(wq.T @ wk))
+        vo.append(torch.linalg.norm(p @ m.R[h * r:(h + 1) * r].double()) / torch.linalg.norm(wv.T @ wo.T))
+    assert abs(rows[0]["qk_change_mean"] - torch.stack(qk).mean().item()) < 1e-9
+    assert abs(rows[0]["vo_change_max"] - torch.stack(vo).max().item()) < 1e-9
+    assert "cross-attention changes W^QK by" in adapter_summary(rows)

@@ -86,3 +86,13 @@ def _plain(tmp_path):
         shutil.copy(p, tmp_path / p.name)
         out.append(str(tmp_path / p.name))
     return out
+
+
+def test_explore_inspects_an_adapter_against_its_base():
+    summary, table, csv_path = ui.on_inspect_adapter("embedded", str(app_customize.EXAMPLE_ADAPTER))
+    assert "cross-attention changes W^QK by" in summary and len(table) == 14
+    assert table[0][1] in ("self", "cross") and all(0 < row[4] <= row[5] for row in table)
+    from pathlib import Path
+    assert Path(csv_path).read_text().startswith("site,kind,heads,rank,qk_change_mean")
+    assert ui.on_inspect_adapter("embedded", None)[0] == "**Error:** upload an adapter file (.safetensors) first"
+    assert "type 'embedded' or a hub ID" in ui.on_inspect_adapter("/etc", str(app_customize.EXAMPLE_ADAPTER))[0]

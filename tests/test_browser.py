@@ -82,6 +82,10 @@ def test_explore_shows_the_heatmap(page, shots):
     wait(page).until(lambda d: "structure" in text_of(d, "explore-table") and "qk" in text_of(d, "explore-table"))
     assert "At 50% of the attention parameters" in text_of(page, "explore-recommendation")
     page.save_screenshot(str(shots / "explore.png"))
+    page.find_element(By.CSS_SELECTOR, "#explore-adapter button, #explore-adapter .label-wrap").click()
+    wait(page).until(EC.element_to_be_clickable((By.ID, "explore-adapter-go"))).click()   # the bundled adapter
+    wait(page, 120).until(lambda d: "cross-attention changes" in text_of(d, "explore-adapter-summary"))
+    assert "attn2" in text_of(page, "explore-adapter-table")
     page.find_element(By.ID, "explore-to-compress").click()       # the diagnosis is one click from Compress
     wait(page).until(lambda d: d.find_element(By.ID, "compress-go").is_displayed())
     wait(page).until(lambda d: checked(d, "compress-model") == "model from Explore")
