@@ -173,6 +173,10 @@ def result_card(report: dict) -> str:
             lines.append(f"no top-1: {data['note']}")
     lines.append(f"params {c['params']:,} ({c['params'] / d['params']:.2f}× dense) · FLOPs {c['flops'] / 1e6:,.0f}M "
                  f"({c['flops'] / d['flops']:.2f}×) · attention at {report['attn_params_ratio']:.0%} of its params")
+    if report.get("heads_lost_most"):
+        lines.append("heads that lost most (relative weight error of the per-head product): " + ", ".join(
+            f"layer {h['layer']} head {h['head']} {h['product'].upper()} {h['error']:.0%}"
+            for h in report["heads_lost_most"][:3]))
     for key, r in report.get("latency_ratio", {}).items():
         lines.append(f"latency {key.replace('_b', ' batch ')}: {c['latency_ms'][key]:.1f} ms vs {d['latency_ms'][key]:.1f} ms "
                      f"dense, {r['median']:.2f}× (range {r['range'][0]:.2f}–{r['range'][1]:.2f} over 5 alternating "

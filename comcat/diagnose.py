@@ -137,3 +137,33 @@ def recommendation_text(rec: dict) -> str:
             + ", ".join(f"layer {i} head {h} {p} ({kept:.1%} kept)" for kept, i, h, p in heads)
             + ". These are plain-SVD ranks; Compress with your images calibrates and allocates them by the "
             "measured error instead.")
+
+
+@torch.no_grad()
+def head_errors(dense: nn.Module, small: nn.Module) -> list[dict]:
+    """Per block and head of a head-level compressed model: the relative weight-space error of its
+    products against the dense ones, ||W^QK_h - A_h B_h^T||_F / ||W^QK_h||_F (query bias rows left
+    out) and ||W^VO_h - P_h R_h^T||_F / ||W^VO_h||_F. Sorted, largest first. (A calibrated model is
+    fitted in the norm of its inputs, so a large weight error need not cost accuracy.)"""
+    from .lowrank import HeadLowRankAttention
+
+    rows = []
+    for i, (bd, bs) in enumerate(zip(vit_blocks(dense), vit_blocks(small))):
+        if not isinstance(bs.attn, HeadLowRankAttention):
+            continue
+        f, a = head_factors(bd.attn), bs.attn
+        H, rq, rv = a.num_heads, a.rank_qk, a.rank_vo
+        per = {"qk": (_split_heads(a.q.weight, H, rq), _split_heads(a.k.weight, H, rq)),
+               "vo": (_split_heads(a.v.weight, H, rv), a.proj.weight.detach().double().view(-1, H, rv).transpose(0, 1))}
+        for p in PRODUCTS:
+            x, y = f[p]
+            full = x @ y.transpose(-1, -2)
+            approx = per[p][0] @ per[p][1].transpose(-1, -2)
+            err = torch.linalg.matrix_norm(full - approx) / torch.linalg.matrix_norm(full).clamp_min(1e-30)
+            rows += [{"layer": i, "head": h, "product": p, "error": float(e)} for h, e in enumerate(err)]
+    return sorted(rows, key=lambda r: r["error"], reverse=True)
+
+
+def _split_heads(w: torch.Tensor, heads: int, rank: int) -> torch.Tensor:
+    """(H r, C) rows of a factorized projection -> (H, C, r) per-head factors, float64."""
+    return w.detach().double().view(heads, rank, -1).transpose(1, 2)

@@ -74,6 +74,9 @@ def measure_report(dense, small, data=None, evaluate_top1: bool = True, latency:
     report["attn_params_ratio"] = sum(l["attn"] for l in report["layers"]["compressed"]) / dense_attn
     report["params_ratio"] = report["compressed"]["params"] / report["dense"]["params"]
     report["flops_ratio"] = report["compressed"]["flops"] / report["dense"]["flops"]
+    if cfg.method == "head":
+        from .diagnose import head_errors
+        report["heads_lost_most"] = head_errors(dense, small)[:5]      # weight-space error, largest first
     if evaluate_top1:
         if dense_scores is None:
             ref, labels = predict(dense, data, device=device, progress=progress)

@@ -133,3 +133,29 @@ def test_recommendation_is_the_budget_rule_with_its_savings(embedded):
     text = recommendation_text(rec)
     assert "heads that lose most: layer" in text and f"{rec['params'][1]:,}" in text
     assert recommend(embedded.model, 0.3)["params"][1] < rec["params"][1]
+
+
+def test_head_errors_find_the_heads_a_compression_lost(embedded):
+    """Exact at full rank; at half rank the list is sorted and its largest error is the one measured
+    by forming that head's products."""
+    from comcat.compress import compress
+    from comcat.diagnose import head_errors
+    from comcat.ranks import uniform_ranks
+
+    full = compress(embedded.model, uniform_ranks(embedded.model, "head", 1.0))
+    assert max(r["error"] for r in head_errors(embedded.model, full)) < 1e-5
+    small = compress(embedded.model, uniform_ranks(embedded.model, "head", 0.5))
+    rows = head_errors(embedded.model, small)
+    assert [r["error"] for r in rows] == sorted((r["error"] for r in rows), reverse=True)
+    top = rows[0]
+    dense_attn, attn = embedded.model.blocks[top["layer"]].attn, small.blocks[top["layer"]].attn
+    H, d, C = dense_attn.num_heads, dense_attn.head_dim, dense_attn.qkv.in_features
+    h, r = top["head"], attn.rank_qk if top["product"] == "qk" else attn.rank_vo
+    w = dense_attn.qkv.weight.double()
+    if top["product"] == "qk":
+        full_h = w[h * d:(h + 1) * d].T @ w[C + h * d:C + (h + 1) * d]
+        approx = attn.q.weight[h * r:(h + 1) * r].double().T @ attn.k.weight[h * r:(h + 1) * r].double()
+    else:
+        full_h = w[2 * C + h * d:2 * C + (h + 1) * d].T @ dense_attn.proj.weight[:, h * d:(h + 1) * d].double().T
+        approx = attn.v.weight[h * r:(h + 1) * r].double().T @ attn.proj.weight[:, h * r:(h + 1) * r].double().T
+    assert abs(top["error"] - (torch.linalg.norm(full_h - approx) / torch.linalg.norm(full_h)).item()) < 1e-9

@@ -180,7 +180,7 @@ def test_compress_an_uploaded_checkpoint_on_a_flat_folder(tmp_path):
     head, _, _, card, download, _ = updates[-1]
     assert head.startswith("**Done**"), head
     assert "agreement with the dense model" in card and "no top-1: labels not used: a flat folder has no labels" in card
-    assert "top-1 **" not in card
+    assert "top-1 **" not in card and "heads that lost most (relative weight error of the per-head product): layer" in card
 
 
 def test_compress_the_explored_model():
