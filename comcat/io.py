@@ -68,8 +68,9 @@ def _lock(fd: int, out: Path) -> None:
 
 
 def check_unlocked(out: Path) -> None:
-    """A one-line error when another process holds `out`'s lock (see out_lock)."""
-    if os.name != "posix" or not (out / LOCK_FILE).is_file():
+    """A one-line error when another process holds `out`'s lock (see out_lock). Under torchrun only
+    rank 0 asks: it is the one that holds the lock for all of them."""
+    if os.name != "posix" or os.environ.get("RANK", "0") != "0" or not (out / LOCK_FILE).is_file():
         return
     fd = os.open(out / LOCK_FILE, os.O_RDONLY)
     _lock(fd, out)
