@@ -38,6 +38,11 @@ def product_svdvals(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(rx @ ry.transpose(-1, -2))
 
 
+def split_heads(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """(H k, n) rows of a projection weight -> (H, n, k) per-head factors, float64."""
+    return w.detach().double().reshape(heads, -1, w.shape[-1]).transpose(1, 2)
+
+
 def head_factors(attn) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The two (H, C, d) factors of each per-head product: W^QK_h = X Y^T, W^VO_h = X Y^T."""
     hw = head_weights(attn)

@@ -31,7 +31,7 @@ from .io import (atomic_write, atomic_write_text, claim_out, clean_temp, clear_r
 from .loop import seed_step
 
 RUN_FILE = "customize.json"
-RUN_FILES = (RUN_FILE, "adapter.safetensors", "state.json", "previews", "class_images.pt")   # what --overwrite removes
+RUN_FILES = (RUN_FILE, "adapter.safetensors", "state.json", "state.*.safetensors", "previews", "class_images.pt")   # what --overwrite removes
 PRECISIONS = ("auto", "fp32", "bf16")
 FORMAT = "comcat-customize/1"
 
@@ -146,8 +146,6 @@ def customize(spec: CustomizeSpec, out: str | Path, pipe=None, callback: Callabl
             clean_temp(out)
         elif overwrite:
             clear_run(out, RUN_FILES)
-            for old in out.glob("state.*.safetensors"):
-                old.unlink()
         return _train(spec, out, pipe, callback, should_stop, resume)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .analysis import MATRICES, PRODUCTS, head_factors, product_svdvals, rank_for_energy
+from .analysis import MATRICES, PRODUCTS, head_factors, product_svdvals, rank_for_energy, split_heads
 from .vit import matrix_weights, vit_blocks
 
 COLUMNS = ("layer", "site", "stable_rank", "effective_rank", "r90", "r95", "r99", "alpha",
@@ -113,8 +113,7 @@ def recommend(model: nn.Module, ratio: float, spectra=None) -> dict:
     spectra = spectra if spectra is not None else analyze(model)
     layers = []
     for i, ranks in enumerate(cfg.blocks):
-        kept = {p: float(cumulative_energy(np.sqrt((spectra.head[p][i] ** 2).sum(0)))[ranks[p] - 1])
-                for p in PRODUCTS}
+        kept = {p: float(spectra.layer_head_energy(p)[i, ranks[p] - 1]) for p in PRODUCTS}
         heads = {p: cumulative_energy(spectra.head[p][i])[:, ranks[p] - 1].tolist() for p in PRODUCTS}
         layers.append({"layer": i, "qk": ranks["qk"], "vo": ranks["vo"], "kept_qk": kept["qk"],
                        "kept_vo": kept["vo"], "heads_qk": heads["qk"], "heads_vo": heads["vo"]})
@@ -152,9 +151,9 @@ def head_errors(dense: nn.Module, small: nn.Module) -> list[dict]:
         if not isinstance(bs.attn, HeadLowRankAttention):
             continue
         f, a = head_factors(bd.attn), bs.attn
-        H, rq, rv = a.num_heads, a.rank_qk, a.rank_vo
-        per = {"qk": (_split_heads(a.q.weight, H, rq), _split_heads(a.k.weight, H, rq)),
-               "vo": (_split_heads(a.v.weight, H, rv), a.proj.weight.detach().double().view(-1, H, rv).transpose(0, 1))}
+        H = a.num_heads
+        per = {"qk": (split_heads(a.q.weight, H), split_heads(a.k.weight, H)),
+               "vo": (split_heads(a.v.weight, H), split_heads(a.proj.weight.t(), H))}
         for p in PRODUCTS:
             x, y = f[p]
             full = x @ y.transpose(-1, -2)
@@ -163,7 +162,3 @@ def head_errors(dense: nn.Module, small: nn.Module) -> list[dict]:
             rows += [{"layer": i, "head": h, "product": p, "error": float(e)} for h, e in enumerate(err)]
     return sorted(rows, key=lambda r: r["error"], reverse=True)
 
-
-def _split_heads(w: torch.Tensor, heads: int, rank: int) -> torch.Tensor:
-    """(H r, C) rows of a factorized projection -> (H, C, r) per-head factors, float64."""
-    return w.detach().double().view(heads, rank, -1).transpose(1, 2)

@@ -67,10 +67,15 @@ def _lock(fd: int, out: Path) -> None:
                           "--out") from None
 
 
+def _locking() -> bool:
+    """Whether this process takes part in --out locks: on POSIX, and under torchrun rank 0 alone
+    (it holds the lock for all ranks)."""
+    return os.name == "posix" and os.environ.get("RANK", "0") == "0"
+
+
 def check_unlocked(out: Path) -> None:
-    """A one-line error when another process holds `out`'s lock (see out_lock). Under torchrun only
-    rank 0 asks: it is the one that holds the lock for all of them."""
-    if os.name != "posix" or os.environ.get("RANK", "0") != "0" or not (out / LOCK_FILE).is_file():
+    """A one-line error when another process holds `out`'s lock (see out_lock)."""
+    if not _locking() or not (out / LOCK_FILE).is_file():
         return
     fd = os.open(out / LOCK_FILE, os.O_RDONLY)
     _lock(fd, out)
@@ -81,8 +86,8 @@ def check_unlocked(out: Path) -> None:
 def out_lock(out: Path):
     """Hold an exclusive lock on the run folder `out` (flock on out/.comcat.lock) while writing it;
     a second writer gets a one-line error. The folder is made if needed, and removed again when
-    it is left empty."""
-    if os.name != "posix":               # no flock: no lock
+    it is left empty. Without flock, and on torchrun ranks other than 0, it does nothing."""
+    if not _locking():
         yield
         return
     made = not out.exists()
@@ -100,13 +105,13 @@ def out_lock(out: Path):
 
 
 def clear_run(out: Path, ours: tuple[str, ...]) -> None:
-    """--overwrite: remove the files and folders `ours` of an earlier run in `out` (nothing else)."""
-    for name in ours:
-        p = out / name
+    """--overwrite: remove the files and folders of an earlier run in `out` that the names or glob
+    patterns `ours` match (nothing else)."""
+    for p in (p for pattern in ours for p in out.glob(pattern)):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+        else:
+            p.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -20,10 +20,8 @@ continues from the state and ends where an uninterrupted run would.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -140,7 +138,7 @@ def start_job(spec: JobSpec, out: str | Path, overwrite: bool = False) -> dict:
         raise ComcatError(f"calibration must be one of {CALIBRATIONS}, got {spec.calibration!r}")
     claim_out(out, ("comcat.json", JOB_FILE), "comcat model")
     if not overwrite and (out / JOB_FILE).is_file():
-        finished = read_run_record(out, JOB_FILE, JOB_FORMAT, "compress").get("phase") == "done"
+        finished = _read_job(out).get("phase") == "done"
         raise ComcatError(f"{out} holds {'a finished' if finished else 'an unfinished'} run: "
                           f"{'' if finished else f'continue it with --resume {out}, '}start over with --overwrite, "
                           "or choose another --out")
@@ -194,17 +192,15 @@ def run_job(spec: JobSpec | None, out: str | Path, resume: bool = False, callbac
     job = _read_job(out) if resume else start_job(spec, out, overwrite)
     if resume and job["phase"] == "done":
         raise ComcatError(f"the run in {out} is already finished: its model is {out / 'model.safetensors'}")
-    lock = out_lock(out) if os.environ.get("RANK", "0") == "0" else nullcontext()
-    with lock:
+    with out_lock(out):
         if resume:
             clean_temp(out)
-            return _start(job, out, resume, callback, should_stop, progress)
-        if overwrite:
+        elif overwrite:
             clear_run(out, RUN_FILES)
         try:
             return _start(job, out, resume, callback, should_stop, progress)
         except BaseException:
-            if dist.is_main() and job["phase"] in ("search", "ranks"):     # no model written yet: leave no trace
+            if not resume and dist.is_main() and job["phase"] in ("search", "ranks"):   # no model yet: no trace
                 clear_run(out, (JOB_FILE, "state"))
             raise
 

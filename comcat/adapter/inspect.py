@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..analysis import product_svdvals
+from ..analysis import product_svdvals, split_heads
 from .layer import ComcatAttnProcessor
 from .model import _processors, _unet, attention_sites, load_adapter, site_kind, unload_adapter
 
@@ -23,11 +23,6 @@ COLUMNS = ("site", "kind", "heads", "rank", "qk_change_mean", "qk_change_max", "
 def _norms(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """(H,) Frobenius norms of X_h Y_h^T for factors (H, n, k), (H, m, k)."""
     return torch.linalg.vector_norm(product_svdvals(x.double(), y.double()), dim=-1).numpy()
-
-
-def _split(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """(H k, n) rows -> (H, n, k) per-head factors."""
-    return w.detach().reshape(heads, -1, w.shape[-1]).transpose(1, 2)
 
 
 @torch.no_grad()
@@ -44,9 +39,9 @@ def adapter_table(pipe, path, name: str = "inspected") -> list[dict]:
                 continue
             m, alpha, H = proc.adapters[name], proc.scales[name], attn.heads
             d = attn.to_q.out_features // H
-            wq, wk, wv = (_split(lin.weight, H) for lin in (attn.to_q, attn.to_k, attn.to_v))
+            wq, wk, wv = (split_heads(lin.weight, H) for lin in (attn.to_q, attn.to_k, attn.to_v))
             wo = attn.to_out[0].weight.detach().reshape(-1, H, d).permute(1, 0, 2)            # (H, Do, d)
-            a, b, p = (_split(t.t(), H) for t in (m.A, m.B, m.P))                              # (H, D, r)
+            a, b, p = (split_heads(t.t(), H) for t in (m.A, m.B, m.P))                              # (H, D, r)
             r = m.R.detach().reshape(H, m.rank, -1).transpose(1, 2)                            # (H, Do, r)
             qk = _norms(alpha * a, b) / np.maximum(_norms(wq, wk), 1e-30)
             vo = _norms(alpha * p, r) / np.maximum(_norms(wv, wo), 1e-30)
