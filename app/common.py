@@ -7,6 +7,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import zipfile
 from pathlib import Path
 
 from comcat.errors import ComcatError
@@ -14,6 +15,7 @@ from comcat.errors import ComcatError
 WORK = Path(tempfile.mkdtemp(prefix="comcat-app-"))     # uploads and outputs live here only, removed at exit
 atexit.register(shutil.rmtree, WORK, True)
 MAX_UPLOAD_MB = 1024
+DATA_SOURCES = ("embedded shapes", "folder path", "uploaded zip")
 OWNER: contextvars.ContextVar = contextvars.ContextVar("owner", default=None)   # the visitor a handler serves
 
 
@@ -90,6 +92,46 @@ def take_upload(path: str | None, suffixes: tuple[str, ...], what: str, max_mb: 
     dst = workdir("uploads") / src.name
     shutil.copyfile(src, dst)
     return dst
+
+
+MAX_ZIP_FILES = 200_000
+MAX_UNZIPPED_MB = 4096            # what a zip may unpack to (its entries' declared sizes; zipfile holds them to it)
+
+
+def unzip(path: str | None, what: str = "zip of an image folder", kind: str = "data") -> Path:
+    """Extract an uploaded zip under the app's temp folder, refusing paths that leave it and bombs;
+    returns its one top folder, or the folder of its contents."""
+    src = take_upload(path, (".zip",), what)
+    out = workdir(kind)
+    try:
+        with zipfile.ZipFile(src) as z:
+            names = z.namelist()
+            if len(names) > MAX_ZIP_FILES:
+                raise ComcatError(f"{src.name} holds {len(names):,} files, over the app's limit of {MAX_ZIP_FILES:,}")
+            unpacked = sum(i.file_size for i in z.infolist()) / 2**20
+            if unpacked > MAX_UNZIPPED_MB:
+                raise ComcatError(f"{src.name} unpacks to {unpacked:,.0f} MB, over the app's limit of "
+                                  f"{MAX_UNZIPPED_MB:,} MB: zip fewer or smaller files")
+            for n in names:
+                if n.startswith(("/", "\\")) or ".." in Path(n).parts:
+                    raise ComcatError(f"{src.name} has an unsafe path {n!r}: zip the image folder itself")
+            z.extractall(out)
+    except zipfile.BadZipFile:
+        raise ComcatError(f"{src.name} is not a readable zip file") from None
+    entries = [p for p in out.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else out   # folder/… or its contents
+
+
+def chosen_data(source: str, path: str = "", upload: str | None = None, model: str = "embedded") -> str | None:
+    """The data of a run: None for the embedded shapes, else a folder (typed, or an unzipped upload)."""
+    if source == "folder path":
+        return str(server_folder(path, "data folder", "upload a zip of your images"))
+    if source == "uploaded zip":
+        return str(unzip(upload))
+    if model != "embedded":
+        raise ComcatError("the embedded shapes only fit the embedded model: choose 'folder path' or 'uploaded zip' "
+                          "under data and give images of your own (labels are not needed)")
+    return None
 
 
 CLI_TO_PAGE = [      # the library's advice names command-line flags; the page names its own controls

@@ -10,38 +10,10 @@ from pathlib import Path
 from comcat.errors import ComcatError
 from comcat.job import JobSpec
 
-from .common import server_folder, take_upload, workdir
+from .common import workdir
 from .explore import model_spec
 
 MODEL_SOURCES = ("embedded", "timm name", "uploaded checkpoint", "model from Explore")
-DATA_SOURCES = ("embedded shapes", "folder path", "uploaded zip")
-MAX_ZIP_FILES = 200_000
-MAX_UNZIPPED_MB = 4096            # what a zip may unpack to (its entries' declared sizes; zipfile holds them to it)
-
-
-def unzip_images(path: str | None) -> Path:
-    """Extract an uploaded zip of images under the app's temp folder, refusing paths that leave it."""
-    src = take_upload(path, (".zip",), "zip of an image folder")
-    out = workdir("data")
-    try:
-        with zipfile.ZipFile(src) as z:
-            names = z.namelist()
-            if len(names) > MAX_ZIP_FILES:
-                raise ComcatError(f"{src.name} holds {len(names):,} files, over the app's limit of {MAX_ZIP_FILES:,}")
-            unpacked = sum(i.file_size for i in z.infolist()) / 2**20
-            if unpacked > MAX_UNZIPPED_MB:
-                raise ComcatError(f"{src.name} unpacks to {unpacked:,.0f} MB, over the app's limit of "
-                                  f"{MAX_UNZIPPED_MB:,} MB: zip fewer or smaller images")
-            for n in names:
-                if n.startswith(("/", "\\")) or ".." in Path(n).parts:
-                    raise ComcatError(f"{src.name} has an unsafe path {n!r}: zip the image folder itself")
-            z.extractall(out)
-    except zipfile.BadZipFile:
-        raise ComcatError(f"{src.name} is not a readable zip file") from None
-    entries = [p for p in out.iterdir() if not p.name.startswith((".", "__MACOSX"))]
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else out   # folder/… or its contents
-
-
 def chosen_model(source: str, name: str = "", upload: str | None = None, arch: str = "",
                  explored=None) -> tuple[str, str | None]:
     """(SPEC, arch) to compress: picked here as in Explore, or the model the Explore tab loaded."""
@@ -51,18 +23,6 @@ def chosen_model(source: str, name: str = "", upload: str | None = None, arch: s
                               "another model here")
         return explored.spec, explored.arch
     return model_spec(source, name, upload, arch)
-
-
-def chosen_data(source: str, path: str = "", upload: str | None = None, model: str = "embedded") -> str | None:
-    """The data of a run: None for the embedded shapes, else a folder (typed, or an unzipped upload)."""
-    if source == "folder path":
-        return str(server_folder(path, "data folder", "upload a zip of your images"))
-    if source == "uploaded zip":
-        return str(unzip_images(upload))
-    if model != "embedded":
-        raise ComcatError("the embedded shapes only fit the embedded model: choose 'folder path' or 'uploaded zip' "
-                          "under data and give images of your own (labels are not needed)")
-    return None
 
 
 @dataclass

@@ -65,6 +65,30 @@ def on_inspect_adapter(pipeline, upload, request: gr.Request = None):
         return message(e), None, None
 
 
+def on_calibrated(ex, budget, data_source, data_path, data_zip, request: gr.Request = None,
+                  progress=gr.Progress()):
+    """-> (the recommendation at `budget` calibrated on the chosen images, its exports)."""
+    session(request)
+    try:
+        if ex is None:
+            raise ComcatError("press Explore first: the recommendation is for the explored model")
+        data = common.chosen_data(data_source, data_path, data_zip, ex.spec)
+        return ex.calibrated_recommendation(budget, data, lambda i, n, what: progress((i, n), desc=what))
+    except Exception as e:          # noqa: BLE001 - shown in the page
+        return message(e), None
+
+
+def on_compare(ex, upload, request: gr.Request = None):
+    """-> (text, per-head error figure, exports) of a compressed model against the explored one."""
+    session(request)
+    try:
+        if ex is None:
+            raise ComcatError("press Explore on the dense model first: the compressed one is compared with it")
+        return ex.compare(upload)
+    except Exception as e:          # noqa: BLE001 - shown in the page
+        return message(e), None, None
+
+
 def on_budget(ex, budget):
     try:
         return ex.recommendation(budget) if ex is not None else gr.skip()
@@ -103,6 +127,22 @@ def explore_tab():
                                  "shuffled weights (structure: how far from noise)", elem_id="explore-table",
                                  interactive=False, max_height=400)
             files = gr.File(label="export (JSON, CSV, PNG)", file_count="multiple")
+            with gr.Accordion("calibrate the recommendation on your images", open=False, elem_id="explore-calibrate"):
+                c_source = gr.Radio(list(common.DATA_SOURCES), value="embedded shapes",
+                                    label="images (labels not needed)", elem_id="explore-data")
+                c_path = gr.Textbox(label="image folder under the app's --data-root")
+                c_zip = gr.File(label="zip of an image folder", file_types=[".zip"], type="filepath")
+                c_go = gr.Button("Recommend with my images", elem_id="explore-calibrate-go")
+                c_advice = gr.Markdown(elem_id="explore-calibrated")
+                c_files = gr.File(label="export (JSON; ranks.json is a rank file for compress --ranks)",
+                                  file_count="multiple")
+            with gr.Accordion("a compressed model against this one", open=False, elem_id="explore-compare"):
+                k_zip = gr.File(label="compressed model (the zip Compress gives)", file_types=[".zip"],
+                                type="filepath", elem_id="explore-compare-zip")
+                k_go = gr.Button("Compare with the explored model", elem_id="explore-compare-go")
+                k_text = gr.Markdown(elem_id="explore-compare-summary")
+                k_plot = gr.Plot(label="relative error per head")
+                k_files = gr.File(label="export (CSV, PNG)", file_count="multiple")
             with gr.Accordion("a COMCAT adapter against its base model", open=False, elem_id="explore-adapter"):
                 a_pipeline = gr.Textbox("embedded", label="pipeline: embedded or a hub ID")
                 example = str(customize.EXAMPLE_ADAPTER) if customize.EXAMPLE_ADAPTER.is_file() else None
@@ -120,6 +160,9 @@ def explore_tab():
         control.change(on_replot, [state, shown, layer], [heat, heads], concurrency_id="explore")
     follow_typing(name, upload, source, "timm name", "uploaded checkpoint")
     budget.release(on_budget, [state, budget], advice, concurrency_id="explore")
+    follow_typing(c_path, c_zip, c_source, "folder path", "uploaded zip")
+    c_go.click(on_calibrated, [state, budget, c_source, c_path, c_zip], [c_advice, c_files], concurrency_id="explore")
+    k_go.click(on_compare, [state, k_zip], [k_text, k_plot, k_files], concurrency_id="explore")
     a_go.click(on_inspect_adapter, [a_pipeline, a_file], [a_summary, a_table, a_csv], concurrency_id="generate")
     return state, explored, to_compress, budget
 
@@ -151,7 +194,7 @@ def on_compress(model_source="embedded", name="", upload=None, arch="", explored
             out, spec = Path(resume_dir), None
         else:
             model, arch_name = compress.chosen_model(model_source, name, upload, arch, explored)
-            data = compress.chosen_data(data_source, data_path, data_zip, model)
+            data = common.chosen_data(data_source, data_path, data_zip, model)
             spec = compress.Settings(ratio, budget, method, mlp, search, search_epochs, distill_steps, finetune_epochs,
                                      device, train_images, fit_images).spec(model, arch_name, data)
             out = workdir("compress") / "model"
@@ -247,7 +290,7 @@ def compress_tab(explored):
                              type="filepath", elem_id="compress-upload")
             arch = gr.Textbox(label="architecture of the checkpoint (timm name)", placeholder="vit_tiny_patch16_224",
                               elem_id="compress-arch")
-            data_source = gr.Radio(list(compress.DATA_SOURCES), value="embedded shapes",
+            data_source = gr.Radio(list(common.DATA_SOURCES), value="embedded shapes",
                                    label="data (your images; labels not needed)", elem_id="compress-data")
             data_path = gr.Textbox(label="image folder under the app's --data-root (DIR/<image>, DIR/<class>/<image>, "
                                          "or train/ + val/)")

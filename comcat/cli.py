@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--energy", type=float, default=0.9, help="energy threshold of the printed summary (default 0.9)")
     a.add_argument("--table", metavar="F.csv", help="write the per-layer diagnosis (stable and effective rank, ranks "
                    "for 90/95/99%% energy, tail exponent, against shuffled weights) to this CSV file")
+    a.add_argument("--recommend", type=float, metavar="R", help="print the head-level ranks comcat would choose at "
+                   "this fraction of the attention parameters, with the predicted savings")
+    a.add_argument("--data", metavar="DIR", help="with --recommend: calibrate the ranks on these images (labels "
+                   "unused), as a compress run on them starts from")
+    a.add_argument("--dense", metavar="SPEC", help="when --model is a compressed-model directory: its dense source "
+                   "(default: the source named in its comcat.json); prints the heads that lost most")
+    a.add_argument("--dense-arch", metavar="NAME", help="timm architecture of a --dense checkpoint (default: the "
+                   "compressed model's)")
 
     c = sub.add_parser("compress", help="find ranks, convert to low rank, fine-tune, report, save",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -184,7 +192,17 @@ def cmd_analyze(args) -> None:
 
     if not 0 < args.energy <= 1:
         raise ComcatError(f"--energy must be in (0, 1], got {args.energy}: e.g. 0.9 keeps 90% of the spectral energy")
+    if args.data and args.recommend is None:
+        raise ComcatError("--data calibrates a recommendation: also pass --recommend R, e.g. --recommend 0.5")
+    if args.recommend is not None and not 0 < args.recommend <= 1:
+        raise ComcatError(f"--recommend must be in (0, 1], got {args.recommend}: e.g. 0.5 keeps half the attention "
+                          "parameters")
     loaded = load_model(args.model, args.arch)
+    if loaded.compressed:
+        return _compare_to_dense(loaded, args)
+    if args.dense:
+        raise ComcatError("--dense compares a compressed model with its source: pass the compressed-model "
+                          "directory as --model")
     spectra = analyze(loaded.model)
     print(f"{loaded.source}: {spectra.depth} blocks, {spectra.num_heads} heads of dim {spectra.head_dim}, width {spectra.dim}")
     print(spectra.summary(args.energy))
@@ -204,6 +222,46 @@ def cmd_analyze(args) -> None:
         print(table_summary(rows))
         atomic_write_text(args.table, to_csv(rows))
         print(f"wrote {args.table}")
+    if args.recommend is not None:
+        from .diagnose import calibrate_on, recommend, recommendation_text
+
+        cal = None
+        if args.data:
+            from tqdm import tqdm
+
+            with tqdm(desc="calibrate (blocks)", unit="block") as bar:
+                cal = calibrate_on(loaded.model, args.data, progress=lambda i, n: _tick(bar, i, n))
+            with tqdm(desc="allocate (probes)", unit="site") as bar:
+                rec = recommend(loaded.model, args.recommend, spectra, cal, progress=lambda i, n: _tick(bar, i, n))
+        else:
+            rec = recommend(loaded.model, args.recommend, spectra)
+        print(recommendation_text(rec).replace("**", ""))
+
+
+def _tick(bar, i: int, n: int) -> None:
+    bar.total = n
+    bar.update(i + 1 - bar.n)
+
+
+def _compare_to_dense(small, args) -> None:
+    """`analyze` of a compressed model: the per-head errors against its dense source."""
+    from .diagnose import comparison_text, head_errors
+    from .models import load_model
+
+    if args.recommend is not None or args.table or args.plots or args.json:
+        raise ComcatError(f"{small.source} is a compressed model: analyze its dense source for spectra, tables and "
+                          "recommendations (or pass only --dense to compare the two)")
+    spec = args.dense or small.meta.get("source", "")
+    try:
+        dense = load_model(spec, args.dense_arch or small.arch)
+    except ComcatError as e:
+        raise ComcatError(f"the dense source of {small.source} ({spec}) cannot be loaded ({e}): pass it with "
+                          "--dense SPEC") from None
+    if dense.compressed or (dense.arch, dense.arch_kwargs) != (small.arch, small.arch_kwargs):
+        raise ComcatError(f"{small.source} was compressed from a dense {small.arch} model, and {spec} is not one: "
+                          "pass its dense source with --dense SPEC")
+    print(f"{small.source} against {dense.source}:")
+    print(comparison_text(head_errors(dense.model, small.model), small.meta.get("ranks")))
 
 
 BARS = {"calibrate": "calibrate (blocks)", "allocate": "allocate (probes)", "search": "rank search",

@@ -100,16 +100,27 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def recommend(model: nn.Module, ratio: float, spectra=None) -> dict:
-    """The head-level ranks comcat's plain rule gives at `ratio` of the attention parameters
-    (ranks.energy_ranks_for_budget, no images), with the model's predicted params and FLOPs, and per
-    layer the share of the energy of its W^QK_h and W^VO_h those ranks keep, pooled over heads and
-    per head."""
+def recommend(model: nn.Module, ratio: float, spectra=None, cal=None, progress=None) -> dict:
+    """The head-level ranks comcat gives at `ratio` of the attention parameters, with the model's
+    predicted params and FLOPs, and per layer the share of the energy of its W^QK_h and W^VO_h those
+    ranks keep, pooled over heads and per head. Without `cal` the plain rule
+    (ranks.energy_ranks_for_budget); with a calibration.Calibration of the user's images, the
+    calibrated allocation (allocate.calibrated_ranks, what Compress starts from on those images),
+    plus the predicted KL to the dense model of both allocations, sum_s KL_s(r_s) over sites."""
     from .analysis import analyze, cumulative_energy
     from .cost import model_flops, model_params
     from .ranks import energy_ranks_for_budget
 
-    cfg = energy_ranks_for_budget(model, "head", ratio)
+    plain = energy_ranks_for_budget(model, "head", ratio)
+    cfg, predicted = plain, None
+    if cal is not None:
+        from .allocate import calibrated_ranks
+        from .search import search_target
+
+        cost_fn, target = search_target(model, ratio, "params", False)
+        cfg, sites = calibrated_ranks(model, cal, "head", cost_fn, target, ratio, progress=progress)
+        predicted = {name: sum(float(s.curve[min(c.blocks[s.block][s.key], len(s.curve) - 1)]) for s in sites)
+                     for name, c in (("plain", plain), ("calibrated", cfg))}
     spectra = spectra if spectra is not None else analyze(model)
     layers = []
     for i, ranks in enumerate(cfg.blocks):
@@ -117,9 +128,26 @@ def recommend(model: nn.Module, ratio: float, spectra=None) -> dict:
         heads = {p: cumulative_energy(spectra.head[p][i])[:, ranks[p] - 1].tolist() for p in PRODUCTS}
         layers.append({"layer": i, "qk": ranks["qk"], "vo": ranks["vo"], "kept_qk": kept["qk"],
                        "kept_vo": kept["vo"], "heads_qk": heads["qk"], "heads_vo": heads["vo"]})
-    return {"ratio": ratio, "ranks": cfg.to_dict(), "layers": layers,
-            "params": [model_params(model), model_params(model, cfg)],
+    return {"ratio": ratio, "rule": "calibrated" if cal is not None else "plain", "ranks": cfg.to_dict(),
+            "plain_ranks": plain.to_dict(), "layers": layers, "images": getattr(cal, "images", None),
+            "predicted_kl": predicted, "params": [model_params(model), model_params(model, cfg)],
             "flops": [model_flops(model), model_flops(model, cfg)]}
+
+
+def calibrate_on(model: nn.Module, data, images: int = 512, seed: int = 0, progress=None):
+    """The calibration (calibrate.Calibration, with the allocation's probes) of `model` on the fit
+    images of `data` (a folder, or None for the embedded shapes): the split and the subset a compress
+    run with the same data, seed and calibration images uses."""
+    from torch.utils.data import DataLoader
+
+    from .allocate import FISHER_IMAGES, PROBE_IMAGES
+    from .calibrate import calibrate
+    from .data.splits import embedded_splits, make_splits, subset
+
+    embedded = data in (None, "", "embedded")
+    fit = embedded_splits(train=0, val=0, evaluate=0).fit if embedded else make_splits(data, model, seed).fit
+    return calibrate(model, DataLoader(subset(fit, images, seed), batch_size=32), probe=PROBE_IMAGES,
+                     fisher=FISHER_IMAGES, progress=progress)
 
 
 def recommendation_text(rec: dict) -> str:
@@ -128,14 +156,22 @@ def recommendation_text(rec: dict) -> str:
     worst = min(rec["layers"], key=lambda l: min(l["kept_qk"], l["kept_vo"]))
     heads = sorted((kept, l["layer"], h, p.upper()) for l in rec["layers"] for p in PRODUCTS
                    for h, kept in enumerate(l[f"heads_{p}"]))[:3]
-    return (f"At **{rec['ratio']:.0%}** of the attention parameters, head-level ranks (QK / VO per layer: "
-            + ", ".join(f"{l['qk']}/{l['vo']}" for l in rec["layers"])
+    calibrated = rec.get("rule") == "calibrated"
+    text = (f"At **{rec['ratio']:.0%}** of the attention parameters, {'calibrated ' if calibrated else ''}"
+            "head-level ranks (QK / VO per layer: " + ", ".join(f"{l['qk']}/{l['vo']}" for l in rec["layers"])
             + f") give **{sp:,}** parameters ({sp / dp:.2f}× dense) and **{sf / 1e6:,.0f}M** FLOPs "
             f"({sf / df:.2f}×). Least energy kept: layer {worst['layer']} (QK {worst['kept_qk']:.1%}, VO "
             f"{worst['kept_vo']:.1%}); heads that lose most: "
-            + ", ".join(f"layer {i} head {h} {p} ({kept:.1%} kept)" for kept, i, h, p in heads)
-            + ". These are plain-SVD ranks; Compress with your images calibrates and allocates them by the "
-            "measured error instead.")
+            + ", ".join(f"layer {i} head {h} {p} ({kept:.1%} kept)" for kept, i, h, p in heads) + ". ")
+    if not calibrated:
+        return text + ("These are plain-SVD ranks; calibrate them on your images below, or Compress with your "
+                       "images, which allocates them by the measured error instead.")
+    plain = ", ".join(f"{b['qk']}/{b['vo']}" for b in rec["plain_ranks"]["blocks"])
+    kl = rec["predicted_kl"]
+    return text + (f"Allocated by the error measured on **{rec['images']}** of your images (the ranks a Compress "
+                   f"run on them starts from; plain-SVD ranks: {plain}). Predicted KL to the dense model before "
+                   f"distillation (sum of per-site estimates): **{kl['calibrated']:.3g}** calibrated against "
+                   f"{kl['plain']:.3g} plain.")
 
 
 @torch.no_grad()
@@ -162,3 +198,29 @@ def head_errors(dense: nn.Module, small: nn.Module) -> list[dict]:
             rows += [{"layer": i, "head": h, "product": p, "error": float(e)} for h, e in enumerate(err)]
     return sorted(rows, key=lambda r: r["error"], reverse=True)
 
+
+
+def error_grid(rows: list[dict]) -> dict[str, np.ndarray]:
+    """head_errors rows -> product -> (layers, heads) array of errors (NaN where a layer is dense)."""
+    depth = 1 + max((r["layer"] for r in rows), default=-1)
+    heads = 1 + max((r["head"] for r in rows), default=-1)
+    grid = {p: np.full((depth, heads), np.nan) for p in PRODUCTS}
+    for r in rows:
+        grid[r["product"]][r["layer"], r["head"]] = r["error"]
+    return grid
+
+
+def comparison_text(rows: list[dict], ranks: dict | None = None) -> str:
+    """Markdown: the heads a compressed model lost most of, and the mean error per product."""
+    if not rows:
+        return "No attention of this model is head-level compressed: nothing to compare per head."
+    mean = {p: np.mean([r["error"] for r in rows if r["product"] == p]) for p in PRODUCTS}
+    text = ("Against its dense source, relative weight error ||W_h - W'_h|| / ||W_h|| of the per-head products: "
+            f"mean QK {mean['qk']:.1%}, VO {mean['vo']:.1%}; heads that lost most: "
+            + ", ".join(f"layer {r['layer']} head {r['head']} {r['product'].upper()} ({r['error']:.1%})"
+                        for r in rows[:5]) + ".")
+    if ranks and ranks.get("blocks"):
+        text += " Ranks (QK / VO per layer): " + ", ".join(f"{b.get('qk', '-')}/{b.get('vo', '-')}"
+                                                           for b in ranks["blocks"]) + "."
+    return text + (" A calibrated model is fitted to your images' inputs, so a large weight error need not cost "
+                   "accuracy: its report gives the measured figures.")

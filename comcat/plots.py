@@ -156,6 +156,37 @@ def ranks_heatmap_mpl(ranks, model):
     return fig
 
 
+def head_errors_plotly(grid: dict[str, np.ndarray]):
+    """Per-head relative error of a compressed model's W^QK_h and W^VO_h (diagnose.error_grid)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(PRODUCTS), subplot_titles=[TITLES[p] for p in PRODUCTS])
+    top = max(float(np.nanmax(z)) if np.isfinite(z).any() else 0.0 for z in grid.values()) or 1.0
+    for j, (p, z) in enumerate(grid.items()):
+        fig.add_trace(go.Heatmap(z=z, x=list(range(z.shape[1])), y=list(range(z.shape[0])), zmin=0, zmax=top,
+                                 colorscale="Magma", reversescale=True, showscale=j == 0,
+                                 colorbar=dict(title="error", tickformat=".0%"),
+                                 hovertemplate="layer %{y} head %{x}<br>error %{z:.1%}<extra>" + p + "</extra>"),
+                      row=1, col=j + 1)
+    fig.update_xaxes(title_text="head", dtick=1)
+    fig.update_yaxes(title_text="layer", autorange="reversed")
+    fig.update_layout(height=330, title="Compressed against dense: relative error per head",
+                      margin=dict(t=80, l=50, r=20, b=40))
+    return fig
+
+
+def head_errors_mpl(grid: dict[str, np.ndarray]):
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(PRODUCTS), figsize=(4 * len(PRODUCTS), 3.5), squeeze=False)
+    top = max(float(np.nanmax(z)) if np.isfinite(z).any() else 0.0 for z in grid.values()) or 1.0
+    for ax, (p, z) in zip(axes[0], grid.items()):
+        im = ax.imshow(z, aspect="auto", cmap="magma_r", vmin=0, vmax=top)
+        ax.set(title=MPL_TITLES[p], xlabel="head", ylabel="layer")
+    fig.colorbar(im, ax=axes[0].tolist(), label="relative error")
+    return fig
+
+
 def save_png(fig, path: str | Path) -> Path:
     """Save a matplotlib figure atomically and close it."""
     plt = _plt()

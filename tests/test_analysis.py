@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import timm
@@ -159,3 +161,52 @@ def test_head_errors_find_the_heads_a_compression_lost(embedded):
         full_h = w[2 * C + h * d:2 * C + (h + 1) * d].T @ dense_attn.proj.weight[:, h * d:(h + 1) * d].double().T
         approx = attn.v.weight[h * r:(h + 1) * r].double().T @ attn.proj.weight[:, h * r:(h + 1) * r].double().T
     assert abs(top["error"] - (torch.linalg.norm(full_h - approx) / torch.linalg.norm(full_h)).item()) < 1e-9
+
+
+def test_calibrated_recommendation_is_the_allocation_compress_starts_from(embedded):
+    """With images, the recommendation is allocate.calibrated_ranks on the fit split a compress run
+    uses, within the same budget; its predicted KL is the sum of the sites' curves at its ranks."""
+    from comcat.allocate import calibrated_ranks
+    from comcat.diagnose import calibrate_on, error_grid, recommend, recommendation_text
+    from comcat.search import search_target
+
+    cal = calibrate_on(embedded.model, None, images=128)
+    rec = recommend(embedded.model, 0.5, cal=cal)
+    cost_fn, target = search_target(embedded.model, 0.5, "params", False)
+    cfg, sites = calibrated_ranks(embedded.model, cal, "head", cost_fn, target, 0.5)
+    assert rec["rule"] == "calibrated" and rec["ranks"]["blocks"] == cfg.blocks and rec["images"] == 128
+    assert rec["params"][1] == cost_fn(cfg) <= target
+    assert rec["predicted_kl"]["calibrated"] == pytest.approx(sum(s.curve[cfg.blocks[s.block][s.key]] for s in sites))
+    assert rec["plain_ranks"] == recommend(embedded.model, 0.5)["ranks"]
+    text = recommendation_text(rec)
+    assert "calibrated head-level ranks" in text and "measured on **128** of your images" in text
+    assert error_grid([])["qk"].shape == (0, 0)
+
+
+def test_cli_recommends_and_compares_a_compressed_model(embedded, tmp_path, capsys):
+    from comcat.cli import main
+    from comcat.compress import compress
+    from comcat.io import save_compressed
+    from comcat.ranks import uniform_ranks
+
+    from PIL import Image
+
+    from comcat.data.shapes import make_shapes
+
+    assert main(["analyze", "--recommend", "0.4"]) == 0
+    assert "At 40% of the attention parameters, head-level ranks" in capsys.readouterr().out
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, img in enumerate(make_shapes(80, 3)[0]):
+        Image.fromarray(img).save(photos / f"{i}.png")
+    assert main(["analyze", "--recommend", "0.4", "--data", str(photos)]) == 0
+    assert "calibrated head-level ranks" in capsys.readouterr().out
+    assert main(["analyze", "--data", str(photos)]) == 2
+    assert "also pass --recommend R" in capsys.readouterr().err
+    small = compress(embedded.model, uniform_ranks(embedded.model, "head", 0.5))
+    folder = save_compressed(replace(embedded, model=small), tmp_path / "small")
+    assert main(["analyze", "--model", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "against embedded" in out and "heads that lost most: layer" in out
+    assert main(["analyze", "--model", str(folder), "--recommend", "0.5"]) == 2
+    assert "is a compressed model: analyze its dense source" in capsys.readouterr().err

@@ -183,6 +183,42 @@ def test_compress_an_uploaded_checkpoint_on_a_flat_folder(tmp_path):
     assert "top-1 **" not in card and "heads that lost most (relative weight error of the per-head product): layer" in card
 
 
+def test_explore_recommends_with_images_and_compares_a_compressed_model(tmp_path):
+    """Issue 18: the recommendation calibrated on images, and a compressed model (the zip Compress
+    gives) against the explored dense one: the heads it lost most, a heatmap and exports."""
+    from dataclasses import replace
+
+    from comcat.compress import compress
+    from comcat.io import save_compressed
+    from comcat.models import load_model
+    from comcat.ranks import uniform_ranks
+
+    from comcat.ranks import RankConfig
+
+    assert "press Explore first" in ui.on_calibrated(None, 0.5, "embedded shapes", "", None)[0]
+    ex = ui.on_explore("embedded", "", None, "", [], 0)[-1]
+    text, files = ui.on_calibrated(ex, 0.5, "embedded shapes", "", None, progress=lambda *a, **k: None)
+    assert "calibrated head-level ranks" in text and "of your images" in text and "Predicted KL" in text
+    rec = json.loads(Path(files[0]).read_text())
+    ranks = RankConfig.load(files[1]).validate(ex.model)          # what compress --ranks takes
+    assert ranks.blocks == rec["ranks"]["blocks"] and rec["rule"] == "calibrated"
+    assert ", ".join(f"{b['qk']}/{b['vo']}" for b in ranks.blocks) in text
+
+    dense = load_model("embedded")
+    small = compress(dense.model, uniform_ranks(dense.model, "head", 0.4))
+    folder = save_compressed(replace(dense, model=small), tmp_path / "small")
+    zpath = app_compress.zip_model(folder)
+    text, fig, files = ui.on_compare(ex, str(zpath))
+    assert "heads that lost most: layer" in text and "Ranks (QK / VO per layer)" in text
+    assert len(fig.data) == 2 and fig.data[0].z.shape == (6, 4)
+    csv_rows = Path(next(f for f in files if f.endswith(".csv"))).read_text().splitlines()
+    assert len(csv_rows) == 1 + 2 * 6 * 4 and any(f.endswith(".png") for f in files)
+    assert "press Explore on the dense model first" in ui.on_compare(None, str(zpath))[0]
+    other = replace(ex, arch_name="vit_tiny_patch16_224")
+    assert "not from this vit_tiny_patch16_224" in ui.on_compare(other, str(zpath))[0]
+    assert "is not a zip" in ui.on_compare(ex, str(folder / "comcat.json"))[0]
+
+
 def test_compress_the_explored_model():
     assert "press Explore" in next(ui.on_compress(model_source="model from Explore"))[0]
     ex = ui.on_explore("embedded", "", None, "", [], 0)[-1]
@@ -199,14 +235,12 @@ def test_compress_bad_inputs():
 def test_server_folders_only_inside_the_data_root(tmp_path, monkeypatch):
     import time
 
-    from app import compress
-
     (tmp_path / "root" / "mine").mkdir(parents=True)
     (tmp_path / "root" / "loop").symlink_to(tmp_path / "root")
     (tmp_path / "root" / "out").symlink_to("/")
     monkeypatch.setattr(common, "DATA_ROOT", tmp_path / "root")
-    assert compress.server_folder("mine", "data folder") == (tmp_path / "root" / "mine").resolve()
-    assert compress.server_folder(str(tmp_path / "root" / "mine"), "data folder") == (tmp_path / "root" / "mine").resolve()
+    assert common.server_folder("mine", "data folder") == (tmp_path / "root" / "mine").resolve()
+    assert common.server_folder(str(tmp_path / "root" / "mine"), "data folder") == (tmp_path / "root" / "mine").resolve()
     for bad in ("/", "/proc", "/etc", "..", "../..", "out", "out/etc", "missing", ""):
         t = time.perf_counter()
         first = next(ui.on_compress(**{**TINY, "data_source": "folder path", "data_path": bad}))[0]
@@ -219,18 +253,18 @@ def test_unzip_refuses_unsafe_paths(tmp_path):
     with zipfile.ZipFile(evil, "w") as z:
         z.writestr("../outside.png", b"x")
     with pytest.raises(Exception, match="unsafe path"):
-        app_compress.unzip_images(str(evil))
+        common.unzip(str(evil))
 
 
 def test_zip_bomb_is_refused_before_unpacking(tmp_path, monkeypatch):
     """A zip whose entries unpack to more than the limit (here 1 MB: 3 MB of zeros in a 3 kB zip)."""
-    monkeypatch.setattr(app_compress, "MAX_UNZIPPED_MB", 1)
+    monkeypatch.setattr(common, "MAX_UNZIPPED_MB", 1)
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("imgs/a.png", b"\0" * (3 * 2**20))
     assert bomb.stat().st_size < 10_000
     with pytest.raises(Exception, match="bomb.zip unpacks to 3 MB, over the app's limit of 1 MB"):
-        app_compress.unzip_images(str(bomb))
+        common.unzip(str(bomb))
     assert not list(common.WORK.rglob("a.png"))
 
 

@@ -74,7 +74,23 @@ def text_of(driver, elem_id: str) -> str:
     return driver.find_element(By.ID, elem_id).text
 
 
-def test_explore_shows_the_heatmap(page, shots):
+@pytest.fixture(scope="module")
+def compressed_zip(tmp_path_factory):
+    """The embedded model at 40% head-level ranks, zipped as the Compress tab gives it."""
+    from dataclasses import replace
+
+    from app.compress import zip_model
+    from comcat.compress import compress
+    from comcat.io import save_compressed
+    from comcat.models import load_model
+    from comcat.ranks import uniform_ranks
+
+    dense = load_model("embedded")
+    small = compress(dense.model, uniform_ranks(dense.model, "head", 0.4))
+    return zip_model(save_compressed(replace(dense, model=small), tmp_path_factory.mktemp("small") / "small"))
+
+
+def test_explore_shows_the_heatmap(page, shots, compressed_zip):
     wait(page).until(EC.element_to_be_clickable((By.ID, "explore-go"))).click()
     wait(page).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#explore-heatmap .js-plotly-plot"))
     wait(page).until(lambda d: "head level" in text_of(d, "explore-summary"))
@@ -86,6 +102,15 @@ def test_explore_shows_the_heatmap(page, shots):
     wait(page).until(EC.element_to_be_clickable((By.ID, "explore-adapter-go"))).click()   # the bundled adapter
     wait(page, 120).until(lambda d: "cross-attention changes" in text_of(d, "explore-adapter-summary"))
     assert "attn2" in text_of(page, "explore-adapter-table")
+    page.find_element(By.CSS_SELECTOR, "#explore-calibrate button, #explore-calibrate .label-wrap").click()
+    wait(page).until(EC.element_to_be_clickable((By.ID, "explore-calibrate-go"))).click()   # on the shapes
+    wait(page, 120).until(lambda d: "calibrated head-level ranks" in text_of(d, "explore-calibrated"))
+    assert "Predicted KL to the dense model" in text_of(page, "explore-calibrated")
+    page.find_element(By.CSS_SELECTOR, "#explore-compare button, #explore-compare .label-wrap").click()
+    upload(page, "explore-compare-zip", compressed_zip)
+    page.find_element(By.ID, "explore-compare-go").click()
+    wait(page, 60).until(lambda d: "heads that lost most" in text_of(d, "explore-compare-summary"))
+    assert page.find_elements(By.CSS_SELECTOR, "#explore-compare .js-plotly-plot .heatmaplayer")
     page.find_element(By.ID, "explore-to-compress").click()       # the diagnosis is one click from Compress
     wait(page).until(lambda d: d.find_element(By.ID, "compress-go").is_displayed())
     wait(page).until(lambda d: checked(d, "compress-model") == "model from Explore")
