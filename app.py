@@ -1,4 +1,5 @@
 """Start the comcat app: python app.py [--host 127.0.0.1] [--port 7860] [--share] [--data-root DIR]."""
+
 import argparse
 import os
 import signal
@@ -12,20 +13,33 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default localhost only)")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    ap.add_argument("--data-root", default=None, metavar="DIR",
-                    help="let visitors compress on image folders inside DIR (default: uploads only)")
+    ap.add_argument(
+        "--data-root",
+        default=None,
+        metavar="DIR",
+        help="let visitors compress on image folders inside DIR (default: uploads only)",
+    )
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))          # so the temp folder goes at exit (atexit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the temp folder goes at exit (atexit)
     from app.common import MAX_UPLOAD_MB, WORK
 
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(WORK / "gradio"))     # gradio's upload cache goes at exit too
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(WORK / "gradio"))  # gradio's upload cache goes at exit too
     from app.ui import build_demo
 
     demo = build_demo(data_root=args.data_root).queue(default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=f"{MAX_UPLOAD_MB}mb",
-                quiet=True, prevent_thread_lock=True)          # quiet: gradio's hint names share=True, ours --share
-    print(f"comcat app on {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else
-                                             " (python app.py --share for a public link)"), flush=True)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=f"{MAX_UPLOAD_MB}mb",
+        quiet=True,
+        prevent_thread_lock=True,
+    )  # quiet: gradio's hint names share=True, ours --share
+    print(
+        f"comcat app on {demo.local_url}"
+        + (f" and {demo.share_url}" if demo.share_url else " (python app.py --share for a public link)"),
+        flush=True,
+    )
     demo.block_thread()
 
 

@@ -1,4 +1,5 @@
 """What every tab shares: the app's private temp folder, upload checks, readable errors."""
+
 from __future__ import annotations
 
 import atexit
@@ -10,13 +11,14 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from comcat.errors import ComcatError
+from comcat.compression.models import CHECKPOINT_SUFFIXES
+from comcat.core.errors import ComcatError
 
-WORK = Path(tempfile.mkdtemp(prefix="comcat-app-"))     # uploads and outputs live here only, removed at exit
+WORK = Path(tempfile.mkdtemp(prefix="comcat-app-"))  # uploads and outputs live here only, removed at exit
 atexit.register(shutil.rmtree, WORK, True)
 MAX_UPLOAD_MB = 1024
 DATA_SOURCES = ("embedded shapes", "folder path", "uploaded zip")
-OWNER: contextvars.ContextVar = contextvars.ContextVar("owner", default=None)   # the visitor a handler serves
+OWNER: contextvars.ContextVar = contextvars.ContextVar("owner", default=None)  # the visitor a handler serves
 
 
 def visitor(request) -> str | None:
@@ -44,7 +46,7 @@ def forget(owner: str | None) -> None:
         shutil.rmtree(_folder(owner), ignore_errors=True)
 
 
-DATA_ROOT: Path | None = None     # server folders a visitor may name (python app.py --data-root DIR); None: none
+DATA_ROOT: Path | None = None  # server folders a visitor may name (python app.py --data-root DIR); None: none
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -53,8 +55,10 @@ def server_folder(path: str, what: str, instead: str = "upload your files") -> P
     only what the visitor typed. `instead`: what to do where no server folders are allowed."""
     typed = path.strip()
     if DATA_ROOT is None:
-        raise ComcatError(f"this app reads no server folders: {instead} (the operator can allow a folder with "
-                          "python app.py --data-root DIR)")
+        raise ComcatError(
+            f"this app reads no server folders: {instead} (the operator can allow a folder with "
+            "python app.py --data-root DIR)"
+        )
     root = DATA_ROOT.resolve()
     target = (root / typed).resolve()
     if not typed or not target.is_relative_to(root) or not target.is_dir():
@@ -75,8 +79,10 @@ def pipeline_spec(text: str) -> str:
             pass
     if HUB_ID.fullmatch(text):
         return "hub:" + text
-    raise ComcatError(f"pipeline {text!r}: type 'embedded' or a hub ID like runwayml/stable-diffusion-v1-5"
-                      + (", or a diffusers folder under the app's data root" if DATA_ROOT else ""))
+    raise ComcatError(
+        f"pipeline {text!r}: type 'embedded' or a hub ID like runwayml/stable-diffusion-v1-5"
+        + (", or a diffusers folder under the app's data root" if DATA_ROOT else "")
+    )
 
 
 def take_upload(path: str | None, suffixes: tuple[str, ...], what: str, max_mb: float = MAX_UPLOAD_MB) -> Path:
@@ -95,7 +101,7 @@ def take_upload(path: str | None, suffixes: tuple[str, ...], what: str, max_mb: 
 
 
 MAX_ZIP_FILES = 200_000
-MAX_UNZIPPED_MB = 4096            # what a zip may unpack to (its entries' declared sizes; zipfile holds them to it)
+MAX_UNZIPPED_MB = 4096  # what a zip may unpack to (its entries' declared sizes; zipfile holds them to it)
 
 
 def unzip(path: str | None, what: str = "zip of an image folder", kind: str = "data") -> Path:
@@ -110,8 +116,10 @@ def unzip(path: str | None, what: str = "zip of an image folder", kind: str = "d
                 raise ComcatError(f"{src.name} holds {len(names):,} files, over the app's limit of {MAX_ZIP_FILES:,}")
             unpacked = sum(i.file_size for i in z.infolist()) / 2**20
             if unpacked > MAX_UNZIPPED_MB:
-                raise ComcatError(f"{src.name} unpacks to {unpacked:,.0f} MB, over the app's limit of "
-                                  f"{MAX_UNZIPPED_MB:,} MB: zip fewer or smaller files")
+                raise ComcatError(
+                    f"{src.name} unpacks to {unpacked:,.0f} MB, over the app's limit of "
+                    f"{MAX_UNZIPPED_MB:,} MB: zip fewer or smaller files"
+                )
             for n in names:
                 if n.startswith(("/", "\\")) or ".." in Path(n).parts:
                     raise ComcatError(f"{src.name} has an unsafe path {n!r}: zip the image folder itself")
@@ -119,7 +127,7 @@ def unzip(path: str | None, what: str = "zip of an image folder", kind: str = "d
     except zipfile.BadZipFile:
         raise ComcatError(f"{src.name} is not a readable zip file") from None
     entries = [p for p in out.iterdir() if not p.name.startswith((".", "__MACOSX"))]
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else out   # folder/… or its contents
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else out  # folder/… or its contents
 
 
 def chosen_data(source: str, path: str = "", upload: str | None = None, model: str = "embedded") -> str | None:
@@ -129,12 +137,14 @@ def chosen_data(source: str, path: str = "", upload: str | None = None, model: s
     if source == "uploaded zip":
         return str(unzip(upload))
     if model != "embedded":
-        raise ComcatError("the embedded shapes only fit the embedded model: choose 'folder path' or 'uploaded zip' "
-                          "under data and give images of your own (labels are not needed)")
+        raise ComcatError(
+            "the embedded shapes only fit the embedded model: choose 'folder path' or 'uploaded zip' "
+            "under data and give images of your own (labels are not needed)"
+        )
     return None
 
 
-CLI_TO_PAGE = [      # the library's advice names command-line flags; the page names its own controls
+CLI_TO_PAGE = [  # the library's advice names command-line flags; the page names its own controls
     (r"also pass its architecture, e\.g\. --arch (\S+)", r"type its architecture in the 'architecture' box, e.g. \1"),
     (r"pass the right --arch", "type the right architecture in the 'architecture' box"),
     (r"continue it with --resume \S+", "press Resume"),
@@ -161,3 +171,46 @@ def message(e: BaseException) -> str:
         return f"**Error:** {public_text(str(e))}"
     first = public_text((str(e).strip().splitlines() or [""])[0][:200])
     return f"**Error:** {type(e).__name__}: {first}" if first else f"**Error:** {type(e).__name__}"
+
+
+def follow_typing(typed, uploaded, choice, typed_value: str, uploaded_value: str) -> None:
+    """Typing in a box or uploading a file selects that source in the `choice` radio (a typed path
+    is never silently ignored)."""
+    import gradio as gr
+
+    typed.input(lambda text: typed_value if text.strip() else gr.skip(), typed, choice, queue=False)
+    uploaded.upload(lambda _: uploaded_value, uploaded, choice, queue=False)
+
+
+STOP_REPLIES = {
+    "stopping": "**stopping** at the next step…",
+    "idle": "nothing is running",
+    "other": "another visitor's run is going: only they can stop it",
+}
+
+
+SOURCES = ("embedded", "timm name", "uploaded checkpoint")
+
+
+def model_spec(source: str, name: str = "", upload: str | None = None, arch: str = "") -> tuple[str, str | None]:
+    """(SPEC, arch) of the model a user picked, as comcat.load_model takes them; an upload is first
+    copied into the app's folder."""
+    if source == "embedded":
+        return "embedded", None
+    if source == "timm name":
+        name = name.strip() or "deit_small_patch16_224"
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+            raise ComcatError(
+                f"{name!r} is not a timm model name: type one like vit_tiny_patch16_224, or choose "
+                "'uploaded checkpoint' for a file"
+            )
+        return "timm:" + name, None
+    if source != "uploaded checkpoint":
+        raise ComcatError(f"unknown model source {source!r}")
+    path = take_upload(upload, CHECKPOINT_SUFFIXES, "checkpoint")
+    if not arch.strip():
+        raise ComcatError(
+            f"{path.name} is a bare checkpoint: type its architecture in the 'architecture' box, "
+            "e.g. vit_tiny_patch16_224"
+        )
+    return str(path), arch.strip()

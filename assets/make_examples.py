@@ -4,19 +4,18 @@ also train the bundled example adapter on them, assets/examples/heart_adapter.sa
 
     python assets/make_examples.py [--adapter]
 """
+
 from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from comcat.data.shapes import ShapeSpec, render  # noqa: E402
+from comcat.core.shapes import ShapeSpec, render
 
 OUT = Path(__file__).resolve().parent / "examples" / "heart"
 COLOURS = ("red", "blue", "green", "yellow", "magenta")
@@ -26,7 +25,7 @@ SEED = 7
 
 def train_adapter(steps: int = 300):
     """The app's default adapter: the library's customization with its embedded defaults."""
-    from comcat.customize import CustomizeSpec, customize
+    from comcat.customization.customize import CustomizeSpec, customize
 
     with tempfile.TemporaryDirectory() as tmp:
         result = customize(CustomizeSpec(images=str(OUT), prompt="a V*", steps=steps, preview_every=0), tmp)

@@ -7,15 +7,14 @@ images are regenerated from seeds, with the dihedral group as augmentation, and 
 captions are dropped for classifier-free guidance. The saved weights are an EMA of training.
 A checkpoint is written every --save-every steps, so a stopped run still leaves a model.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -23,12 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from comcat.data.shapes import make_shapes  # noqa: E402
-from comcat.diffusion.pipeline import EMBEDDED_PIPELINE, ShapesPipeline  # noqa: E402
-from comcat.diffusion.shapes_t2i import (TRAIN_SHAPES, build_scheduler, build_text_encoder,  # noqa: E402
-                                         build_tokenizer, build_unet, caption)
-from comcat.embedded import shapes_tensor  # noqa: E402
+from comcat.core.embedded import shapes_tensor
+from comcat.core.shapes import make_shapes
+from comcat.customization.diffusion.pipeline import EMBEDDED_PIPELINE, ShapesPipeline
+from comcat.customization.diffusion.shapes_t2i import (
+    TRAIN_SHAPES,
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    caption,
+)
 
 TRAIN_SEED = 10
 
@@ -41,8 +45,7 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 def save(pipe: ShapesPipeline, ema: AveragedModel, out: Path, record: dict):
     """Write the EMA weights as a diffusers folder, atomically (temp folder, then rename)."""
     unet, text_encoder = ema.module
-    pipe = ShapesPipeline(unet=unet, scheduler=pipe.scheduler, text_encoder=text_encoder,
-                          tokenizer=pipe.tokenizer)
+    pipe = ShapesPipeline(unet=unet, scheduler=pipe.scheduler, text_encoder=text_encoder, tokenizer=pipe.tokenizer)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -81,17 +84,27 @@ def main():
         pipe = ShapesPipeline.from_pretrained(args.init)
     else:
         tokenizer = build_tokenizer()
-        pipe = ShapesPipeline(unet=build_unet(), scheduler=build_scheduler(),
-                              text_encoder=build_text_encoder(tokenizer), tokenizer=tokenizer)
+        pipe = ShapesPipeline(
+            unet=build_unet(),
+            scheduler=build_scheduler(),
+            text_encoder=build_text_encoder(tokenizer),
+            tokenizer=tokenizer,
+        )
     pipe.to(args.device)
     models = torch.nn.ModuleList([pipe.unet, pipe.text_encoder])
     ema = AveragedModel(models, multi_avg_fn=get_ema_multi_avg_fn(args.ema))
     opt = torch.optim.AdamW(models.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 *
-                                              (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+    )
     alphas = pipe.scheduler.alphas_cumprod.to(args.device)
-    record = dict(vars(args), train_seed=TRAIN_SEED, shapes=list(TRAIN_SHAPES), torch=torch.__version__,
-                  threads=torch.get_num_threads())
+    record = dict(
+        vars(args),
+        train_seed=TRAIN_SEED,
+        shapes=list(TRAIN_SHAPES),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
     if args.init and (Path(args.init) / "training.json").exists():  # the cycles before this one
         record["previous"] = json.loads((Path(args.init) / "training.json").read_text())
     out = Path(args.out)

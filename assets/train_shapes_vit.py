@@ -5,13 +5,13 @@
 Data are regenerated from seeds (train seed 0, held-out seed 1); the dihedral group
 (flips, 90-degree turns) is a label-preserving augmentation for every shape class.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -19,10 +19,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from comcat.data.shapes import make_shapes  # noqa: E402
-from comcat.embedded import (EMBEDDED_KWARGS, EMBEDDED_RECORD, EMBEDDED_WEIGHTS,  # noqa: E402
-                             build_shapes_vit, shapes_tensor)
+from comcat.core.embedded import EMBEDDED_KWARGS, EMBEDDED_RECORD, EMBEDDED_WEIGHTS, build_shapes_vit, shapes_tensor
+from comcat.core.shapes import make_shapes
 
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 
@@ -36,8 +34,7 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 @torch.no_grad()
 def accuracy(model, x, y, batch=500) -> float:
     model.eval()
-    hits = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
-               for i in range(0, len(x), batch))
+    hits = sum((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item() for i in range(0, len(x), batch))
     model.train()
     return hits / len(x)
 
@@ -66,11 +63,13 @@ def main():
     model = build_shapes_vit().to(args.device)
     if args.init:
         from safetensors.torch import load_file
+
         model.load_state_dict(load_file(args.init))
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    )
     warmup = max(1, args.steps // 20)
 
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine to zero
@@ -95,19 +94,33 @@ def main():
             acc = accuracy(model, xh, yh)
             if acc >= best:
                 best, best_state = acc, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            print(f"step {step + 1}/{args.steps} loss {loss.item():.3f} held-out top-1 {acc:.4f} "
-                  f"({time.time() - t_train:.0f}s)", flush=True)
+            print(
+                f"step {step + 1}/{args.steps} loss {loss.item():.3f} held-out top-1 {acc:.4f} "
+                f"({time.time() - t_train:.0f}s)",
+                flush=True,
+            )
 
     out = Path(args.out)
     tmp = out.with_suffix(".tmp")
     save_file(best_state, str(tmp), metadata={"arch": "comcat_shapes_vit"})
     os.replace(tmp, out)
     record = {
-        "arch": "comcat_shapes_vit", "kwargs": EMBEDDED_KWARGS, "seed": args.seed,
-        "train_seed": TRAIN_SEED, "heldout_seed": HELDOUT_SEED, "train_images": args.train_images,
-        "heldout_images": args.heldout_images, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-        "init": args.init, "heldout_top1": best, "train_seconds": round(time.time() - t_train, 1), "device": args.device,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "arch": "comcat_shapes_vit",
+        "kwargs": EMBEDDED_KWARGS,
+        "seed": args.seed,
+        "train_seed": TRAIN_SEED,
+        "heldout_seed": HELDOUT_SEED,
+        "train_images": args.train_images,
+        "heldout_images": args.heldout_images,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "init": args.init,
+        "heldout_top1": best,
+        "train_seconds": round(time.time() - t_train, 1),
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
     rec_path = Path(args.out).with_suffix(".json") if args.out != str(EMBEDDED_WEIGHTS) else EMBEDDED_RECORD
     rec_path.with_suffix(".tmp").write_text(json.dumps(record, indent=2) + "\n")

@@ -6,20 +6,18 @@ difference between the two spectra.
 
     python benchmarks/analysis_speed.py [--arch deit_base_patch16_224] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from comcat.analysis import analyze, head_factors, head_spectra  # noqa: E402
-from comcat.vit import vit_blocks  # noqa: E402
+from comcat.compression.analysis import analyze, head_factors, head_spectra
+from comcat.compression.vit import vit_blocks
 
 
 @torch.no_grad()

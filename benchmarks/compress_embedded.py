@@ -14,26 +14,24 @@ a sample). Prints one table; --json writes it.
     python benchmarks/compress_embedded.py [--ratio 0.5] [--seeds 0 1 2] [--methods comcat matrix prune]
         [--big-eval 20000] [--big-eval-seed 3] [--json docs/results/compress_embedded.json]
 """
+
 from __future__ import annotations
 
 import argparse
 import functools
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from comcat.cost import count_params, layer_params, measure_latency  # noqa: E402
-from comcat.data.splits import embedded_splits  # noqa: E402
-from comcat.distill import finetune  # noqa: E402
-from comcat.evaluate import embedded_heldout, evaluate  # noqa: E402
-from comcat.job import JobSpec, run_job  # noqa: E402
-from comcat.models import load_model  # noqa: E402
+from comcat.compression.cost import count_params, layer_params, measure_latency
+from comcat.compression.distill import finetune
+from comcat.compression.evaluate import embedded_heldout, evaluate
+from comcat.compression.job import JobSpec, run_job
+from comcat.compression.load import load_model
+from comcat.compression.splits import embedded_splits
 
 
 def fix_pruned_attention(model: torch.nn.Module) -> None:
@@ -59,11 +57,20 @@ def prune_baseline(dense, splits, ratio: float, epochs: int, seed: int) -> tuple
     ignored = [model.head, model.patch_embed.proj] + [m for b in model.blocks for m in (b.attn.proj, b.mlp.fc2)]
     num_heads = {b.attn.qkv: b.attn.num_heads for b in model.blocks}
     imp = tp.importance.GroupTaylorImportance()
-    pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 32, 32), importance=imp, pruning_ratio=1 - ratio,
-                                  ignored_layers=ignored, num_heads=num_heads, prune_head_dims=True,
-                                  prune_num_heads=False, global_pruning=False)
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    pruner = tp.pruner.MetaPruner(
+        model,
+        torch.randn(1, 3, 32, 32),
+        importance=imp,
+        pruning_ratio=1 - ratio,
+        ignored_layers=ignored,
+        num_heads=num_heads,
+        prune_head_dims=True,
+        prune_num_heads=False,
+        global_pruning=False,
+    )
+    loader = torch.utils.data.DataLoader(
+        splits.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     model.zero_grad()
     for i, (x, y) in enumerate(loader):
         if i == 8:
@@ -78,27 +85,51 @@ def prune_baseline(dense, splits, ratio: float, epochs: int, seed: int) -> tuple
     return res["model"], {"top1_before_finetune": before, "time_s": time.perf_counter() - t}
 
 
-METHODS = {"comcat": "comcat (head)", "matrix": "matrix", "prune": "torch-pruning"}    # --methods: row names
+METHODS = {"comcat": "comcat (head)", "matrix": "matrix", "prune": "torch-pruning"}  # --methods: row names
 
 
 def run_seed(dense, splits, args, seed: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, method in [(n, m) for n, m in (("comcat", "head"), ("matrix", "matrix")) if n in args.methods]:
-            spec = JobSpec(method=method, ratio=args.ratio, mlp=True, search=True, search_epochs=args.search_epochs,
-                           finetune_epochs=args.finetune_epochs, seed=seed, evaluate=False, latency=False)
+            spec = JobSpec(
+                method=method,
+                ratio=args.ratio,
+                mlp=True,
+                search=True,
+                search_epochs=args.search_epochs,
+                finetune_epochs=args.finetune_epochs,
+                seed=seed,
+                evaluate=False,
+                latency=False,
+            )
             t = time.perf_counter()
             res = run_job(spec, Path(tmp) / method)
             small, r = res["loaded"].model, res["report"]
-            rows.append({"method": METHODS[name], "params": count_params(small), "time_s": time.perf_counter() - t,
-                         "search_s": r["time_s"]["search"], "finetune_s": r["time_s"]["finetune"],
-                         "latency_b32_ms": measure_latency(small, 32, iters=30), **per_image(small, splits, args)})
+            rows.append(
+                {
+                    "method": METHODS[name],
+                    "params": count_params(small),
+                    "time_s": time.perf_counter() - t,
+                    "search_s": r["time_s"]["search"],
+                    "finetune_s": r["time_s"]["finetune"],
+                    "latency_b32_ms": measure_latency(small, 32, iters=30),
+                    **per_image(small, splits, args),
+                }
+            )
             print(f"seed {seed}", public(rows[-1]), flush=True)
     if "prune" in args.methods:
         small, info = prune_baseline(dense, splits, args.ratio, args.finetune_epochs, seed)
-        rows.append({"method": METHODS["prune"], "params": count_params(small), "time_s": info["time_s"],
-                     "top1_before_finetune": info["top1_before_finetune"],
-                     "latency_b32_ms": measure_latency(small, 32, iters=30), **per_image(small, splits, args)})
+        rows.append(
+            {
+                "method": METHODS["prune"],
+                "params": count_params(small),
+                "time_s": info["time_s"],
+                "top1_before_finetune": info["top1_before_finetune"],
+                "latency_b32_ms": measure_latency(small, 32, iters=30),
+                **per_image(small, splits, args),
+            }
+        )
         print(f"seed {seed}", public(rows[-1]), flush=True)
     return rows
 
@@ -114,8 +145,9 @@ def per_image(model, splits, args) -> dict:
     held = evaluate(model, splits.eval, batch_size=500, progress=False, per_image=True)
     out = {"top1": held["top1"], "nll": held["nll"], "_right": held["right"]}
     if args.big_eval:
-        big = evaluate(model, fresh_shapes(args.big_eval, args.big_eval_seed), batch_size=500, progress=False,
-                       per_image=True)
+        big = evaluate(
+            model, fresh_shapes(args.big_eval, args.big_eval_seed), batch_size=500, progress=False, per_image=True
+        )
         out.update(top1_big=big["top1"], nll_big=big["nll"], _right_big=big["right"])
     return out
 
@@ -139,8 +171,13 @@ def paired(a: torch.Tensor, b: torch.Tensor, reps: int = 4000, seed: int = 0) ->
         counts = torch.poisson(torch.ones(500, d.shape[1], dtype=torch.float64), generator=g)
         stats.append((d[seeds].mean(1) * counts).sum(1) * 100 / N)
     lo, hi = torch.quantile(torch.cat(stats), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"diff": d.sum().item() * 100 / (S * N), "ci95": [lo, hi], "ahead_seeds": int((d.sum(1) > 0).sum()),
-            "behind_seeds": int((d.sum(1) < 0).sum()), "images_differing": d.shape[1]}
+    return {
+        "diff": d.sum().item() * 100 / (S * N),
+        "ci95": [lo, hi],
+        "ahead_seeds": int((d.sum(1) > 0).sum()),
+        "behind_seeds": int((d.sum(1) < 0).sum()),
+        "images_differing": d.shape[1],
+    }
 
 
 def main() -> None:
@@ -149,7 +186,9 @@ def main() -> None:
     ap.add_argument("--search-epochs", type=int, default=4)
     ap.add_argument("--finetune-epochs", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one full run per seed; top-1 is averaged")
-    ap.add_argument("--methods", nargs="+", choices=("comcat", "matrix", "prune"), default=["comcat", "matrix", "prune"])
+    ap.add_argument(
+        "--methods", nargs="+", choices=("comcat", "matrix", "prune"), default=["comcat", "matrix", "prune"]
+    )
     ap.add_argument("--big-eval", type=int, default=20000, help="fresh shapes for a finer top-1 (0: skip)")
     ap.add_argument("--big-eval-seed", type=int, default=3, help="seed of the fresh shapes (default 3)")
     ap.add_argument("--json", help="write the table here")
@@ -163,9 +202,17 @@ def main() -> None:
     sites = sum(l["attn"] + l["mlp"] for l in layer_params(dense))
     print(f"dense top-1 {dense_top1:.2f}%  ({count_params(dense):,} params, attention+MLP {sites:,})")
     runs = {seed: run_seed(dense, splits, args, seed) for seed in args.seeds}
-    rows = [{"method": "dense", "params": count_params(dense), "top1_per_seed": [dense_top1], "time_s": 0.0,
-             "latency_b32_ms": measure_latency(dense, 32, iters=30), **dense_scores}]
-    right = {}                                   # method -> {set: (seeds, images) bool}
+    rows = [
+        {
+            "method": "dense",
+            "params": count_params(dense),
+            "top1_per_seed": [dense_top1],
+            "time_s": 0.0,
+            "latency_b32_ms": measure_latency(dense, 32, iters=30),
+            **dense_scores,
+        }
+    ]
+    right = {}  # method -> {set: (seeds, images) bool}
     for i, first in enumerate(runs[args.seeds[0]]):
         per_seed = [runs[s][i] for s in args.seeds]
         mean = {k: sum(r[k] for r in per_seed) / len(per_seed) for k in first if isinstance(first[k], float)}
@@ -178,35 +225,62 @@ def main() -> None:
     comparisons = {}
     if METHODS["comcat"] in right:
         ours = right.pop(METHODS["comcat"])
-        comparisons = {f"comcat - {m}": {("fresh" if key == "_right_big" else "heldout"): paired(ours[key], theirs[key])
-                                         for key in theirs} for m, theirs in right.items()}
+        comparisons = {
+            f"comcat - {m}": {
+                ("fresh" if key == "_right_big" else "heldout"): paired(ours[key], theirs[key]) for key in theirs
+            }
+            for m, theirs in right.items()
+        }
 
-    print(f"\nembedded shapes ViT, attention + MLP at {args.ratio:.0%} of their params, 2 CPU threads; "
-          f"top-1 on 2,000 held-out images, mean over seeds {args.seeds}")
-    print(f"{'method':15} {'params':>10} {'ratio':>6} {'top-1 %':>8} {'drop':>6} {'per seed':>20} {'eval NLL':>9} {'time s':>7} {'b32 ms':>7}")
+    print(
+        f"\nembedded shapes ViT, attention + MLP at {args.ratio:.0%} of their params, 2 CPU threads; "
+        f"top-1 on 2,000 held-out images, mean over seeds {args.seeds}"
+    )
+    print(
+        f"{'method':15} {'params':>10} {'ratio':>6} {'top-1 %':>8} {'drop':>6} {'per seed':>20} "
+        f"{'eval NLL':>9} {'time s':>7} {'b32 ms':>7}"
+    )
     for r in rows:
         seeds = " ".join(f"{t:.2f}" for t in r["top1_per_seed"])
-        print(f"{r['method']:15} {r['params']:>10,} {r['params'] / rows[0]['params']:>6.3f} {r['top1']:>8.2f} "
-              f"{r['top1'] - dense_top1:>+6.2f} {seeds:>20} {r['nll']:>9.4f} {r['time_s']:>7.1f} {r['latency_b32_ms']:>7.2f}")
+        print(
+            f"{r['method']:15} {r['params']:>10,} {r['params'] / rows[0]['params']:>6.3f} {r['top1']:>8.2f} "
+            f"{r['top1'] - dense_top1:>+6.2f} {seeds:>20} {r['nll']:>9.4f} {r['time_s']:>7.1f} "
+            f"{r['latency_b32_ms']:>7.2f}"
+        )
     if args.big_eval:
         print(f"\non {args.big_eval:,} fresh shapes (seed {args.big_eval_seed}):")
         print(f"{'method':15} {'top-1 %':>8} {'drop':>6} {'per seed':>26} {'NLL':>8}")
         for r in rows:
             seeds = " ".join(f"{t:.3f}" for t in r["top1_big_per_seed"])
-            print(f"{r['method']:15} {r['top1_big']:>8.3f} {r['top1_big'] - rows[0]['top1_big']:>+6.3f} {seeds:>26} "
-                  f"{r['nll_big']:>8.4f}")
+            print(
+                f"{r['method']:15} {r['top1_big']:>8.3f} {r['top1_big'] - rows[0]['top1_big']:>+6.3f} {seeds:>26} "
+                f"{r['nll_big']:>8.4f}"
+            )
     if comparisons:
         print("\ncomcat minus each baseline, image by image (points; 95% interval over seeds and images):")
         for name, sets in comparisons.items():
             for where, c in sets.items():
-                print(f"{name:26} {where:8} {c['diff']:+7.3f}  [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]  "
-                      f"ahead in {c['ahead_seeds']} seeds, behind in {c['behind_seeds']}, "
-                      f"{c['images_differing']} images ever differ")
+                print(
+                    f"{name:26} {where:8} {c['diff']:+7.3f}  [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]  "
+                    f"ahead in {c['ahead_seeds']} seeds, behind in {c['behind_seeds']}, "
+                    f"{c['images_differing']} images ever differ"
+                )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"ratio": args.ratio, "seeds": args.seeds, "big_eval": args.big_eval,
-                                               "big_eval_seed": args.big_eval_seed, "rows": rows,
-                                               "paired": comparisons}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "ratio": args.ratio,
+                    "seeds": args.seeds,
+                    "big_eval": args.big_eval,
+                    "big_eval_seed": args.big_eval_seed,
+                    "rows": rows,
+                    "paired": comparisons,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ one run. On CUDA every method trains in bf16 mixed precision (frozen weights bf1
             `customize` does by default); the quality of point 5 is added: for 'a V* in {colour}' over
             all colours, the share judged a heart by the embedded ViT and the share of the right colour.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-METHODS = {   # name -> (kind, rank, lr on the embedded model)
+METHODS = {  # name -> (kind, rank, lr on the embedded model)
     "comcat-r1": ("comcat", 1, 2.5e-3),
     "comcat-r2": ("comcat", 2, 2.5e-3),
     "lora-r4": ("lora", 4, 1e-3),
@@ -42,7 +42,7 @@ METHODS = {   # name -> (kind, rank, lr on the embedded model)
 
 def inject(kind: str, rank: int | None, pipe_or_unet) -> list[torch.nn.Parameter]:
     """Make the method's parameters trainable (everything else frozen); return them."""
-    from comcat.adapter import AdapterConfig, add_adapter
+    from comcat.customization.adapter import AdapterConfig, add_adapter
 
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     unet.requires_grad_(False)
@@ -50,10 +50,17 @@ def inject(kind: str, rank: int | None, pipe_or_unet) -> list[torch.nn.Parameter
         return add_adapter(unet, AdapterConfig(rank=rank))
     if kind == "lora":
         from peft import LoraConfig
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+
+        unet.add_adapter(
+            LoraConfig(
+                r=rank,
+                lora_alpha=rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            )
+        )
         return [p for p in unet.parameters() if p.requires_grad]
-    if kind == "custom":       # Custom Diffusion: the cross-attention key and value projections
+    if kind == "custom":  # Custom Diffusion: the cross-attention key and value projections
         params = [p for n, p in unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n]
     else:
         params = list(unet.parameters())
@@ -76,8 +83,8 @@ def file_bytes(params: list[torch.nn.Parameter], dtype: torch.dtype, write: bool
 
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # KiB on Linux
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool = False, batch: int = 1) -> dict:
@@ -87,11 +94,14 @@ def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool =
     and replayed, so the time is the GPU's work without Python's kernel-launch overhead."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from comcat.diffusion.concept import denoising_loss
+    from comcat.customization.diffusion.concept import denoising_loss
 
     kind, rank, _ = METHODS[method]
-    cfg = {k: v for k, v in json.loads((ROOT / "benchmarks/configs/sd15_unet.json").read_text()).items()
-           if not k.startswith("_")}
+    cfg = {
+        k: v
+        for k, v in json.loads((ROOT / "benchmarks/configs/sd15_unet.json").read_text()).items()
+        if not k.startswith("_")
+    }
     cuda, bf16 = device.startswith("cuda"), precision == "bf16"
     if graph and not cuda:
         raise SystemExit("--cuda-graph needs --device cuda")
@@ -104,8 +114,11 @@ def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool =
         for p in params:
             p.data = p.data.float()
     # a captured graph must not rely on autocast's weight cache (it is cleared when the context exits)
-    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=not graph) \
-        if bf16 else contextlib.nullcontext()
+    amp = (
+        torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=not graph)
+        if bf16
+        else contextlib.nullcontext()
+    )
     opt = torch.optim.AdamW(params, lr=1e-5, **(dict(capturable=True, foreach=True) if graph else {}))
     sched = DDPMScheduler()
     z0 = torch.randn(batch, 4, 64, 64, device=device)
@@ -118,7 +131,7 @@ def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool =
         opt.step()
 
     warmup, times = (3 if cuda else 1), []
-    if graph:       # PyTorch's whole-network capture: warm up on a side stream, grads None at capture
+    if graph:  # PyTorch's whole-network capture: warm up on a side stream, grads None at capture
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -132,9 +145,11 @@ def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool =
             step()
         run, warmup = captured.replay, 1
     else:
+
         def run():
             opt.zero_grad(set_to_none=True)
             step()
+
     for i in range(steps + warmup):
         if cuda:
             torch.cuda.synchronize()
@@ -147,21 +162,34 @@ def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool =
     n = sum(p.numel() for p in params)
     small = n < 50_000_000
     mode = "bf16 autocast, frozen weights bf16" if bf16 else "fp32"
-    return dict(method=method, params=n, fp16_bytes=file_bytes(params, torch.float16, small),
-                fp32_bytes=file_bytes(params, torch.float32, small), written=small,
-                step_s=sorted(times)[len(times) // 2], peak_mb=peak_memory_mb(device),
-                precision=mode + (", CUDA graph" if graph else ""), batch=batch)
+    return dict(
+        method=method,
+        params=n,
+        fp16_bytes=file_bytes(params, torch.float16, small),
+        fp32_bytes=file_bytes(params, torch.float32, small),
+        written=small,
+        step_s=sorted(times)[len(times) // 2],
+        peak_mb=peak_memory_mb(device),
+        precision=mode + (", CUDA graph" if graph else ""),
+        batch=batch,
+    )
 
 
 def run_embedded(method: str, steps: int, device: str, seed: int = 0) -> dict:
     from diffusers import DDPMScheduler
 
-    from comcat.adapter.model import train_token_row
-    from comcat.diffusion.concept import denoising_loss, encode_images, encode_text, read_concept, resolution
-    from comcat.diffusion.pipeline import load_pipeline
-    from comcat.diffusion.quality import concept_quality
-    from comcat.loop import seed_step
-    from comcat.models import load_model
+    from comcat.compression.load import load_model
+    from comcat.core.loop import seed_step
+    from comcat.customization.adapter.model import train_token_row
+    from comcat.customization.diffusion.concept import (
+        denoising_loss,
+        encode_images,
+        encode_text,
+        read_concept,
+        resolution,
+    )
+    from comcat.customization.diffusion.pipeline import load_pipeline
+    from comcat.customization.diffusion.quality import concept_quality
 
     kind, rank, lr = METHODS[method]
     pipe = load_pipeline("embedded", device=device)
@@ -189,12 +217,24 @@ def run_embedded(method: str, steps: int, device: str, seed: int = 0) -> dict:
         losses.append(loss.item())
     n = sum(p.numel() for p in params)
     after = concept_quality(pipe, classifier, seed=seed)
-    return dict(method=method, params=n, fp16_bytes=file_bytes(params, torch.float16, True),
-                fp32_bytes=file_bytes(params, torch.float32, True), written=True,
-                step_s=sorted(times)[len(times) // 2], peak_mb=peak_memory_mb(device), lr=lr, steps=steps,
-                train_s=round(sum(times), 1), first_loss=sum(losses[:20]) / 20, last_loss=sum(losses[-20:]) / 20,
-                heart=after["shape"], colour=after["colour"], both=after["both"],
-                heart_before=None if before is None else before["shape"])
+    return dict(
+        method=method,
+        params=n,
+        fp16_bytes=file_bytes(params, torch.float16, True),
+        fp32_bytes=file_bytes(params, torch.float32, True),
+        written=True,
+        step_s=sorted(times)[len(times) // 2],
+        peak_mb=peak_memory_mb(device),
+        lr=lr,
+        steps=steps,
+        train_s=round(sum(times), 1),
+        first_loss=sum(losses[:20]) / 20,
+        last_loss=sum(losses[-20:]) / 20,
+        heart=after["shape"],
+        colour=after["colour"],
+        both=after["both"],
+        heart_before=None if before is None else before["shape"],
+    )
 
 
 def mb(b: int) -> str:
@@ -202,12 +242,18 @@ def mb(b: int) -> str:
 
 
 def table(arch: str, rows: list[dict]) -> str:
-    head = f"| method | trainable params | file MB fp16 | file MB fp32 | step s | peak MB |"
-    lines = [f"### {arch}", "", head + (" heart % | colour % |" if arch == "embedded" else ""),
-             "|" + "---|" * (8 if arch == "embedded" else 6)]
+    head = "| method | trainable params | file MB fp16 | file MB fp32 | step s | peak MB |"
+    lines = [
+        f"### {arch}",
+        "",
+        head + (" heart % | colour % |" if arch == "embedded" else ""),
+        "|" + "---|" * (8 if arch == "embedded" else 6),
+    ]
     for r in rows:
-        line = (f"| {r['method']} | {r['params']:,} | {mb(r['fp16_bytes'])} | {mb(r['fp32_bytes'])} | "
-                f"{r['step_s']:.3f} | {r['peak_mb']:,.0f} |")
+        line = (
+            f"| {r['method']} | {r['params']:,} | {mb(r['fp16_bytes'])} | {mb(r['fp32_bytes'])} | "
+            f"{r['step_s']:.3f} | {r['peak_mb']:,.0f} |"
+        )
         if arch == "embedded":
             line += f" {100 * r['heart']:.0f} | {100 * r['colour']:.0f} |"
         lines.append(line)
@@ -216,8 +262,9 @@ def table(arch: str, rows: list[dict]) -> str:
         c, lo, full = by["comcat-r1"]["step_s"], by["lora-r4"]["step_s"], by["full-ft"]["step_s"]
         lines += ["", f"step time comcat-r1 / lora-r4 = {c / lo:.2f}, comcat-r1 / full-ft = {c / full:.2f}"]
     if arch == "embedded" and by.get("comcat-r1", {}).get("heart_before") is not None:
-        lines.append(f"before training: {100 * by['comcat-r1']['heart_before']:.0f}% of 'a V* in {{colour}}' "
-                     "samples are hearts")
+        lines.append(
+            f"before training: {100 * by['comcat-r1']['heart_before']:.0f}% of 'a V* in {{colour}}' samples are hearts"
+        )
     return "\n".join(lines)
 
 
@@ -226,26 +273,40 @@ def main():
     ap.add_argument("--arch", choices=("sd15", "embedded", "both"), default="both")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=300, help="embedded training steps (default 300)")
-    ap.add_argument("--sd-steps", type=int, default=2,
-                    help="timed SD-1.5 steps after warm-up (1 step on the CPU, 3 on CUDA; default 2)")
+    ap.add_argument(
+        "--sd-steps",
+        type=int,
+        default=2,
+        help="timed SD-1.5 steps after warm-up (1 step on the CPU, 3 on CUDA; default 2)",
+    )
     ap.add_argument("--sd-batch", type=int, default=1, help="SD-1.5 batch size (default 1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                    help="SD-1.5 runs: bf16 mixed precision or fp32 (auto: bf16 on CUDA, fp32 on the CPU)")
-    ap.add_argument("--cuda-graph", action="store_true",
-                    help="SD-1.5 on CUDA: capture each method's whole training step as a CUDA graph and time "
-                         "its replays (the GPU's work, without Python's launch overhead at batch 1)")
+    ap.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="SD-1.5 runs: bf16 mixed precision or fp32 (auto: bf16 on CUDA, fp32 on the CPU)",
+    )
+    ap.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="SD-1.5 on CUDA: capture each method's whole training step as a CUDA graph and time "
+        "its replays (the GPU's work, without Python's launch overhead at batch 1)",
+    )
     ap.add_argument("--json", help="write all rows here")
-    ap.add_argument("--one", help=argparse.SUPPRESS)        # internal: run one method, print its row
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method, print its row
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1)) if args.device == "cpu" else None
-    from comcat.customize import resolve_precision
+    from comcat.customization.customize import resolve_precision
+
     precision = resolve_precision(args.precision, args.device)
     if args.one:
         arch, method = args.one.split(":")
-        row = run_sd15(method, args.sd_steps, args.device, precision, args.cuda_graph, args.sd_batch) \
-            if arch == "sd15" else \
-            run_embedded(method, args.steps, args.device)
+        row = (
+            run_sd15(method, args.sd_steps, args.device, precision, args.cuda_graph, args.sd_batch)
+            if arch == "sd15"
+            else run_embedded(method, args.steps, args.device)
+        )
         print("ROW " + json.dumps(row))
         return
     archs = ("sd15", "embedded") if args.arch == "both" else (args.arch,)
@@ -253,8 +314,20 @@ def main():
     for arch in archs:
         rows = []
         for method in args.methods.split(","):
-            cmd = [sys.executable, __file__, "--one", f"{arch}:{method}", "--steps", str(args.steps),
-                   "--sd-steps", str(args.sd_steps), "--device", args.device, "--precision", precision]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                f"{arch}:{method}",
+                "--steps",
+                str(args.steps),
+                "--sd-steps",
+                str(args.sd_steps),
+                "--device",
+                args.device,
+                "--precision",
+                precision,
+            ]
             cmd += ["--sd-batch", str(args.sd_batch)] + (["--cuda-graph"] if args.cuda_graph else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
@@ -266,9 +339,12 @@ def main():
         results[arch] = rows
         print(table(arch, rows), flush=True)
     if args.json:
-        from comcat.io import atomic_write_text
+        from comcat.core.files import atomic_write_text
+
         meta = dict(device=args.device, cuda_graph=args.cuda_graph, sd_batch=args.sd_batch, torch=torch.__version__)
-        atomic_write_text(args.json, json.dumps(dict(results, **meta, threads=torch.get_num_threads()), indent=2) + "\n")
+        atomic_write_text(
+            args.json, json.dumps(dict(results, **meta, threads=torch.get_num_threads()), indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -6,22 +6,24 @@ when ../shared/data/ is present, on the real pretrained ViT-Tiny evaluated on re
 
     python benchmarks/head_vs_matrix.py [--images 1000] [--out benchmarks/results]
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from comcat.compression.evaluate import evaluate, image_folder
+from comcat.compression.load import load_model
+from comcat.compression.models import load_checkpoint
+from comcat.compression.rank_rules import choose_ranks
+from comcat.compression.report import run_compress
+from comcat.core.files import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from comcat.evaluate import evaluate, image_folder  # noqa: E402
-from comcat.io import atomic_write_text  # noqa: E402
-from comcat.models import load_checkpoint, load_model  # noqa: E402
-from comcat.pipeline import choose_ranks, run_compress  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 RATIOS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3)
@@ -42,11 +44,23 @@ def run(name, loaded, data, ratios):
                 t = time.time()
                 cfg = choose_ranks(loaded, method, params_ratio=ratio, allocate=allocate)
                 _, rep = run_compress(loaded, cfg, data, latency=False, progress=False, dense_top1=dense)
-                rows.append({"model": name, "method": method, "allocate": allocate, "ratio": ratio,
-                             "attn_ratio": round(rep["attn_params_ratio"], 4), "top1": rep["compressed"]["top1"],
-                             "dense_top1": dense["top1"], "seconds": round(time.time() - t, 1)})
-                print(f"{name:10} {method:6} {allocate:7} ratio {ratio:.2f} (actual {rep['attn_params_ratio']:.3f}) "
-                      f"top-1 {rep['compressed']['top1']:6.2f}  (dense {dense['top1']:.2f})", flush=True)
+                rows.append(
+                    {
+                        "model": name,
+                        "method": method,
+                        "allocate": allocate,
+                        "ratio": ratio,
+                        "attn_ratio": round(rep["attn_params_ratio"], 4),
+                        "top1": rep["compressed"]["top1"],
+                        "dense_top1": dense["top1"],
+                        "seconds": round(time.time() - t, 1),
+                    }
+                )
+                print(
+                    f"{name:10} {method:6} {allocate:7} ratio {ratio:.2f} (actual {rep['attn_params_ratio']:.3f}) "
+                    f"top-1 {rep['compressed']['top1']:6.2f}  (dense {dense['top1']:.2f})",
+                    flush=True,
+                )
     return rows
 
 
@@ -62,22 +76,36 @@ def table(rows, ratios) -> str:
 
 def plot(rows, ratios, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
-        for method, allocate, style in (("head", "greedy", "o-"), ("head", "energy", "o-."), ("head", "uniform", "o--"),
-                                        ("matrix", "greedy", "s-"), ("matrix", "energy", "s-."),
-                                        ("matrix", "uniform", "s--")):
-            pts = sorted((r["ratio"], r["top1"]) for r in rows if (r["model"], r["method"], r["allocate"]) == (m, method, allocate))
+        for method, allocate, style in (
+            ("head", "greedy", "o-"),
+            ("head", "energy", "o-."),
+            ("head", "uniform", "o--"),
+            ("matrix", "greedy", "s-"),
+            ("matrix", "energy", "s-."),
+            ("matrix", "uniform", "s--"),
+        ):
+            pts = sorted(
+                (r["ratio"], r["top1"])
+                for r in rows
+                if (r["model"], r["method"], r["allocate"]) == (m, method, allocate)
+            )
             ax.plot(*zip(*pts), style, label=f"{method} level, {allocate}")
         dense = next(r["dense_top1"] for r in rows if r["model"] == m)
         low = min(r["top1"] for r in rows if r["model"] == m)
         ax.axhline(dense, ls=":", c="gray", label="dense")
-        ax.set(title=m, xlabel="attention params / dense", ylabel="top-1 %",
-               ylim=(0 if low < 50 else low - 1, 100 if low < 50 else dense + 0.5))
+        ax.set(
+            title=m,
+            xlabel="attention params / dense",
+            ylabel="top-1 %",
+            ylim=(0 if low < 50 else low - 1, 100 if low < 50 else dense + 0.5),
+        )
         ax.invert_xaxis()
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -86,8 +114,12 @@ def plot(rows, ratios, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=1000,
-                    help="ImageNet images to evaluate on: every (1000 // N)-th of the 1000, so all classes spread")
+    ap.add_argument(
+        "--images",
+        type=int,
+        default=1000,
+        help="ImageNet images to evaluate on: every (1000 // N)-th of the 1000, so all classes spread",
+    )
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the table and plot from OUT/head_vs_matrix.json")

@@ -22,33 +22,32 @@ the time of each row (cumulative along a method's steps). Writes JSON, markdown 
     python benchmarks/real_vit.py [--settings attn50 attn30 all50] [--seed 0] [--search-epochs 4]
         [--distill-steps 100] [--distill-views 2] [--distill-cls 1] [--out docs/results/real_vit]
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
+from compress_embedded import fix_pruned_attention
+from search_vit_tiny import attn_ratio, tensors
 from torch.utils.data import DataLoader
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from comcat.compression.allocate import FISHER_IMAGES, PROBE_IMAGES, calibrated_ranks
+from comcat.compression.calibrate import build, calibrate
+from comcat.compression.convert import compress
+from comcat.compression.cost import budget_target, compare_latency, count_params
+from comcat.compression.evaluate import predict, scores
+from comcat.compression.load import load_model
+from comcat.compression.rank_rules import uniform_ranks
+from comcat.compression.reconstruct import AugmentedViews, distill_blocks
+from comcat.compression.search import search_ranks
+from comcat.compression.splits import folder_splits
 
-from comcat.allocate import FISHER_IMAGES, PROBE_IMAGES, calibrated_ranks  # noqa: E402
-from comcat.calibrate import build, calibrate  # noqa: E402
-from comcat.compress import compress  # noqa: E402
-from comcat.cost import compare_latency, count_params  # noqa: E402
-from comcat.data.splits import folder_splits  # noqa: E402
-from comcat.evaluate import predict, scores  # noqa: E402
-from comcat.models import load_model  # noqa: E402
-from comcat.ranks import uniform_ranks  # noqa: E402
-from comcat.reconstruct import AugmentedViews, distill_blocks  # noqa: E402
-from comcat.search import search_ranks, search_target  # noqa: E402
-from compress_embedded import fix_pruned_attention  # noqa: E402
-from search_vit_tiny import attn_ratio, tensors  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHARED = ROOT.parent / "shared" / "data"
 SETTINGS = {"attn50": (0.5, False), "attn30": (0.3, False), "all50": (0.5, True)}
@@ -84,9 +83,17 @@ def prune(dense, train, ratio: float, mlp: bool):
     ignored = [model.head, model.patch_embed.proj] + [b.attn.proj for b in model.blocks]
     ignored += [b.mlp.fc2 for b in model.blocks] + ([] if mlp else [b.mlp.fc1 for b in model.blocks])
     num_heads = {b.attn.qkv: b.attn.num_heads for b in model.blocks}
-    pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 224, 224), importance=tp.importance.GroupTaylorImportance(),
-                                  pruning_ratio=1 - ratio, ignored_layers=ignored, num_heads=num_heads,
-                                  prune_head_dims=True, prune_num_heads=False, global_pruning=False)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        torch.randn(1, 3, 224, 224),
+        importance=tp.importance.GroupTaylorImportance(),
+        pruning_ratio=1 - ratio,
+        ignored_layers=ignored,
+        num_heads=num_heads,
+        prune_head_dims=True,
+        prune_num_heads=False,
+        global_pruning=False,
+    )
     model.zero_grad()
     for x, _ in DataLoader(train, batch_size=50):
         with torch.no_grad():
@@ -118,72 +125,121 @@ def main() -> None:
     splits = folder_splits(images, dense, seed=args.seed)
     t = time.perf_counter()
     train, evaluation = tensors(splits.fit), tensors(splits.eval)
-    print(f"split seed {args.seed}: {len(train)} training images (labels unused), {len(splits.val)} validation "
-          f"(unused), {len(evaluation)} evaluation; decoded in {time.perf_counter() - t:.0f} s", flush=True)
+    print(
+        f"split seed {args.seed}: {len(train)} training images (labels unused), {len(splits.val)} validation "
+        f"(unused), {len(evaluation)} evaluation; decoded in {time.perf_counter() - t:.0f} s",
+        flush=True,
+    )
     ref, labels = predict(dense, evaluation, progress=False)
     dense_scores = scores(ref, labels)
     loader = DataLoader(train, batch_size=32)
-    views = AugmentedViews(loader, args.distill_views, args.seed)        # what a compress run distills on
-    results = {"seed": args.seed, "distill": {"steps": args.distill_steps, "views": args.distill_views,
-                                              "cls": args.distill_cls}, "dense": dense_scores, "params": count_params(dense), "settings": {}}
+    views = AugmentedViews(loader, args.distill_views, args.seed)  # what a compress run distills on
+    results = {
+        "seed": args.seed,
+        "distill": {"steps": args.distill_steps, "views": args.distill_views, "cls": args.distill_cls},
+        "dense": dense_scores,
+        "params": count_params(dense),
+        "settings": {},
+    }
 
     def score(model) -> dict:
         logits, _ = predict(model, evaluation, progress=False)
         s = scores(logits, labels, ref, per_image=True)
-        return {"top1": s["top1"], "agreement": s["agreement"], "kl": s["kl"], "params": count_params(model),
-                "_right": s["right"]}
+        return {
+            "top1": s["top1"],
+            "agreement": s["agreement"],
+            "kl": s["kl"],
+            "params": count_params(model),
+            "_right": s["right"],
+        }
 
     for name in args.settings:
         ratio, mlp = SETTINGS[name]
         rows = results["settings"][name] = {}
-        cost_fn, target = search_target(dense, ratio, "params", mlp)
+        cost_fn, target = budget_target(dense, ratio, "params", mlp)
         for method in [m for m in args.methods if m != "prune"]:
             t0 = time.perf_counter()
             cal = calibrate(dense, loader, mlp=mlp, matrix=method == "matrix", probe=PROBE_IMAGES, fisher=FISHER_IMAGES)
             t_cal = time.perf_counter() - t0
             uniform = uniform_ranks(dense, method, ratio, mlp=mlp)
             got = rows[method] = {}
-            got["plain SVD uniform"] = {**score(compress(dense, uniform)), "time_s": 0.0, "attn_ratio": attn_ratio(dense, uniform)}
+            got["plain SVD uniform"] = {
+                **score(compress(dense, uniform)),
+                "time_s": 0.0,
+                "attn_ratio": attn_ratio(dense, uniform),
+            }
             got["calibrated uniform"] = {**score(build(dense, uniform, cal)), "time_s": t_cal}
             t0 = time.perf_counter()
             cfg, _ = calibrated_ranks(dense, cal, method, cost_fn, target, ratio, mlp)
             allocated = build(dense, cfg, cal)
             t_alloc = t_cal + time.perf_counter() - t0
-            got["calibrated + allocation"] = {**score(allocated), "time_s": t_alloc, "ranks": cfg.to_dict(),
-                                              "attn_ratio": attn_ratio(dense, cfg)}
+            got["calibrated + allocation"] = {
+                **score(allocated),
+                "time_s": t_alloc,
+                "ranks": cfg.to_dict(),
+                "attn_ratio": attn_ratio(dense, cfg),
+            }
             if args.search_epochs:
                 t0 = time.perf_counter()
-                searched, _ = search_ranks(dense, train, train, ratio, method, "params", mlp, epochs=args.search_epochs,
-                                           batch_size=50, lr_weights=0.0, calibration=cal, init_ranks=cfg,
-                                           seed=args.seed)
-                got["+ search"] = {**score(build(dense, searched, cal)), "time_s": t_alloc + time.perf_counter() - t0,
-                                   "ranks": searched.to_dict()}
+                searched, _ = search_ranks(
+                    dense,
+                    train,
+                    train,
+                    ratio,
+                    method,
+                    "params",
+                    mlp,
+                    epochs=args.search_epochs,
+                    batch_size=50,
+                    lr_weights=0.0,
+                    calibration=cal,
+                    init_ranks=cfg,
+                    seed=args.seed,
+                )
+                got["+ search"] = {
+                    **score(build(dense, searched, cal)),
+                    "time_s": t_alloc + time.perf_counter() - t0,
+                    "ranks": searched.to_dict(),
+                }
             t0 = time.perf_counter()
-            distilled = distill_blocks(allocated, dense, views, args.distill_steps, seed=args.seed,
-                                       cls_weight=args.distill_cls)["model"]
+            distilled = distill_blocks(
+                allocated, dense, views, args.distill_steps, seed=args.seed, cls_weight=args.distill_cls
+            )["model"]
             got["+ block distillation"] = {**score(distilled), "time_s": t_alloc + time.perf_counter() - t0}
             if method == "head":
                 results["settings"][name]["_latency"] = latency(dense, distilled)
             for row, r in got.items():
-                print(f"{name} {method:7} {row:26} top-1 {r['top1']:6.2f}  agreement {r['agreement']:6.2f}  "
-                      f"KL {r['kl']:.3f}  params {r['params']:,}  {r['time_s']:6.0f} s", flush=True)
+                print(
+                    f"{name} {method:7} {row:26} top-1 {r['top1']:6.2f}  agreement {r['agreement']:6.2f}  "
+                    f"KL {r['kl']:.3f}  params {r['params']:,}  {r['time_s']:6.0f} s",
+                    flush=True,
+                )
         if "prune" in args.methods:
             t0 = time.perf_counter()
             pruned = prune(dense, train, ratio, mlp)
             got = rows["torch-pruning"] = {"pruned": {**score(pruned), "time_s": time.perf_counter() - t0}}
-            distilled = distill_blocks(pruned, dense, views, args.distill_steps, seed=args.seed,
-                                       cls_weight=args.distill_cls)["model"]
+            distilled = distill_blocks(
+                pruned, dense, views, args.distill_steps, seed=args.seed, cls_weight=args.distill_cls
+            )["model"]
             got["+ block distillation"] = {**score(distilled), "time_s": time.perf_counter() - t0}
             for row, r in got.items():
-                print(f"{name} prune   {row:26} top-1 {r['top1']:6.2f}  agreement {r['agreement']:6.2f}  "
-                      f"KL {r['kl']:.3f}  params {r['params']:,}  {r['time_s']:6.0f} s", flush=True)
+                print(
+                    f"{name} prune   {row:26} top-1 {r['top1']:6.2f}  agreement {r['agreement']:6.2f}  "
+                    f"KL {r['kl']:.3f}  params {r['params']:,}  {r['time_s']:6.0f} s",
+                    flush=True,
+                )
         # head minus each baseline, row by row, image by image
         comparisons = {}
         for row, r in rows.get("head", {}).items():
             for other in ("matrix", "torch-pruning"):
-                peer = rows.get(other, {}).get(row if other == "matrix" else
-                                               ("+ block distillation" if row == "+ block distillation" else "pruned"))
-                if peer is not None and (other == "matrix" or row in ("+ block distillation", "calibrated + allocation")):
+                peer = rows.get(other, {}).get(
+                    row
+                    if other == "matrix"
+                    else ("+ block distillation" if row == "+ block distillation" else "pruned")
+                )
+                if peer is not None and (
+                    other == "matrix" or row in ("+ block distillation", "calibrated + allocation")
+                ):
                     comparisons[f"{row} | head - {other}"] = paired(r["_right"], peer["_right"])
         results["settings"][name]["paired"] = comparisons
         for k, c in comparisons.items():
@@ -191,9 +247,12 @@ def main() -> None:
         if "_latency" in rows:
             rows["latency"] = rows.pop("_latency")
             for b, t in rows["latency"].items():
-                print(f"{name} head + block distillation: CPU latency {b} {t['ratio']:.3f}x dense "
-                      f"(range {t['range'][0]:.3f}-{t['range'][1]:.3f})", flush=True)
-        if args.out:                                       # after every setting: a long run keeps what it has
+                print(
+                    f"{name} head + block distillation: CPU latency {b} {t['ratio']:.3f}x dense "
+                    f"(range {t['range'][0]:.3f}-{t['range'][1]:.3f})",
+                    flush=True,
+                )
+        if args.out:  # after every setting: a long run keeps what it has
             write(results, Path(args.out))
 
 
@@ -207,25 +266,40 @@ def write(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(public(results), indent=2) + "\n")
     d = results["dense"]
-    lines = [f"Real ViT-Tiny, split seed {results['seed']}: top-1 on the 500 evaluation images (dense {d['top1']:.1f}%), "
-             "agreement with the dense model's top-1, KL(dense || compressed), params, and the time of each row "
-             "(cumulative along its method's steps, 2 CPU threads).", ""]
+    lines = [
+        f"Real ViT-Tiny, split seed {results['seed']}: top-1 on the 500 evaluation images (dense {d['top1']:.1f}%), "
+        "agreement with the dense model's top-1, KL(dense || compressed), params, and the time of each row "
+        "(cumulative along its method's steps, 2 CPU threads).",
+        "",
+    ]
     for name, rows in results["settings"].items():
-        lines += [f"### {name}", "", "| method | step | top-1 % | agreement % | KL | params | time s |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {name}",
+            "",
+            "| method | step | top-1 % | agreement % | KL | params | time s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for method, got in rows.items():
             if method in ("paired", "latency", "_latency"):
                 continue
             for row, r in got.items():
-                lines.append(f"| {method} | {row} | {r['top1']:.1f} | {r['agreement']:.1f} | {r['kl']:.3f} | "
-                             f"{r['params']:,} | {r['time_s']:.0f} |")
+                lines.append(
+                    f"| {method} | {row} | {r['top1']:.1f} | {r['agreement']:.1f} | {r['kl']:.3f} | "
+                    f"{r['params']:,} | {r['time_s']:.0f} |"
+                )
         lines += ["", "| step | comparison | top-1 difference (points) | 95% interval |", "|---|---|---|---|"]
         for k, c in rows.get("paired", {}).items():
             lines.append(f"| {k} | {c['diff']:+.1f} | [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] |")
         if rows.get("latency"):
-            lines += ["", "CPU latency of the head + block distillation model over dense (median ratio, range over 5 "
-                      "alternating rounds; the machine's load moves it): " + ", ".join(
-                          f"batch {b[1:]} {t['ratio']:.3f}x ({t['range'][0]:.3f}-{t['range'][1]:.3f})"
-                          for b, t in rows["latency"].items())]
+            lines += [
+                "",
+                "CPU latency of the head + block distillation model over dense (median ratio, range over 5 "
+                "alternating rounds; the machine's load moves it): "
+                + ", ".join(
+                    f"batch {b[1:]} {t['ratio']:.3f}x ({t['range'][0]:.3f}-{t['range'][1]:.3f})"
+                    for b, t in rows["latency"].items()
+                ),
+            ]
         lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     plot(results, out.with_suffix(".png"))

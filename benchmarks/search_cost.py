@@ -12,12 +12,12 @@ Random weights (no download); times are medians over --iters steps on this machi
 
     python benchmarks/search_cost.py [--batch 8] [--candidates 8] [--iters 3] [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,14 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from comcat.compress import compress  # noqa: E402
-from comcat.cost import model_params  # noqa: E402
-from comcat.lowrank import HeadLowRankAttention, LowRankLinear, _heads  # noqa: E402
-from comcat.models import build_arch  # noqa: E402
-from comcat.ranks import full_ranks  # noqa: E402
-from comcat.search import RankSearch, budget_penalty, search_target  # noqa: E402
+from comcat.compression.convert import compress
+from comcat.compression.cost import budget_target, model_params
+from comcat.compression.lowrank import HeadLowRankAttention, LowRankLinear
+from comcat.compression.models import build_arch
+from comcat.compression.rank_rules import full_ranks
+from comcat.compression.search import RankSearch, budget_penalty
 
 
 class ExplicitLinear(nn.Module):
@@ -49,14 +47,15 @@ class ExplicitLinear(nn.Module):
 
 
 class ExplicitHeadAttention(nn.Module):
-    """Per head: logits = sum_i m_i scale (X A_{:r_i} + a_{:r_i})(X B_{:r_i})^T; out = sum_j m'_j P_j (X P_{:r_j}) R_{:r_j}^T."""
+    """Per head: logits = sum_i m_i scale (X A_{:r_i} + a_{:r_i})(X B_{:r_i})^T;
+    out = sum_j m'_j P_j (X P_{:r_j}) R_{:r_j}^T."""
 
     def __init__(self, attn: HeadLowRankAttention, ranks_qk: list[int], ranks_vo: list[int]):
         super().__init__()
         self.a, self.ranks_qk, self.ranks_vo, self.m_qk, self.m_vo = attn, ranks_qk, ranks_vo, None, None
 
     def forward(self, x, attn_mask=None, is_causal=False):
-        a, (B, N, C), H = self.a, x.shape, self.a.num_heads
+        a, C, H = self.a, x.shape[-1], self.a.num_heads
         wq, wk = (w.reshape(H, a.rank_qk, C) for w in (a.q.weight, a.k.weight))
         wv, wo = a.v.weight.reshape(H, a.rank_vo, C), a.proj.weight.reshape(C, H, a.rank_vo)
         bq = a.q.bias.reshape(H, 1, a.rank_qk) if a.q.bias is not None else x.new_zeros(H, 1, a.rank_qk)
@@ -74,7 +73,7 @@ class ExplicitHeadAttention(nn.Module):
 
 
 def step_time(fn, iters: int) -> float:
-    fn()                                             # warm-up
+    fn()  # warm-up
     times = []
     for _ in range(iters):
         t = time.perf_counter()
@@ -95,7 +94,7 @@ def main() -> None:
     dense = build_arch(args.arch).train()
     x = torch.randn(args.batch, 3, 224, 224)
     y = torch.randint(0, dense.num_classes, (args.batch,))
-    cost_fn, target = search_target(dense, 0.5, "params", mlp=True)
+    cost_fn, target = budget_target(dense, 0.5, "params", mlp=True)
 
     full = compress(dense, full_ranks(dense, "head", mlp=True)).train()
     search = RankSearch(full, cost_fn, args.candidates)
@@ -108,8 +107,9 @@ def main() -> None:
         b.attn = ExplicitHeadAttention(b.attn, c_qk.ranks.tolist(), c_vo.ranks.tolist())
         for fc in ("fc1", "fc2"):
             setattr(b.mlp, fc, ExplicitLinear(getattr(b.mlp, fc), next(it).ranks.tolist()))
-    explicit_sites = [s for b in explicit.blocks for s in ((b.attn, "m_qk"), (b.attn, "m_vo"),
-                                                          (b.mlp.fc1, "m"), (b.mlp.fc2, "m"))]
+    explicit_sites = [
+        s for b in explicit.blocks for s in ((b.attn, "m_qk"), (b.attn, "m_vo"), (b.mlp.fc1, "m"), (b.mlp.fc2, "m"))
+    ]
 
     def sample(tau=1.0):
         """One Gumbel sample per site, installed as a soft mask (search) and as weights (explicit)."""
@@ -138,15 +138,16 @@ def main() -> None:
         cost = sample()
         budget_penalty(F.cross_entropy(full(x), y), cost, target).backward()
 
-    def search_step_distill():          # what search_ranks runs by default: + the dense teacher's forward
+    def search_step_distill():  # what search_ranks runs by default: + the dense teacher's forward
         full.zero_grad(set_to_none=True)
         search.zero_grad(set_to_none=True)
         cost = sample()
         with torch.no_grad():
             p_teacher = F.log_softmax(dense(x), -1)
         logits = full(x)
-        task = F.cross_entropy(logits, y) + F.kl_div(F.log_softmax(logits, -1), p_teacher, log_target=True,
-                                                     reduction="batchmean")
+        task = F.cross_entropy(logits, y) + F.kl_div(
+            F.log_softmax(logits, -1), p_teacher, log_target=True, reduction="batchmean"
+        )
         budget_penalty(task, cost, target).backward()
 
     def explicit_step():
@@ -155,21 +156,41 @@ def main() -> None:
         cost = sample()
         budget_penalty(F.cross_entropy(explicit(x), y), cost, target).backward()
 
-    t_dense, t_search, t_distill, t_explicit = (step_time(f, args.iters) for f in (dense_step, search_step,
-                                                                                  search_step_distill, explicit_step))
-    print(f"{args.arch}, batch {args.batch}, {args.candidates} candidates per site, {len(choices)} sites, "
-          f"{torch.get_num_threads()} CPU threads; dense params {model_params(dense):,}")
+    t_dense, t_search, t_distill, t_explicit = (
+        step_time(f, args.iters) for f in (dense_step, search_step, search_step_distill, explicit_step)
+    )
+    print(
+        f"{args.arch}, batch {args.batch}, {args.candidates} candidates per site, {len(choices)} sites, "
+        f"{torch.get_num_threads()} CPU threads; dense params {model_params(dense):,}"
+    )
     print(f"{'step':28} {'s/step':>8} {'vs dense':>9}")
-    rows = (("dense forward+backward", t_dense), ("search step (soft mask)", t_search),
-            ("  + teacher forward (KL)", t_distill), ("explicit K-candidate mixture", t_explicit))
+    rows = (
+        ("dense forward+backward", t_dense),
+        ("search step (soft mask)", t_search),
+        ("  + teacher forward (KL)", t_distill),
+        ("explicit K-candidate mixture", t_explicit),
+    )
     for name, t in rows:
         print(f"{name:28} {t:>8.3f} {t / t_dense:>8.2f}x")
-    print(f"search step is {t_search / t_dense:.2f}x a dense step (goal <= 1.5x) and "
-          f"{t_explicit / t_search:.1f}x cheaper than the explicit mixture (goal >= 3x)")
+    print(
+        f"search step is {t_search / t_dense:.2f}x a dense step (goal <= 1.5x) and "
+        f"{t_explicit / t_search:.1f}x cheaper than the explicit mixture (goal >= 3x)"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"arch": args.arch, "batch": args.batch, "candidates": args.candidates,
-                                               "sites": len(choices), "max_rel_diff": err,
-                                               "seconds": {n.strip(): t for n, t in rows}}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "arch": args.arch,
+                    "batch": args.batch,
+                    "candidates": args.candidates,
+                    "sites": len(choices),
+                    "max_rel_diff": err,
+                    "seconds": {n.strip(): t for n, t in rows},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

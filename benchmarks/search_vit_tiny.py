@@ -8,26 +8,25 @@ when the shared data is absent.
 
     python benchmarks/search_vit_tiny.py [--ratio 0.6] [--epochs 10] [--json docs/results/search_vit_tiny.json]
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from comcat.compression.convert import compress
+from comcat.compression.cost import layer_params
+from comcat.compression.evaluate import evaluate, image_folder
+from comcat.compression.load import load_model
+from comcat.compression.rank_rules import uniform_ranks
+from comcat.compression.search import search_ranks
 
-from comcat.compress import compress  # noqa: E402
-from comcat.cost import layer_params  # noqa: E402
-from comcat.evaluate import evaluate, image_folder  # noqa: E402
-from comcat.models import load_model  # noqa: E402
-from comcat.ranks import uniform_ranks  # noqa: E402
-from comcat.search import search_ranks  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -67,27 +66,59 @@ def main() -> None:
     rows = [("dense", None, evaluate(dense, report_half, progress=False)["top1"], 0.0)]
     for method in ("head", "matrix"):
         cfg = uniform_ranks(dense, method, args.ratio)
-        rows.append((f"uniform {method}", cfg, evaluate(compress(dense, cfg), report_half, progress=False)["top1"], 0.0))
+        rows.append(
+            (f"uniform {method}", cfg, evaluate(compress(dense, cfg), report_half, progress=False)["top1"], 0.0)
+        )
     t = time.perf_counter()
-    cfg, info = search_ranks(dense, search_half, search_half, ratio=args.ratio, method="head", mlp=False,
-                             epochs=args.epochs, batch_size=args.batch_size, lr_alpha=args.lr_alpha, lr_weights=0,
-                             seed=args.seed)
+    cfg, info = search_ranks(
+        dense,
+        search_half,
+        search_half,
+        ratio=args.ratio,
+        method="head",
+        mlp=False,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr_alpha=args.lr_alpha,
+        lr_weights=0,
+        seed=args.seed,
+    )
     secs = time.perf_counter() - t
     rows.append(("searched head", cfg, evaluate(info["model"], report_half, progress=False)["top1"], secs))
-    argmax = info["decoded"]["argmax"]      # the same search decoded by argmax (frozen weights: compress == truncate)
-    rows.append(("  argmax decode", argmax, evaluate(compress(dense, argmax), report_half, progress=False)["top1"], secs))
-    print(f"\nreal ViT-Tiny, attention at {args.ratio:.0%} of its params, no fine-tuning; search on "
-          f"{len(search_half)} images, top-1 on the other {len(report_half)}")
+    argmax = info["decoded"]["argmax"]  # the same search decoded by argmax (frozen weights: compress == truncate)
+    rows.append(
+        ("  argmax decode", argmax, evaluate(compress(dense, argmax), report_half, progress=False)["top1"], secs)
+    )
+    print(
+        f"\nreal ViT-Tiny, attention at {args.ratio:.0%} of its params, no fine-tuning; search on "
+        f"{len(search_half)} images, top-1 on the other {len(report_half)}"
+    )
     print(f"{'ranks':15} {'attn params':>11} {'top-1 %':>8} {'search s':>9}")
     for name, c, top1, secs in rows:
         print(f"{name:15} {1.0 if c is None else attn_ratio(dense, c):>11.3f} {top1:>8.2f} {secs:>9.0f}")
-    print("searched ranks (qk, vo) per layer:", [(b["qk"], b["vo"]) for b in cfg.blocks],
-          "(scaled down to fit)" if info["reduced_to_fit"] else "")
+    print(
+        "searched ranks (qk, vo) per layer:",
+        [(b["qk"], b["vo"]) for b in cfg.blocks],
+        "(scaled down to fit)" if info["reduced_to_fit"] else "",
+    )
     if args.json:
-        out = {"ratio": args.ratio, "epochs": args.epochs, "lr_alpha": args.lr_alpha, "search_images": len(search_half),
-               "report_images": len(report_half),
-               "rows": [{"ranks": n, "attn_params_ratio": 1.0 if c is None else attn_ratio(dense, c), "top1": t1,
-                         "search_s": s, **({"config": c.to_dict()} if c is not None else {})} for n, c, t1, s in rows]}
+        out = {
+            "ratio": args.ratio,
+            "epochs": args.epochs,
+            "lr_alpha": args.lr_alpha,
+            "search_images": len(search_half),
+            "report_images": len(report_half),
+            "rows": [
+                {
+                    "ranks": n,
+                    "attn_params_ratio": 1.0 if c is None else attn_ratio(dense, c),
+                    "top1": t1,
+                    "search_s": s,
+                    **({"config": c.to_dict()} if c is not None else {}),
+                }
+                for n, c, t1, s in rows
+            ],
+        }
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
 

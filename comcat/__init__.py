@@ -2,20 +2,22 @@
 
 The names below are imported on first use (PEP 562), so `python -m comcat --help` starts without torch.
 """
-import sys
-import types
+
 from importlib import import_module
 
-from .errors import ComcatError
+from .core.errors import ComcatError
 
 _EXPORTS = {
-    "analysis": ("Spectra", "analyze", "product_svd"),
-    "compress": ("compress",),
-    "cost": ("count_params", "measure_latency", "model_flops", "model_params"),
-    "io": ("load_compressed", "save_compressed"),
-    "lowrank": ("HeadLowRankAttention", "LowRankLinear", "MatrixLowRankAttention"),
-    "models": ("Loaded", "load_model"),
-    "ranks": ("RankConfig", "energy_ranks", "energy_ranks_for_budget", "uniform_ranks"),
+    "compression.analysis": ("Spectra", "analyze"),
+    "compression.convert": ("compress",),
+    "compression.cost": ("count_params", "measure_latency", "model_flops", "model_params"),
+    "compression.format": ("load_compressed", "save_compressed"),
+    "compression.load": ("load_model",),
+    "compression.lowrank": ("HeadLowRankAttention", "LowRankLinear", "MatrixLowRankAttention"),
+    "compression.models": ("Loaded",),
+    "compression.rank_rules": ("energy_ranks", "energy_ranks_for_budget", "uniform_ranks"),
+    "compression.ranks": ("RankConfig",),
+    "core.linalg": ("product_svd",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = ["ComcatError", *_WHERE]
@@ -26,19 +28,3 @@ def __getattr__(name: str):
     if name in _WHERE:
         return getattr(import_module(f".{_WHERE[name]}", __name__), name)
     raise AttributeError(f"module 'comcat' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """`comcat.compress` is the function, although a submodule has the same name (importing the
-    submodule would otherwise rebind the package attribute to it)."""
-
-    @property
-    def compress(self):
-        return import_module(".compress", __name__).compress
-
-    @compress.setter
-    def compress(self, submodule) -> None:      # the import system sets the submodule here: keep the function
-        pass
-
-
-sys.modules[__name__].__class__ = _Package

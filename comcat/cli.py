@@ -1,5 +1,6 @@
 """python -m comcat {analyze,compress,evaluate,customize,generate,demo} -- headless jobs; errors are one
 line, exit 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,111 +9,219 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ComcatError
+from .core.errors import ComcatError
 
-MODEL_HELP = ("model SPEC: 'embedded' (default, the bundled shapes ViT), a timm name with pretrained weights "
-              "(e.g. deit_small_patch16_224; needs network or a hub cache), a local checkpoint "
-              "(.safetensors/.pth/.bin, with --arch), or a compressed-model directory")
+MODEL_HELP = (
+    "model SPEC: 'embedded' (default, the bundled shapes ViT), a timm name with pretrained weights "
+    "(e.g. deit_small_patch16_224; needs network or a hub cache), a local checkpoint "
+    "(.safetensors/.pth/.bin, with --arch), or a compressed-model directory"
+)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded", metavar="SPEC", help=MODEL_HELP)
-    p.add_argument("--arch", default=None, metavar="NAME",
-                   help="timm architecture of a local checkpoint, e.g. vit_tiny_patch16_224")
+    p.add_argument(
+        "--arch",
+        default=None,
+        metavar="NAME",
+        help="timm architecture of a local checkpoint, e.g. vit_tiny_patch16_224",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m comcat", description=(
-        "COMCAT: head-level low-rank compression of vision transformers. Without a command, runs the "
-        "demo: analyze and compress the embedded model and print a result table."))
+    ap = argparse.ArgumentParser(
+        prog="python -m comcat",
+        description=(
+            "COMCAT: head-level low-rank compression of vision transformers. Without a command, runs the "
+            "demo: analyze and compress the embedded model and print a result table."
+        ),
+    )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    a = sub.add_parser("analyze", help="singular-value spectra, matrix vs head level",
-                       description="Spectra of W^Q, W^K, W^V, W^O and of every head's W^QK_h, W^VO_h.")
+    a = sub.add_parser(
+        "analyze",
+        help="singular-value spectra, matrix vs head level",
+        description="Spectra of W^Q, W^K, W^V, W^O and of every head's W^QK_h, W^VO_h.",
+    )
     _model_args(a)
     a.add_argument("--json", metavar="F", help="write spectra, energy curves and param curves to this JSON file")
     a.add_argument("--plots", metavar="DIR", help="write energy_heatmaps.png and param_curves.png here")
     a.add_argument("--energy", type=float, default=0.9, help="energy threshold of the printed summary (default 0.9)")
-    a.add_argument("--table", metavar="F.csv", help="write the per-layer diagnosis (stable and effective rank, ranks "
-                   "for 90/95/99%% energy, tail exponent, against shuffled weights) to this CSV file")
-    a.add_argument("--recommend", type=float, metavar="R", help="print the head-level ranks comcat would choose at "
-                   "this fraction of the attention parameters, with the predicted savings")
-    a.add_argument("--data", metavar="DIR", help="with --recommend: calibrate the ranks on these images (labels "
-                   "unused), as a compress run on them starts from")
-    a.add_argument("--dense", metavar="SPEC", help="when --model is a compressed-model directory: its dense source "
-                   "(default: the source named in its comcat.json); prints the heads that lost most")
-    a.add_argument("--dense-arch", metavar="NAME", help="timm architecture of a --dense checkpoint (default: the "
-                   "compressed model's)")
+    a.add_argument(
+        "--table",
+        metavar="F.csv",
+        help="write the per-layer diagnosis (stable and effective rank, ranks "
+        "for 90/95/99%% energy, tail exponent, against shuffled weights) to this CSV file",
+    )
+    a.add_argument(
+        "--recommend",
+        type=float,
+        metavar="R",
+        help="print the head-level ranks comcat would choose at "
+        "this fraction of the attention parameters, with the predicted savings",
+    )
+    a.add_argument(
+        "--data",
+        metavar="DIR",
+        help="with --recommend: calibrate the ranks on these images (labels "
+        "unused), as a compress run on them starts from",
+    )
+    a.add_argument(
+        "--dense",
+        metavar="SPEC",
+        help="when --model is a compressed-model directory: its dense source "
+        "(default: the source named in its comcat.json); prints the heads that lost most",
+    )
+    a.add_argument(
+        "--dense-arch",
+        metavar="NAME",
+        help="timm architecture of a --dense checkpoint (default: the compressed model's)",
+    )
 
-    c = sub.add_parser("compress", help="find ranks, convert to low rank, fine-tune, report, save",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Compress every attention layer (and optionally the MLPs) under a budget. "
-                                   "With --data: calibrate on your images (labels unused), allocate ranks, "
-                                   "distill block by block from the dense model, report on held-out images. "
-                                   "Runs under torchrun --nproc_per_node N too. Ctrl-C stops cleanly; "
-                                   "--resume continues.",
-                       epilog="examples:\n"
-                              "  # your checkpoint, half the attention parameters, your images (one click)\n"
-                              "  python -m comcat compress --model vit_tiny.safetensors --arch vit_tiny_patch16_224 \\\n"
-                              "      --params-ratio 0.5 --data my_images/ --out small/\n"
-                              "  python -m comcat compress --resume small/           # after Ctrl-C or a crash\n"
-                              "  # the embedded model, rank search with MLPs, no data needed\n"
-                              "  python -m comcat compress --search --mlp --params-ratio 0.5 --out tiny/\n"
-                              "  # plain SVD at ranks keeping 90% of the spectral energy\n"
-                              "  python -m comcat compress --energy 0.9 --out energy/")
+    c = sub.add_parser(
+        "compress",
+        help="find ranks, convert to low rank, fine-tune, report, save",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compress every attention layer (and optionally the MLPs) under a budget. "
+        "With --data: calibrate on your images (labels unused), allocate ranks, "
+        "distill block by block from the dense model, report on held-out images. "
+        "Runs under torchrun --nproc_per_node N too. Ctrl-C stops cleanly; "
+        "--resume continues.",
+        epilog="examples:\n"
+        "  # your checkpoint, half the attention parameters, your images (one click)\n"
+        "  python -m comcat compress --model vit_tiny.safetensors --arch vit_tiny_patch16_224 \\\n"
+        "      --params-ratio 0.5 --data my_images/ --out small/\n"
+        "  python -m comcat compress --resume small/           # after Ctrl-C or a crash\n"
+        "  # the embedded model, rank search with MLPs, no data needed\n"
+        "  python -m comcat compress --search --mlp --params-ratio 0.5 --out tiny/\n"
+        "  # plain SVD at ranks keeping 90% of the spectral energy\n"
+        "  python -m comcat compress --energy 0.9 --out energy/",
+    )
     _model_args(c)
-    c.add_argument("--method", choices=("head", "matrix"), default="head",
-                   help="head: COMCAT per-head W^QK_h/W^VO_h (default); matrix: factorize W^Q, W^K, W^V, W^O separately")
+    c.add_argument(
+        "--method",
+        choices=("head", "matrix"),
+        default="head",
+        help="head: COMCAT per-head W^QK_h/W^VO_h (default); matrix: factorize W^Q, W^K, W^V, W^O separately",
+    )
     c.add_argument("--ranks", metavar="F", help="per-layer rank config JSON (as written in comcat.json 'ranks')")
     c.add_argument("--energy", type=float, metavar="E", help="keep this fraction of squared singular values, e.g. 0.95")
-    c.add_argument("--params-ratio", type=float, metavar="R",
-                   help="budget: keep this fraction of the compressed sites' params (FLOPs with --budget flops)")
-    c.add_argument("--search", action="store_true",
-                   help="choose per-layer ranks by differentiable Gumbel-softmax search under the budget")
-    c.add_argument("--budget", choices=("params", "flops"), default="params", help="what --params-ratio limits "
-                   "in the search (default params)")
+    c.add_argument(
+        "--params-ratio",
+        type=float,
+        metavar="R",
+        help="budget: keep this fraction of the compressed sites' params (FLOPs with --budget flops)",
+    )
+    c.add_argument(
+        "--search",
+        action="store_true",
+        help="choose per-layer ranks by differentiable Gumbel-softmax search under the budget",
+    )
+    c.add_argument(
+        "--budget",
+        choices=("params", "flops"),
+        default="params",
+        help="what --params-ratio limits in the search (default params)",
+    )
     c.add_argument("--search-epochs", type=int, default=4, metavar="N", help="search epochs (default 4)")
-    c.add_argument("--decode", choices=("expected", "argmax"), default="expected",
-                   help="final searched ranks: each site's expected rank under the learned logits scaled to "
-                        "the budget (default), or the argmax candidate fitted by logit price")
-    c.add_argument("--allocate", choices=("auto", "calibrated", "uniform", "energy", "greedy"), default="auto",
-                   help="without --search, how --params-ratio is shared out: calibrated (the default with images): "
-                        "where the predicted KL to the dense model falls most per parameter; uniform: the same rank "
-                        "everywhere; energy: one spectral-energy threshold for all layers; greedy: rank steps by "
-                        "spectral energy per parameter (with --search: where the search starts)")
-    c.add_argument("--calibration", choices=("auto", "data", "sequential", "none"), default="auto",
-                   help="data (the default with images): fit every factor to the inputs its layer sees in the "
-                        "dense model on the training images (labels unused); sequential: in the compressed model, "
-                        "block after block; none: plain SVD of the weights (the default without images)")
-    c.add_argument("--calibration-images", type=int, default=512, metavar="N",
-                   help="training images for calibration and block distillation (default 512)")
-    c.add_argument("--distill-steps", type=int, default=100, metavar="K",
-                   help="block-wise distillation: K steps per block, each compressed block learning to reproduce "
-                        "the dense block's output (default 100; 0: none)")
+    c.add_argument(
+        "--decode",
+        choices=("expected", "argmax"),
+        default="expected",
+        help="final searched ranks: each site's expected rank under the learned logits scaled to "
+        "the budget (default), or the argmax candidate fitted by logit price",
+    )
+    c.add_argument(
+        "--allocate",
+        choices=("auto", "calibrated", "uniform", "energy", "greedy"),
+        default="auto",
+        help="without --search, how --params-ratio is shared out: calibrated (the default with images): "
+        "where the predicted KL to the dense model falls most per parameter; uniform: the same rank "
+        "everywhere; energy: one spectral-energy threshold for all layers; greedy: rank steps by "
+        "spectral energy per parameter (with --search: where the search starts)",
+    )
+    c.add_argument(
+        "--calibration",
+        choices=("auto", "data", "sequential", "none"),
+        default="auto",
+        help="data (the default with images): fit every factor to the inputs its layer sees in the "
+        "dense model on the training images (labels unused); sequential: in the compressed model, "
+        "block after block; none: plain SVD of the weights (the default without images)",
+    )
+    c.add_argument(
+        "--calibration-images",
+        type=int,
+        default=512,
+        metavar="N",
+        help="training images for calibration and block distillation (default 512)",
+    )
+    c.add_argument(
+        "--distill-steps",
+        type=int,
+        default=100,
+        metavar="K",
+        help="block-wise distillation: K steps per block, each compressed block learning to reproduce "
+        "the dense block's output (default 100; 0: none)",
+    )
     c.add_argument("--distill-lr", type=float, default=1e-3, help="block distillation learning rate (default 1e-3)")
-    c.add_argument("--distill-views", type=int, default=2, metavar="V",
-                   help="block distillation also on V augmented passes (crop, flip, mixup/cutmix) over its "
-                        "images (default 2; 0: the images as they are)")
-    c.add_argument("--distill-cls", type=float, default=1.0, metavar="W",
-                   help="block distillation: extra weight W of the class token's error (default 1; 0: all tokens "
-                        "alike)")
-    c.add_argument("--finetune-epochs", type=int, default=0, metavar="M",
-                   help="end-to-end distillation epochs after that: KL to the dense model on mixup/cutmix views "
-                        "(default 0)")
-    c.add_argument("--labels", action="store_true",
-                   help="also train on the images' labels (class folders of the model's classes only)")
+    c.add_argument(
+        "--distill-views",
+        type=int,
+        default=2,
+        metavar="V",
+        help="block distillation also on V augmented passes (crop, flip, mixup/cutmix) over its "
+        "images (default 2; 0: the images as they are)",
+    )
+    c.add_argument(
+        "--distill-cls",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="block distillation: extra weight W of the class token's error (default 1; 0: all tokens alike)",
+    )
+    c.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=0,
+        metavar="M",
+        help="end-to-end distillation epochs after that: KL to the dense model on mixup/cutmix views (default 0)",
+    )
+    c.add_argument(
+        "--labels",
+        action="store_true",
+        help="also train on the images' labels (class folders of the model's classes only)",
+    )
     c.add_argument("--no-mix", action="store_true", help="end-to-end distillation without mixup / cutmix")
     c.add_argument("--mlp", action="store_true", help="also factorize MLP fc1/fc2 (searched, or by the same rule)")
-    c.add_argument("--classifier-rank", type=int, default=None, metavar="R",
-                   help="also factorize the classifier at rank R (with --search: search its rank too, any R)")
-    c.add_argument("--data", metavar="DIR", help="images: DIR/<class>/<image> or a flat DIR/<image> (unlabeled; a "
-                   "seeded half is evaluated, the rest split into training and validation) or DIR/train + DIR/val "
-                   "(default: embedded shapes for the embedded model)")
-    c.add_argument("--train-images", type=int, default=4096, metavar="N",
-                   help="embedded data: shapes generated for fine-tuning and weight epochs (default 4096)")
-    c.add_argument("--fit-images", type=int, default=1024, metavar="N",
-                   help="embedded: shapes generated for calibration and the search; DIR/train+val: training "
-                        "images they use (1024)")
+    c.add_argument(
+        "--classifier-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="also factorize the classifier at rank R (with --search: search its rank too, any R)",
+    )
+    c.add_argument(
+        "--data",
+        metavar="DIR",
+        help="images: DIR/<class>/<image> or a flat DIR/<image> (unlabeled; a "
+        "seeded half is evaluated, the rest split into training and validation) or DIR/train + DIR/val "
+        "(default: embedded shapes for the embedded model)",
+    )
+    c.add_argument(
+        "--train-images",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="embedded data: shapes generated for fine-tuning and weight epochs (default 4096)",
+    )
+    c.add_argument(
+        "--fit-images",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="embedded: shapes generated for calibration and the search; DIR/train+val: training "
+        "images they use (1024)",
+    )
     c.add_argument("--seed", type=int, default=0, help="seed of data order, splits and sampling (default 0)")
     c.add_argument("--batch-size", type=int, default=64, help="batch size per process (default 64)")
     c.add_argument("--lr", type=float, default=5e-5, help="end-to-end learning rate (AdamW, cosine; default 5e-5)")
@@ -124,21 +233,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", metavar="DIR", help="continue a stopped run from its --out folder (other flags ignored)")
     c.add_argument("--overwrite", action="store_true", help="replace an earlier run or model in --out (its files only)")
 
-    e = sub.add_parser("evaluate", help="top-1/top-5 of a model or compressed directory",
-                       description="Evaluate on the embedded held-out shapes or an ImageFolder directory.")
+    e = sub.add_parser(
+        "evaluate",
+        help="top-1/top-5 of a model or compressed directory",
+        description="Evaluate on the embedded held-out shapes or an ImageFolder directory.",
+    )
     _model_args(e)
     e.add_argument("--data", metavar="DIR", help="ImageFolder (DIR/<class>/<image>); default: embedded held-out shapes")
     e.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
     e.add_argument("--json", metavar="F", help="write the metrics to this JSON file")
 
-    PIPE_HELP = ("text-to-image pipeline: 'embedded' (default, the bundled shapes model), a hub ID "
-                 "(e.g. runwayml/stable-diffusion-v1-5; needs network or a hub cache) or a local diffusers folder")
-    cu = sub.add_parser("customize", help="teach a text-to-image pipeline a concept with a COMCAT adapter",
-                        description="Train per-head rank-r updates of W^QK and W^VO in every attention of the "
-                                    "UNet on a few images of a concept; the model stays frozen. Ctrl-C stops "
-                                    "cleanly; --resume continues.")
+    PIPE_HELP = (
+        "text-to-image pipeline: 'embedded' (default, the bundled shapes model), a hub ID "
+        "(e.g. runwayml/stable-diffusion-v1-5; needs network or a hub cache) or a local diffusers folder"
+    )
+    cu = sub.add_parser(
+        "customize",
+        help="teach a text-to-image pipeline a concept with a COMCAT adapter",
+        description="Train per-head rank-r updates of W^QK and W^VO in every attention of the "
+        "UNet on a few images of a concept; the model stays frozen. Ctrl-C stops "
+        "cleanly; --resume continues.",
+    )
     cu.add_argument("--pipeline", default="embedded", metavar="SPEC", help=PIPE_HELP)
-    cu.add_argument("--images", metavar="DIR", help="3-10 images of the concept (NAME.txt beside an image is its caption)")
+    cu.add_argument(
+        "--images", metavar="DIR", help="3-10 images of the concept (NAME.txt beside an image is its caption)"
+    )
     cu.add_argument("--prompt", default="a photo of V* dog", help="instance prompt with the concept token")
     cu.add_argument("--token", default="V*", help="the concept's token in prompts (default V*)")
     cu.add_argument("--rank", type=int, default=2, help="rank per head (default 2)")
@@ -146,32 +265,58 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--lr", type=float, default=2.5e-3, help="AdamW learning rate (default 2.5e-3)")
     cu.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
     cu.add_argument("--targets", default="self,cross", help="attentions to adapt: self,cross (default), self or cross")
-    cu.add_argument("--learn-token", action=argparse.BooleanOptionalAction, default=True,
-                    help="also learn the token's embedding (default; --no-learn-token: adapter only)")
+    cu.add_argument(
+        "--learn-token",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also learn the token's embedding (default; --no-learn-token: adapter only)",
+    )
     cu.add_argument("--class-prompt", help="prior preservation: also train on the base model's images of this prompt")
     cu.add_argument("--class-images", type=int, default=8, help="class images generated for prior preservation (8)")
-    cu.add_argument("--preview-every", type=int, default=50, metavar="K", help="save a preview every K steps (0: never)")
+    cu.add_argument(
+        "--preview-every", type=int, default=50, metavar="K", help="save a preview every K steps (0: never)"
+    )
     cu.add_argument("--seed", type=int, default=0, help="seed of batches, noise and previews (default 0)")
     cu.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    cu.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                    help="bf16 mixed precision or fp32 (auto: bf16 on CUDA, fp32 on the CPU; bf16 also pays off on "
-                         "CPUs with AMX)")
+    cu.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16 mixed precision or fp32 (auto: bf16 on CUDA, fp32 on the CPU; bf16 also pays off on CPUs with AMX)",
+    )
     cu.add_argument("--out", metavar="DIR", help="write adapter.safetensors, previews/ and the run state here")
     cu.add_argument("--resume", metavar="DIR", help="continue a stopped run from its --out folder")
     cu.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (its files only)")
-    cu.add_argument("--checkpoint-every", type=int, default=50, metavar="K",
-                    help="save the resumable state every K steps (default 50; a killed run resumes from there)")
+    cu.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=50,
+        metavar="K",
+        help="save the resumable state every K steps (default 50; a killed run resumes from there)",
+    )
 
-    g = sub.add_parser("generate", help="text-to-image with zero or more adapters",
-                       description="Generate images from a prompt; --adapter DIR[:SCALE] may repeat.")
+    g = sub.add_parser(
+        "generate",
+        help="text-to-image with zero or more adapters",
+        description="Generate images from a prompt; --adapter DIR[:SCALE] may repeat.",
+    )
     g.add_argument("--pipeline", default="embedded", metavar="SPEC", help=PIPE_HELP)
-    g.add_argument("--adapter", action="append", default=[], metavar="DIR[:SCALE]",
-                   help="adapter folder or file, optionally with its strength, e.g. out/heart:0.8")
+    g.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR[:SCALE]",
+        help="adapter folder or file, optionally with its strength, e.g. out/heart:0.8",
+    )
     g.add_argument("--prompt", required=True, help="what to draw, e.g. 'a V* in blue'")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    g.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance (default: the pipeline's; 2.5 for embedded, 7.5 for SD)")
+    g.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: the pipeline's; 2.5 for embedded, 7.5 for SD)",
+    )
     g.add_argument("--n", type=int, default=1, help="images (tiled into one picture; default 1, at most 64)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g.add_argument("--out", required=True, metavar="FILE", help="image file to write (.png/.jpg/.webp)")
@@ -181,30 +326,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write_json(path: str, obj) -> None:
-    from .io import atomic_write_text
+    from .core.files import atomic_write_text
+
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def cmd_analyze(args) -> None:
-    from .analysis import analyze
-    from .models import load_model
-    from .plots import save_analysis_plots
+    from .compression.analysis import analyze
+    from .compression.load import load_model
+    from .compression.plots import save_analysis_plots
 
     if not 0 < args.energy <= 1:
         raise ComcatError(f"--energy must be in (0, 1], got {args.energy}: e.g. 0.9 keeps 90% of the spectral energy")
     if args.data and args.recommend is None:
         raise ComcatError("--data calibrates a recommendation: also pass --recommend R, e.g. --recommend 0.5")
     if args.recommend is not None and not 0 < args.recommend <= 1:
-        raise ComcatError(f"--recommend must be in (0, 1], got {args.recommend}: e.g. 0.5 keeps half the attention "
-                          "parameters")
+        raise ComcatError(
+            f"--recommend must be in (0, 1], got {args.recommend}: e.g. 0.5 keeps half the attention parameters"
+        )
     loaded = load_model(args.model, args.arch)
     if loaded.compressed:
         return _compare_to_dense(loaded, args)
     if args.dense:
-        raise ComcatError("--dense compares a compressed model with its source: pass the compressed-model "
-                          "directory as --model")
+        raise ComcatError(
+            "--dense compares a compressed model with its source: pass the compressed-model directory as --model"
+        )
     spectra = analyze(loaded.model)
-    print(f"{loaded.source}: {spectra.depth} blocks, {spectra.num_heads} heads of dim {spectra.head_dim}, width {spectra.dim}")
+    print(
+        f"{loaded.source}: {spectra.depth} blocks, {spectra.num_heads} heads of dim {spectra.head_dim}, "
+        f"width {spectra.dim}"
+    )
     print(spectra.summary(args.energy))
     if args.json:
         _write_json(args.json, {"model": loaded.source, **spectra.to_dict()})
@@ -213,8 +364,8 @@ def cmd_analyze(args) -> None:
         for p in save_analysis_plots(spectra, args.plots):
             print(f"wrote {p}")
     if args.table:
-        from .diagnose import layer_table, table_summary, to_csv
-        from .io import atomic_write_text
+        from .compression.diagnose import layer_table, table_summary, to_csv
+        from .core.files import atomic_write_text
 
         if Path(args.table).is_dir():
             raise ComcatError(f"--table {args.table} is a folder: give a .csv file name")
@@ -223,7 +374,7 @@ def cmd_analyze(args) -> None:
         atomic_write_text(args.table, to_csv(rows))
         print(f"wrote {args.table}")
     if args.recommend is not None:
-        from .diagnose import calibrate_on, recommend, recommendation_text
+        from .compression.diagnose import calibrate_on, recommend, recommendation_text
 
         cal = None
         if args.data:
@@ -245,34 +396,45 @@ def _tick(bar, i: int, n: int) -> None:
 
 def _compare_to_dense(small, args) -> None:
     """`analyze` of a compressed model: the per-head errors against its dense source."""
-    from .diagnose import comparison_text, head_errors
-    from .models import load_model
+    from .compression.diagnose import comparison_text, head_errors
+    from .compression.load import load_model
 
     if args.recommend is not None or args.table or args.plots or args.json:
-        raise ComcatError(f"{small.source} is a compressed model: analyze its dense source for spectra, tables and "
-                          "recommendations (or pass only --dense to compare the two)")
+        raise ComcatError(
+            f"{small.source} is a compressed model: analyze its dense source for spectra, tables and "
+            "recommendations (or pass only --dense to compare the two)"
+        )
     spec = args.dense or small.meta.get("source", "")
     try:
         dense = load_model(spec, args.dense_arch or small.arch)
     except ComcatError as e:
-        raise ComcatError(f"the dense source of {small.source} ({spec}) cannot be loaded ({e}): pass it with "
-                          "--dense SPEC") from None
+        raise ComcatError(
+            f"the dense source of {small.source} ({spec}) cannot be loaded ({e}): pass it with --dense SPEC"
+        ) from None
     if dense.compressed or (dense.arch, dense.arch_kwargs) != (small.arch, small.arch_kwargs):
-        raise ComcatError(f"{small.source} was compressed from a dense {small.arch} model, and {spec} is not one: "
-                          "pass its dense source with --dense SPEC")
+        raise ComcatError(
+            f"{small.source} was compressed from a dense {small.arch} model, and {spec} is not one: "
+            "pass its dense source with --dense SPEC"
+        )
     print(f"{small.source} against {dense.source}:")
     print(comparison_text(head_errors(dense.model, small.model), small.meta.get("ranks")))
 
 
-BARS = {"calibrate": "calibrate (blocks)", "allocate": "allocate (probes)", "search": "rank search",
-        "distill": "block distillation", "finetune": "fine-tune"}
+BARS = {
+    "calibrate": "calibrate (blocks)",
+    "allocate": "allocate (probes)",
+    "search": "rank search",
+    "distill": "block distillation",
+    "finetune": "fine-tune",
+}
 
 
 def validation_line(e: dict) -> str:
     """One line of validation scores: agreement and KL with the dense model, top-1 when labeled."""
     top1 = f", top-1 {e['top1']:.2f}%" if "top1" in e else ""
-    return (f"validation ({e['images']} held-out images) agreement with dense {e['agreement']:.2f}%, "
-            f"KL {e['kl']:.4f}{top1}")
+    return (
+        f"validation ({e['images']} held-out images) agreement with dense {e['agreement']:.2f}%, KL {e['kl']:.4f}{top1}"
+    )
 
 
 class TqdmProgress:
@@ -284,7 +446,7 @@ class TqdmProgress:
     def __call__(self, e: dict) -> None:
         from tqdm.auto import tqdm
 
-        from . import dist
+        from .core import dist
 
         if not dist.is_main():
             return
@@ -299,14 +461,18 @@ class TqdmProgress:
         if kind in BARS and self.bar is None:
             self.bar = tqdm(total=e["total"], desc=BARS[kind], dynamic_ncols=True)
         if kind == "search":
-            self.bar.set_postfix_str(f"{e['phase']} loss {e['loss']:.3f} cost/target {e['cost'] / e['target']:.3f} "
-                                     f"tau {e['tau']:.2f}", refresh=False)
+            self.bar.set_postfix_str(
+                f"{e['phase']} loss {e['loss']:.3f} cost/target {e['cost'] / e['target']:.3f} tau {e['tau']:.2f}",
+                refresh=False,
+            )
         elif kind == "finetune":
             self.bar.set_postfix_str(f"loss {e['loss']:.3f} lr {e['lr']:.2e}", refresh=False)
         elif kind == "distill":
             self.bar.set_postfix_str(f"block {e['block'] + 1}/{e['blocks']} loss {e['loss']:.4f}", refresh=False)
         elif kind == "validate":
-            (self.bar.write if self.bar else print)(validation_line(e) + (f" after {e['after']}" if "after" in e else ""))
+            (self.bar.write if self.bar else print)(
+                validation_line(e) + (f" after {e['after']}" if "after" in e else "")
+            )
             return
         if self.bar is not None and kind in BARS:
             self.bar.n = e["step"]
@@ -319,40 +485,73 @@ class TqdmProgress:
 
 
 def job_spec(args):
-    from .job import JobSpec
+    from .compression.job import JobSpec
 
     rules = sum(x is not None for x in (args.ranks, args.energy, args.params_ratio))
     if args.search and (args.ranks or args.energy is not None):
         raise ComcatError("--search chooses the ranks itself: drop --ranks / --energy and give --params-ratio R")
     if rules != 1:
         raise ComcatError("give exactly one of --ranks FILE, --energy E or --params-ratio R (or --resume DIR)")
-    if args.finetune_epochs < 0 or args.search_epochs < 1 or args.batch_size < 1 or args.distill_steps < 0 \
-            or args.distill_views < 0 or not 0 <= args.distill_cls < float("inf"):
-        raise ComcatError("--search-epochs and --batch-size must be >= 1, --finetune-epochs, --distill-steps, "
-                          "--distill-views and --distill-cls >= 0")
+    if (
+        args.finetune_epochs < 0
+        or args.search_epochs < 1
+        or args.batch_size < 1
+        or args.distill_steps < 0
+        or args.distill_views < 0
+        or not 0 <= args.distill_cls < float("inf")
+    ):
+        raise ComcatError(
+            "--search-epochs and --batch-size must be >= 1, --finetune-epochs, --distill-steps, "
+            "--distill-views and --distill-cls >= 0"
+        )
     if args.train_images < 1 or args.fit_images < 1 or args.calibration_images < 1:
         raise ComcatError("--train-images, --fit-images and --calibration-images must be >= 1")
     for name in ("lr", "distill_lr"):
         value = getattr(args, name)
         if not (value > 0 and value < float("inf")):
             raise ComcatError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-    return JobSpec(model=args.model, arch=args.arch, method=args.method, ratio=args.params_ratio,
-                   budget=args.budget, search=args.search, mlp=args.mlp, classifier=args.classifier_rank is not None,
-                   classifier_rank=args.classifier_rank, ranks_file=args.ranks, energy=args.energy,
-                   allocate=args.allocate, calibration=args.calibration, calibration_images=args.calibration_images,
-                   distill_steps=args.distill_steps, distill_lr=args.distill_lr,
-                   distill_views=args.distill_views, distill_cls=args.distill_cls, search_epochs=args.search_epochs,
-                   decode=args.decode, finetune_epochs=args.finetune_epochs, data=args.data,
-                   train_images=args.train_images, fit_images=args.fit_images, seed=args.seed,
-                   batch_size=args.batch_size, lr=args.lr, labels=args.labels, mix=not args.no_mix,
-                   device=args.device, workers=args.workers, evaluate=not args.no_eval, latency=not args.no_latency)
+    return JobSpec(
+        model=args.model,
+        arch=args.arch,
+        method=args.method,
+        ratio=args.params_ratio,
+        budget=args.budget,
+        search=args.search,
+        mlp=args.mlp,
+        classifier=args.classifier_rank is not None,
+        classifier_rank=args.classifier_rank,
+        ranks_file=args.ranks,
+        energy=args.energy,
+        allocate=args.allocate,
+        calibration=args.calibration,
+        calibration_images=args.calibration_images,
+        distill_steps=args.distill_steps,
+        distill_lr=args.distill_lr,
+        distill_views=args.distill_views,
+        distill_cls=args.distill_cls,
+        search_epochs=args.search_epochs,
+        decode=args.decode,
+        finetune_epochs=args.finetune_epochs,
+        data=args.data,
+        train_images=args.train_images,
+        fit_images=args.fit_images,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        labels=args.labels,
+        mix=not args.no_mix,
+        device=args.device,
+        workers=args.workers,
+        evaluate=not args.no_eval,
+        latency=not args.no_latency,
+    )
 
 
 def cmd_compress(args) -> None:
-    from . import dist
-    from .job import run_job
-    from .loop import StopFlag
-    from .pipeline import format_report
+    from .compression.job import run_job
+    from .compression.report import format_report
+    from .core import dist
+    from .core.loop import StopFlag
 
     if args.resume is None and args.out is None:
         raise ComcatError("give --out DIR for the compressed model (or --resume DIR to continue a run)")
@@ -361,8 +560,15 @@ def cmd_compress(args) -> None:
     stop.install_signal()
     progress = TqdmProgress()
     try:
-        result = run_job(spec, args.resume or args.out, resume=args.resume is not None, callback=progress,
-                         should_stop=stop, progress=True, overwrite=args.overwrite)
+        result = run_job(
+            spec,
+            args.resume or args.out,
+            resume=args.resume is not None,
+            callback=progress,
+            should_stop=stop,
+            progress=True,
+            overwrite=args.overwrite,
+        )
         main_process = dist.is_main()
     finally:
         progress.close()
@@ -370,32 +576,39 @@ def cmd_compress(args) -> None:
     if main_process:
         print(format_report(result["report"]))
         if result["stopped"]:
-            print(f"stopped during {result['stopped']}: saved the best valid model so far to {result['out']}; "
-                  f"continue with: python -m comcat compress --resume {result['out']}")
+            print(
+                f"stopped during {result['stopped']}: saved the best valid model so far to {result['out']}; "
+                f"continue with: python -m comcat compress --resume {result['out']}"
+            )
         else:
             print(f"saved {result['out']}")
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import evaluate
-    from .models import load_model
+    from .compression.evaluate import evaluate
+    from .compression.load import load_model
 
     loaded = load_model(args.model, args.arch)
     metrics = {"model": loaded.source, **evaluate(loaded.model, args.data, batch_size=args.batch_size)}
     if "top1" in metrics:
-        print(f"{loaded.source}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
+        print(
+            f"{loaded.source}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)"
+        )
     else:
-        print(f"{loaded.source}: {metrics['images']} images without labels of the model's classes, so no top-1 "
-              "(compare a compressed model with its dense one in its report.md)")
+        print(
+            f"{loaded.source}: {metrics['images']} images without labels of the model's classes, so no top-1 "
+            "(compare a compressed model with its dense one in its report.md)"
+        )
     if args.json:
         _write_json(args.json, metrics)
 
 
 def cmd_demo(args) -> None:
-    from .analysis import analyze
-    from .evaluate import predict, scores
-    from .models import load_model
-    from .pipeline import choose_ranks, run_compress
+    from .compression.analysis import analyze
+    from .compression.evaluate import predict, scores
+    from .compression.load import load_model
+    from .compression.rank_rules import choose_ranks
+    from .compression.report import run_compress
 
     loaded = load_model("embedded")
     spectra = analyze(loaded.model)
@@ -410,24 +623,43 @@ def cmd_demo(args) -> None:
             cfg = choose_ranks(loaded, method, params_ratio=ratio)
             _, r = run_compress(loaded, cfg, latency=False, progress=False, dense_scores=dense)
             c = r["compressed"]
-            print(f"{method:8} {r['attn_params_ratio']:>11.1%} {c['params']:>12,} "
-                  f"{c['flops'] / 1e6:>7.1f}M {c['top1']:>8.2f}")
+            print(
+                f"{method:8} {r['attn_params_ratio']:>11.1%} {c['params']:>12,} "
+                f"{c['flops'] / 1e6:>7.1f}M {c['top1']:>8.2f}"
+            )
 
 
 def cmd_customize(args) -> None:
     from tqdm.auto import tqdm
 
-    from .customize import CustomizeSpec, customize
-    from .loop import StopFlag
+    from .core.loop import StopFlag
+    from .customization.customize import CustomizeSpec, customize
 
     if args.resume is None and (args.out is None or args.images is None):
         raise ComcatError("give --images DIR and --out DIR (or --resume DIR to continue a run)")
-    spec = None if args.resume else CustomizeSpec(
-        pipeline=args.pipeline, images=args.images, prompt=args.prompt, token=args.token, rank=args.rank,
-        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), steps=args.steps, lr=args.lr,
-        batch_size=args.batch_size, learn_token=args.learn_token, class_prompt=args.class_prompt,
-        class_images=args.class_images, preview_every=args.preview_every, seed=args.seed, device=args.device,
-        precision=args.precision, checkpoint_every=args.checkpoint_every)
+    spec = (
+        None
+        if args.resume
+        else CustomizeSpec(
+            pipeline=args.pipeline,
+            images=args.images,
+            prompt=args.prompt,
+            token=args.token,
+            rank=args.rank,
+            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            steps=args.steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            learn_token=args.learn_token,
+            class_prompt=args.class_prompt,
+            class_images=args.class_images,
+            preview_every=args.preview_every,
+            seed=args.seed,
+            device=args.device,
+            precision=args.precision,
+            checkpoint_every=args.checkpoint_every,
+        )
+    )
     stop = StopFlag()
     stop.install_signal()
     bar = tqdm(total=spec.steps if spec else None, desc="customize", dynamic_ncols=True)
@@ -442,26 +674,36 @@ def cmd_customize(args) -> None:
             bar.write(f"preview at step {e['step']}: {e['path']}")
 
     try:
-        result = customize(spec or CustomizeSpec(), args.resume or args.out, callback=progress, should_stop=stop,
-                           resume=args.resume is not None, overwrite=args.overwrite)
+        result = customize(
+            spec or CustomizeSpec(),
+            args.resume or args.out,
+            callback=progress,
+            should_stop=stop,
+            resume=args.resume is not None,
+            overwrite=args.overwrite,
+        )
     finally:
         bar.close()
     if result["stopped"]:
-        print(f"stopped at step {result['steps_done']}: saved {result['adapter']}; continue with: "
-              f"python -m comcat customize --resume {args.resume or args.out}")
+        print(
+            f"stopped at step {result['steps_done']}: saved {result['adapter']}; continue with: "
+            f"python -m comcat customize --resume {args.resume or args.out}"
+        )
     else:
-        print(f"saved {result['adapter']} ({os.path.getsize(result['adapter']) / 1e3:.1f} kB) "
-              f"after {result['steps_done']} steps in {result['seconds']:.0f}s")
+        print(
+            f"saved {result['adapter']} ({os.path.getsize(result['adapter']) / 1e3:.1f} kB) "
+            f"after {result['steps_done']} steps in {result['seconds']:.0f}s"
+        )
 
 
-MAX_GENERATE = 64      # images per generate call
+MAX_GENERATE = 64  # images per generate call
 
 
 def cmd_generate(args) -> None:
-    from .customize import resolve_device
-    from .diffusion.concept import grid
-    from .diffusion.pipeline import load_pipeline
-    from .generate import generate, parse_adapter_arg, save_image, with_adapters
+    from .customization.customize import resolve_device
+    from .customization.diffusion.concept import grid
+    from .customization.diffusion.pipeline import load_pipeline
+    from .customization.generate import generate, parse_adapter_arg, save_image, with_adapters
 
     if not 1 <= args.n <= MAX_GENERATE or not 1 <= args.steps <= 1000:
         raise ComcatError(f"--n must be in 1..{MAX_GENERATE} and --steps in 1..1000, got {args.n} and {args.steps}")
@@ -474,10 +716,16 @@ def cmd_generate(args) -> None:
 def main(argv=None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
-    handler = {"analyze": cmd_analyze, "compress": cmd_compress, "evaluate": cmd_evaluate,
-               "customize": cmd_customize, "generate": cmd_generate}.get(args.command, cmd_demo)
+    handler = {
+        "analyze": cmd_analyze,
+        "compress": cmd_compress,
+        "evaluate": cmd_evaluate,
+        "customize": cmd_customize,
+        "generate": cmd_generate,
+    }.get(args.command, cmd_demo)
     try:
-        from .dist import check_device
+        from .core.dist import check_device
+
         check_device(getattr(args, "device", None))
         handler(args)
     except ComcatError as e:

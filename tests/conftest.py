@@ -5,7 +5,7 @@ import pytest
 import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")       # tests never touch the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -17,7 +17,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def embedded():
-    from comcat.models import load_model
+    from comcat.compression.load import load_model
+
     return load_model("embedded")
 
 
@@ -45,8 +46,8 @@ def checkpoint_and_photos(tmp_path: Path) -> tuple[Path, Path]:
     from PIL import Image
     from safetensors.torch import save_file
 
-    from comcat.data.shapes import make_shapes
-    from comcat.models import load_model
+    from comcat.compression.load import load_model
+    from comcat.core.shapes import make_shapes
 
     ckpt = tmp_path / "mine.safetensors"
     save_file(load_model("embedded").model.state_dict(), str(ckpt))

@@ -1,4 +1,5 @@
 """COMCAT attention adapters: exactness, injection through set_attn_processor, files."""
+
 import copy
 
 import pytest
@@ -6,19 +7,35 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
-from comcat.adapter import (AdapterConfig, add_adapter, adapter_names, adapter_parameters, load_adapter,
-                            save_adapter, set_adapter_scale, unload_adapter)
-from comcat.adapter.model import attention_sites, train_token_row
-from comcat.diffusion.pipeline import ShapesPipeline, load_pipeline
-from comcat.diffusion.shapes_t2i import build_scheduler, build_text_encoder, build_tokenizer, build_unet
-from comcat.errors import ComcatError
+from comcat.core.errors import ComcatError
+from comcat.customization.adapter import (
+    AdapterConfig,
+    adapter_names,
+    adapter_parameters,
+    add_adapter,
+    load_adapter,
+    save_adapter,
+    set_adapter_scale,
+    unload_adapter,
+)
+from comcat.customization.adapter.model import attention_sites, train_token_row
+from comcat.customization.diffusion.pipeline import ShapesPipeline, load_pipeline
+from comcat.customization.diffusion.shapes_t2i import build_scheduler, build_text_encoder, build_tokenizer, build_unet
 
 # tiny UNets shaped like SD 1.x (heads given, non-linear proj) and SD 2.x (head dims per block,
 # linear projections, upcast attention)
-SD1_LIKE = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
-                attention_head_dim=4, norm_num_groups=8)
+SD1_LIKE = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=24,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
 SD2_LIKE = dict(SD1_LIKE, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
 
 
@@ -41,8 +58,9 @@ def unet_io(config, seed=0):
 def tiny_pipeline(seed=0):
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    return ShapesPipeline(unet=build_unet().eval(), scheduler=build_scheduler(), text_encoder=build_text_encoder(tok),
-                          tokenizer=tok)
+    return ShapesPipeline(
+        unet=build_unet().eval(), scheduler=build_scheduler(), text_encoder=build_text_encoder(tok), tokenizer=tok
+    )
 
 
 @pytest.mark.parametrize("config", [SD1_LIKE, SD2_LIKE], ids=["sd1-like", "sd2-like"])
@@ -53,7 +71,7 @@ def test_zero_init_adapter_reproduces_base_and_trained_one_changes_it(config):
     params = add_adapter(unet, AdapterConfig(rank=2))
     with torch.no_grad():
         same = unet(*inputs).sample
-    assert torch.allclose(same, base, atol=1e-6)     # equal up to float rounding of the wider SDPA
+    assert torch.allclose(same, base, atol=1e-6)  # equal up to float rounding of the wider SDPA
     randomize(params)
     with torch.no_grad():
         changed = unet(*inputs).sample
@@ -72,7 +90,7 @@ def explicit_attention(attn, x, ctx, adapters):
     H = attn.heads
     q, k, v = attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
     d = q.shape[-1] // H
-    w_o = attn.to_out[0].weight                     # (out, H d)
+    w_o = attn.to_out[0].weight  # (out, H d)
     out = attn.to_out[0].bias.expand(x.shape[0], x.shape[1], -1).clone()
     for h in range(H):
         sl = slice(h * d, (h + 1) * d)
@@ -95,7 +113,7 @@ def adapted_site(kind, align, frozen):
     randomize(adapter_parameters(unet, "one").values(), 1)
     randomize(adapter_parameters(unet, "two").values(), 2)
     for name, p in unet.named_parameters():
-        p.requires_grad_(not frozen or ".processor." in name)   # frozen: the widened-weight path
+        p.requires_grad_(not frozen or ".processor." in name)  # frozen: the widened-weight path
     name, attn = next((n, a) for n, a in attention_sites(unet).items() if n.endswith(kind))
     x = torch.randn(2, 9, attn.to_q.in_features, dtype=torch.double)
     ctx = x if kind == "attn1" else torch.randn(2, 5, attn.to_k.in_features, dtype=torch.double)
@@ -141,8 +159,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double().cpu() - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+)
 @pytest.mark.parametrize("kind", ["attn1", "attn2"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_widened_adapter_in_float32_and_bf16_autocast_matches_float64(kind, autocast, device):
@@ -158,10 +178,18 @@ def test_widened_adapter_in_float32_and_bf16_autocast_matches_float64(kind, auto
         out = low(x.float().to(device), encoder_hidden_states=None if kind == "attn1" else ctx.float().to(device))
     assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
     (out.float() * probe.float().to(device)).sum().backward()
-    tol = 2e-2 if autocast else 1e-4                    # bf16 operands vs float32
+    tol = 2e-2 if autocast else 1e-4  # bf16 operands vs float32
     assert rel(out, ref.detach()) < tol
-    grads = [p.grad for n in ("one", "two") for p in (low.processor.adapters[n].A, low.processor.adapters[n].B,
-                                                      low.processor.adapters[n].P, low.processor.adapters[n].R)]
+    grads = [
+        p.grad
+        for n in ("one", "two")
+        for p in (
+            low.processor.adapters[n].A,
+            low.processor.adapters[n].B,
+            low.processor.adapters[n].P,
+            low.processor.adapters[n].R,
+        )
+    ]
     for g, r in zip(grads, ref_grads):
         assert g.dtype == torch.float32 and rel(g, r) < 3 * tol
 
@@ -170,7 +198,7 @@ def test_adapter_sizes_are_per_head_rank_r():
     unet = build_unet()
     add_adapter(unet, AdapterConfig(rank=3, targets=("cross",)))
     shapes = {k: tuple(p.shape) for k, p in adapter_parameters(unet).items()}
-    assert all(".attn2." in k for k in shapes)       # only cross-attention when asked
+    assert all(".attn2." in k for k in shapes)  # only cross-attention when asked
     attn = next(a for n, a in attention_sites(unet).items() if n.endswith("attn2"))
     some = next(k for k in shapes if k.endswith(".A"))
     assert shapes[some][1] == attn.heads * 3
@@ -206,7 +234,7 @@ def test_save_load_round_trip_and_two_adapters(tmp_path):
         both = fresh.unet(*inputs).sample
     assert (both - trained).abs().max() > 1e-3
     unload_adapter(fresh, "a32")
-    with torch.no_grad():      # the fp16 copy alone is the same adapter up to fp16 rounding
+    with torch.no_grad():  # the fp16 copy alone is the same adapter up to fp16 rounding
         assert torch.allclose(fresh.unet(*inputs).sample, trained, atol=2e-2)
     unload_adapter(fresh)
     with torch.no_grad():
@@ -219,8 +247,9 @@ def test_pipeline_saved_to_a_folder_loads_back_with_an_adapter(tmp_path):
     add_adapter(pipe, AdapterConfig(rank=1))
     randomize(adapter_parameters(pipe).values(), 4, std=0.5)
     save_adapter(pipe, AdapterConfig(rank=1), tmp_path / "concept", dtype=torch.float32)
-    gen = lambda p: p("a red star", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                      output_type="np").images
+    gen = lambda p: (
+        p("a red star", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    )
     expected = gen(pipe)
     loaded = load_pipeline(str(tmp_path / "pipe"))
     assert isinstance(loaded, ShapesPipeline)
@@ -233,7 +262,8 @@ def test_pipeline_saved_to_a_folder_loads_back_with_an_adapter(tmp_path):
 
 def test_learned_token_embedding_travels_with_the_adapter(tmp_path):
     pipe = tiny_pipeline()
-    from comcat.adapter.model import add_token
+    from comcat.customization.adapter.model import add_token
+
     tok_id = add_token(pipe, "<zz>", torch.full((64,), 0.25))
     add_adapter(pipe, AdapterConfig(rank=1, token="<zz>", token_embedding=True))
     save_adapter(pipe, AdapterConfig(rank=1, token="<zz>", token_embedding=True), tmp_path / "t")
@@ -249,13 +279,13 @@ def test_unloading_restores_the_base_pipelines_tokenizer_and_embeddings_exactly(
     """Generate's 'without' gallery: after loading the example adapter (a new token V* with its learned
     row) and unloading it, the tokenizer and the table are the base model's and so are the images
     (issue 18)."""
-    from comcat.embedded import ASSETS
-    from comcat.generate import generate
+    from comcat.core.embedded import ASSETS
+    from comcat.customization.generate import generate
 
     pipe = load_pipeline("embedded")
     vocab, table = dict(pipe.tokenizer.get_vocab()), pipe.text_encoder.get_input_embeddings().weight.clone()
     before = generate(pipe, "a V* in blue", seed=3, steps=3)[0]
-    for _ in range(2):                      # twice: the second load must not start from the first's token
+    for _ in range(2):  # twice: the second load must not start from the first's token
         load_adapter(pipe, ASSETS / "examples" / "heart_adapter.safetensors")
         assert pipe.tokenizer.get_vocab() != vocab
         unload_adapter(pipe)
@@ -289,7 +319,8 @@ def test_bad_adapter_inputs(tmp_path):
 
 def test_train_token_row_trains_the_row_the_prompt_uses():
     """The embedded tokenizer lower-cases prompts; 'V*' must still be one token, and only its row learns."""
-    from comcat.diffusion.concept import encode_text, tokenize
+    from comcat.customization.diffusion.concept import encode_text, tokenize
+
     pipe = tiny_pipeline()
     emb, tok_id = train_token_row(pipe, "V*")
     assert tok_id != pipe.tokenizer.unk_token_id and tok_id in tokenize(pipe, ["a V* in red"])[0].tolist()
@@ -302,8 +333,8 @@ def test_train_token_row_trains_the_row_the_prompt_uses():
 def test_adapter_table_measures_each_heads_update_against_the_base():
     """The inspected ratios equal ||alpha A_h B_h^T|| / ||W^Q_h W^K_h^T|| (and the VO ones) formed
     explicitly, and the pipeline is left without the adapter (issue 18)."""
-    from comcat.adapter.inspect import adapter_summary, adapter_table
-    from comcat.embedded import ASSETS
+    from comcat.core.embedded import ASSETS
+    from comcat.customization.adapter.inspect import adapter_summary, adapter_table
 
     pipe = load_pipeline("embedded")
     path = ASSETS / "examples" / "heart_adapter.safetensors"
@@ -316,11 +347,11 @@ def test_adapter_table_measures_each_heads_update_against_the_base():
     d = attn.to_q.out_features // H
     qk, vo = [], []
     for h in range(H):
-        wq, wk, wv = (lin.weight[h * d:(h + 1) * d].double() for lin in (attn.to_q, attn.to_k, attn.to_v))
-        wo = attn.to_out[0].weight[:, h * d:(h + 1) * d].double()
-        a, b, p = (t[:, h * r:(h + 1) * r].double() for t in (m.A, m.B, m.P))
+        wq, wk, wv = (lin.weight[h * d : (h + 1) * d].double() for lin in (attn.to_q, attn.to_k, attn.to_v))
+        wo = attn.to_out[0].weight[:, h * d : (h + 1) * d].double()
+        a, b, p = (t[:, h * r : (h + 1) * r].double() for t in (m.A, m.B, m.P))
         qk.append(torch.linalg.norm(a @ b.T) / torch.linalg.norm(wq.T @ wk))
-        vo.append(torch.linalg.norm(p @ m.R[h * r:(h + 1) * r].double()) / torch.linalg.norm(wv.T @ wo.T))
+        vo.append(torch.linalg.norm(p @ m.R[h * r : (h + 1) * r].double()) / torch.linalg.norm(wv.T @ wo.T))
     assert abs(rows[0]["qk_change_mean"] - torch.stack(qk).mean().item()) < 1e-9
     assert abs(rows[0]["vo_change_max"] - torch.stack(vo).max().item()) < 1e-9
     assert "cross-attention changes W^QK by" in adapter_summary(rows)

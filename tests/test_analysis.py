@@ -5,9 +5,9 @@ import pytest
 import timm
 import torch
 
-from comcat.analysis import (analyze, cumulative_energy, head_factors, product_svd, product_svdvals,
-                             rank_for_energy)
-from comcat.vit import head_weights
+from comcat.compression.analysis import analyze, head_factors
+from comcat.compression.vit import head_weights
+from comcat.core.linalg import cumulative_energy, product_svd, product_svdvals, rank_for_energy
 
 
 @pytest.mark.parametrize("shape", [(5, 48, 8), (2, 3, 96, 32)])
@@ -32,14 +32,14 @@ def test_head_spectra_equal_svd_of_formed_products():
     attn = model.blocks[3].attn
     hw = head_weights(attn)
     for h in range(hw.num_heads):
-        qk = hw.wq[h] @ hw.wk[h].T                    # W^QK_h = W^Q_h W^K_h^T, C x C
-        vo = hw.wv[h] @ hw.wo[h].T                    # W^VO_h = W^V_h W^O_h
+        qk = hw.wq[h] @ hw.wk[h].T  # W^QK_h = W^Q_h W^K_h^T, C x C
+        vo = hw.wv[h] @ hw.wo[h].T  # W^VO_h = W^V_h W^O_h
         for p, m in (("qk", qk), ("vo", vo)):
             direct = torch.linalg.svdvals(m)[: hw.head_dim].numpy()
             np.testing.assert_allclose(spectra.head[p][3, h], direct, rtol=1e-9, atol=1e-12)
     # matrix level: the (out, in) weights of the qkv and proj linears
     C = attn.qkv.in_features
-    direct = torch.linalg.svdvals(attn.qkv.weight[C:2 * C].detach().double()).numpy()
+    direct = torch.linalg.svdvals(attn.qkv.weight[C : 2 * C].detach().double()).numpy()
     np.testing.assert_allclose(spectra.matrix["k"][3], direct, rtol=0, atol=1e-5 * direct[0])
     assert spectra.head["qk"].shape == (12, 3, 64) and spectra.matrix["o"].shape == (12, 192)
 
@@ -55,7 +55,7 @@ def test_head_factor_orientation():
     h = 1
     logits = (q[:, h] - bq[h]) @ (k[:, h] - bk[h]).T
     assert torch.allclose(logits, x @ (wq[h] @ wk[h].T) @ x.T, atol=1e-10)
-    out_h = (v[:, h] - bv[h]) @ attn.proj.weight.double()[:, h * 64:(h + 1) * 64].T
+    out_h = (v[:, h] - bv[h]) @ attn.proj.weight.double()[:, h * 64 : (h + 1) * 64].T
     assert torch.allclose(out_h, x @ (wv[h] @ wo[h].T), atol=1e-10)
 
 
@@ -81,8 +81,14 @@ def test_param_curves_and_summary(embedded):
 
 
 def test_plot_builders(embedded, tmp_path):
-    from comcat.plots import (energy_heatmaps_plotly, energy_maps, head_spectra_plotly, param_curves_plotly,
-                              save_analysis_plots)
+    from comcat.compression.plots import (
+        energy_heatmaps_plotly,
+        energy_maps,
+        head_spectra_plotly,
+        param_curves_plotly,
+        save_analysis_plots,
+    )
+
     spectra = analyze(embedded.model)
     maps = energy_maps(spectra)
     assert maps["q"].shape == (6, 128) and maps["qk"].shape == (6, 32)
@@ -103,12 +109,12 @@ def test_layer_diagnosis_metrics_and_the_shuffled_reference(embedded, tmp_path):
     import csv
 
     from comcat.cli import main
-    from comcat.diagnose import effective_rank, hill_alpha, layer_table, stable_rank
+    from comcat.compression.diagnose import effective_rank, hill_alpha, layer_table, stable_rank
 
     flat = np.ones(10)
     assert stable_rank(flat) == 10 and abs(effective_rank(flat) - 10) < 1e-9
     assert stable_rank(np.array([1.0, 0, 0])) == 1 and abs(effective_rank(np.array([1.0, 0, 0])) - 1) < 1e-9
-    power = np.arange(1, 2001, dtype=float) ** -1.0          # lambda_i = s_i^2 ~ i^-2: a heavier tail than flat
+    power = np.arange(1, 2001, dtype=float) ** -1.0  # lambda_i = s_i^2 ~ i^-2: a heavier tail than flat
     assert hill_alpha(power) < hill_alpha(np.linspace(1, 0.9, 2000))
     rows = layer_table(embedded.model)
     assert len(rows) == 6 * 6 and {r["site"] for r in rows} == {"q", "k", "v", "o", "qk", "vo"}
@@ -121,9 +127,9 @@ def test_layer_diagnosis_metrics_and_the_shuffled_reference(embedded, tmp_path):
 
 
 def test_recommendation_is_the_budget_rule_with_its_savings(embedded):
-    from comcat.cost import model_params
-    from comcat.diagnose import recommend, recommendation_text
-    from comcat.ranks import energy_ranks_for_budget
+    from comcat.compression.cost import model_params
+    from comcat.compression.diagnose import recommend, recommendation_text
+    from comcat.compression.rank_rules import energy_ranks_for_budget
 
     rec = recommend(embedded.model, 0.5)
     cfg = energy_ranks_for_budget(embedded.model, "head", 0.5)
@@ -140,9 +146,9 @@ def test_recommendation_is_the_budget_rule_with_its_savings(embedded):
 def test_head_errors_find_the_heads_a_compression_lost(embedded):
     """Exact at full rank; at half rank the list is sorted and its largest error is the one measured
     by forming that head's products."""
-    from comcat.compress import compress
-    from comcat.diagnose import head_errors
-    from comcat.ranks import uniform_ranks
+    from comcat.compression.convert import compress
+    from comcat.compression.diagnose import head_errors
+    from comcat.compression.rank_rules import uniform_ranks
 
     full = compress(embedded.model, uniform_ranks(embedded.model, "head", 1.0))
     assert max(r["error"] for r in head_errors(embedded.model, full)) < 1e-5
@@ -151,28 +157,28 @@ def test_head_errors_find_the_heads_a_compression_lost(embedded):
     assert [r["error"] for r in rows] == sorted((r["error"] for r in rows), reverse=True)
     top = rows[0]
     dense_attn, attn = embedded.model.blocks[top["layer"]].attn, small.blocks[top["layer"]].attn
-    H, d, C = dense_attn.num_heads, dense_attn.head_dim, dense_attn.qkv.in_features
+    d, C = dense_attn.head_dim, dense_attn.qkv.in_features
     h, r = top["head"], attn.rank_qk if top["product"] == "qk" else attn.rank_vo
     w = dense_attn.qkv.weight.double()
     if top["product"] == "qk":
-        full_h = w[h * d:(h + 1) * d].T @ w[C + h * d:C + (h + 1) * d]
-        approx = attn.q.weight[h * r:(h + 1) * r].double().T @ attn.k.weight[h * r:(h + 1) * r].double()
+        full_h = w[h * d : (h + 1) * d].T @ w[C + h * d : C + (h + 1) * d]
+        approx = attn.q.weight[h * r : (h + 1) * r].double().T @ attn.k.weight[h * r : (h + 1) * r].double()
     else:
-        full_h = w[2 * C + h * d:2 * C + (h + 1) * d].T @ dense_attn.proj.weight[:, h * d:(h + 1) * d].double().T
-        approx = attn.v.weight[h * r:(h + 1) * r].double().T @ attn.proj.weight[:, h * r:(h + 1) * r].double().T
+        full_h = w[2 * C + h * d : 2 * C + (h + 1) * d].T @ dense_attn.proj.weight[:, h * d : (h + 1) * d].double().T
+        approx = attn.v.weight[h * r : (h + 1) * r].double().T @ attn.proj.weight[:, h * r : (h + 1) * r].double().T
     assert abs(top["error"] - (torch.linalg.norm(full_h - approx) / torch.linalg.norm(full_h)).item()) < 1e-9
 
 
 def test_calibrated_recommendation_is_the_allocation_compress_starts_from(embedded):
     """With images, the recommendation is allocate.calibrated_ranks on the fit split a compress run
     uses, within the same budget; its predicted KL is the sum of the sites' curves at its ranks."""
-    from comcat.allocate import calibrated_ranks
-    from comcat.diagnose import calibrate_on, error_grid, recommend, recommendation_text
-    from comcat.search import search_target
+    from comcat.compression.allocate import calibrated_ranks
+    from comcat.compression.cost import budget_target
+    from comcat.compression.diagnose import calibrate_on, error_grid, recommend, recommendation_text
 
     cal = calibrate_on(embedded.model, None, images=128)
     rec = recommend(embedded.model, 0.5, cal=cal)
-    cost_fn, target = search_target(embedded.model, 0.5, "params", False)
+    cost_fn, target = budget_target(embedded.model, 0.5, "params", False)
     cfg, sites = calibrated_ranks(embedded.model, cal, "head", cost_fn, target, 0.5)
     assert rec["rule"] == "calibrated" and rec["ranks"]["blocks"] == cfg.blocks and rec["images"] == 128
     assert rec["params"][1] == cost_fn(cfg) <= target
@@ -184,14 +190,13 @@ def test_calibrated_recommendation_is_the_allocation_compress_starts_from(embedd
 
 
 def test_cli_recommends_and_compares_a_compressed_model(embedded, tmp_path, capsys):
-    from comcat.cli import main
-    from comcat.compress import compress
-    from comcat.io import save_compressed
-    from comcat.ranks import uniform_ranks
-
     from PIL import Image
 
-    from comcat.data.shapes import make_shapes
+    from comcat.cli import main
+    from comcat.compression.convert import compress
+    from comcat.compression.format import save_compressed
+    from comcat.compression.rank_rules import uniform_ranks
+    from comcat.core.shapes import make_shapes
 
     assert main(["analyze", "--recommend", "0.4"]) == 0
     assert "At 40% of the attention parameters, head-level ranks" in capsys.readouterr().out

@@ -1,60 +1,69 @@
 """Issue 5: the app's handlers called directly (no server, no browser)."""
+
 import json
-from pathlib import Path
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 
 gr = pytest.importorskip("gradio")
 
-from app import common  # noqa: E402
-from app import compress as app_compress  # noqa: E402
-from app import customize as app_customize  # noqa: E402
-from app import ui  # noqa: E402
-from app.jobs import Busy, Runner  # noqa: E402
+from app import common, pipelines, ui  # noqa: E402
+from app.runner import Busy, Runner  # noqa: E402
+from app.tabs import compress as compress_page  # noqa: E402
+from app.tabs import explore as explore_page  # noqa: E402
+from app.tabs import generate as generate_page  # noqa: E402
 
 
 def test_explore_embedded_gives_plots_summary_and_exports():
-    heat, heads, curves, summary, files, table, advice, slider, state = ui.on_explore("embedded", "", None, "",
-                                                                                      list(ui.PLOT_NAMES), 1)
-    assert slider["maximum"] == 5 and slider["value"] == 1          # the embedded model's 6 layers
-    assert ui.on_explore("embedded", "", None, "", [], 11)[7]["value"] == 5
+    heat, heads, curves, summary, files, table, advice, slider, state = explore_page.on_explore(
+        "embedded", "", None, "", list(explore_page.PLOT_NAMES), 1
+    )
+    assert slider["maximum"] == 5 and slider["value"] == 1  # the embedded model's 6 layers
+    assert explore_page.on_explore("embedded", "", None, "", [], 11)[7]["value"] == 5
     assert "At **50%** of the attention parameters" in advice and "0.84× dense" in advice
-    assert "At **30%**" in ui.on_budget(state, 0.3) and ui.on_budget(None, 0.3) is not None
+    assert "At **30%**" in explore_page.on_budget(state, 0.3) and explore_page.on_budget(None, 0.3) is not None
     assert len(table) == 6 * 6 and table[0][:2] == [0, "q"] and "Most learned low-rank structure" in summary
-    assert sorted(Path(f).name for f in files) == ["energy_heatmaps.png", "layers.csv", "param_curves.png",
-                                                   "spectra.json"]
+    assert sorted(Path(f).name for f in files) == [
+        "energy_heatmaps.png",
+        "layers.csv",
+        "param_curves.png",
+        "spectra.json",
+    ]
     assert len(heat.data) == 6 and heat.data[0].z.shape[0] == state.spectra.depth
     assert len(heads.data) == 2 * state.spectra.num_heads
     head_curve = next(t for t in curves.data if t.name.startswith("head"))
     matrix_curve = next(t for t in curves.data if t.name.startswith("matrix"))
-    assert all(h <= m for h, m in zip(head_curve.y, matrix_curve.y))   # head level never needs more
+    assert all(h <= m for h, m in zip(head_curve.y, matrix_curve.y))  # head level never needs more
     assert "head level" in summary and "embedded" in summary
     spectra = json.loads(open(next(f for f in files if f.endswith(".json"))).read())
     assert spectra["depth"] == state.spectra.depth and len(spectra["singular_values"]["qk"]) == spectra["depth"]
     assert sum(f.endswith(".png") for f in files) == 2
-    heat2, heads2 = ui.on_replot(state, ["W^QK per head"], 0)
+    heat2, heads2 = explore_page.on_replot(state, ["W^QK per head"], 0)
     assert len(heat2.data) == 1 and "layer 0" in heads2.layout.annotations[0].text
 
 
-@pytest.mark.parametrize("source,name,upload,arch,expect", [
-    ("uploaded checkpoint", "", None, "", "upload a checkpoint first"),
-    ("timm name", "no_such_model_xyz", None, "", "is not a timm model name"),
-])
+@pytest.mark.parametrize(
+    "source,name,upload,arch,expect",
+    [
+        ("uploaded checkpoint", "", None, "", "upload a checkpoint first"),
+        ("timm name", "no_such_model_xyz", None, "", "is not a timm model name"),
+    ],
+)
 def test_explore_bad_input_is_one_readable_line(source, name, upload, arch, expect):
-    out = ui.on_explore(source, name, upload, arch, list(ui.PLOT_NAMES), 0)
+    out = explore_page.on_explore(source, name, upload, arch, list(explore_page.PLOT_NAMES), 0)
     assert out[0] is None and expect in out[3] and "\n" not in out[3] and "Traceback" not in out[3]
 
 
 def test_explore_refuses_a_non_checkpoint_upload(tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("hello")
-    assert "not a checkpoint" in ui.on_explore("uploaded checkpoint", "", str(bad), "", [], 0)[3]
+    assert "not a checkpoint" in explore_page.on_explore("uploaded checkpoint", "", str(bad), "", [], 0)[3]
     fake = tmp_path / "weights.safetensors"
     fake.write_bytes(b"garbage")
-    msg = ui.on_explore("uploaded checkpoint", "", str(fake), "vit_tiny_patch16_224", [], 0)[3]
+    msg = explore_page.on_explore("uploaded checkpoint", "", str(fake), "vit_tiny_patch16_224", [], 0)[3]
     assert msg.startswith("**Error:**") and "\n" not in msg
 
 
@@ -95,40 +104,67 @@ def test_runner_runs_one_job_at_a_time_and_stops():
             assert stopped == "stopping" and r.stopping
     assert r.result == "stopped" and seen == steps and len(steps) < 1000
     assert r.stop() == "idle"
-    r.start(lambda cb, stop: 1 / 0)              # errors are kept for the page, and the lock is freed
+    r.start(lambda cb, stop: 1 / 0)  # errors are kept for the page, and the lock is freed
     list(r.stream(0.01))
     assert isinstance(r.error, ZeroDivisionError) and not r.running
 
 
-TINY = dict(ratio=0.5, budget="params", method="head", search=True, search_epochs=1, distill_steps=3,
-            finetune_epochs=1, mlp=True, data_source="embedded shapes", data_path="", data_zip=None, device="cpu",
-            train_images=64, fit_images=64)
+TINY = dict(
+    ratio=0.5,
+    budget="params",
+    method="head",
+    search=True,
+    search_epochs=1,
+    distill_steps=3,
+    finetune_epochs=1,
+    mlp=True,
+    data_source="embedded shapes",
+    data_path="",
+    data_zip=None,
+    device="cpu",
+    train_images=64,
+    fit_images=64,
+)
 
 
 @pytest.mark.slow
 def test_compress_streams_progress_and_exports_a_reloadable_zip(tmp_path):
-    from comcat.io import load_compressed
+    from comcat.compression.format import load_compressed
 
-    updates = list(ui.on_compress(**TINY))
+    updates = list(compress_page.on_compress(**TINY))
     statuses = [u[0] for u in updates if isinstance(u[0], str)]
-    assert statuses[0].startswith("**starting**")   # phase lines depend on poll timing: see the next test
+    assert statuses[0].startswith("**starting**")  # phase lines depend on poll timing: see the next test
     head, ranks, losses, card, download, run_dir = updates[-1]
     assert head.startswith("**Done**") and "agreement with the dense model" in card and "top-1" in card
     assert "held-out images" in card and "params" in card
-    assert len(ranks.data) == 1 and {t.name for t in losses.data} >= {"search (α steps)", "block distillation",
-                                                                      "end-to-end fine-tuning"}
+    assert len(ranks.data) == 1 and {t.name for t in losses.data} >= {
+        "search (α steps)",
+        "block distillation",
+        "end-to-end fine-tuning",
+    }
     with zipfile.ZipFile(download) as z:
-        z.extractall(tmp_path / "unzipped")          # the files at the zip's root: the folder loads (issue 18)
+        z.extractall(tmp_path / "unzipped")  # the files at the zip's root: the folder loads (issue 18)
     small = load_compressed(tmp_path / "unzipped")
     assert small.meta["ranks"]["method"] == "head" and not (tmp_path / "unzipped" / "state").exists()
 
 
 def test_progress_status_follows_the_events():
     """Each phase's status line (the tiny run above may finish a phase between two polls)."""
-    p = app_compress.Progress()
+    p = compress_page.Progress()
     p.update({"kind": "phase", "phase": "search"})
-    p.update({"kind": "search", "phase": "search", "step": 2, "total": 8, "loss": 1.5, "cost": 120.0,
-              "target": 100.0, "tau": 3.2, "ranks": None})
+    p.update(
+        {
+            "kind": "search",
+            "phase": "search",
+            "step": 2,
+            "total": 8,
+            "loss": 1.5,
+            "cost": 120.0,
+            "target": 100.0,
+            "tau": 3.2,
+            "ranks": None,
+        }
+    )
     s = p.status()
     assert s.startswith("**search**") and "step 2/8" in s and "120% of budget" in s and "τ 3.20" in s and "ETA" in s
     p.update({"kind": "phase", "phase": "distill"})
@@ -148,23 +184,23 @@ def test_progress_status_follows_the_events():
 @pytest.mark.slow
 def test_stop_keeps_the_best_model_and_resume_finishes_the_run():
     long = {**TINY, "search_epochs": 4, "train_images": 256, "fit_images": 256}
-    run = ui.on_compress(**long)
+    run = compress_page.on_compress(**long)
     first = next(run)[0]
     assert first.startswith("**starting**")
-    busy = list(ui.on_compress(**TINY))
+    busy = list(compress_page.on_compress(**TINY))
     assert len(busy) == 1 and "already running" in busy[0][0]
     for update in run:
         if "step" in str(update[0]) and "search" in str(update[0]):
-            assert ui.on_stop().startswith("**stopping**")
+            assert compress_page.on_stop().startswith("**stopping**")
             break
     final = list(run)[-1]
     assert final[0].startswith("**Stopped** during search") and "Stopped" in final[3] and "Resume" in final[0]
-    assert ui.on_stop() == "nothing is running"
+    assert compress_page.on_stop() == "nothing is running"
     run_dir = final[5]
-    resumed = list(ui.on_compress_resume(run_dir))
+    resumed = list(compress_page.on_compress_resume(run_dir))
     assert resumed[-1][0].startswith("**Done**") and "agreement with the dense model" in resumed[-1][3]
-    assert "nothing to resume" in next(ui.on_compress_resume(None))[0]
-    assert "already finished" in list(ui.on_compress_resume(run_dir))[-1][0]
+    assert "nothing to resume" in next(compress_page.on_compress_resume(None))[0]
+    assert "already finished" in list(compress_page.on_compress_resume(run_dir))[-1][0]
 
 
 def test_compress_an_uploaded_checkpoint_on_a_flat_folder(tmp_path):
@@ -172,15 +208,33 @@ def test_compress_an_uploaded_checkpoint_on_a_flat_folder(tmp_path):
     from conftest import checkpoint_and_photos
 
     ckpt, zpath = checkpoint_and_photos(tmp_path)
-    missing = next(ui.on_compress(model_source="uploaded checkpoint", upload=str(ckpt), arch="",
-                                  data_source="uploaded zip", data_zip=str(zpath)))[0]
+    missing = next(
+        compress_page.on_compress(
+            model_source="uploaded checkpoint",
+            upload=str(ckpt),
+            arch="",
+            data_source="uploaded zip",
+            data_zip=str(zpath),
+        )
+    )[0]
     assert "architecture" in missing and "--arch" not in missing
-    updates = list(ui.on_compress(model_source="uploaded checkpoint", upload=str(ckpt), arch="comcat_shapes_vit",
-                                  data_source="uploaded zip", data_zip=str(zpath), distill_steps=2, device="cpu"))
+    updates = list(
+        compress_page.on_compress(
+            model_source="uploaded checkpoint",
+            upload=str(ckpt),
+            arch="comcat_shapes_vit",
+            data_source="uploaded zip",
+            data_zip=str(zpath),
+            distill_steps=2,
+            device="cpu",
+        )
+    )
     head, _, _, card, download, _ = updates[-1]
     assert head.startswith("**Done**"), head
     assert "agreement with the dense model" in card and "no top-1: labels not used: a flat folder has no labels" in card
-    assert "top-1 **" not in card and "heads that lost most (relative weight error of the per-head product): layer" in card
+    assert (
+        "top-1 **" not in card and "heads that lost most (relative weight error of the per-head product): layer" in card
+    )
 
 
 def test_explore_recommends_with_images_and_compares_a_compressed_model(tmp_path):
@@ -188,48 +242,50 @@ def test_explore_recommends_with_images_and_compares_a_compressed_model(tmp_path
     gives) against the explored dense one: the heads it lost most, a heatmap and exports."""
     from dataclasses import replace
 
-    from comcat.compress import compress
-    from comcat.io import save_compressed
-    from comcat.models import load_model
-    from comcat.ranks import uniform_ranks
+    from comcat.compression.convert import compress
+    from comcat.compression.format import save_compressed
+    from comcat.compression.load import load_model
+    from comcat.compression.rank_rules import uniform_ranks
+    from comcat.compression.ranks import RankConfig
 
-    from comcat.ranks import RankConfig
-
-    assert "press Explore first" in ui.on_calibrated(None, 0.5, "embedded shapes", "", None)[0]
-    ex = ui.on_explore("embedded", "", None, "", [], 0)[-1]
-    text, files = ui.on_calibrated(ex, 0.5, "embedded shapes", "", None, progress=lambda *a, **k: None)
+    assert "press Explore first" in explore_page.on_calibrated(None, 0.5, "embedded shapes", "", None)[0]
+    ex = explore_page.on_explore("embedded", "", None, "", [], 0)[-1]
+    text, files = explore_page.on_calibrated(ex, 0.5, "embedded shapes", "", None, progress=lambda *a, **k: None)
     assert "calibrated head-level ranks" in text and "of your images" in text and "Predicted KL" in text
     rec = json.loads(Path(files[0]).read_text())
-    ranks = RankConfig.load(files[1]).validate(ex.model)          # what compress --ranks takes
+    ranks = RankConfig.load(files[1]).validate(ex.model)  # what compress --ranks takes
     assert ranks.blocks == rec["ranks"]["blocks"] and rec["rule"] == "calibrated"
     assert ", ".join(f"{b['qk']}/{b['vo']}" for b in ranks.blocks) in text
 
     dense = load_model("embedded")
     small = compress(dense.model, uniform_ranks(dense.model, "head", 0.4))
     folder = save_compressed(replace(dense, model=small), tmp_path / "small")
-    zpath = app_compress.zip_model(folder)
-    text, fig, files = ui.on_compare(ex, str(zpath))
+    zpath = compress_page.zip_model(folder)
+    text, fig, files = explore_page.on_compare(ex, str(zpath))
     assert "heads that lost most: layer" in text and "Ranks (QK / VO per layer)" in text
     assert len(fig.data) == 2 and fig.data[0].z.shape == (6, 4)
     csv_rows = Path(next(f for f in files if f.endswith(".csv"))).read_text().splitlines()
     assert len(csv_rows) == 1 + 2 * 6 * 4 and any(f.endswith(".png") for f in files)
-    assert "press Explore on the dense model first" in ui.on_compare(None, str(zpath))[0]
+    assert "press Explore on the dense model first" in explore_page.on_compare(None, str(zpath))[0]
     other = replace(ex, arch_name="vit_tiny_patch16_224")
-    assert "not from this vit_tiny_patch16_224" in ui.on_compare(other, str(zpath))[0]
-    assert "is not a zip" in ui.on_compare(ex, str(folder / "comcat.json"))[0]
+    assert "not from this vit_tiny_patch16_224" in explore_page.on_compare(other, str(zpath))[0]
+    assert "is not a zip" in explore_page.on_compare(ex, str(folder / "comcat.json"))[0]
 
 
 def test_compress_the_explored_model():
-    assert "press Explore" in next(ui.on_compress(model_source="model from Explore"))[0]
-    ex = ui.on_explore("embedded", "", None, "", [], 0)[-1]
+    assert "press Explore" in next(compress_page.on_compress(model_source="model from Explore"))[0]
+    ex = explore_page.on_explore("embedded", "", None, "", [], 0)[-1]
     assert ex.spec == "embedded"
-    shapes_for_timm = next(ui.on_compress(model_source="timm name", name="vit_tiny_patch16_224"))[0]
+    shapes_for_timm = next(compress_page.on_compress(model_source="timm name", name="vit_tiny_patch16_224"))[0]
     assert "embedded shapes only fit the embedded model" in shapes_for_timm
 
 
 def test_compress_bad_inputs():
-    assert "upload a zip" in next(ui.on_compress(**{**TINY, "data_source": "folder path", "data_path": "/etc"}))[0]
-    assert "upload a zip" in next(ui.on_compress(**{**TINY, "data_source": "uploaded zip"}))[0]
+    assert (
+        "upload a zip"
+        in next(compress_page.on_compress(**{**TINY, "data_source": "folder path", "data_path": "/etc"}))[0]
+    )
+    assert "upload a zip" in next(compress_page.on_compress(**{**TINY, "data_source": "uploaded zip"}))[0]
 
 
 def test_server_folders_only_inside_the_data_root(tmp_path, monkeypatch):
@@ -240,12 +296,14 @@ def test_server_folders_only_inside_the_data_root(tmp_path, monkeypatch):
     (tmp_path / "root" / "out").symlink_to("/")
     monkeypatch.setattr(common, "DATA_ROOT", tmp_path / "root")
     assert common.server_folder("mine", "data folder") == (tmp_path / "root" / "mine").resolve()
-    assert common.server_folder(str(tmp_path / "root" / "mine"), "data folder") == (tmp_path / "root" / "mine").resolve()
+    assert (
+        common.server_folder(str(tmp_path / "root" / "mine"), "data folder") == (tmp_path / "root" / "mine").resolve()
+    )
     for bad in ("/", "/proc", "/etc", "..", "../..", "out", "out/etc", "missing", ""):
         t = time.perf_counter()
-        first = next(ui.on_compress(**{**TINY, "data_source": "folder path", "data_path": bad}))[0]
+        first = next(compress_page.on_compress(**{**TINY, "data_source": "folder path", "data_path": bad}))[0]
         assert "does not exist under the app's data root" in first and time.perf_counter() - t < 1.0, bad
-        assert str(tmp_path) not in first                    # no server path beyond what was typed
+        assert str(tmp_path) not in first  # no server path beyond what was typed
 
 
 def test_unzip_refuses_unsafe_paths(tmp_path):
@@ -271,10 +329,10 @@ def test_zip_bomb_is_refused_before_unpacking(tmp_path, monkeypatch):
 def test_text_fields_never_reach_server_paths(tmp_path, monkeypatch):
     """The timm-name and pipeline boxes take names and hub IDs, not paths; a folder under the
     operator's data root is the only local pipeline a visitor may name (issue 17, item 2)."""
-    from comcat.errors import ComcatError
+    from comcat.core.errors import ComcatError
 
     for typed in ("/etc", "../x", "~/.ssh", "a/b"):
-        out = ui.on_explore("timm name", typed, None, "", list(ui.PLOT_NAMES), 0)
+        out = explore_page.on_explore("timm name", typed, None, "", list(explore_page.PLOT_NAMES), 0)
         assert "is not a timm model name" in out[3] and out[0] is None, typed
     assert common.pipeline_spec(" ") == "embedded"
     assert common.pipeline_spec("runwayml/stable-diffusion-v1-5") == "hub:runwayml/stable-diffusion-v1-5"
@@ -286,7 +344,7 @@ def test_text_fields_never_reach_server_paths(tmp_path, monkeypatch):
     assert common.pipeline_spec("sd") == str((tmp_path / "root" / "sd").resolve())
     with pytest.raises(ComcatError, match="or a diffusers folder under the app's data root"):
         common.pipeline_spec("/etc")
-    status = ui.on_generate("/etc", "a V*", None, 1.0, None, 1.0, 0, 2, 1.0, 1)[2]
+    status = generate_page.on_generate("/etc", "a V*", None, 1.0, None, 1.0, 0, 2, 1.0, 1)[2]
     assert "type 'embedded' or a hub ID" in status
 
 
@@ -308,21 +366,25 @@ def test_a_visitors_folders_go_when_they_leave(tmp_path):
 
 def test_generate_keeps_at_most_two_pipelines_keyed_by_what_they_are(tmp_path, monkeypatch):
     loads = []
-    monkeypatch.setattr("app.customize.load_pipeline", lambda spec, device: loads.append(spec) or object())
-    monkeypatch.setattr("app.customize.adapter_names", lambda pipe: [])
+    monkeypatch.setattr("app.pipelines.load_pipeline", lambda spec, device: loads.append(spec) or object())
+    monkeypatch.setattr("app.pipelines.adapter_names", lambda pipe: [])
     (tmp_path / "root" / "sd").mkdir(parents=True)
     monkeypatch.setattr(common, "DATA_ROOT", tmp_path / "root")
-    cache = app_customize.Pipelines(keep=2)
+    cache = pipelines.Pipelines(keep=2)
     for typed in ("sd", "./sd", "sd/", "sd/../sd", "embedded", "org/model", "sd"):
         cache.get(typed)
-    assert loads == [str((tmp_path / "root" / "sd").resolve()), "embedded", "hub:org/model",
-                     str((tmp_path / "root" / "sd").resolve())]
+    assert loads == [
+        str((tmp_path / "root" / "sd").resolve()),
+        "embedded",
+        "hub:org/model",
+        str((tmp_path / "root" / "sd").resolve()),
+    ]
     assert len(cache.cache) == 2
 
 
 def test_oversized_upload_is_refused_before_copying(tmp_path):
     from app.common import take_upload
-    from comcat.errors import ComcatError
+    from comcat.core.errors import ComcatError
 
     big = tmp_path / "big.zip"
     big.write_bytes(b"\0" * (3 * 2**20))
@@ -333,14 +395,20 @@ def test_oversized_upload_is_refused_before_copying(tmp_path):
 
 def test_messages_show_no_server_paths(tmp_path, monkeypatch):
     """An error about an uploaded file names the file, one under the data root its path inside it."""
-    from comcat.errors import ComcatError
+    from comcat.core.errors import ComcatError
 
     upload = common.WORK / "v1" / "uploads" / "0123456789" / "cats.zip"
-    assert common.message(ComcatError(f"cannot read image {upload} (OSError): remove or replace it")) == \
-        "**Error:** cannot read image cats.zip (OSError): remove or replace it"
-    assert common.message(ComcatError("m.pth is a bare checkpoint: also pass its architecture, e.g. --arch "
-                                      "vit_tiny_patch16_224")) == "**Error:** m.pth is a bare checkpoint: type its " \
+    assert (
+        common.message(ComcatError(f"cannot read image {upload} (OSError): remove or replace it"))
+        == "**Error:** cannot read image cats.zip (OSError): remove or replace it"
+    )
+    assert (
+        common.message(
+            ComcatError("m.pth is a bare checkpoint: also pass its architecture, e.g. --arch vit_tiny_patch16_224")
+        )
+        == "**Error:** m.pth is a bare checkpoint: type its "
         "architecture in the 'architecture' box, e.g. vit_tiny_patch16_224"
+    )
     monkeypatch.setattr(common, "DATA_ROOT", tmp_path)
     assert str(tmp_path) not in common.message(OSError(f"no access to {tmp_path}/team/cats/a.png"))
     assert "team/cats/a.png" in common.message(OSError(f"no access to {tmp_path}/team/cats/a.png"))

@@ -1,4 +1,5 @@
 """Issue 5: the app launched on a local port and driven through gradio_client."""
+
 import socket
 
 import pytest
@@ -28,7 +29,8 @@ def client():
 
 def test_explore_through_the_api(client):
     heat, heads, curves, summary, files, table, advice, layer = client.predict(
-        "embedded", "", None, "", ["W^QK per head", "W^VO per head"], 0, 0.5, api_name="/on_explore")
+        "embedded", "", None, "", ["W^QK per head", "W^VO per head"], 0, 0.5, api_name="/on_explore"
+    )
     assert "head level" in summary and "embedded" in summary
     assert heat is not None and len(files) == 4 and len(table["data"]) == 36 and "0.84× dense" in advice
 
@@ -40,8 +42,27 @@ def test_bad_input_through_the_api_is_a_message(client):
 
 @pytest.mark.slow
 def test_tiny_compress_through_the_api(client):
-    job = client.submit("embedded", "", None, "", 0.5, "params", "head", False, True, 1, 3, 0,
-                        "embedded shapes", "", None, "cpu", 64, 64, api_name="/on_compress")
+    job = client.submit(
+        "embedded",
+        "",
+        None,
+        "",
+        0.5,
+        "params",
+        "head",
+        False,
+        True,
+        1,
+        3,
+        0,
+        "embedded shapes",
+        "",
+        None,
+        "cpu",
+        64,
+        64,
+        api_name="/on_compress",
+    )
     outputs = job.result()
     status, _, _, card, download = outputs
     assert status.startswith("**Done**") and "top-1" in card and "agreement" in card and download.endswith(".zip")

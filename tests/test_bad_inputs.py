@@ -1,5 +1,6 @@
 """Bad command lines: each ends in exit code 2, one line on stderr that says what to do, and no file
 written or changed (issue 17)."""
+
 import json
 import os
 import re
@@ -11,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from comcat.cli import main
-from comcat.io import out_lock
+from comcat.core.files import out_lock
 from conftest import ROOT
 
 HEARTS = ROOT / "assets" / "examples" / "heart"
@@ -19,7 +20,7 @@ ADAPTER = ROOT / "assets" / "examples" / "heart_adapter.safetensors"
 DROP = object()
 GEN = ["generate", "--prompt", "a V*", "--steps", "2", "--out", "OUT.png", "--adapter"]
 SMALL = ["compress", "--distill-steps", "0", "--no-latency", "--out", "OUT", "--ranks"]
-PROGRESS = re.compile(r"\d+/\d+ \[|\?/\?|\x1b\[A")       # tqdm bars (loading a pipeline shows some)
+PROGRESS = re.compile(r"\d+/\d+ \[|\?/\?|\x1b\[A")  # tqdm bars (loading a pipeline shows some)
 
 
 def _folders(tmp):
@@ -82,16 +83,25 @@ CASES = [
     (["compress", "--params-ratio", "0.5", "--distill-lr", "inf", "--out", "OUT"], "--distill-lr must be"),
     (["compress", "--params-ratio", "0.5", "--device", "foo", "--out", "OUT"], "is not a device"),
     (["compress", "--params-ratio", "0.5", "--device", "cuda:7", "--out", "OUT"], "no such CUDA GPU"),
-    (["compress", "--params-ratio", "0.5", "--distill-views", "-1", "--out", "OUT"], "--distill-views and --distill-cls >= 0"),
-    (["compress", "--params-ratio", "0.5", "--distill-cls", "nan", "--out", "OUT"], "--distill-views and --distill-cls >= 0"),
-    (["compress", "--params-ratio", "0.5", "--calibration", "none", "--allocate", "calibrated", "--out", "OUT"],
-     "drop --calibration none"),
+    (
+        ["compress", "--params-ratio", "0.5", "--distill-views", "-1", "--out", "OUT"],
+        "--distill-views and --distill-cls >= 0",
+    ),
+    (
+        ["compress", "--params-ratio", "0.5", "--distill-cls", "nan", "--out", "OUT"],
+        "--distill-views and --distill-cls >= 0",
+    ),
+    (
+        ["compress", "--params-ratio", "0.5", "--calibration", "none", "--allocate", "calibrated", "--out", "OUT"],
+        "drop --calibration none",
+    ),
     (["customize", "--images", "few", "--prompt", "a V*", "--out", "OUT"], "a concept needs 3-10"),
     (["customize", "--images", "many", "--prompt", "a V*", "--out", "OUT"], "a concept needs 3-10"),
-    (["customize", "--images", str(HEARTS), "--prompt", "a V*", "--rank", "10000", "--out", "OUT"],
-     "up to 64"),
-    (["customize", "--images", str(HEARTS), "--prompt", "a V*", "--lr", "nan", "--out", "OUT"],
-     "must be positive numbers"),
+    (["customize", "--images", str(HEARTS), "--prompt", "a V*", "--rank", "10000", "--out", "OUT"], "up to 64"),
+    (
+        ["customize", "--images", str(HEARTS), "--prompt", "a V*", "--lr", "nan", "--out", "OUT"],
+        "must be positive numbers",
+    ),
     (["customize", "--images", str(HEARTS), "--prompt", "a V*", "--out", "keep"], "is not a customize run folder"),
     (["customize", "--images", str(HEARTS), "--prompt", "a V*", "--out", "/"], "is not a customize run folder"),
     (["customize", "--images", str(HEARTS), "--prompt", "a V*", "--out", "keep/mine.txt"], "is a file"),
@@ -123,6 +133,7 @@ CASES = [
 def test_bad_command_line_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, args, message):
     if "cuda" in " ".join(args):
         import torch
+
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
     _folders(tmp_path)
@@ -142,21 +153,23 @@ def test_a_second_writer_of_one_out_is_refused(tmp_path, capsys):
     resume of it, is refused in one line and changes nothing (item 8)."""
     out = tmp_path / "run"
     with out_lock(out):
-        for args in (["compress", "--params-ratio", "0.5", "--out", str(out)],
-                     ["customize", "--images", str(HEARTS), "--prompt", "a V*", "--out", str(out)],
-                     ["compress", "--resume", str(out)]):
+        for args in (
+            ["compress", "--params-ratio", "0.5", "--out", str(out)],
+            ["customize", "--images", str(HEARTS), "--prompt", "a V*", "--out", str(out)],
+            ["compress", "--resume", str(out)],
+        ):
             assert main(args) == 2
             err = capsys.readouterr().err
             lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.search(line)]
             assert len(lines) == 1 and lines[0].endswith("wait for it to finish or choose another --out"), err
         assert [p.name for p in out.iterdir()] == [".comcat.lock"]
-    assert not out.exists()                  # the lock's folder goes when it is left empty
+    assert not out.exists()  # the lock's folder goes when it is left empty
 
 
 def test_class_folders_that_are_not_the_models_classes_give_no_top1():
     """Ten ImageNet-named folders are not the embedded model's ten shape classes: no labels, said why (item 12)."""
-    from comcat.data.images import label_map
-    from comcat.models import load_model
+    from comcat.compression.images import label_map
+    from comcat.compression.load import load_model
 
     model = load_model("embedded").model
     names = ["circle", "square", "triangle", "star", "cross", "heart", "ring", "crescent", "arrow", "semicircle"]

@@ -2,6 +2,7 @@
 
 Screenshots go to docs/screenshots/ (shown in the README) when COMCAT_SCREENSHOTS=1, else to tmp.
 """
+
 import os
 import shutil
 import socket
@@ -19,8 +20,10 @@ from conftest import ROOT  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = [pytest.mark.slow,            # minutes: CI runs it with python -m pytest -m slow
-              pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="chromium and chromium-driver are not installed")]
+pytestmark = [
+    pytest.mark.slow,  # minutes: CI runs it with python -m pytest -m slow
+    pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="chromium and chromium-driver are not installed"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,14 @@ def page():
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--window-size=1400,1800", "--disable-dev-shm-usage"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--window-size=1400,1800",
+        "--disable-dev-shm-usage",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=DRIVER))
     driver.get(f"http://127.0.0.1:{port}/")
@@ -79,11 +88,11 @@ def compressed_zip(tmp_path_factory):
     """The embedded model at 40% head-level ranks, zipped as the Compress tab gives it."""
     from dataclasses import replace
 
-    from app.compress import zip_model
-    from comcat.compress import compress
-    from comcat.io import save_compressed
-    from comcat.models import load_model
-    from comcat.ranks import uniform_ranks
+    from app.tabs.compress import zip_model
+    from comcat.compression.convert import compress
+    from comcat.compression.format import save_compressed
+    from comcat.compression.load import load_model
+    from comcat.compression.rank_rules import uniform_ranks
 
     dense = load_model("embedded")
     small = compress(dense.model, uniform_ranks(dense.model, "head", 0.4))
@@ -99,11 +108,11 @@ def test_explore_shows_the_heatmap(page, shots, compressed_zip):
     assert "At 50% of the attention parameters" in text_of(page, "explore-recommendation")
     page.save_screenshot(str(shots / "explore.png"))
     page.find_element(By.CSS_SELECTOR, "#explore-adapter button, #explore-adapter .label-wrap").click()
-    wait(page).until(EC.element_to_be_clickable((By.ID, "explore-adapter-go"))).click()   # the bundled adapter
+    wait(page).until(EC.element_to_be_clickable((By.ID, "explore-adapter-go"))).click()  # the bundled adapter
     wait(page, 120).until(lambda d: "cross-attention changes" in text_of(d, "explore-adapter-summary"))
     assert "attn2" in text_of(page, "explore-adapter-table")
     page.find_element(By.CSS_SELECTOR, "#explore-calibrate button, #explore-calibrate .label-wrap").click()
-    wait(page).until(EC.element_to_be_clickable((By.ID, "explore-calibrate-go"))).click()   # on the shapes
+    wait(page).until(EC.element_to_be_clickable((By.ID, "explore-calibrate-go"))).click()  # on the shapes
     wait(page, 120).until(lambda d: "calibrated head-level ranks" in text_of(d, "explore-calibrated"))
     assert "Predicted KL to the dense model" in text_of(page, "explore-calibrated")
     page.find_element(By.CSS_SELECTOR, "#explore-compare button, #explore-compare .label-wrap").click()
@@ -111,24 +120,34 @@ def test_explore_shows_the_heatmap(page, shots, compressed_zip):
     page.find_element(By.ID, "explore-compare-go").click()
     wait(page, 60).until(lambda d: "heads that lost most" in text_of(d, "explore-compare-summary"))
     assert page.find_elements(By.CSS_SELECTOR, "#explore-compare .js-plotly-plot .heatmaplayer")
-    page.find_element(By.ID, "explore-to-compress").click()       # the diagnosis is one click from Compress
+    page.find_element(By.ID, "explore-to-compress").click()  # the diagnosis is one click from Compress
     wait(page).until(lambda d: d.find_element(By.ID, "compress-go").is_displayed())
     wait(page).until(lambda d: checked(d, "compress-model") == "model from Explore")
 
 
 def checked(driver, elem_id: str) -> str:
     """The selected option of a gradio Radio with this elem_id."""
-    return next((l.text.strip() for l in driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} label")
-                 if l.find_element(By.TAG_NAME, "input").is_selected()), "")
+    return next(
+        (
+            l.text.strip()
+            for l in driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} label")
+            if l.find_element(By.TAG_NAME, "input").is_selected()
+        ),
+        "",
+    )
 
 
 def upload(driver, elem_id: str, path) -> None:
     driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=file]").send_keys(str(path))
     try:
-        wait(driver, 30).until(lambda d: Path(path).stem in d.find_element(By.ID, elem_id).text)   # shown as "stem\n.suffix"
+        wait(driver, 30).until(
+            lambda d: Path(path).stem in d.find_element(By.ID, elem_id).text
+        )  # shown as "stem\n.suffix"
     except Exception:
-        raise AssertionError(f"{elem_id} shows {driver.find_element(By.ID, elem_id).text!r}; page: "
-                             f"{driver.find_element(By.TAG_NAME, 'body').text[:3000]!r}")
+        raise AssertionError(
+            f"{elem_id} shows {driver.find_element(By.ID, elem_id).text!r}; page: "
+            f"{driver.find_element(By.TAG_NAME, 'body').text[:3000]!r}"
+        )
 
 
 def tiny_settings(page, search_epochs, images):
@@ -147,13 +166,17 @@ def tiny_settings(page, search_epochs, images):
 def test_tiny_compress_runs_to_completion(page, shots):
     tiny_settings(page, 1, 64)
     page.find_element(By.ID, "compress-go").click()
-    wait(page, 10).until(lambda d: "starting" in text_of(d, "compress-status") or "step" in text_of(d, "compress-status"))
+    wait(page, 10).until(
+        lambda d: "starting" in text_of(d, "compress-status") or "step" in text_of(d, "compress-status")
+    )
     wait(page, 300).until(lambda d: "Done" in text_of(d, "compress-status"))
     card = text_of(page, "compress-result")
     assert "agreement with the dense model" in card and "top-1" in card and "params" in card
     assert page.find_elements(By.CSS_SELECTOR, "#compress-ranks .js-plotly-plot")
-    wait(page).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#compress-losses .js-plotly-plot .scatterlayer .trace"))
-    page.execute_script("window.scrollTo(0, 0)")                # the status, the ranks and the curves
+    wait(page).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#compress-losses .js-plotly-plot .scatterlayer .trace")
+    )
+    page.execute_script("window.scrollTo(0, 0)")  # the status, the ranks and the curves
     page.save_screenshot(str(shots / "compress.png"))
 
 
@@ -176,11 +199,11 @@ def test_compress_an_uploaded_checkpoint_on_unlabeled_images(page, tmp_path):
     from conftest import checkpoint_and_photos
 
     ckpt, zpath = checkpoint_and_photos(tmp_path)
-    page.refresh()                                          # the defaults, whatever the tests before set
+    page.refresh()  # the defaults, whatever the tests before set
     tab(page, "Compress")
     wait(page).until(EC.element_to_be_clickable((By.ID, "compress-go")))
     set_number(page, "compress-distill-steps", 10)
-    upload(page, "compress-upload", ckpt)              # uploading picks the source (issue 18): no radio click
+    upload(page, "compress-upload", ckpt)  # uploading picks the source (issue 18): no radio click
     box = page.find_element(By.CSS_SELECTOR, "#compress-arch textarea, #compress-arch input")
     box.clear()
     box.send_keys("comcat_shapes_vit")
@@ -188,7 +211,9 @@ def test_compress_an_uploaded_checkpoint_on_unlabeled_images(page, tmp_path):
     wait(page).until(lambda d: checked(d, "compress-model") == "uploaded checkpoint")
     wait(page).until(lambda d: checked(d, "compress-data") == "uploaded zip")
     page.find_element(By.ID, "compress-go").click()
-    wait(page, 600).until(lambda d: "Done" in text_of(d, "compress-status") or "Error:" in text_of(d, "compress-status"))
+    wait(page, 600).until(
+        lambda d: "Done" in text_of(d, "compress-status") or "Error:" in text_of(d, "compress-status")
+    )
     card = text_of(page, "compress-result")
     assert "Done" in text_of(page, "compress-status"), text_of(page, "compress-status")
     assert "agreement with the dense model" in card and "no top-1" in card

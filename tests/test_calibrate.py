@@ -1,5 +1,6 @@
 """Issue 16: data-aware factorization, rank allocation from calibrated errors, block distillation,
 disjoint splits, label-free data, mixup views."""
+
 import copy
 
 import numpy as np
@@ -7,16 +8,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from comcat.calibrate import (Moments, block_inputs, build, calibrate, calibrate_sequential, whitened_linear,
-                              whitener)
-from comcat.errors import ComcatError
-from comcat.ranks import RankConfig, full_ranks, uniform_ranks
-
+from comcat.compression.calibrate import Moments, build, calibrate, calibrate_sequential, whitened_linear, whitener
+from comcat.compression.rank_rules import full_ranks, uniform_ranks
+from comcat.core.errors import ComcatError
 from conftest import rel_err, with_random_biases
 
 
 def _shapes(n, seed):
-    from comcat.data.splits import shapes_dataset
+    from comcat.compression.splits import shapes_dataset
+
     return shapes_dataset(n, seed)
 
 
@@ -42,8 +42,9 @@ def test_whitened_truncation_error_is_the_measured_output_error():
     """Eckart-Young in the data's norm: a rank-r fit's mean squared output error over the calibration
     inputs is the sum of the dropped whitened singular values squared (and the bias keeps the mean)."""
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(4000, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
-         + torch.randn(24, generator=g, dtype=torch.float64))
+    x = torch.randn(4000, 24, generator=g, dtype=torch.float64) @ torch.randn(
+        24, 24, generator=g, dtype=torch.float64
+    ) + torch.randn(24, generator=g, dtype=torch.float64)
     lin = torch.nn.Linear(24, 16).double()
     stats = Moments(24)
     stats.add(x)
@@ -56,7 +57,7 @@ def test_whitened_truncation_error_is_the_measured_output_error():
         w_plain = plain.U[:, :r] * plain.S[:r] @ plain.Vh[:r]
         with torch.no_grad():
             err_plain = (lin(x) - (x @ w_plain.T + lin.bias)).pow(2).sum(1).mean().item()
-        assert err < err_plain                      # the data-aware fit is the better one on the data
+        assert err < err_plain  # the data-aware fit is the better one on the data
 
 
 def test_attention_paths_error_is_the_whitened_tail():
@@ -66,8 +67,8 @@ def test_attention_paths_error_is_the_whitened_tail():
     is the dropped whitened tail of the two-sided factorization."""
     from timm.layers import Attention
 
-    from comcat.calibrate import add_attention_stats, head_attention, qk_factors, vo_factors
-    from comcat.vit import head_weights
+    from comcat.compression.calibrate import add_attention_stats, head_attention, qk_factors, vo_factors
+    from comcat.compression.vit import head_weights
 
     torch.manual_seed(0)
     attn = Attention(16, num_heads=1, qkv_bias=True).double().eval()
@@ -81,7 +82,7 @@ def test_attention_paths_error_is_the_whitened_tail():
             err = (small(x) - attn(x)).pow(2).sum(-1).mean().item()
             assert err == pytest.approx((s[0, r:] ** 2).sum().item(), rel=1e-8)
             a, b, s = qk_factors(hw, st, ridge=0.0)
-            w = torch.cat([hw.wq[0], hw.bq[0][None]]) @ hw.wk[0].T          # [W^Q; b^Q] W^K^T
+            w = torch.cat([hw.wq[0], hw.bq[0][None]]) @ hw.wk[0].T  # [W^Q; b^Q] W^K^T
             dw = w - a[0, :, :r] @ b[0, :, :r].T
             quad = torch.trace(st.inputs.second() @ dw @ st.key_covariance()[0] @ dw.T).item()
             assert quad == pytest.approx((s[0, r:] ** 2).sum().item(), rel=1e-8)
@@ -90,7 +91,7 @@ def test_attention_paths_error_is_the_whitened_tail():
 def test_singular_and_degenerate_statistics():
     """A rank-deficient covariance still factorizes (ridge, eigen fallback); all-zero or non-finite
     inputs get a one-line error."""
-    x = torch.randn(50, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64)   # rank 3 in 8 dims
+    x = torch.randn(50, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64)  # rank 3 in 8 dims
     m = Moments(8)
     m.add(x)
     L = whitener(m.covariance())
@@ -109,9 +110,9 @@ def test_too_few_images_for_calibration(embedded):
 def test_calibration_beats_plain_svd_and_allocation_uses_the_budget(embedded):
     """On held-out shapes, calibrated factors are closer to the dense model than plain SVD at the same
     ranks, and the calibrated allocation spends the budget without exceeding it."""
-    from comcat.allocate import calibrated_ranks, kl_to
-    from comcat.compress import compress
-    from comcat.search import search_target
+    from comcat.compression.allocate import calibrated_ranks, kl_to
+    from comcat.compression.convert import compress
+    from comcat.compression.cost import budget_target
 
     dense = embedded.model
     cal = calibrate(dense, _loader(n=96), probe=16, fisher=32)
@@ -121,7 +122,7 @@ def test_calibration_beats_plain_svd_and_allocation_uses_the_budget(embedded):
         ref = dense(held)
         plain, calibrated = kl_to(ref, compress(dense, cfg)(held)), kl_to(ref, build(dense, cfg, cal)(held))
     assert calibrated < plain
-    cost_fn, target = search_target(dense, 0.25, "params", False)
+    cost_fn, target = budget_target(dense, 0.25, "params", False)
     ranks, sites = calibrated_ranks(dense, cal, "head", cost_fn, target, 0.25)
     assert cost_fn(ranks) <= target
     step = min(s.unit for s in sites)
@@ -132,20 +133,20 @@ def test_calibration_beats_plain_svd_and_allocation_uses_the_budget(embedded):
 
 def test_spend_follows_the_convex_hull():
     """Greedy on the curves' lower convex hulls: a site whose curve drops late still gets its rank."""
-    from comcat.allocate import Site, hull, spend
+    from comcat.compression.allocate import Site, hull, spend
 
-    late = np.array([9.0, 9.0, 8.9, 8.8, 0.0])             # nothing until the last step
+    late = np.array([9.0, 9.0, 8.9, 8.8, 0.0])  # nothing until the last step
     steady = np.array([4.0, 3.0, 2.0, 1.0, 0.0])
     assert hull(late) == [(1, 4, pytest.approx(-3.0))]
     ranks = spend([Site(0, "a", late, unit=1.0), Site(0, "b", steady, unit=1.0)], base=2.0, target=5.0)
-    assert ranks == [4, 1]                                  # 3 steps for the late drop beat 3 steady ones
+    assert ranks == [4, 1]  # 3 steps for the late drop beat 3 steady ones
 
 
 def test_block_distillation_learns_and_resumes(embedded):
     """Each block's output error on the training images falls; a stopped run resumed ends where an
     uninterrupted one does."""
-    from comcat.compress import compress
-    from comcat.reconstruct import distill_blocks
+    from comcat.compression.convert import compress
+    from comcat.compression.reconstruct import distill_blocks
 
     dense = embedded.model
     cfg = uniform_ranks(dense, "head", 0.25)
@@ -166,8 +167,15 @@ def test_block_distillation_learns_and_resumes(embedded):
         calls["n"] += 1
         return calls["n"] == 15
 
-    part = distill_blocks(copy.deepcopy(start), dense, loader, steps=6, lr=1e-3, should_stop=stop,
-                          checkpoint=lambda s: saved.update(state=copy.deepcopy(s)))
+    part = distill_blocks(
+        copy.deepcopy(start),
+        dense,
+        loader,
+        steps=6,
+        lr=1e-3,
+        should_stop=stop,
+        checkpoint=lambda s: saved.update(state=copy.deepcopy(s)),
+    )
     assert part["stopped"] and saved["state"]["step"] == 15 and "opt" in saved["state"]
     rest = distill_blocks(copy.deepcopy(start), dense, loader, steps=6, lr=1e-3, resume=saved["state"])
     a, b = whole["model"].state_dict(), rest["model"].state_dict()
@@ -179,8 +187,8 @@ def test_the_class_token_weight_lowers_the_class_tokens_error(embedded):
     dense one than without; the tokens weighed are the ones the model's pooling reads."""
     import timm
 
-    from comcat.compress import compress
-    from comcat.reconstruct import distill_blocks, read_tokens
+    from comcat.compression.convert import compress
+    from comcat.compression.reconstruct import distill_blocks, read_tokens
 
     dense = embedded.model
     loader = _loader(n=64)
@@ -191,6 +199,7 @@ def test_the_class_token_weight_lowers_the_class_tokens_error(embedded):
         small = distill_blocks(copy.deepcopy(start), dense, loader, steps=6, lr=1e-3, cls_weight=w)["model"]
         with torch.no_grad():
             return (small.forward_features(images)[:, 0] - dense.forward_features(images)[:, 0]).pow(2).mean().item()
+
     assert cls_error(4.0) < cls_error(0.0)
     assert read_tokens(dense) == [0]
     kw = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2)
@@ -202,7 +211,7 @@ def _png_folder(root, n, seed, classes=None):
     """n shapes as PNGs: flat in root, or in class folders named after `classes`."""
     from PIL import Image
 
-    from comcat.data.shapes import SHAPES, make_shapes
+    from comcat.core.shapes import SHAPES, make_shapes
 
     images, labels, _ = make_shapes(n, seed)
     for i, (img, y) in enumerate(zip(images, labels)):
@@ -213,8 +222,8 @@ def _png_folder(root, n, seed, classes=None):
 
 
 def test_splits_are_disjoint_in_every_layout(tmp_path, embedded):
-    from comcat.data.shapes import SHAPES
-    from comcat.data.splits import embedded_splits, folder_splits
+    from comcat.compression.splits import embedded_splits, folder_splits
+    from comcat.core.shapes import SHAPES
 
     flat = tmp_path / "flat"
     _png_folder(flat, 40, 0)
@@ -232,13 +241,13 @@ def test_splits_are_disjoint_in_every_layout(tmp_path, embedded):
         assert s.labeled == (root != flat)
     e = embedded_splits(8, 8, 8, 8)
     xs = [d.tensors[0] for d in (e.train, e.fit, e.val, e.eval)]
-    assert all(not torch.equal(a, b) for i, a in enumerate(xs) for b in xs[i + 1:])
+    assert all(not torch.equal(a, b) for i, a in enumerate(xs) for b in xs[i + 1 :])
 
 
 def test_labels_only_when_they_are_the_models(tmp_path, embedded):
-    from comcat.data.splits import folder_splits
+    from comcat.compression.splits import folder_splits
 
-    mine = tmp_path / "mine"                       # 3 classes of my own: not the model's 10
+    mine = tmp_path / "mine"  # 3 classes of my own: not the model's 10
     _png_folder(mine, 24, 0, classes=["cat", "dog", "fox"])
     s = folder_splits(mine, embedded.model)
     assert not s.labeled and "class folder 'cat' is not one of the model's classes" in s.note
@@ -249,7 +258,7 @@ def test_labels_only_when_they_are_the_models(tmp_path, embedded):
     _png_folder(flat, 24, 1)
     with pytest.raises(ComcatError, match="flat folder has no labels"):
         folder_splits(flat, embedded.model, use_labels=True)
-    named = tmp_path / "named"                      # folder names that are the model's label names map by name
+    named = tmp_path / "named"  # folder names that are the model's label names map by name
     _png_folder(named, 24, 2, classes=["star", "heart"])
     s = folder_splits(named, embedded.model)
     assert s.labeled and set(s.eval.labels) <= {3, 5}
@@ -257,8 +266,8 @@ def test_labels_only_when_they_are_the_models(tmp_path, embedded):
 
 def test_mixup_views_are_identical_for_teacher_and_student(embedded):
     """finetune() hands the teacher and the student the same mixed batch."""
-    from comcat.compress import compress
-    from comcat.distill import finetune, mix_views
+    from comcat.compression.convert import compress
+    from comcat.compression.distill import finetune, mix_views
 
     torch.manual_seed(0)
     x = torch.randn(8, 3, 32, 32)
@@ -274,13 +283,13 @@ def test_mixup_views_are_identical_for_teacher_and_student(embedded):
     teacher_views = [t for t in seen["teacher"] if t.shape[0] == 32]
     student_views = [t for t in seen["student"] if t.shape[0] == 32]
     assert len(student_views) == 2 and all(any(torch.equal(s, t) for t in teacher_views) for s in student_views)
-    assert not any(torch.equal(s, train.tensors[0][:32]) for s in student_views)     # mixed, not the raw batch
+    assert not any(torch.equal(s, train.tensors[0][:32]) for s in student_views)  # mixed, not the raw batch
 
 
 def test_symlink_loops_are_not_followed(tmp_path):
     from PIL import Image
 
-    from comcat.data.images import scan
+    from comcat.core.images import scan
 
     for d in ("a", "b"):
         (tmp_path / d).mkdir()

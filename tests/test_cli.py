@@ -2,21 +2,23 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from comcat.cli import main
-from comcat.data.shapes import SHAPES, make_shapes
+from comcat.core.shapes import SHAPES, make_shapes
 from conftest import ROOT
 
 
 def run_cli(*args):
     """The CLI in a fresh interpreter, exactly as a user runs it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "comcat", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # comcat is installed: no PYTHONPATH
+    return subprocess.run(
+        [sys.executable, "-m", "comcat", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +43,23 @@ def test_cli_end_to_end(tmp_path, shapes_folder):
     assert (tmp_path / "plots" / "energy_heatmaps.png").stat().st_size > 10_000
 
     out = tmp_path / "small"
-    r = run_cli("compress", "--method", "head", "--params-ratio", "0.5", "--allocate", "energy", "--mlp",
-                "--calibration-images", "128", "--distill-steps", "5", "--no-latency", "--out", str(out))
+    r = run_cli(
+        "compress",
+        "--method",
+        "head",
+        "--params-ratio",
+        "0.5",
+        "--allocate",
+        "energy",
+        "--mlp",
+        "--calibration-images",
+        "128",
+        "--distill-steps",
+        "5",
+        "--no-latency",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     meta = json.loads((out / "comcat.json").read_text())
     assert meta["report"]["compressed"]["params"] < 0.6 * meta["report"]["dense"]["params"]
@@ -71,6 +88,7 @@ def help_text(cmd, capsys):
 
 def test_cli_help_explains_every_flag(capsys):
     from comcat.cli import build_parser
+
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for cmd, parser in sub.choices.items():
         text = help_text(cmd, capsys)
@@ -81,25 +99,36 @@ def test_cli_help_explains_every_flag(capsys):
     assert "--allocate" in help_text("compress", capsys)
 
 
-def test_help_starts_without_torch():
-    """--help answers at once: the parser and `import comcat` load no heavy library (issue 18)."""
-    code = ("import sys, comcat, comcat.cli; comcat.cli.build_parser().format_help(); "
-            "print(sorted(m for m in ('torch', 'timm', 'diffusers', 'gradio') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+def test_help_starts_without_torch(tmp_path):
+    """--help answers at once: the parser and `import comcat` load no heavy library (issue 18); run
+    outside the repository, as an installed package (and its `comcat` command) is (issue 19)."""
+    code = (
+        "import sys, comcat, comcat.cli; comcat.cli.build_parser().format_help(); "
+        "print(sorted(m for m in ('torch', 'timm', 'diffusers', 'gradio') if m in sys.modules))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=60)  # fmt: skip
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+    command = Path(sys.executable).with_name("comcat")
+    out = subprocess.run([str(command), "compress", "--help"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0 and "examples:" in out.stdout, out.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["analyze", "--model", "resnet18"], "not a ViT-family model"),
-    (["evaluate", "--model", "nope/missing.pth", "--arch", "vit_tiny_patch16_224"], "does not exist"),
-    (["evaluate", "--model", "missing.safetensors"], "does not exist"),       # before asking for --arch
-    (["compress", "--params-ratio", "0", "--out", "OUT"], "ratio must be in"),
-    (["compress", "--energy", "1.5", "--out", "OUT"], "energy threshold must be in"),
-    (["compress", "--ranks", "RANKS", "--out", "OUT"], "has 1 blocks"),
-    (["evaluate", "--data", "EMPTY"], "no images"),
-    (["evaluate", "--data", "CORRUPT"], "cannot read image"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["analyze", "--model", "resnet18"], "not a ViT-family model"),
+        (["evaluate", "--model", "nope/missing.pth", "--arch", "vit_tiny_patch16_224"], "does not exist"),
+        (["evaluate", "--model", "missing.safetensors"], "does not exist"),  # before asking for --arch
+        (["compress", "--params-ratio", "0", "--out", "OUT"], "ratio must be in"),
+        (["compress", "--energy", "1.5", "--out", "OUT"], "energy threshold must be in"),
+        (["compress", "--ranks", "RANKS", "--out", "OUT"], "has 1 blocks"),
+        (["evaluate", "--data", "EMPTY"], "no images"),
+        (["evaluate", "--data", "CORRUPT"], "cannot read image"),
+    ],
+)
 def test_cli_bad_inputs(tmp_path, capsys, args, message):
     (tmp_path / "EMPTY").mkdir()
     (tmp_path / "CORRUPT" / "cls").mkdir(parents=True)
@@ -126,11 +155,30 @@ def test_shapes_are_deterministic_and_balanced():
 def test_cli_compress_with_rank_file_matrix_method(tmp_path, capsys):
     ranks = {"method": "matrix", "blocks": [{"q": 8, "k": 8, "v": 24, "o": 24, "fc2": 32}] * 6, "head": None}
     (tmp_path / "r.json").write_text(json.dumps(ranks))
-    assert main(["compress", "--method", "matrix", "--ranks", str(tmp_path / "r.json"), "--no-latency",
-                 "--calibration-images", "64", "--distill-steps", "2", "--out", str(tmp_path / "m")]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                "--method",
+                "matrix",
+                "--ranks",
+                str(tmp_path / "r.json"),
+                "--no-latency",
+                "--calibration-images",
+                "64",
+                "--distill-steps",
+                "2",
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     meta = json.loads((tmp_path / "m" / "comcat.json").read_text())
     assert meta["ranks"]["blocks"] == ranks["blocks"] and meta["method"] == "matrix"
     assert "top-1" in capsys.readouterr().out
     # a rank file for the other method is refused in one line
-    assert main(["compress", "--method", "head", "--ranks", str(tmp_path / "r.json"), "--out", str(tmp_path / "n")]) == 2
+    assert (
+        main(["compress", "--method", "head", "--ranks", str(tmp_path / "r.json"), "--out", str(tmp_path / "n")]) == 2
+    )
     assert "make them agree" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Customizing the embedded text-to-image model: training, stop/resume, CLI, bad inputs."""
+
 import json
 import os
 import shutil
@@ -13,12 +14,12 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import ROOT
 from comcat.cli import main as cli
-from comcat.customize import CustomizeSpec, customize
-from comcat.diffusion.concept import denoising_loss, encode_images, encode_text, read_concept, resolution
-from comcat.diffusion.pipeline import load_pipeline
-from comcat.errors import ComcatError
+from comcat.core.errors import ComcatError
+from comcat.customization.customize import CustomizeSpec, customize
+from comcat.customization.diffusion.concept import denoising_loss, encode_images, encode_text, read_concept, resolution
+from comcat.customization.diffusion.pipeline import load_pipeline
+from conftest import ROOT
 
 HEARTS = ROOT / "assets" / "examples" / "heart"
 
@@ -65,7 +66,7 @@ def test_bf16_mixed_precision_customization_lowers_the_loss(tmp_path):
     pipe = load_pipeline("embedded")
     before = concept_loss(pipe)
     result = customize(spec(steps=30, precision="bf16"), tmp_path / "run", pipe=pipe)
-    assert all(l == l for l in result["losses"])          # no NaN
+    assert all(l == l for l in result["losses"])  # no NaN
     assert concept_loss(pipe) < before
 
 
@@ -77,8 +78,10 @@ def test_stop_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert (tmp_path / "part" / "adapter.safetensors").is_file()
     resumed = customize(CustomizeSpec(), tmp_path / "part", resume=True)
     assert resumed["steps_done"] == 8 and resumed["losses"] == full["losses"]
-    with safe_open(str(tmp_path / "full" / "adapter.safetensors"), "pt") as a, \
-            safe_open(str(tmp_path / "part" / "adapter.safetensors"), "pt") as b:
+    with (
+        safe_open(str(tmp_path / "full" / "adapter.safetensors"), "pt") as a,
+        safe_open(str(tmp_path / "part" / "adapter.safetensors"), "pt") as b,
+    ):
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
@@ -88,23 +91,26 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_resu
     part = tmp_path / "part"
     script = (
         "import os, signal\n"
-        "from comcat.customize import CustomizeSpec, customize\n"
+        "from comcat.customization.customize import CustomizeSpec, customize\n"
         f"spec = CustomizeSpec(images={str(HEARTS)!r}, prompt='a V*', steps=8, batch_size=4, preview_every=0, "
         "checkpoint_every=3)\n"
         "def kill(e):\n"
         "    if e['kind'] == 'step' and e['step'] == 7:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"customize(spec, {str(part)!r}, callback=kill)\n")
+        f"customize(spec, {str(part)!r}, callback=kill)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     assert subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env).returncode == -signal.SIGKILL
     assert json.loads((part / "customize.json").read_text())["step"] == 6
-    (part / ".adapter.safetensors.x.tmp.safetensors").write_bytes(b"half")       # a save the kill cut short
+    (part / ".adapter.safetensors.x.tmp.safetensors").write_bytes(b"half")  # a save the kill cut short
     resumed = customize(CustomizeSpec(), part, resume=True)
     full = customize(spec(steps=8, checkpoint_every=3), tmp_path / "full")
     assert resumed["steps_done"] == 8 and len(resumed["losses"]) == 8
     np.testing.assert_allclose(resumed["losses"], full["losses"], rtol=1e-4, atol=1e-6)
-    with safe_open(str(tmp_path / "full" / "adapter.safetensors"), "pt") as a, \
-            safe_open(str(part / "adapter.safetensors"), "pt") as b:
+    with (
+        safe_open(str(tmp_path / "full" / "adapter.safetensors"), "pt") as a,
+        safe_open(str(part / "adapter.safetensors"), "pt") as b,
+    ):
         for k in a.keys():
             torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k), rtol=1e-3, atol=1e-4)
     names = {p.name for p in part.iterdir()}
@@ -124,13 +130,49 @@ def test_overwrite_starts_a_run_over_in_the_same_folder(tmp_path):
 
 def test_cli_customize_then_generate_with_a_scaled_adapter(tmp_path, capsys):
     out = tmp_path / "heart"
-    assert cli(["customize", "--images", str(HEARTS), "--prompt", "a V*", "--steps", "3", "--rank", "1",
-                "--preview-every", "0", "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "customize",
+                "--images",
+                str(HEARTS),
+                "--prompt",
+                "a V*",
+                "--steps",
+                "3",
+                "--rank",
+                "1",
+                "--preview-every",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "saved" in capsys.readouterr().out
-    assert cli(["generate", "--adapter", f"{out}:0.5", "--prompt", "a V* in blue", "--steps", "4", "--n", "2",
-                "--out", str(tmp_path / "img.png")]) == 0
+    assert (
+        cli(
+            [
+                "generate",
+                "--adapter",
+                f"{out}:0.5",
+                "--prompt",
+                "a V* in blue",
+                "--steps",
+                "4",
+                "--n",
+                "2",
+                "--out",
+                str(tmp_path / "img.png"),
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "img.png").size == (64, 32)
-    assert cli(["generate", "--adapter", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "b.png")]) == 2
+    assert (
+        cli(["generate", "--adapter", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "b.png")]) == 2
+    )
     assert "no adapter at" in capsys.readouterr().err
     assert not (tmp_path / "b.png").exists()
 
@@ -156,8 +198,10 @@ def test_bad_customize_inputs_fail_with_one_line_and_write_nothing(tmp_path):
         (dict(images=str(captioned)), "heart_red.txt .* does not contain"),
         (dict(rank=0), "positive integer"),
         (dict(precision="fp8"), "precision must be one of auto, fp32, bf16"),
-        (dict(token="zqx", prompt="a zqx", learn_token=False, images=str(_uncaptioned(tmp_path))),
-         "unknown to this pipeline's tokenizer"),
+        (
+            dict(token="zqx", prompt="a zqx", learn_token=False, images=str(_uncaptioned(tmp_path))),
+            "unknown to this pipeline's tokenizer",
+        ),
         (dict(pipeline=str(tmp_path)), "not a diffusers pipeline folder"),
     ]
     for kw, match in cases:
@@ -173,12 +217,15 @@ def test_bad_customize_inputs_fail_with_one_line_and_write_nothing(tmp_path):
 def test_learned_token_customization_learns_only_its_row(tmp_path):
     pipe = load_pipeline("embedded")
     before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
-    customize(spec(token="<heart>", prompt="a <heart>", steps=5, learn_token=True, images=str(
-        _uncaptioned(tmp_path))), tmp_path / "run", pipe=pipe)
+    customize(
+        spec(token="<heart>", prompt="a <heart>", steps=5, learn_token=True, images=str(_uncaptioned(tmp_path))),
+        tmp_path / "run",
+        pipe=pipe,
+    )
     after = pipe.text_encoder.get_input_embeddings().weight.detach()
     new_id = pipe.tokenizer.convert_tokens_to_ids("<heart>")
     assert new_id == len(before) and after.shape[0] == len(before) + 1
-    assert torch.equal(after[:len(before)], before)
+    assert torch.equal(after[: len(before)], before)
     with safe_open(str(tmp_path / "run" / "adapter.safetensors"), "pt") as f:
         assert torch.equal(f.get_tensor("token_embedding"), after[new_id])
 

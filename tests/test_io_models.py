@@ -6,25 +6,49 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comcat.compress import compress
-from comcat.errors import ComcatError
-from comcat.io import load_compressed, save_compressed
-from comcat.models import Loaded, load_model
-from comcat.ranks import RankConfig, energy_ranks, uniform_ranks
+from comcat.compression.convert import compress
+from comcat.compression.format import load_compressed, save_compressed
+from comcat.compression.load import load_model
+from comcat.compression.models import Loaded
+from comcat.compression.rank_rules import energy_ranks, uniform_ranks
+from comcat.compression.ranks import RankConfig
+from comcat.core.errors import ComcatError
 from conftest import IMAGENET, VIT_TINY
+
+
+def test_format_2_folders_still_load(embedded, tmp_path):
+    """Format /3 renamed the rank file's classifier key ("head" -> "classifier"); /2 folders load."""
+    from dataclasses import replace
+
+    cfg = replace(uniform_ranks(embedded.model, "head", 0.5), classifier=4)
+    small = compress(embedded.model, cfg).eval()
+    out = save_compressed(replace(embedded, model=small), tmp_path / "m")
+    meta = json.loads((out / "comcat.json").read_text())
+    assert meta["format"] == "comcat-compressed/3" and meta["ranks"]["classifier"] == 4
+    ranks = {k: v for k, v in meta["ranks"].items() if k != "classifier"} | {"head": 4}
+    (out / "comcat.json").write_text(json.dumps({**meta, "format": "comcat-compressed/2", "ranks": ranks}))
+    back = load_compressed(out)
+    assert back.model.comcat_ranks.classifier == 4 and back.model.head.rank == 4
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(back.model(x), small(x))
+    (out / "comcat.json").write_text(json.dumps({**meta, "format": "comcat-compressed/1"}))
+    with pytest.raises(ComcatError, match="has format 'comcat-compressed/1'"):
+        load_compressed(out)
 
 
 def test_save_reload_round_trip(embedded, tmp_path):
     cfg = energy_ranks(embedded.model, "head", 0.9, mlp=True)
     small = compress(embedded.model, cfg)
-    out = save_compressed(Loaded(small, embedded.arch, embedded.arch_kwargs, "embedded"), tmp_path / "m",
-                          {"metrics": {"top1": 1.0}})
+    out = save_compressed(
+        Loaded(small, embedded.arch, embedded.arch_kwargs, "embedded"), tmp_path / "m", {"metrics": {"top1": 1.0}}
+    )
     assert sorted(p.name for p in out.iterdir()) == ["comcat.json", "model.safetensors"]
     meta = json.loads((out / "comcat.json").read_text())
     assert meta["method"] == "head" and meta["ranks"]["blocks"] == cfg.blocks and meta["metrics"]["top1"] == 1.0
     back = load_model(str(out))
     assert back.compressed and back.meta["params"] == sum(p.numel() for p in small.parameters())
-    from comcat.cost import model_flops
+    from comcat.compression.cost import model_flops
+
     assert back.meta["flops"] == model_flops(embedded.model, cfg)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -46,9 +70,9 @@ def test_a_saved_model_is_one_unit_with_the_usual_file_modes(embedded, tmp_path)
     assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~umask)}
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~umask)
     first = (out / "comcat.json").read_text()
-    save_compressed(Loaded(small, embedded.arch), out)                   # a second save into the same folder
+    save_compressed(Loaded(small, embedded.arch), out)  # a second save into the same folder
     assert json.loads(first)["pair"] != json.loads((out / "comcat.json").read_text())["pair"]
-    (out / "comcat.json").write_text(first)                              # as if killed between the two renames
+    (out / "comcat.json").write_text(first)  # as if killed between the two renames
     with pytest.raises(ComcatError, match="come from different saves"):
         load_compressed(out)
 
@@ -64,10 +88,17 @@ def test_save_refuses_dense_model_and_foreign_dir(embedded, tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"depth": 2000}, "depth / width"), ({"embed_dim": 200000}, "depth / width"), ({"mlp_ratio": 1000.0}, "mlp.fc1"),
-    ({"num_heads": 7}, "no buildable model"), ({"evil": 1}, "invalid arch"), ({"depth": "6"}, "depth / width"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"depth": 2000}, "depth / width"),
+        ({"embed_dim": 200000}, "depth / width"),
+        ({"mlp_ratio": 1000.0}, "mlp.fc1"),
+        ({"num_heads": 7}, "no buildable model"),
+        ({"evil": 1}, "invalid arch"),
+        ({"depth": "6"}, "depth / width"),
+    ],
+)
 def test_metadata_is_checked_against_the_stored_shapes_before_allocating(embedded, tmp_path, kwargs, message):
     import json
     import resource
@@ -79,7 +110,7 @@ def test_metadata_is_checked_against_the_stored_shapes_before_allocating(embedde
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ComcatError, match=message):
         load_compressed(out)
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200_000      # kB: nothing big allocated
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200_000  # kB: nothing big allocated
 
 
 def test_local_checkpoint_formats(embedded, tmp_path):
@@ -99,25 +130,29 @@ class Evil:
         return (print, ("code ran",))
 
 
-@pytest.mark.parametrize("spec, arch, message", [
-    ("resnet18", None, "not a ViT-family model"),
-    ("no_such_model_xyz", None, "not 'embedded', a file"),
-    ("missing.safetensors", "vit_tiny_patch16_224", "does not exist"),
-    ("EMBEDDED_AS_FILE", None, "also pass its architecture"),
-    ("EMBEDDED_AS_FILE", "vit_tiny_patch16_224", "does not match"),
-    ("EMBEDDED_AS_FILE", "not_an_arch", "unknown architecture"),
-    ("CORRUPT.safetensors", "vit_tiny_patch16_224", "could not read checkpoint"),
-    ("CORRUPT.pth", "vit_tiny_patch16_224", "could not read checkpoint"),
-    ("EVIL.pth", "vit_tiny_patch16_224", "could not read checkpoint"),
-    ("NOTWEIGHTS.pth", "vit_tiny_patch16_224", "state dict of tensors"),
-    ("NAN.safetensors", "comcat_shapes_vit", "NAN.safetensors: blocks.0.attn.qkv.weight holds NaN or inf values"),
-    ("EMPTYDIR", None, "no comcat.json"),
-    ("vit_tiny_patch16_224", None, "cannot be downloaded"),
-    ("deit_small_patch16_224", None, "cannot be downloaded"),
-    ("timm:not_a_model", None, "is not a timm model name"),
-])
+@pytest.mark.parametrize(
+    "spec, arch, message",
+    [
+        ("resnet18", None, "not a ViT-family model"),
+        ("no_such_model_xyz", None, "not 'embedded', a file"),
+        ("missing.safetensors", "vit_tiny_patch16_224", "does not exist"),
+        ("EMBEDDED_AS_FILE", None, "also pass its architecture"),
+        ("EMBEDDED_AS_FILE", "vit_tiny_patch16_224", "does not match"),
+        ("EMBEDDED_AS_FILE", "not_an_arch", "unknown architecture"),
+        ("CORRUPT.safetensors", "vit_tiny_patch16_224", "could not read checkpoint"),
+        ("CORRUPT.pth", "vit_tiny_patch16_224", "could not read checkpoint"),
+        ("EVIL.pth", "vit_tiny_patch16_224", "could not read checkpoint"),
+        ("NOTWEIGHTS.pth", "vit_tiny_patch16_224", "state dict of tensors"),
+        ("NAN.safetensors", "comcat_shapes_vit", "NAN.safetensors: blocks.0.attn.qkv.weight holds NaN or inf values"),
+        ("EMPTYDIR", None, "no comcat.json"),
+        ("vit_tiny_patch16_224", None, "cannot be downloaded"),
+        ("deit_small_patch16_224", None, "cannot be downloaded"),
+        ("timm:not_a_model", None, "is not a timm model name"),
+    ],
+)
 def test_bad_models_give_one_line_errors(tmp_path, monkeypatch, spec, arch, message, capsys):
-    from comcat.embedded import EMBEDDED_WEIGHTS
+    from comcat.core.embedded import EMBEDDED_WEIGHTS
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache: offline and nothing cached
     (tmp_path / "CORRUPT.safetensors").write_bytes(b"\x00\x01not a safetensors file")
@@ -126,6 +161,7 @@ def test_bad_models_give_one_line_errors(tmp_path, monkeypatch, spec, arch, mess
     torch.save({"lr": 0.1, "epoch": 3}, tmp_path / "NOTWEIGHTS.pth")
     (tmp_path / "EMPTYDIR").mkdir()
     from safetensors.torch import load_file
+
     weights = load_file(str(EMBEDDED_WEIGHTS))
     weights["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
     save_file(weights, str(tmp_path / "NAN.safetensors"))
@@ -173,8 +209,8 @@ def test_bad_rank_configs(embedded, tmp_path):
 
 @pytest.mark.skipif(not VIT_TINY.is_file() or not IMAGENET.is_dir(), reason="../shared/data not present")
 def test_real_vit_tiny_full_rank_keeps_predictions():
-    from comcat.evaluate import image_folder
-    from comcat.ranks import site_limits
+    from comcat.compression.evaluate import image_folder
+    from comcat.compression.ranks import site_limits
 
     loaded = load_model(str(VIT_TINY), arch="vit_tiny_patch16_224")
     ds = image_folder(IMAGENET, loaded.model, limit=24)
@@ -182,8 +218,13 @@ def test_real_vit_tiny_full_rank_keeps_predictions():
     with torch.no_grad():
         ref = loaded.model(x)
         for method in ("head", "matrix"):
-            cfg = RankConfig(method, [{k: v for k, v in site_limits(b, method).items() if k not in ("fc1", "fc2")}
-                                      for b in loaded.model.blocks])
+            cfg = RankConfig(
+                method,
+                [
+                    {k: v for k, v in site_limits(b, method).items() if k not in ("fc1", "fc2")}
+                    for b in loaded.model.blocks
+                ],
+            )
             out = compress(loaded.model, cfg)(x)
             assert torch.equal(out.argmax(1), ref.argmax(1))
             assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4

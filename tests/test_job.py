@@ -1,5 +1,6 @@
 """Issue 3: truncation, search at matrix level, distillation, the compress run (stop/resume,
 torchrun, bad inputs)."""
+
 import json
 import os
 import subprocess
@@ -9,10 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comcat.compress import compress, truncate
-from comcat.errors import ComcatError
-from comcat.ranks import full_ranks, uniform_ranks
-
+from comcat.compression.convert import compress, truncate
+from comcat.compression.rank_rules import full_ranks, uniform_ranks
+from comcat.core.errors import ComcatError
 from conftest import ROOT
 
 
@@ -27,21 +27,23 @@ def test_truncating_a_full_rank_model_equals_compressing(embedded, method):
     with torch.no_grad():
         cut, ref = truncate(full, cfg).eval()(x), compress(dense, cfg).eval()(x)
     assert torch.allclose(cut, ref, atol=1e-4)
-    assert sum(p.numel() for p in truncate(full, cfg).parameters()) == sum(p.numel() for p in compress(dense, cfg).parameters())
+    assert sum(p.numel() for p in truncate(full, cfg).parameters()) == sum(
+        p.numel() for p in compress(dense, cfg).parameters()
+    )
 
 
 def test_matrix_search_hard_choice_and_fit_by_logits(embedded):
-    from comcat.cost import model_params
-    from comcat.search import RankSearch
+    from comcat.compression.cost import model_params
+    from comcat.compression.search import RankSearch
 
     dense = embedded.model
     full = compress(dense, full_ranks(dense, "matrix"))
-    cost_fn = lambda c: model_params(dense, c)     # noqa: E731
+    cost_fn = lambda c: model_params(dense, c)  # noqa: E731
     search = RankSearch(full, cost_fn)
     assert search.method == "matrix" and set(search.choices) >= {"0_q", "0_k", "0_v", "0_o"}
     search.start_at(uniform_ranks(dense, "matrix", 0.5))
     chosen = search.chosen()
-    assert chosen.blocks[0]["q"] == 32                       # 0.5 * C / 2, a candidate of C = 128
+    assert chosen.blocks[0]["q"] == 32  # 0.5 * C / 2, a candidate of C = 128
     assert search.sample(1.0, sample=False).item() == pytest.approx(cost_fn(chosen))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -51,29 +53,30 @@ def test_matrix_search_hard_choice_and_fit_by_logits(embedded):
     # over budget: the step is taken where the logits lose least, block 3's v is nearly indifferent
     with torch.no_grad():
         for name, c in search.choices.items():
-            c.alpha.copy_(torch.linspace(0, 5, len(c.alpha)))      # everyone prefers full rank strongly
+            c.alpha.copy_(torch.linspace(0, 5, len(c.alpha)))  # everyone prefers full rank strongly
         search.choices["3_v"].alpha.copy_(torch.linspace(0, 0.01, 8))
     target = cost_fn(search.chosen()) - 1
     fitted, reduced = search.fit(cost_fn, target)
     assert reduced and cost_fn(fitted) <= target
-    assert fitted.blocks[3]["v"] == 112 and all(b[m] == 128 for i, b in enumerate(fitted.blocks)
-                                               for m in "qko" if i != 3)
+    assert fitted.blocks[3]["v"] == 112 and all(
+        b[m] == 128 for i, b in enumerate(fitted.blocks) for m in "qko" if i != 3
+    )
     # under budget: the rest of the budget is spent, one candidate step at a time, while it fits
     search.start_at(uniform_ranks(dense, "matrix", 0.3))
     target = cost_fn(search.chosen()) + 20_000
     filled, reduced = search.fit(cost_fn, target)
     assert not reduced and cost_fn(search.chosen()) < cost_fn(filled) <= target
-    assert target - cost_fn(filled) < 256 * 16          # not even the cheapest next step would fit
+    assert target - cost_fn(filled) < 256 * 16  # not even the cheapest next step would fit
 
 
 def test_expected_rank_decoding_follows_the_logits_within_budget(embedded):
-    from comcat.cost import model_params
-    from comcat.search import RankSearch
+    from comcat.compression.cost import model_params
+    from comcat.compression.search import RankSearch
 
     dense = embedded.model
-    cost_fn = lambda c: model_params(dense, c)     # noqa: E731
+    cost_fn = lambda c: model_params(dense, c)  # noqa: E731
     search = RankSearch(compress(dense, full_ranks(dense, "head")), cost_fn)
-    with torch.no_grad():                           # block 0 wants high ranks, block 3 low ones
+    with torch.no_grad():  # block 0 wants high ranks, block 3 low ones
         for name, c in search.choices.items():
             c.alpha.zero_()
         search.choices["0_qk"].alpha.copy_(torch.linspace(0, 6, 8))
@@ -81,7 +84,7 @@ def test_expected_rank_decoding_follows_the_logits_within_budget(embedded):
     want = search.expected_ranks()
     assert want["1_qk"] == pytest.approx(sum(c for c in search.choices["1_qk"].ranks.tolist()) / 8)
     assert want["0_qk"] > want["1_qk"] > want["3_vo"]
-    now = search.current()                          # what progress shows: the rounded expected ranks
+    now = search.current()  # what progress shows: the rounded expected ranks
     assert now.blocks[0]["qk"] == round(want["0_qk"]) and now.blocks[3]["vo"] == round(want["3_vo"])
     assert search.current("argmax") == search.chosen()
     floor = cost_fn(search.config({n: 1 for n in want}))
@@ -89,22 +92,32 @@ def test_expected_rank_decoding_follows_the_logits_within_budget(embedded):
     ranks, reduced = search.fit_expected(cost_fn, target)
     assert reduced and cost_fn(ranks) <= target
     assert ranks.blocks[0]["qk"] > ranks.blocks[1]["qk"] > ranks.blocks[3]["vo"]
-    cheapest = min(cost_fn(search.config({**{n: ranks.blocks[int(n.split("_")[0])][n.split("_")[1]] for n in want},
-                                          n: ranks.blocks[int(n.split("_")[0])][n.split("_")[1]] + 1})) for n in want)
-    assert cheapest > target                         # the rest of the budget was spent
+    cheapest = min(
+        cost_fn(
+            search.config(
+                {
+                    **{n: ranks.blocks[int(n.split("_")[0])][n.split("_")[1]] for n in want},
+                    n: ranks.blocks[int(n.split("_")[0])][n.split("_")[1]] + 1,
+                }
+            )
+        )
+        for n in want
+    )
+    assert cheapest > target  # the rest of the budget was spent
     roomy, reduced = search.fit_expected(cost_fn, cost_fn(full_ranks(dense, "head")))
     assert not reduced and roomy.blocks[0]["qk"] == dense.blocks[0].attn.head_dim
 
 
 def _shapes(n, seed):
-    from comcat.data.splits import shapes_dataset
+    from comcat.compression.splits import shapes_dataset
+
     return shapes_dataset(n, seed)
 
 
 def test_search_then_finetune_beats_no_finetuning(embedded):
-    from comcat.distill import finetune
-    from comcat.evaluate import evaluate
-    from comcat.search import search_ranks
+    from comcat.compression.distill import finetune
+    from comcat.compression.evaluate import evaluate
+    from comcat.compression.search import search_ranks
 
     dense = embedded.model
     train, search, val = _shapes(1024, 0), _shapes(256, 2), _shapes(500, 5)
@@ -113,7 +126,7 @@ def test_search_then_finetune_beats_no_finetuning(embedded):
     scores = evaluate(small, val, progress=False, per_image=True)
     before = scores["top1"]
     assert before < 97, "the budget should hurt before fine-tuning"
-    right = scores["right"]                    # per image: the same top-1, image by image
+    right = scores["right"]  # per image: the same top-1, image by image
     x, y = val.tensors
     with torch.no_grad():
         assert torch.equal(right, small(x).argmax(1) == y) and right.float().mean() * 100 == pytest.approx(before)
@@ -132,15 +145,26 @@ def test_search_then_finetune_beats_no_finetuning(embedded):
 def test_nan_loss_is_a_clear_error(embedded):
     from torch.utils.data import TensorDataset
 
-    from comcat.search import search_ranks
+    from comcat.compression.search import search_ranks
 
     bad = TensorDataset(torch.full((8, 3, 32, 32), float("nan")), torch.zeros(8, dtype=torch.long))
     with pytest.raises(ComcatError, match="NaN"):
         search_ranks(embedded.model, bad, bad, ratio=0.5, epochs=1, batch_size=4)
 
 
-SMALL = dict(mlp=True, ratio=0.4, search=True, search_epochs=2, finetune_epochs=1, train_images=256, fit_images=128,
-             calibration_images=64, distill_steps=5, batch_size=32, latency=False)
+SMALL = dict(
+    mlp=True,
+    ratio=0.4,
+    search=True,
+    search_epochs=2,
+    finetune_epochs=1,
+    train_images=256,
+    fit_images=128,
+    calibration_images=64,
+    distill_steps=5,
+    batch_size=32,
+    latency=False,
+)
 
 
 def _weights(out):
@@ -151,8 +175,8 @@ def _weights(out):
 def test_stop_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     """Stopped in the search, in block distillation and in fine-tuning, resumed each time: the same
     model as an uninterrupted run."""
-    from comcat.io import load_compressed
-    from comcat.job import JobSpec, run_job
+    from comcat.compression.format import load_compressed
+    from comcat.compression.job import JobSpec, run_job
 
     events = []
     whole = run_job(JobSpec(**SMALL), tmp_path / "whole", callback=events.append)
@@ -162,7 +186,7 @@ def test_stop_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     phases = [e["phase"] for e in events if e["kind"] == "phase"]
     assert phases == ["data", "calibrate", "allocate", "search", "distill", "finetune", "report"]
     steps = {k: sum(e["kind"] == k for e in events) for k in ("search", "distill", "finetune")}
-    assert steps == {"search": 8, "distill": 30, "finetune": 8}      # 2 x 128/32; 6 blocks x 5; 256/32
+    assert steps == {"search": 8, "distill": 30, "finetune": 8}  # 2 x 128/32; 6 blocks x 5; 256/32
 
     out, calls = tmp_path / "parts", {"n": 0}
 
@@ -170,21 +194,22 @@ def test_stop_and_resume_reproduce_the_uninterrupted_run(tmp_path):
         def should_stop():
             calls["n"] += 1
             return calls["n"] in at
+
         return should_stop
 
-    first = run_job(JobSpec(**SMALL), out, should_stop=stop_at(6))          # in the search's 2nd epoch
+    first = run_job(JobSpec(**SMALL), out, should_stop=stop_at(6))  # in the search's 2nd epoch
     assert first["stopped"] == "search"
-    saved = load_compressed(out)                 # the best valid model so far, within budget
+    saved = load_compressed(out)  # the best valid model so far, within budget
     assert saved.meta["report"]["stopped"] == "search"
     assert saved.meta["report"]["search"]["cost"] <= saved.meta["report"]["search"]["target"]
     assert (out / "state" / "search.json").is_file() and "Stopped" in (out / "report.md").read_text()
     with pytest.raises(ComcatError, match="--resume"):
-        run_job(JobSpec(**SMALL), out)            # a new run must not overwrite an unfinished one
+        run_job(JobSpec(**SMALL), out)  # a new run must not overwrite an unfinished one
     calls["n"] = 0
-    second = run_job(None, out, resume=True, should_stop=stop_at(2 + 13))   # 2 search steps left, then block 2
+    second = run_job(None, out, resume=True, should_stop=stop_at(2 + 13))  # 2 search steps left, then block 2
     assert second["stopped"] == "distill" and (out / "state" / "distill.json").is_file()
     calls["n"] = 0
-    third = run_job(None, out, resume=True, should_stop=stop_at(17 + 3))    # 17 distill steps left, then fine-tuning
+    third = run_job(None, out, resume=True, should_stop=stop_at(17 + 3))  # 17 distill steps left, then fine-tuning
     assert third["stopped"] == "finetune" and (out / "state" / "finetune.json").is_file()
     last = run_job(None, out, resume=True)
     assert last["stopped"] is None
@@ -203,10 +228,39 @@ def _cli(*args, env=None, timeout=600):
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
-    r = _cli(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-             "-m", "comcat", "compress", "--search", "--mlp", "--params-ratio", "0.5", "--search-epochs", "1",
-             "--finetune-epochs", "1", "--train-images", "256", "--fit-images", "128", "--batch-size", "32",
-             "--calibration-images", "64", "--distill-steps", "3", "--no-latency", "--out", str(out))
+    r = _cli(
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "comcat",
+        "compress",
+        "--search",
+        "--mlp",
+        "--params-ratio",
+        "0.5",
+        "--search-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--train-images",
+        "256",
+        "--fit-images",
+        "128",
+        "--batch-size",
+        "32",
+        "--calibration-images",
+        "64",
+        "--distill-steps",
+        "3",
+        "--no-latency",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((out / "comcat.json").read_text())
     assert meta["report"]["processes"] == 2
@@ -214,7 +268,7 @@ def test_torchrun_two_processes(tmp_path):
     # factors stay fixed: no weight epochs); 256 training images / 2 / 32 = 4 fine-tuning steps
     assert meta["report"]["search"]["total"] == 2 and meta["report"]["finetune"]["total"] == 4
     assert meta["report"]["compressed"]["top1"] > 90
-    assert r.stdout.count("saved ") == 1          # only the main process reports
+    assert r.stdout.count("saved ") == 1  # only the main process reports
 
 
 def test_cli_search_bad_inputs_leave_nothing(tmp_path):
@@ -236,7 +290,8 @@ def test_cli_search_bad_inputs_leave_nothing(tmp_path):
     assert main(["compress", "--search", "--params-ratio", "0.5", "--ranks", "x.json", "--out", str(out)]) == 2
     assert main(["compress", "--resume", str(tmp_path / "nothing")]) == 2
     # NaN during the search (absurd weight learning rate): clear error, no folder left
-    from comcat.job import JobSpec, run_job
+    from comcat.compression.job import JobSpec, run_job
+
     with pytest.raises(ComcatError, match="NaN"):
         run_job(JobSpec(**{**SMALL, "calibration": "none", "lr_weights": 1e12}), out)
     assert not out.exists()
@@ -250,22 +305,23 @@ def test_cli_messages(capsys, tmp_path):
 
 
 def test_flops_budget_and_classifier_search(embedded):
-    from comcat.cost import layer_flops, model_flops
-    from comcat.search import search_ranks
+    from comcat.compression.cost import layer_flops, model_flops
+    from comcat.compression.search import search_ranks
 
     dense = embedded.model
     data = _shapes(128, 3)
-    ranks, info = search_ranks(dense, data, data, ratio=0.4, budget="flops", mlp=True, classifier=True, epochs=1,
-                               batch_size=32)
-    sites = lambda cfg: sum(l["attn"] + l["mlp"] for l in layer_flops(dense, cfg))    # noqa: E731
+    ranks, info = search_ranks(
+        dense, data, data, ratio=0.4, budget="flops", mlp=True, classifier=True, epochs=1, batch_size=32
+    )
+    sites = lambda cfg: sum(l["attn"] + l["mlp"] for l in layer_flops(dense, cfg))  # noqa: E731
     assert info["target"] == pytest.approx(model_flops(dense) - 0.6 * sites(None))
     assert model_flops(dense, ranks) <= info["target"] and info["cost"] == model_flops(dense, ranks)
-    assert ranks.head is not None and 1 <= ranks.head <= 10
-    assert info["model"].head.rank == ranks.head
+    assert ranks.classifier is not None and 1 <= ranks.classifier <= 10
+    assert info["model"].head.rank == ranks.classifier
 
 
 def test_report_files(tmp_path):
-    from comcat.job import JobSpec, run_job
+    from comcat.compression.job import JobSpec, run_job
 
     res = run_job(JobSpec(**{**SMALL, "search_epochs": 1, "finetune_epochs": 0, "latency": True}), tmp_path / "r")
     md = (tmp_path / "r" / "report.md").read_text()

@@ -6,43 +6,47 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from comcat.compress import compress
-from comcat.cost import count_params, layer_flops, model_flops, model_params
-from comcat.lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
-from comcat.ranks import (RankConfig, energy_ranks, energy_ranks_for_budget, greedy_energy_ranks, site_limits,
-                          uniform_ranks)
+from comcat.compression.convert import compress
+from comcat.compression.cost import count_params, layer_flops, model_flops, model_params
+from comcat.compression.lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
+from comcat.compression.rank_rules import energy_ranks, energy_ranks_for_budget, greedy_energy_ranks, uniform_ranks
+from comcat.compression.ranks import RankConfig, site_limits
 from conftest import rel_err, with_random_biases
 
 
-def full_rank(model, method, mlp=True, head=True):
+def full_rank(model, method, mlp=True, classifier=True):
     blocks = []
     for b in model.blocks:
         lim = site_limits(b, method)
         blocks.append({k: v for k, v in lim.items() if mlp or k not in ("fc1", "fc2")})
-    return RankConfig(method, blocks, head=min(model.head.in_features, model.head.out_features) if head else None)
+    rank = min(model.head.in_features, model.head.out_features) if classifier else None
+    return RankConfig(method, blocks, classifier=rank)
 
 
 def arch(name):
     if name == "embedded":
-        from comcat.models import load_model
+        from comcat.compression.load import load_model
+
         return load_model("embedded").model
     return timm.create_model(name, pretrained=False)
 
 
 def tokens(model):
-    return torch.randn(2, *model.pretrained_cfg["input_size"], dtype=torch.float64,
-                       generator=torch.Generator().manual_seed(3))
+    return torch.randn(
+        2, *model.pretrained_cfg["input_size"], dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
 
 
-@pytest.mark.parametrize("name", ["embedded", "deit_tiny_patch16_224", "deit_small_patch16_224",
-                                  "deit_tiny_distilled_patch16_224"])
+@pytest.mark.parametrize(
+    "name", ["embedded", "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_tiny_distilled_patch16_224"]
+)
 @pytest.mark.parametrize("method", ["head", "matrix"])
 def test_full_rank_conversion_is_exact(name, method):
     model = with_random_biases(arch(name))
     x = tokens(model)
     with torch.no_grad():
         ref = model(x)
-        out = compress(model, full_rank(model, method, mlp=name == "embedded", head=name == "embedded"))(x)
+        out = compress(model, full_rank(model, method, mlp=name == "embedded", classifier=name == "embedded"))(x)
     assert rel_err(out, ref) <= 1e-5
     assert rel_err(out, ref) <= 1e-10  # float64 leaves far more headroom than the 1e-5 the spec asks
 
@@ -61,8 +65,9 @@ def test_attention_modules_replaced_and_input_untouched(embedded):
 def test_truncation_error_equals_dropped_singular_values(embedded):
     """Eckart-Young: the rank-r head factors [A_h; a_h] B_h^T are the best approximation of each
     [W^Q_h; b^Q_h] W^K_h^T (W^QK_h with the query bias as its extra input row)."""
-    from comcat.analysis import product_svd
-    from comcat.vit import head_weights
+    from comcat.compression.vit import head_weights
+    from comcat.core.linalg import product_svd
+
     attn = embedded.model.blocks[2].attn
     r = 8
     lr = compress(embedded.model, RankConfig("head", [{"qk": r, "vo": r}] * 6)).blocks[2].attn
@@ -84,7 +89,7 @@ def test_params_and_flops_are_analytic(embedded, method, ratio):
     model = embedded.model
     cfg = uniform_ranks(model, method, ratio, mlp=ratio < 1)
     if ratio < 1:
-        cfg.head = 4
+        cfg.classifier = 4
     small = compress(model, cfg)
     assert model_params(model, cfg) == count_params(small)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -109,7 +114,8 @@ def test_rank_rules(embedded):
     e = energy_ranks(model, "head", 0.999)
     lo = energy_ranks(model, "head", 0.5)
     assert all(a[k] >= b[k] for a, b in zip(e.blocks, lo.blocks) for k in ("qk", "vo"))
-    from comcat.cost import site_params
+    from comcat.compression.cost import site_params
+
     for method in ("head", "matrix"):
         for rule in (energy_ranks_for_budget, greedy_energy_ranks):
             for mlp in (False, True):
@@ -131,7 +137,7 @@ def test_head_attention_respects_masks():
     """A caller's boolean mask applies (the query bias is in the factors, no additive bias term)."""
     model = with_random_biases(arch("deit_tiny_patch16_224"))
     attn = model.blocks[0].attn
-    lr = compress(model, full_rank(model, "head", mlp=False, head=False)).blocks[0].attn
+    lr = compress(model, full_rank(model, "head", mlp=False, classifier=False)).blocks[0].attn
     x = torch.randn(2, 10, 192, dtype=torch.float64)
     mask = torch.ones(10, 10, dtype=torch.bool).tril()
     assert rel_err(lr(x, attn_mask=mask), attn(x, attn_mask=mask)) < 1e-10
@@ -156,14 +162,15 @@ def test_unequal_head_ranks_are_zero_padded_exactly(embedded, rq, rv, monkeypatc
     o = torch.softmax(attn.scale * q @ k.transpose(-1, -2), -1) @ v
     ref = torch.einsum("bhnr,chr->bnc", o, attn.proj.weight.view(C, H, rv)) + attn.proj.bias
     assert rel_err(attn(x), ref) < 1e-12
-    monkeypatch.setattr(HeadLowRankAttention, "pad_heads", False)      # what counted_flops runs
+    monkeypatch.setattr(HeadLowRankAttention, "pad_heads", False)  # what counted_flops runs
     assert rel_err(attn(x), ref) < 1e-12
 
 
 def test_inference_cache_follows_parameter_changes(embedded):
     """The fused input weights are cached at inference and rebuilt when a parameter changes in place
     or is replaced (truncate), and never used where gradients flow."""
-    from comcat.compress import truncate
+    from comcat.compression.convert import truncate
+
     model = compress(embedded.model, uniform_ranks(embedded.model, "head", 0.5)).eval()
     attn = model.blocks[0].attn
     x = torch.randn(2, 17, attn.proj.out_features)
@@ -178,15 +185,15 @@ def test_inference_cache_follows_parameter_changes(embedded):
     with torch.no_grad():
         first = attn(x)
         assert attn._cache is not None and torch.equal(attn(x), first)
-        attn.q.weight.mul_(1.5)                          # in place: the version changes
+        attn.q.weight.mul_(1.5)  # in place: the version changes
         assert torch.equal(attn(x), fresh()) and not torch.equal(attn(x), first)
         before = attn(x)
-        attn.proj.bias = torch.nn.Parameter(attn.proj.bias + 1.0)   # the output bias replaced
+        attn.proj.bias = torch.nn.Parameter(attn.proj.bias + 1.0)  # the output bias replaced
         assert torch.equal(attn(x), fresh()) and torch.allclose(attn(x), before + 1.0, atol=1e-6)
-    out = attn(x)                                        # gradients flow: built fresh, part of the graph
+    out = attn(x)  # gradients flow: built fresh, part of the graph
     out.sum().backward()
     assert attn.k.weight.grad is not None and attn.k.weight.grad.abs().sum() > 0
-    small = truncate(model, uniform_ranks(embedded.model, "head", 0.25))   # parameters replaced
+    small = truncate(model, uniform_ranks(embedded.model, "head", 0.25))  # parameters replaced
     attn = small.blocks[0].attn
     with torch.no_grad():
         assert torch.equal(attn(x), fresh())

@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from comcat.search import (RankChoice, budget_penalty, candidate_ranks, explicit_mixture, masked_product,
-                           temperature)
+from comcat.compression.search import (
+    RankChoice,
+    budget_penalty,
+    candidate_ranks,
+    explicit_mixture,
+    masked_product,
+    temperature,
+)
 
 
 def test_soft_mask_equals_explicit_mixture():
@@ -36,16 +42,17 @@ def test_schedule_candidates_and_penalty():
     assert candidate_ranks(5, 8)[-1] == 5 and candidate_ranks(5, 8)[0] == 1
     loss = torch.tensor(2.0)
     assert budget_penalty(loss, torch.tensor(50.0), 100.0).item() == pytest.approx(2.0)
-    assert budget_penalty(loss, torch.tensor(200.0), 100.0).item() == pytest.approx(2.0 * 2 ** 1.5)
+    assert budget_penalty(loss, torch.tensor(200.0), 100.0).item() == pytest.approx(2.0 * 2**1.5)
     with pytest.raises(ValueError):
         RankChoice([0, 4], 8)
 
 
 def test_rank_search_cost_and_hard_choice_match_compress(embedded):
-    from comcat.compress import compress
-    from comcat.cost import model_params
-    from comcat.ranks import RankConfig, uniform_ranks
-    from comcat.search import RankSearch, fit_budget
+    from comcat.compression.convert import compress
+    from comcat.compression.cost import model_params
+    from comcat.compression.rank_rules import uniform_ranks
+    from comcat.compression.ranks import RankConfig
+    from comcat.compression.search import RankSearch, fit_budget
 
     dense = embedded.model
     full = compress(dense, uniform_ranks(dense, "head", 1.0, mlp=True))
@@ -72,10 +79,12 @@ def test_rank_search_cost_and_hard_choice_match_compress(embedded):
     search.clear()
     # over budget: ranks come down where the least energy is lost, until the budget holds
     target = 0.5 * model_params(dense)
-    fitted, reduced = fit_budget(dense, uniform_ranks(dense, "head", 1.0, mlp=True), lambda c: model_params(dense, c),
-                                 target)
+    fitted, reduced = fit_budget(
+        dense, uniform_ranks(dense, "head", 1.0, mlp=True), lambda c: model_params(dense, c), target
+    )
     assert reduced and model_params(dense, fitted) <= target
-    from comcat.errors import ComcatError
+    from comcat.core.errors import ComcatError
+
     with pytest.raises(ComcatError, match="below the smallest possible model"):
         fit_budget(dense, fitted, lambda c: model_params(dense, c), 1000)
     assert isinstance(fitted, RankConfig)
@@ -84,18 +93,26 @@ def test_rank_search_cost_and_hard_choice_match_compress(embedded):
 def test_short_search_meets_budget_and_learns(embedded):
     from torch.utils.data import TensorDataset
 
-    from comcat.cost import model_params, site_params
-    from comcat.data.shapes import make_shapes
-    from comcat.embedded import shapes_tensor
-    from comcat.search import search_ranks
+    from comcat.compression.cost import model_params, site_params
+    from comcat.compression.search import search_ranks
+    from comcat.core.embedded import shapes_tensor
+    from comcat.core.shapes import make_shapes
 
     def data(seed, n):
         x, y, _ = make_shapes(n, seed)
         return TensorDataset(shapes_tensor(x), torch.from_numpy(y))
 
     events = []
-    ranks, info = search_ranks(embedded.model, data(10, 128), data(11, 128), ratio=0.5, epochs=2,
-                               batch_size=32, labels=True, callback=events.append)
+    ranks, info = search_ranks(
+        embedded.model,
+        data(10, 128),
+        data(11, 128),
+        ratio=0.5,
+        epochs=2,
+        batch_size=32,
+        labels=True,
+        callback=events.append,
+    )
     dense = embedded.model
     assert site_params(dense, ranks, "head", True) <= 0.5 * site_params(dense, None, "head", True)
     assert info["cost"] == model_params(embedded.model, ranks)
@@ -107,14 +124,22 @@ def test_short_search_meets_budget_and_learns(embedded):
     ranks.validate(embedded.model)
 
     stop_after = iter(range(3))
-    ranks, info = search_ranks(embedded.model, data(10, 64), data(11, 64), ratio=0.6, epochs=3, batch_size=32,
-                               should_stop=lambda: next(stop_after, None) is None)
+    ranks, info = search_ranks(
+        embedded.model,
+        data(10, 64),
+        data(11, 64),
+        ratio=0.6,
+        epochs=3,
+        batch_size=32,
+        should_stop=lambda: next(stop_after, None) is None,
+    )
     assert info["stopped"] and len(info["history"]) == 4
     assert site_params(dense, ranks, "head", True) <= 0.6 * site_params(dense, None, "head", True)
     # attention only, weights frozen: only search steps, and the MLPs stay dense
     before = {k: v.clone() for k, v in dense.state_dict().items()}
-    ranks, info = search_ranks(dense, data(10, 64), data(11, 64), ratio=0.6, mlp=False, epochs=1, batch_size=32,
-                               lr_weights=0)
+    ranks, info = search_ranks(
+        dense, data(10, 64), data(11, 64), ratio=0.6, mlp=False, epochs=1, batch_size=32, lr_weights=0
+    )
     assert {e["phase"] for e in info["history"]} == {"search"} and "fc1" not in ranks.blocks[0]
     assert site_params(dense, ranks, "head", False) <= 0.6 * site_params(dense, None, "head", False)
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())

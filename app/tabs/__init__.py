@@ -1,0 +1,1 @@
+"""One module per tab: the handlers (on_*) and the tab's layout (*_tab)."""

@@ -1,0 +1,430 @@
+"""Compress tab: a compress run of the library (comcat.compression.job.run_job) streamed to the page."""
+
+from __future__ import annotations
+
+import os
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from comcat.compression.job import JobSpec, run_job
+from comcat.compression.load import load_model
+from comcat.compression.plots import ranks_heatmap_plotly
+from comcat.compression.report import report_markdown
+from comcat.core.errors import ComcatError
+
+from .. import common
+from ..common import STOP_REPLIES, follow_typing, message, model_spec, public_text, visitor, workdir
+from ..runner import Busy, Runner
+
+MODEL_SOURCES = ("embedded", "timm name", "uploaded checkpoint", "model from Explore")
+
+
+def chosen_model(
+    source: str, name: str = "", upload: str | None = None, arch: str = "", explored=None
+) -> tuple[str, str | None]:
+    """(SPEC, arch) to compress: picked here as in Explore, or the model the Explore tab loaded."""
+    if source == "model from Explore":
+        if explored is None:
+            raise ComcatError(
+                "no model has been explored yet: press Explore in the Explore tab first, or pick another model here"
+            )
+        return explored.spec, explored.arch
+    return model_spec(source, name, upload, arch)
+
+
+@dataclass
+class Settings:
+    """The page's compression settings (what a JobSpec takes besides the model and the data)."""
+
+    ratio: float = 0.5
+    budget: str = "params"
+    method: str = "head"
+    mlp: bool = False
+    search: bool = False
+    search_epochs: int = 4
+    distill_steps: int = 100
+    finetune_epochs: int = 0
+    device: str = "auto"
+    train_images: int = 4096
+    fit_images: int = 1024
+
+    def spec(self, model: str, arch: str | None, data: str | None) -> JobSpec:
+        return JobSpec(
+            model=model,
+            arch=arch,
+            method=self.method,
+            ratio=float(self.ratio),
+            budget=self.budget,
+            search=bool(self.search),
+            search_epochs=max(1, int(self.search_epochs)),
+            distill_steps=max(0, int(self.distill_steps)),
+            finetune_epochs=max(0, int(self.finetune_epochs)),
+            mlp=bool(self.mlp),
+            data=data,
+            device=self.device,
+            train_images=max(1, int(self.train_images)),
+            fit_images=max(1, int(self.fit_images)),
+        )
+
+
+LOSS_CURVES = {
+    "search": "search (α steps)",
+    "weights": "search (weight steps)",
+    "distill": "block distillation",
+    "finetune": "end-to-end fine-tuning",
+}
+STEPPED = ("calibrate", "allocate", "search", "distill", "finetune")
+
+
+@dataclass
+class Progress:
+    """What the page shows while a run goes: built up from the library's callback events."""
+
+    phase: str = "starting"
+    started: float = field(default_factory=time.perf_counter)
+    phase_started: float = field(default_factory=time.perf_counter)
+    step: int = 0
+    total: int = 0
+    last: dict = field(default_factory=dict)
+    ranks: object = None
+    ranks_changed: bool = False
+    losses: dict = field(default_factory=lambda: {k: [] for k in LOSS_CURVES})
+    val: list = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+
+    def update(self, e: dict) -> None:
+        kind = e.get("kind")
+        if kind == "phase":
+            self.phase, self.phase_started, self.step, self.total = e["phase"], time.perf_counter(), 0, 0
+            if e["phase"] == "data":
+                self.data = e
+        elif kind in STEPPED:
+            self.step, self.total, self.last = e["step"], e["total"], e
+            if "loss" in e:
+                self.losses[e.get("phase", "search") if kind == "search" else kind].append((self.elapsed, e["loss"]))
+            if kind == "search" and e.get("ranks") is not None and e["ranks"] != self.ranks:
+                self.ranks, self.ranks_changed = e["ranks"], True
+        elif kind == "validate":
+            self.val.append(e)
+        elif kind == "done":
+            self.phase = "done"
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def eta(self) -> float | None:
+        """Seconds left in this phase at the rate so far."""
+        if self.step <= 0 or self.total <= 0:
+            return None
+        return (time.perf_counter() - self.phase_started) / self.step * (self.total - self.step)
+
+    def status(self) -> str:
+        """One markdown line: phase, step, loss, cost vs budget, temperature, validation, ETA."""
+        parts = [f"**{self.phase}**"]
+        if self.total:
+            parts.append(f"step {self.step}/{self.total}")
+        e = self.last
+        if self.phase == "search" and e.get("kind") == "search":
+            parts += [f"loss {e['loss']:.3f}", f"cost {e['cost'] / e['target']:.0%} of budget", f"τ {e['tau']:.2f}"]
+        elif self.phase == "distill" and e.get("kind") == "distill":
+            parts += [f"block {e['block'] + 1}/{e['blocks']}", f"loss {e['loss']:.4f}"]
+        elif self.phase == "finetune" and e.get("kind") == "finetune":
+            parts.append(f"loss {e['loss']:.3f}")
+        if self.val:
+            v = self.val[-1]
+            top1 = f", top-1 {v['top1']:.1f}%" if "top1" in v else ""
+            parts.append(f"validation ({v['images']} held-out images): agrees with dense {v['agreement']:.1f}%{top1}")
+        eta = self.eta()
+        if eta is not None and self.phase in STEPPED:
+            parts.append(f"ETA {eta:.0f} s")
+        parts.append(f"{self.elapsed:.0f} s elapsed")
+        return " · ".join(parts)
+
+
+def result_card(report: dict) -> str:
+    """The headline figures of a finished run, each saying what it is measured on."""
+    d, c = report["dense"], report["compressed"]
+    lines = []
+    if "agreement" in c:
+        data = report.get("data", {})
+        where = f"{c['images']} held-out images" + (
+            f" of {Path(data['source'].split(' (')[0]).name}" if data.get("source") else ""
+        )
+        lines.append(
+            f"**{c['agreement']:.1f}% agreement with the dense model** (same top-1; KL {c['kl']:.3f}) on {where}"
+        )
+        if "top1" in c:
+            lines.append(f"top-1 **{c['top1']:.1f}%** (dense {d['top1']:.1f}%, {c['top1'] - d['top1']:+.1f} points)")
+        elif data.get("note"):
+            lines.append(f"no top-1: {data['note']}")
+    lines.append(
+        f"params {c['params']:,} ({c['params'] / d['params']:.2f}× dense) · FLOPs {c['flops'] / 1e6:,.0f}M "
+        f"({c['flops'] / d['flops']:.2f}×) · attention at {report['attn_params_ratio']:.0%} of its params"
+    )
+    if report.get("heads_lost_most"):
+        lines.append(
+            "heads that lost most (relative weight error of the per-head product): "
+            + ", ".join(
+                f"layer {h['layer']} head {h['head']} {h['product'].upper()} {h['error']:.0%}"
+                for h in report["heads_lost_most"][:3]
+            )
+        )
+    for key, r in report.get("latency_ratio", {}).items():
+        lines.append(
+            f"latency {key.replace('_b', ' batch ')}: {c['latency_ms'][key]:.1f} ms vs {d['latency_ms'][key]:.1f} ms "
+            f"dense, {r['median']:.2f}× (range {r['range'][0]:.2f}–{r['range'][1]:.2f} over 5 alternating "
+            "rounds; the server's load moves it)"
+        )
+    return "\n\n".join(lines)
+
+
+def zip_model(out: Path) -> Path:
+    """out/ (model, comcat.json, report) as a zip next to it, written to a temp name then renamed."""
+    target = out.parent / f"{out.name}-compressed.zip"
+    tmp = target.with_name(f".{target.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(out.rglob("*")):
+            if p.is_file() and "state" not in p.relative_to(out).parts:
+                z.write(p, p.relative_to(out))  # at the root: the unzipped folder loads
+    os.replace(tmp, target)
+    return target
+
+
+COMPRESS = Runner("compress")
+
+
+def loss_figure(p: Progress):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for key, label in LOSS_CURVES.items():
+        if p.losses[key]:
+            t, loss = zip(*p.losses[key])
+            fig.add_trace(go.Scatter(x=t, y=loss, mode="lines", name=label))
+    fig.update_layout(
+        height=300, xaxis_title="seconds", yaxis_title="loss", yaxis_type="log", margin=dict(t=30, l=50, r=20, b=40)
+    )
+    return fig
+
+
+def on_compress(
+    model_source="embedded",
+    name="",
+    upload=None,
+    arch="",
+    explored=None,
+    ratio=0.5,
+    budget="params",
+    method="head",
+    mlp=False,
+    search=False,
+    search_epochs=4,
+    distill_steps=100,
+    finetune_epochs=0,
+    data_source="embedded shapes",
+    data_path="",
+    data_zip=None,
+    device="auto",
+    train_images=4096,
+    fit_images=1024,
+    resume_dir=None,
+    request: gr.Request = None,
+):
+    """Stream (status, ranks heatmap, loss curve, result card, download, run folder) while the run goes;
+    with resume_dir, continue the run stopped there. `request`: the visitor's session (Stop is theirs)."""
+    nothing = (gr.skip(),) * 5
+    owner = visitor(request)
+    try:
+        if resume_dir:
+            out, spec = Path(resume_dir), None
+        else:
+            model, arch_name = chosen_model(model_source, name, upload, arch, explored)
+            data = common.chosen_data(data_source, data_path, data_zip, model)
+            spec = Settings(
+                ratio,
+                budget,
+                method,
+                mlp,
+                search,
+                search_epochs,
+                distill_steps,
+                finetune_epochs,
+                device,
+                train_images,
+                fit_images,
+            ).spec(model, arch_name, data)
+            out = workdir("compress") / "model"
+        COMPRESS.start(
+            lambda cb, stop: run_job(spec, out, resume=spec is None, callback=cb, should_stop=stop), owner=owner
+        )
+    except (Busy, Exception) as e:  # noqa: BLE001 - shown in the page
+        yield (message(e), *nothing)
+        return
+    yield ("**starting** · loading the model and data", *nothing[:-1], str(out))
+    p = Progress()
+    dense = None
+    for events in COMPRESS.stream(0.5):
+        for e in events:
+            p.update(e)
+        ranks = gr.skip()
+        if p.ranks_changed:
+            if dense is None:
+                dense = _run_model(out)
+            ranks, p.ranks_changed = ranks_heatmap_plotly(p.ranks, dense), False
+        status = public_text(p.status()) + (" · stopping…" if COMPRESS.stopping and p.phase != "done" else "")
+        yield status, ranks, loss_figure(p), gr.skip(), gr.skip(), gr.skip()
+    if COMPRESS.error is not None:
+        yield message(COMPRESS.error), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return
+    result = COMPRESS.result
+    small = result["loaded"].model
+    head = (
+        f"**Stopped** during {result['stopped']}: the best valid model so far is kept; press Resume to go on."
+        if result["stopped"]
+        else f"**Done** in {p.elapsed:.0f} s."
+    )
+    card = public_text(
+        result_card(result["report"]) + "\n\n---\n\n" + report_markdown(result["report"], result["loaded"].source)
+    )
+    yield (
+        head,
+        ranks_heatmap_plotly(small.comcat_ranks, _run_model(out)),
+        loss_figure(p),
+        card,
+        str(zip_model(out)),
+        str(out),
+    )
+
+
+def _run_model(out: Path):
+    """The dense model of the run in `out` (for the ranks heatmap's full ranks)."""
+    import json
+
+    spec = json.loads((out / "job.json").read_text())["spec"]
+    return load_model(spec["model"], spec["arch"]).model
+
+
+def on_compress_resume(run_dir, request: gr.Request = None):
+    if not run_dir or not (Path(run_dir) / "job.json").is_file():
+        yield "nothing to resume: start a run first", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return
+    yield from on_compress(resume_dir=run_dir, request=request)
+
+
+def on_stop(request: gr.Request = None):
+    return STOP_REPLIES[COMPRESS.stop(visitor(request))]
+
+
+def compress_tab(explored):
+    with gr.Row():
+        with gr.Column(scale=1):
+            model_source = gr.Radio(list(MODEL_SOURCES), value="embedded", label="model", elem_id="compress-model")
+            name = gr.Textbox(label="timm name (pretrained weights need network)", placeholder="deit_small_patch16_224")
+            upload = gr.File(
+                label="checkpoint (.safetensors / .pth)",
+                file_types=[".safetensors", ".pth", ".pt", ".bin"],
+                type="filepath",
+                elem_id="compress-upload",
+            )
+            arch = gr.Textbox(
+                label="architecture of the checkpoint (timm name)",
+                placeholder="vit_tiny_patch16_224",
+                elem_id="compress-arch",
+            )
+            data_source = gr.Radio(
+                list(common.DATA_SOURCES),
+                value="embedded shapes",
+                label="data (your images; labels not needed)",
+                elem_id="compress-data",
+            )
+            data_path = gr.Textbox(
+                label="image folder under the app's --data-root (DIR/<image>, DIR/<class>/<image>, or train/ + val/)"
+            )
+            data_zip = gr.File(
+                label="zip of an image folder", file_types=[".zip"], type="filepath", elem_id="compress-zip"
+            )
+            ratio = gr.Slider(
+                0.1,
+                1.0,
+                value=0.5,
+                step=0.05,
+                label="budget: keep this fraction of the compressed sites' parameters (attention, + MLPs if ticked)",
+            )
+            budget = gr.Radio(["params", "flops"], value="params", label="budget counts")
+            method = gr.Radio(["head", "matrix"], value="head", label="factorization")
+            mlp = gr.Checkbox(value=False, label="also compress the MLPs (small models' MLPs are far from low-rank)")
+            distill_steps = gr.Slider(
+                0, 300, value=100, step=10, label="block distillation steps per block", elem_id="compress-distill-steps"
+            )
+            with gr.Accordion("more", open=False, elem_id="compress-more"):
+                search = gr.Checkbox(value=False, label="search ranks (Gumbel-softmax) instead of allocating them")
+                search_epochs = gr.Slider(
+                    1, 20, value=4, step=1, label="search epochs", elem_id="compress-search-epochs"
+                )
+                finetune_epochs = gr.Slider(
+                    0, 20, value=0, step=1, label="end-to-end fine-tuning epochs", elem_id="compress-finetune-epochs"
+                )
+                device = gr.Radio(["auto", "cpu", "cuda"], value="auto", label="device")
+                train_images = gr.Number(
+                    4096,
+                    precision=0,
+                    label="embedded shapes: training images (generated)",
+                    elem_id="compress-train-images",
+                )
+                fit_images = gr.Number(
+                    1024,
+                    precision=0,
+                    label="embedded shapes: calibration images (generated)",
+                    elem_id="compress-fit-images",
+                )
+            with gr.Row():
+                start = gr.Button("Compress", variant="primary", elem_id="compress-go")
+                stop = gr.Button("Stop", variant="stop", elem_id="compress-stop")
+                resume = gr.Button("Resume", elem_id="compress-resume")
+        with gr.Column(scale=2):
+            status = gr.Markdown(
+                "Pick a model, your images and a budget, and press Compress.", elem_id="compress-status"
+            )
+            ranks = gr.Plot(label="ranks per layer", elem_id="compress-ranks")
+            losses = gr.Plot(label="loss", elem_id="compress-losses")
+            card = gr.Markdown(elem_id="compress-result")
+            download = gr.File(label="compressed model (zip)")
+    run_dir = gr.State()
+    outputs = [status, ranks, losses, card, download, run_dir]
+    start.click(
+        on_compress,
+        [
+            model_source,
+            name,
+            upload,
+            arch,
+            explored,
+            ratio,
+            budget,
+            method,
+            mlp,
+            search,
+            search_epochs,
+            distill_steps,
+            finetune_epochs,
+            data_source,
+            data_path,
+            data_zip,
+            device,
+            train_images,
+            fit_images,
+        ],
+        outputs,
+        concurrency_id="compress",
+        concurrency_limit=2,
+    )
+    resume.click(on_compress_resume, run_dir, outputs, concurrency_id="compress", concurrency_limit=2)
+    stop.click(on_stop, None, status, concurrency_limit=None, queue=False)
+    follow_typing(name, upload, model_source, "timm name", "uploaded checkpoint")
+    follow_typing(data_path, data_zip, data_source, "folder path", "uploaded zip")
+    return model_source, ratio

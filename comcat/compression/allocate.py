@@ -1,0 +1,266 @@
+"""Rank allocation from calibrated errors, in one unit: the KL divergence to the dense model.
+
+A site s (a layer's QK or VO path; W^Q, W^K, W^V, W^O at matrix level; an MLP linear) truncated
+to rank r changes its output by delta_r = sum_{i>=r} (component i of its whitened factorization).
+To second order, KL(p_dense || p) ~ 1/2 E_{y ~ p_dense}[(g_y . delta_r)^2] with g_y the gradient of
+log p(y | x) at the site's output (the Fisher information). g_y . delta_r = sum_{i>=r} c_i, where
+c_i is the inner product of g_y with component i alone, so one backward pass per sampled label
+gives every site's predicted KL at every rank:
+
+    F_s(r) = 1/2 mean_{images, y} (sum_{i >= r} c_i)^2.
+
+One probe per site, the KL measured with only that site truncated at the budget's uniform rank,
+rescales each curve (KL_s(r) ~ kappa_s F_s(r)), which corrects what the second-order prediction
+misses. Ranks then go where the predicted KL falls most per parameter (or FLOP), along each curve's
+lower convex hull, until the budget is spent; leftover budget buys single rank steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibrate import Calibration, compressed_block, head_logits, qk_factors, vo_factors, whitened_linear
+from .rank_rules import uniform_ranks
+from .ranks import MATRICES, MLP_SITES, RankConfig, site_limits
+from .vit import head_weights, matrix_weights, vit_blocks
+
+PROBE_IMAGES = 64
+FISHER_IMAGES = 128
+FISHER_SAMPLES = 2
+
+
+@dataclass
+class Site:
+    """One rank choice: its block, key, predicted KL curve (full + 1,) and cost of a rank step."""
+
+    block: int
+    key: str
+    curve: np.ndarray
+    unit: float = 0.0
+    probe: int = 0
+    kl: float = 0.0  # measured KL with this site alone at the probe rank
+
+
+def kl_to(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """mean over images of KL(softmax(reference) || softmax(logits))."""
+    return F.kl_div(
+        logits.float().log_softmax(-1), reference.float().log_softmax(-1), log_target=True, reduction="batchmean"
+    ).item()
+
+
+# ----------------------------------------------------------------------------- Fisher-predicted curves
+def _factors(block: nn.Module, bs, method: str, mlp: bool) -> dict:
+    """Full-rank whitened factors of a block's sites: key -> (left (.., in, n), right (.., out, n), input mean)."""
+    out = {}
+    st = bs.attn
+    if method == "head":
+        hw = head_weights(block.attn)
+        a, b, _ = qk_factors(hw, st)
+        p, r, _ = vo_factors(hw, st)
+        out["qk"] = (a, b, None)
+        out["vo"] = (p, r, st.mixed.mean)
+    else:
+        ws = matrix_weights(block.attn)
+        for m in MATRICES:
+            stats = st.outputs if m == "o" else st.inputs
+            down, up, _, _ = whitened_linear(ws[m], None, stats, min(ws[m].shape))
+            out[m] = (down.T, up, stats.mean)
+    if mlp:
+        for fc in MLP_SITES:
+            lin = getattr(block.mlp, fc)
+            down, up, _, _ = whitened_linear(lin.weight, lin.bias, bs.mlp[fc], min(lin.weight.shape))
+            out[fc] = (down.T, up, bs.mlp[fc].mean)
+    return {k: tuple(t.float() if t is not None else None for t in v) for k, v in out.items()}
+
+
+def _tapped_block(block: nn.Module, h: torch.Tensor, method: str, mlp: bool, tape: dict) -> torch.Tensor:
+    """timm Block.forward written out, keeping each site's input and (grad-retaining) output in `tape`."""
+    attn = block.attn
+    x = block.norm1(h)
+    B, N, C = x.shape
+    H = attn.num_heads
+    qkv = attn.qkv(x)
+    if method == "matrix":
+        qkv.retain_grad()
+        tape.update(q=(x, qkv, 0), k=(x, qkv, 1), v=(x, qkv, 2))
+    q, k, v = qkv.reshape(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    logits = (q @ k.mT) * attn.scale
+    logits.retain_grad()
+    probs = logits.softmax(-1)
+    o = (probs @ v).transpose(1, 2).reshape(B, N, -1)
+    out = attn.proj(o)
+    out.retain_grad()
+    if method == "head":
+        tape.update(qk=(x, logits, attn.scale), vo=(probs.detach() @ x.detach()[:, None], out, None))
+    else:
+        tape["o"] = (o, out, None)
+    h = h + block.drop_path1(block.ls1(out))
+    x = block.norm2(h)
+    mlp_ = block.mlp
+    f1 = mlp_.fc1(x)
+    a = mlp_.norm(mlp_.drop1(mlp_.act(f1)))
+    f2 = mlp_.fc2(a)
+    if mlp:
+        f1.retain_grad()
+        f2.retain_grad()
+        tape.update(fc1=(x, f1, None), fc2=(a, f2, None))
+    return h + block.drop_path2(block.ls2(mlp_.drop2(f2)))
+
+
+@torch.no_grad()
+def _components(key: str, entry: tuple, factors: tuple, C: int) -> torch.Tensor:
+    """c_i (B, ..., n) of one site from its tape entry (input, output with .grad, extra) and factors."""
+    left, right, mean = factors
+    inp, out, extra = entry
+    if key == "qk":  # scale sum_jk g_jk (x~_j A_i)(x_k B_i)
+        xa = torch.cat([inp, torch.ones_like(inp[..., :1])], -1) if left.shape[1] > C else inp
+        qf = torch.einsum("bnc,hcd->bhnd", xa, left)
+        kf = torch.einsum("bnc,hcd->bhnd", inp, right)
+        return ((out.grad @ kf) * qf).sum(2) * extra
+    if key == "vo":  # sum_t ((z_t - mu_h) P_i)(g_t R_i)
+        zf = torch.einsum("bhnc,hcd->bhnd", inp - mean[None, :, None], left)
+        gf = torch.einsum("bnc,hcd->bhnd", out.grad, right)
+        return (zf * gf).sum(2)
+    grad = out.grad if extra is None else out.grad.reshape(*out.shape[:2], 3, -1)[:, :, extra]
+    return (((inp - mean) @ left) * (grad @ right)).sum(1)  # linear: sum_t ((u_t - mu) d_i)(g_t u_i)
+
+
+def fisher_curves(
+    model: nn.Module, cal: Calibration, method: str, mlp: bool, samples: int = FISHER_SAMPLES, seed: int = 0
+) -> dict[tuple[int, str], np.ndarray]:
+    """Per site (block, key): F_s(r) for r = 0..full (module docstring), on cal.first's images."""
+    blocks = vit_blocks(model)
+    factors = [_factors(b, bs, method, mlp) for b, bs in zip(blocks, cal.stats)]
+    C = blocks[0].attn.qkv.in_features
+    comps: dict[tuple[int, str], list] = {}
+    g = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(cal.first), 32):
+            h = cal.first[start : start + 32]
+            tapes = []
+            with torch.enable_grad():
+                for block in blocks:
+                    tapes.append({})
+                    h = _tapped_block(block, h, method, mlp, tapes[-1])
+                logp = head_logits(model, h).log_softmax(-1)
+                for n in range(samples):
+                    y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=g)[:, 0].to(logp.device)
+                    for tape in tapes:
+                        for _, out, _ in tape.values():
+                            out.grad = None
+                    logp.gather(1, y[:, None]).sum().backward(retain_graph=n + 1 < samples)
+                    for i, tape in enumerate(tapes):
+                        for key, entry in tape.items():
+                            comps.setdefault((i, key), []).append(_components(key, entry, factors[i][key], C))
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    curves = {}
+    for site, parts in comps.items():
+        c = torch.cat(parts).double()
+        c = c.reshape(c.shape[0], -1, c.shape[-1])  # (samples, heads or 1, n)
+        tails = c.flip(-1).cumsum(-1).flip(-1).sum(1)  # sum over heads of sum_{i>=r} c_i
+        curves[site] = np.concatenate([0.5 * (tails**2).mean(0).cpu().numpy(), [0.0]])
+    return curves
+
+
+# ----------------------------------------------------------------------------- probes and allocation
+@torch.no_grad()
+def probe_kl(model: nn.Module, cal: Calibration, block: int, ranks: dict, method: str) -> float:
+    """KL to the dense model on the probe images with only block `block` changed to `ranks`."""
+    blocks = vit_blocks(model)
+    h = compressed_block(blocks[block], ranks, method, cal.stats[block])(cal.inputs[block])
+    for b in blocks[block + 1 :]:
+        h = b(h)
+    return kl_to(cal.logits, head_logits(model, h))
+
+
+def _attention_full(block: nn.Module, method: str) -> dict:
+    return {k: v for k, v in site_limits(block, method).items() if k not in MLP_SITES} if method == "head" else {}
+
+
+def hull(curve: np.ndarray, lo: int = 1) -> list[tuple[int, int, float]]:
+    """Lower convex hull of curve[r], r >= lo, as segments (r_from, r_to, slope), slopes increasing."""
+    pts: list[tuple[int, float]] = []
+    for r in range(lo, len(curve)):
+        while len(pts) >= 2:
+            (r1, p1), (r2, p2) = pts[-2], pts[-1]
+            if (p2 - p1) * (r - r1) >= (curve[r] - p1) * (r2 - r1):
+                pts.pop()
+            else:
+                break
+        pts.append((r, float(curve[r])))
+    return [(a, b, (pb - pa) / (b - a)) for (a, pa), (b, pb) in zip(pts, pts[1:])]
+
+
+def spend(sites: list[Site], base: float, target: float) -> list[int]:
+    """Ranks (one per site, from 1) minimizing sum of curves under base + sum unit (r - 1) <= target."""
+    segments = sorted((slope / s.unit, n, a, b) for n, s in enumerate(sites) for a, b, slope in hull(s.curve))
+    rank = [1] * len(sites)
+    spent = base
+    for _, n, a, b in segments:
+        cost = (b - a) * sites[n].unit
+        if rank[n] == a and spent + cost <= target:
+            rank[n], spent = b, spent + cost
+    while True:  # what is left buys single steps, best gain per cost first
+        steps = [
+            ((s.curve[rank[n]] - s.curve[rank[n] + 1]) / s.unit, n)
+            for n, s in enumerate(sites)
+            if rank[n] + 1 < len(s.curve) and spent + s.unit <= target
+        ]
+        if not steps or max(steps)[0] <= 0:
+            return rank
+        n = max(steps)[1]
+        rank[n] += 1
+        spent += sites[n].unit
+
+
+@torch.no_grad()
+def calibrated_ranks(
+    model: nn.Module,
+    cal: Calibration,
+    method: str,
+    cost_fn,
+    target: float,
+    ratio: float,
+    mlp: bool = False,
+    progress=None,
+) -> tuple[RankConfig, list[Site]]:
+    """Ranks with cost_fn(ranks) <= target that minimize the summed predicted KL (module docstring);
+    `ratio` sets the probe rank (the uniform rank of that budget). Returns (ranks, sites)."""
+    from ..core.errors import ComcatError
+
+    blocks = vit_blocks(model)
+    curves = fisher_curves(model, cal, method, mlp)
+    probe_at = uniform_ranks(model, method, ratio, mlp=mlp)
+    sites = [Site(i, key, curve) for (i, key), curve in sorted(curves.items())]
+    keys = [s.key for s in sites if s.block == 0]
+    ones = RankConfig(method, [{k: 1 for k in keys} for _ in blocks])
+    base = cost_fn(ones)
+    if base > target:
+        raise ComcatError(
+            f"the budget is below the smallest possible model ({base:,.0f} at rank 1 everywhere): raise the ratio"
+        )
+    for n, s in enumerate(sites):
+        if progress:
+            progress(n, len(sites))
+        s.probe = probe_at.blocks[s.block][s.key]
+        ranks = {**_attention_full(blocks[s.block], method), s.key: s.probe}
+        s.kl = probe_kl(model, cal, s.block, ranks, method)
+        predicted = float(s.curve[s.probe])
+        if predicted > 0 and s.kl > 0:
+            s.curve = s.curve * (s.kl / predicted)
+        two = RankConfig(method, [dict(b) for b in ones.blocks])
+        two.blocks[s.block][s.key] = 2
+        s.unit = cost_fn(two) - base
+    cfg = RankConfig(method, [dict(b) for b in ones.blocks], note={"rule": "calibrated", "ratio": ratio})
+    for s, r in zip(sites, spend(sites, base, target)):
+        cfg.blocks[s.block][s.key] = r
+    return cfg, sites

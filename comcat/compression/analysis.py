@@ -1,0 +1,119 @@
+"""Low-rankness of attention: matrix-level and head-level singular-value spectra.
+
+Head level (COMCAT): for head h, W^QK_h = W^Q_h (W^K_h)^T and W^VO_h = W^V_h W^O_h are C x C
+products of two C x d factors, so rank <= d. Their spectra are computed exactly from thin QRs,
+X = Q_x R_x, Y = Q_y R_y  =>  X Y^T = Q_x (R_x R_y^T) Q_y^T, and one d x d SVD of the core,
+never by forming or decomposing the C x C product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.linalg import cumulative_energy, product_svdvals, rank_for_energy
+from .vit import head_weights, matrix_weights, vit_blocks
+
+MATRICES = ("q", "k", "v", "o")
+PRODUCTS = ("qk", "vo")
+ENERGY_GRID = tuple(np.round(np.arange(0.50, 0.991, 0.01), 2).tolist())
+
+
+def head_factors(attn) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The two (H, C, d) factors of each per-head product: W^QK_h = X Y^T, W^VO_h = X Y^T."""
+    hw = head_weights(attn)
+    return {"qk": (hw.wq, hw.wk), "vo": (hw.wv, hw.wo)}
+
+
+@dataclass
+class Spectra:
+    """Singular values of every block's attention, float64 numpy.
+
+    matrix[m]: (L, C) for m in q, k, v, o;  head[p]: (L, H, d) for p in qk, vo.
+    """
+
+    matrix: dict[str, np.ndarray]
+    head: dict[str, np.ndarray]
+    dim: int
+    num_heads: int
+    head_dim: int
+
+    @property
+    def depth(self) -> int:
+        return self.matrix["q"].shape[0]
+
+    def layer_head_energy(self, p: str) -> np.ndarray:
+        """(L, d): energy of a layer's products pooled over heads, E_r = sum_h sum_{i<=r} s_hi^2 / total."""
+        return cumulative_energy(np.sqrt((self.head[p] ** 2).sum(1)))
+
+    def matrix_params(self, energy: float) -> int:
+        """Attention params to keep `energy` in each of W^Q, W^K, W^V, W^O (rank r costs 2Cr, capped at C^2)."""
+        C = self.dim
+        return int(sum(np.minimum(2 * C * rank_for_energy(self.matrix[m], energy), C * C).sum() for m in MATRICES))
+
+    def head_params(self, energy: float) -> int:
+        """Attention params to keep `energy` in every head's W^QK_h and W^VO_h (rank r costs 2Cr per head)."""
+        return int(sum((2 * self.dim * rank_for_energy(self.head[p], energy)).sum() for p in PRODUCTS))
+
+    def dense_params(self) -> int:
+        return 4 * self.dim * self.dim * self.depth
+
+    def param_curves(self, grid=ENERGY_GRID) -> dict[str, list]:
+        """Figure 2: attention params needed at each energy threshold, matrix vs head level."""
+        return {
+            "energy": list(grid),
+            "matrix": [self.matrix_params(e) for e in grid],
+            "head": [self.head_params(e) for e in grid],
+            "dense": self.dense_params(),
+        }
+
+    def summary(self, energy: float = 0.9) -> str:
+        m, h = self.matrix_params(energy), self.head_params(energy)
+        return (
+            f"At {energy:.0%} retained energy, head level needs {h:,} attention parameters and matrix "
+            f"level {m:,}: head level is {1 - h / m:.0%} smaller ({h / self.dense_params():.0%} "
+            f"of the dense {self.dense_params():,})."
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "dim": self.dim,
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "depth": self.depth,
+            "singular_values": {
+                **{m: self.matrix[m].tolist() for m in MATRICES},
+                **{p: self.head[p].tolist() for p in PRODUCTS},
+            },
+            "param_curves": self.param_curves(),
+            "summary": self.summary(),
+        }
+
+
+@torch.no_grad()
+def head_spectra(model: nn.Module) -> dict[str, np.ndarray]:
+    """(L, H, d) singular values of W^QK_h and W^VO_h for every block, via thin QR."""
+    out = {p: [] for p in PRODUCTS}
+    for block in vit_blocks(model):
+        for p, (x, y) in head_factors(block.attn).items():
+            out[p].append(product_svdvals(x, y))
+    return {p: torch.stack(v).numpy() for p, v in out.items()}
+
+
+@torch.no_grad()
+def matrix_spectra(model: nn.Module) -> dict[str, np.ndarray]:
+    """(L, C) singular values of W^Q, W^K, W^V, W^O for every block.
+
+    Full C x C SVDs dominate the analysis time, so they run in float32, the weights' own precision
+    (errors ~1e-7 s_1, far below what energy curves resolve); head-level spectra stay float64."""
+    ws = [matrix_weights(b.attn) for b in vit_blocks(model)]
+    return {m: torch.linalg.svdvals(torch.stack([w[m] for w in ws]).float()).double().numpy() for m in MATRICES}
+
+
+def analyze(model: nn.Module) -> Spectra:
+    """Matrix-level and head-level spectra of every attention layer of a timm ViT."""
+    attn = vit_blocks(model)[0].attn
+    return Spectra(matrix_spectra(model), head_spectra(model), attn.qkv.in_features, attn.num_heads, attn.head_dim)

@@ -1,0 +1,167 @@
+"""Turn a dense timm ViT into a low-rank one, by SVD, for a given RankConfig."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.linalg import product_svd
+from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
+from .ranks import ATTN_SITES, MATRICES, MLP_SITES, RankConfig
+from .vit import check_attention, head_weights, matrix_weights, vit_blocks
+
+
+def _to_rows(f: torch.Tensor) -> torch.Tensor:
+    """(H, C, r) per-head columns -> (H*r, C) nn.Linear weight, row h*r+i = f[h, :, i]."""
+    return f.transpose(1, 2).reshape(-1, f.shape[1])
+
+
+@torch.no_grad()
+def head_lowrank_attention(attn: nn.Module, rank_qk: int, rank_vo: int) -> HeadLowRankAttention:
+    """COMCAT head-level factorization of a timm Attention, by exact thin SVD of each head's
+    [W^Q_h; b^Q_h] W^K_h^T (W^QK_h with the query bias as an extra input row) and W^VO_h, truncated
+    to r; the other biases folded exactly (see HeadLowRankAttention)."""
+    hw = head_weights(attn)
+    wq = hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)  # (H, C (+1), d)
+    u, s, v = product_svd(wq, hw.wk)
+    root = s[:, None, :rank_qk].sqrt()
+    a, b = u[..., :rank_qk] * root, v[..., :rank_qk] * root  # (H, C (+1), r): [A_h; a_h] B_h^T
+    u, s, v = product_svd(hw.wv, hw.wo)
+    root = s[:, None, :rank_vo].sqrt()
+    p, r = u[..., :rank_vo] * root, v[..., :rank_vo] * root  # (H, C, r): W^VO_h ~ P_h R_h^T
+    return head_module(attn, hw, a, b, p, r)
+
+
+def head_module(attn: nn.Module, hw, a, b, p, r) -> HeadLowRankAttention:
+    """The HeadLowRankAttention replacing `attn` with per-head factors a, b (H, C (+1), r_qk) and
+    p, r (H, C, r_vo); value bias folded into the output bias: b_O + sum_h b^V_h W^O_h."""
+    H, C, rank_qk, rank_vo = hw.num_heads, hw.wq.shape[1], a.shape[-1], p.shape[-1]
+    ref = attn.qkv.weight
+    new = HeadLowRankAttention(
+        C,
+        H,
+        rank_qk,
+        rank_vo,
+        hw.scale,
+        query_bias=hw.bq is not None,
+        attn_drop=attn.attn_drop.p,
+        proj_drop=attn.proj_drop.p,
+    ).to(ref.device, ref.dtype)
+    new.q.weight.copy_(_to_rows(a[:, :C]))
+    if hw.bq is not None:
+        new.q.bias.copy_(a[:, C].reshape(-1))  # a_h, in the rows' order h r + i
+    new.k.weight.copy_(_to_rows(b))
+    new.v.weight.copy_(_to_rows(p))
+    new.proj.weight.copy_(r.permute(1, 0, 2).reshape(C, H * rank_vo))
+    b_out = hw.bo.clone() if hw.bo is not None else torch.zeros(C, dtype=torch.float64)
+    if hw.bv is not None:
+        b_out += torch.einsum("hcd,hd->c", hw.wo, hw.bv)  # sum_h b^V_h W^O_h
+    new.proj.bias.copy_(b_out)
+    return new
+
+
+def _linear(w: torch.Tensor, b: torch.Tensor | None, rank: int | None, like: torch.Tensor) -> nn.Module:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None).to(device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b)
+    return lin if rank is None else LowRankLinear.from_linear(lin, rank)
+
+
+@torch.no_grad()
+def matrix_lowrank_attention(attn: nn.Module, ranks: dict) -> MatrixLowRankAttention:
+    """Baseline: factorize W^Q, W^K, W^V, W^O separately by truncated SVD (None keeps one dense)."""
+    ws = matrix_weights(attn)
+    C = attn.qkv.in_features
+    bias = attn.qkv.bias.detach().double().reshape(3, C) if attn.qkv.bias is not None else [None] * 3
+    pb = attn.proj.bias.detach().double() if attn.proj.bias is not None else None
+    like = attn.qkv.weight
+    q, k, v = (_linear(ws[m], bias[i], ranks.get(m), like) for i, m in enumerate("qkv"))
+    proj = _linear(ws["o"], pb, ranks.get("o"), like)
+    return MatrixLowRankAttention(q, k, v, proj, attn.num_heads, float(attn.scale), attn.attn_drop.p, attn.proj_drop.p)
+
+
+def compress(model: nn.Module, ranks: RankConfig, inplace: bool = False) -> nn.Module:
+    """Replace every block's attention (and the MLP layers / classifier that have a rank) by
+    its low-rank version. Returns the compressed model; the input is untouched unless inplace."""
+    blocks = vit_blocks(model)
+    for i, b in enumerate(blocks):
+        check_attention(b.attn, f"block {i} attention")
+    ranks.validate(model)
+    model = model if inplace else copy.deepcopy(model)
+    blocks = vit_blocks(model)
+    for b, r in tqdm(
+        zip(blocks, ranks.blocks), total=len(blocks), desc=f"compress ({ranks.method} level)", disable=None, leave=False
+    ):  # disable=None: a bar only on a terminal
+        if ranks.method == "head":
+            b.attn = head_lowrank_attention(b.attn, r["qk"], r["vo"])
+        else:
+            b.attn = matrix_lowrank_attention(b.attn, {m: r.get(m) for m in MATRICES})
+        for fc in MLP_SITES:
+            if r.get(fc) is not None:
+                setattr(b.mlp, fc, LowRankLinear.from_linear(getattr(b.mlp, fc), r[fc]))
+    if ranks.classifier is not None:
+        for name in ("head", "head_dist"):
+            if isinstance(getattr(model, name, None), nn.Linear):
+                setattr(model, name, LowRankLinear.from_linear(getattr(model, name), ranks.classifier))
+    model.comcat_ranks = ranks
+    return model
+
+
+@torch.no_grad()
+def _keep_rows(lin: nn.Linear, groups: int, old: int, new: int) -> None:
+    """Keep the first `new` of every `old` output rows (grouped per head) of a linear, and their bias."""
+    w = lin.weight.reshape(groups, old, -1)[:, :new].reshape(groups * new, -1)
+    lin.weight = nn.Parameter(w.clone())
+    if lin.bias is not None:
+        lin.bias = nn.Parameter(lin.bias.reshape(groups, old)[:, :new].reshape(-1).clone())
+    lin.out_features = groups * new
+
+
+@torch.no_grad()
+def _keep_cols(lin: nn.Linear, groups: int, old: int, new: int) -> None:
+    w = lin.weight.reshape(lin.out_features, groups, old)[:, :, :new].reshape(lin.out_features, groups * new)
+    lin.weight = nn.Parameter(w.clone())
+    lin.in_features = groups * new
+
+
+def _truncate_linear(lin: LowRankLinear, rank: int | None) -> None:
+    if rank is None or rank == lin.rank:
+        return
+    if rank > lin.rank:
+        raise ValueError(f"cannot raise a rank by truncation ({lin.rank} -> {rank})")
+    _keep_rows(lin.down, 1, lin.rank, rank)
+    _keep_cols(lin.up, 1, lin.rank, rank)
+    lin.rank = rank
+
+
+def truncate(model: nn.Module, ranks: RankConfig, inplace: bool = False) -> nn.Module:
+    """Keep the leading `ranks` factor columns of an already factorized model (e.g. the full-rank
+    model a rank search trained): the hard version of the search's rank mask c = [1]*r + [0]*(n-r).
+    Sites that are dense in `model` must be None in `ranks`."""
+    model = model if inplace else copy.deepcopy(model)
+    sites = ATTN_SITES[ranks.method] + MLP_SITES
+    for b, r in zip(vit_blocks(model), ranks.blocks):
+        a = b.attn
+        if isinstance(a, HeadLowRankAttention):
+            if r["qk"] != a.rank_qk:
+                _keep_rows(a.q, a.num_heads, a.rank_qk, r["qk"])
+                _keep_rows(a.k, a.num_heads, a.rank_qk, r["qk"])
+                a.rank_qk = r["qk"]
+            if r["vo"] != a.rank_vo:
+                _keep_rows(a.v, a.num_heads, a.rank_vo, r["vo"])
+                _keep_cols(a.proj, a.num_heads, a.rank_vo, r["vo"])
+                a.rank_vo = r["vo"]
+        for site in sites:
+            owner, attr = (b.mlp, site) if site in MLP_SITES else (a, "proj" if site == "o" else site)
+            lin = getattr(owner, attr, None)
+            if isinstance(lin, LowRankLinear):
+                _truncate_linear(lin, r.get(site))
+    if ranks.classifier is not None and isinstance(getattr(model, "head", None), LowRankLinear):
+        _truncate_linear(model.head, ranks.classifier)
+    model.comcat_ranks = ranks
+    return model

@@ -1,0 +1,254 @@
+"""End-to-end distillation fine-tuning of a compressed ViT from its dense teacher.
+
+Teacher and student see the same view x~ of every image: a random-resized crop and flip (the
+training transforms), then mixup or cutmix of the batch ("function matching"):
+
+loss = KL(softmax(z_t(x~)) || softmax(z_s(x~)))                           (the teacher's full predictions)
+     + w_t * mean_b MSE(h_s^b, h_t^b) / Var(h_t^b),  b in {0, 1, -2, -1}   (block outputs, w_t decays to 0)
+     [+ lam CE(z_s, y) + (1 - lam) CE(z_s, y[perm])   only with labels of the model's classes]
+
+AdamW with a cosine learning rate (linear warm-up); bf16 autocast on CUDA and on CPUs with bf16
+units; after every epoch the model is scored on the validation split (held out from training) by
+its KL divergence to the dense model, and the best one is kept. Stop / resume / DDP as in the rank
+search.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..core import dist
+from ..core.errors import ComcatError
+from ..core.loop import epoch_batches, loader, seed_step
+from ..core.loop import should_stop as should_stop_all
+from .evaluate import predict, scores
+
+ALIGN_BLOCKS = (0, 1, -2, -1)
+
+
+class BlockTaps:
+    """Forward hooks keeping the outputs of model.blocks[i] for i in `which`; take() returns them in order."""
+
+    def __init__(self, model: nn.Module, which=ALIGN_BLOCKS):
+        n = len(model.blocks)
+        self.picked = sorted({i % n for i in which})
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.hooks = [
+            model.blocks[i].register_forward_hook(lambda m, a, out, i=i: self.outputs.__setitem__(i, out))
+            for i in self.picked
+        ]
+
+    def take(self) -> list[torch.Tensor]:
+        out = [self.outputs[i] for i in self.picked]
+        self.outputs.clear()
+        return out
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def cosine_lr(step: int, total: int, lr: float, warmup: int) -> float:
+    """Linear warm-up to lr over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def mix_views(x: torch.Tensor, alpha: float = 1.0) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Mixup (half the batches) or cutmix of a batch x (B, 3, H, W) with a permutation of itself,
+    lam ~ Beta(alpha, alpha) from torch's seeded generator: returns (mixed x, lam, perm), lam = the
+    share of each image's own pixels. The teacher and the student are both given the mixed x."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 1.0
+    perm = torch.randperm(len(x)).to(x.device)
+    if torch.rand(()) < 0.5:
+        return lam * x + (1 - lam) * x[perm], lam, perm
+    H, W = x.shape[-2:]
+    h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+    cy, cx = (int(torch.randint(n, ())) for n in (H, W))
+    y0, y1, x0, x1 = max(cy - h // 2, 0), min(cy + h // 2, H), max(cx - w // 2, 0), min(cx + w // 2, W)
+    x = x.clone()
+    x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    return x, 1 - (y1 - y0) * (x1 - x0) / (H * W), perm
+
+
+def distill_loss(
+    logits, teacher_logits, feats, teacher_feats, align_weight: float, labels=None, lam: float = 1.0, perm=None
+) -> torch.Tensor:
+    """KL to the teacher's predictions + decaying block alignment [+ mixed cross-entropy with labels]."""
+    loss = F.kl_div(
+        logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    if labels is not None:
+        other = labels if perm is None else labels[perm]
+        loss = loss + lam * F.cross_entropy(logits.float(), labels) + (1 - lam) * F.cross_entropy(logits.float(), other)
+    if align_weight and feats:
+        loss = loss + align_weight * sum(
+            F.mse_loss(s.float(), t.float()) / t.float().var().clamp_min(1e-12) for s, t in zip(feats, teacher_feats)
+        ) / len(feats)
+    return loss
+
+
+def bf16_autocast(device: str):
+    """bf16 autocast where the hardware has bf16 units (CUDA; CPUs with AVX512-BF16 or AMX), else none:
+    on other CPUs bf16 is emulated and several times slower than fp32."""
+    if "cuda" in str(device):
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext
+
+
+def validation_scores(model: nn.Module, data, reference: torch.Tensor, device: str) -> dict:
+    """KL and top-1 agreement with the dense model (and top-1 when labeled) on the validation split."""
+    logits, labels = predict(model, data, device=device, progress=False)
+    return scores(logits, labels, reference)
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_data,
+    val_data,
+    epochs: int = 2,
+    lr: float = 5e-5,
+    weight_decay: float = 0.05,
+    batch_size: int = 64,
+    align: tuple = ALIGN_BLOCKS,
+    align_weight: float = 1.0,
+    warmup: float = 0.05,
+    labels: bool = False,
+    mix: bool = True,
+    seed: int = 0,
+    device: str = "cpu",
+    amp: bool = True,
+    num_workers: int = 0,
+    callback=None,
+    should_stop=None,
+    resume: dict | None = None,
+    checkpoint=None,
+) -> dict:
+    """Fine-tune `student` (in place) against `teacher` (module docstring); `labels`: add the
+    cross-entropy with the images' labels (only for data of the model's classes). Its KL to the
+    teacher on `val_data` before training and after every epoch decides the best model. Returns
+    {"model": best (eval mode), "best": its validation scores, "history", "stopped", "steps", "total"}.
+    callback / should_stop / checkpoint / resume behave as in search_ranks."""
+    if len(train_data) == 0 or len(val_data) == 0:
+        raise ComcatError("fine-tuning needs training and validation images: give it a folder with images")
+    student.to(device).train().requires_grad_(True)
+    teacher = teacher.to(device).eval()  # run under no_grad below; its flags are left alone
+    net = DistributedDataParallel(student) if dist.world() > 1 else student
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
+    per_epoch = len(epoch_batches(len(train_data), batch_size, 0, seed))
+    if per_epoch == 0:
+        raise ComcatError("the fine-tuning split has fewer images than processes: add images")
+    total = epochs * per_epoch
+    warm = max(1, int(warmup * total))
+    autocast = bf16_autocast(device) if amp else nullcontext
+    reference = predict(teacher, val_data, device=device, progress=False)[0]
+
+    def validate() -> dict:
+        return validation_scores(student, val_data, reference, device)
+
+    if resume:
+        student.load_state_dict(resume["weights"])
+        opt.load_state_dict(resume["opt"])
+        step, history, best_scores, best = (
+            resume["step"],
+            list(resume["history"]),
+            resume["best_scores"],
+            resume["best"],
+        )
+    else:
+        step, history = 0, []
+        best_scores, best = validate(), copy.deepcopy(student.state_dict())
+        if callback:
+            callback({"kind": "validate", "step": 0, "total": total, **best_scores})
+
+    def state():
+        return {
+            "step": step,
+            "history": history,
+            "weights": student.state_dict(),
+            "opt": opt.state_dict(),
+            "best_scores": best_scores,
+            "best": best,
+        }
+
+    def end_epoch(epoch: int) -> None:
+        nonlocal best_scores, best
+        now = validate()
+        history.append({"kind": "validate", "epoch": epoch, "step": step, **now})
+        if callback:
+            callback({**history[-1], "total": total})
+        if now["kl"] <= best_scores["kl"]:
+            best_scores, best = now, copy.deepcopy(student.state_dict())
+
+    if resume and step % per_epoch == 0 and history and history[-1]["kind"] != "validate":
+        end_epoch(step // per_epoch - 1)  # stopped on an epoch's last step: validate it now
+    stopped = False
+    taps, teacher_taps = BlockTaps(student, align), BlockTaps(teacher, align)
+    try:
+        for epoch in range(step // per_epoch, epochs):
+            batches = epoch_batches(len(train_data), batch_size, epoch, seed)[step - epoch * per_epoch :]
+            student.train()
+            for x, y in loader(train_data, batches, num_workers):
+                seed_step(seed, step)
+                for g in opt.param_groups:
+                    g["lr"] = cosine_lr(step, total, lr, warm)
+                w = align_weight * (1 - step / total)
+                x, y = x.to(device), torch.as_tensor(y).to(device)
+                x, lam, perm = mix_views(x) if mix else (x, 1.0, None)
+                with autocast():
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    logits = net(x)
+                    loss = distill_loss(
+                        logits, t_logits, taps.take(), teacher_taps.take(), w, y if labels else None, lam, perm
+                    )
+                if not torch.isfinite(loss):
+                    raise ComcatError("the fine-tuning loss became NaN/inf: lower the learning rate (--lr)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                event = {
+                    "kind": "finetune",
+                    "epoch": epoch,
+                    "step": step,
+                    "total": total,
+                    "loss": loss.item(),
+                    "lr": opt.param_groups[0]["lr"],
+                    "align_weight": w,
+                }
+                history.append(event)
+                if callback:
+                    callback(event)
+                if should_stop_all(should_stop):
+                    stopped = True
+                    break
+            if not stopped:
+                end_epoch(epoch)
+            if checkpoint and (stopped or epoch < epochs - 1):
+                checkpoint(state())
+            if stopped:
+                break
+    finally:
+        taps.remove()
+        teacher_taps.remove()
+    student.load_state_dict(best)
+    return {
+        "model": student.eval(),
+        "best": best_scores,
+        "history": history,
+        "stopped": stopped,
+        "steps": step,
+        "total": total,
+    }

@@ -1,0 +1,193 @@
+"""The compressed-model format: a folder of model.safetensors + comcat.json (architecture, ranks,
+source, report), written as one unit and validated before anything is allocated."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..core.errors import ComcatError
+from ..core.files import atomic_write, atomic_write_text, usual_mode
+from .convert import compress
+from .cost import count_params, counted_flops
+from .models import Loaded, build_arch, check_finite, load_state
+from .ranks import RankConfig
+
+COMPRESSED_META = "comcat.json"
+
+
+COMPRESSED_WEIGHTS = "model.safetensors"
+
+
+def read_meta(directory: Path) -> dict:
+    meta_path = directory / COMPRESSED_META
+    if not meta_path.is_file():
+        raise ComcatError(
+            f"{directory} is not a compressed model: it has no {COMPRESSED_META} "
+            "(make one with 'comcat compress ... --out DIR')"
+        )
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ComcatError(f"{meta_path} is corrupt ({e.msg}): re-export the compressed model") from None
+
+
+FORMAT = "comcat-compressed/3"  # /3: ranks name the classifier "classifier" (was "head")
+READABLE = (FORMAT, "comcat-compressed/2")  # /2: the query bias in W^QK_h's factors, no key-bias term
+
+
+JOB_FILE = "job.json"  # a compress run's spec and phase (see comcat/job.py)
+
+
+def save_compressed(loaded: Loaded, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write `loaded.model` (compressed, with .comcat_ranks) to out_dir; replaces an existing one."""
+    model, ranks = loaded.model, getattr(loaded.model, "comcat_ranks", None)
+    if ranks is None:
+        raise ComcatError("only compressed models can be saved as a comcat directory: run compress first")
+    out = Path(out_dir)
+    if out.exists() and not (out / COMPRESSED_META).is_file() and not (out / JOB_FILE).is_file() and any(out.iterdir()):
+        raise ComcatError(f"{out} exists and is not a comcat model directory: choose an empty or new --out")
+    meta = {
+        "format": FORMAT,
+        "arch": loaded.arch,
+        "arch_kwargs": loaded.arch_kwargs,
+        "source": loaded.source,
+        "method": ranks.method,
+        "ranks": ranks.to_dict(),
+        "params": count_params(model),
+        "flops": counted_flops(model),
+        "pretrained_cfg": {
+            k: v
+            for k, v in (getattr(model, "pretrained_cfg", None) or {}).items()
+            if isinstance(v, (str, int, float, bool, list, tuple, type(None)))
+        },
+        **(extra or {}),
+    }
+    meta["pair"] = uuid.uuid4().hex  # the weights carry it too: a pair from two saves is detected
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+    def write(folder: Path) -> None:
+        atomic_write(
+            folder / COMPRESSED_WEIGHTS,
+            lambda tmp: save_file(state, tmp, metadata={"format": FORMAT, "pair": meta["pair"]}),
+        )
+        atomic_write_text(folder / COMPRESSED_META, json.dumps(meta, indent=2) + "\n")
+
+    if out.is_dir() and any(out.iterdir()):  # a run's folder (job.json, state/): the pair id guards it
+        write(out)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)  # a new folder: written beside it, renamed into place whole
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        usual_mode(tmp, folder=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_arch(meta: dict, weights: Path) -> None:
+    """comcat.json's architecture checked against the tensor shapes stored in `weights` before any
+    model is allocated: known keyword names and plain values only, the dense shapes that compression
+    keeps (embeddings, norms, MLPs, classifier) and the number of blocks must match."""
+    import inspect
+
+    from safetensors import safe_open
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs, arch = meta.get("arch_kwargs", {}), meta.get("arch")
+    known = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
+    if (
+        not isinstance(arch, str)
+        or not isinstance(kwargs, dict)
+        or any(
+            k not in known or not isinstance(v, (int, float, bool, str, list, type(None))) for k, v in kwargs.items()
+        )
+    ):
+        raise ComcatError(f"{weights.parent / 'comcat.json'} has an invalid arch / arch_kwargs: re-export the model")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            stored = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise ComcatError(f"could not read {weights} ({type(e).__name__}): re-export the compressed model") from None
+    blocks = {int(k.split(".")[1]) for k in stored if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    width = stored.get("patch_embed.proj.weight", [None])[0]
+    if kwargs.get("depth", len(blocks)) != len(blocks) or kwargs.get("embed_dim", width) != width:
+        raise ComcatError(
+            f"{weights.parent / 'comcat.json'} does not match {weights.name} (depth / width): "
+            "re-export the compressed model"
+        )
+    try:
+        with torch.device("meta"):  # shapes only, nothing allocated
+            dense = build_arch(arch, **kwargs)
+    except ComcatError:
+        raise
+    except Exception as e:
+        raise ComcatError(
+            f"{weights.parent / 'comcat.json'} describes no buildable model ({type(e).__name__}): "
+            "re-export the compressed model"
+        ) from None
+    for k in [k for k in stored if k.endswith(".up.bias")]:  # a low-rank MLP linear keeps its bias
+        stored.setdefault(k.replace(".up.bias", ".bias"), stored[k])
+    wrong = [
+        k
+        for k, p in dense.state_dict().items()  # attention is what compression reshapes
+        if k in stored and ".attn." not in k and list(p.shape) != stored[k]
+    ]
+    wrong += [
+        k
+        for k in ("patch_embed.proj.weight", "pos_embed", "norm.weight")
+        if k in stored and k not in wrong and k not in dense.state_dict()
+    ]
+    if wrong or blocks != set(range(len(getattr(dense, "blocks", ())))):
+        raise ComcatError(
+            f"{weights.parent / 'comcat.json'} does not match {weights.name} "
+            f"({wrong[0] if wrong else 'number of blocks'}): re-export the compressed model"
+        )
+
+
+def _check_pair(meta: dict, weights: Path) -> None:
+    """comcat.json and model.safetensors come from the same save (files written before the pair id
+    existed carry none and pass)."""
+    from safetensors import safe_open
+
+    if "pair" not in meta:
+        return
+    with safe_open(str(weights), "pt") as f:
+        pair = (f.metadata() or {}).get("pair")
+    if pair != meta["pair"]:
+        raise ComcatError(
+            f"{weights.parent}: comcat.json and {weights.name} come from different saves (a save was "
+            "interrupted): continue the run with --resume, or compress again"
+        )
+
+
+def load_compressed(directory: str | Path) -> Loaded:
+    """Rebuild a compressed model from its directory alone (no original checkpoint needed)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    if meta.get("format") not in READABLE:
+        raise ComcatError(f"{directory} has format {meta.get('format')!r}, expected {FORMAT!r}: re-export it")
+    _check_arch(meta, directory / COMPRESSED_WEIGHTS)
+    _check_pair(meta, directory / COMPRESSED_WEIGHTS)
+    model = build_arch(meta["arch"], **meta.get("arch_kwargs", {}))
+    if meta.get("pretrained_cfg"):
+        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **meta["pretrained_cfg"]}
+    compress(model, RankConfig.from_dict(meta["ranks"]), inplace=True)
+    weights = directory / COMPRESSED_WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except Exception as e:
+        raise ComcatError(f"could not read {weights} ({type(e).__name__}): re-export the compressed model") from None
+    check_finite(state, str(weights))
+    load_state(model, state, f"{weights} does not match comcat.json", "re-export the compressed model")
+    return Loaded(model.eval(), meta["arch"], meta.get("arch_kwargs", {}), str(directory), meta)

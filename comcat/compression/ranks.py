@@ -1,0 +1,111 @@
+"""Per-layer rank configurations (the rules that choose them: rank_rules.py, allocate.py).
+
+A RankConfig holds, per block, the ranks of the low-rank sites of one method:
+  head:   {"qk": r, "vo": r, "fc1": r|None, "fc2": r|None}   (r <= head_dim for qk/vo)
+  matrix: {"q": r, "k": r, "v": r, "o": r, "fc1": ..., "fc2": ...}  (r <= C; None keeps dense)
+plus an optional rank for the classifier head. None always means "keep dense".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from ..core.errors import ComcatError
+from .analysis import MATRICES
+from .vit import vit_blocks
+
+METHODS = ("head", "matrix")
+ATTN_SITES = {"head": ("qk", "vo"), "matrix": MATRICES}
+MLP_SITES = ("fc1", "fc2")
+
+
+@dataclass
+class RankConfig:
+    method: str
+    blocks: list[dict]
+    classifier: int | None = None  # rank of the classifier (None: dense)
+    note: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "blocks": self.blocks,
+            "classifier": self.classifier,
+            **({"note": self.note} if self.note else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RankConfig":
+        if not isinstance(d, dict) or "blocks" not in d:
+            raise ComcatError('a rank config is JSON like {"method": "head", "blocks": [{"qk": 16, "vo": 16}, ...]}')
+        method = d.get("method", "head")
+        if method not in METHODS:
+            raise ComcatError(f"rank config method must be one of {METHODS}, got {method!r}")
+        blocks, head = d["blocks"], d.get("classifier", d.get("head"))  # "head": files before format /3
+        if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+            raise ComcatError('a rank config\'s "blocks" is a list with one {"qk": r, "vo": r} object per block')
+        if head is not None and not _is_rank(head):
+            raise ComcatError(f"classifier rank {head!r} is not a positive integer: use an integer or null")
+        note = d.get("note", {})
+        return cls(method, [dict(b) for b in blocks], head, note if isinstance(note, dict) else {})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RankConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise ComcatError(
+                f"rank file {path} does not exist: pass a JSON file written by 'comcat compress' or by hand"
+            )
+        except json.JSONDecodeError as e:
+            raise ComcatError(f"rank file {path} is not valid JSON ({e.msg} at line {e.lineno}): fix or regenerate it")
+
+    def validate(self, model: nn.Module) -> "RankConfig":
+        """Check every rank against the model's shapes; raises ComcatError with what to change."""
+        blocks = vit_blocks(model)
+        if len(self.blocks) != len(blocks):
+            raise ComcatError(
+                f"rank config has {len(self.blocks)} blocks but the model has {len(blocks)}: write one entry per block"
+            )
+        sites = ATTN_SITES[self.method] + MLP_SITES
+        for i, (b, ranks) in enumerate(zip(blocks, self.blocks)):
+            unknown = set(ranks) - set(sites)
+            if unknown:
+                raise ComcatError(
+                    f"block {i}: unknown rank keys {sorted(unknown)} for method {self.method!r}; allowed: {list(sites)}"
+                )
+            limits = site_limits(b, self.method)
+            for site in sites:
+                r = ranks.get(site)
+                if site in ATTN_SITES[self.method] and r is None and self.method == "head":
+                    raise ComcatError(f"block {i}: head-level method needs a rank for {site!r} (1..{limits[site]})")
+                if r is not None and (not _is_rank(r) or not 1 <= r <= limits[site]):
+                    raise ComcatError(
+                        f"block {i}: rank {site}={r!r} is out of range: use an integer in 1..{limits[site]}"
+                    )
+        if self.classifier is not None:
+            lim = min(model.head.in_features, model.head.out_features)
+            if not 1 <= self.classifier <= lim:
+                raise ComcatError(f"classifier rank {self.classifier} is out of range: use 1..{lim} or null")
+        return self
+
+
+def _is_rank(r) -> bool:
+    """An integer (JSON true/false are not ranks)."""
+    return isinstance(r, (int, np.integer)) and not isinstance(r, (bool, np.bool_))
+
+
+def site_limits(block: nn.Module, method: str) -> dict[str, int]:
+    """Largest meaningful rank of each site of one block."""
+    attn, mlp = block.attn, block.mlp
+    C = attn.qkv.in_features
+    lim = {"qk": attn.head_dim, "vo": attn.head_dim} if method == "head" else {m: C for m in MATRICES}
+    for fc in MLP_SITES:
+        lin = getattr(mlp, fc)
+        lim[fc] = min(lin.in_features, lin.out_features)
+    return lim

@@ -1,0 +1,172 @@
+"""Block-wise distillation: each compressed block learns to reproduce its dense block's output.
+
+For block i, on the student's own input tokens h_s (what its compressed blocks 0..i-1 produce) and
+the dense block's output t_i = B_i(h_t) on the dense model's tokens h_t:
+
+    min_theta  mean ||B_i^theta(h_s) - t_i||^2 / Var(t_i)  +  w_cls mean ||B_i^theta(h_s)[0] - t_i[0]||^2 / Var(t_i[0])
+
+by AdamW with a cosine learning rate over `steps` batches of images; the blocks are trained one
+after another, so each also learns to undo what the blocks before it still get wrong. Only one
+block trains at a time, so a step costs about 1/depth of an end-to-end step, and the targets are
+dense (every token of every block), which is what a few hundred images need; the second term
+weighs the class token, the one the classifier reads, by w_cls more. The tokens of the
+training images are computed once per block and kept: 3 x n x N x C floats. `AugmentedViews` adds
+seeded random-resized-crop / flip / mixup-cutmix views of the same images to them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import ComcatError
+from ..core.loop import should_stop as should_stop_all
+from .calibrate import block_inputs
+from .vit import vit_blocks
+
+
+class AugmentedViews:
+    """The (x, y) batches of `loader`, then `views` seeded augmented passes over them: per image a
+    random resized crop (scale 0.35-1) and a flip, then mixup/cutmix of the batch (`mix`). The
+    same seed gives the same views (a resumed run sees the images it started with)."""
+
+    def __init__(self, loader, views: int = 2, seed: int = 0, mix: bool = True):
+        self.loader, self.views, self.seed, self.mix = loader, views, seed, mix
+
+    def __iter__(self):
+        import torchvision.transforms.v2 as T
+
+        from .distill import mix_views
+
+        yield from self.loader
+        for v in range(self.views):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 1_000_003 + v + 1)
+                for x, y in self.loader:
+                    crop = T.Compose(
+                        [T.RandomResizedCrop(x.shape[-2:], scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip()]
+                    )
+                    x = torch.stack([crop(img) for img in x])
+                    yield (mix_views(x)[0] if self.mix and len(x) > 1 else x), y
+
+
+@torch.no_grad()
+def _run(blocks, h: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    for b in blocks:
+        h = torch.cat([b(h[i : i + batch]) for i in range(0, len(h), batch)])
+    return h
+
+
+def _lr(step: int, total: int, lr: float) -> float:
+    return 0.5 * lr * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def trainable(block: nn.Module, scope: str) -> list[nn.Parameter]:
+    """The parameters of a block that distillation trains: all of them, or (scope 'compressed')
+    those of its factorized modules (the attention, and MLP linears that are low-rank)."""
+    if scope == "all":
+        return list(block.parameters())
+    from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
+
+    mods = [m for m in block.modules() if isinstance(m, (HeadLowRankAttention, MatrixLowRankAttention, LowRankLinear))]
+    params = {id(p): p for m in mods for p in m.parameters()}
+    return list(params.values()) or list(block.parameters())
+
+
+def read_tokens(model: nn.Module) -> list[int]:
+    """The tokens the classifier reads: the class token (and a distilled DeiT's distillation token)
+    when the model pools by token, none for an average-pooled model."""
+    if getattr(model, "global_pool", "token") != "token":
+        return []
+    return [0, 1] if getattr(model, "dist_token", None) is not None else [0]
+
+
+def distill_blocks(
+    student: nn.Module,
+    teacher: nn.Module,
+    loader,
+    steps: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str = "cpu",
+    callback=None,
+    should_stop=None,
+    resume: dict | None = None,
+    checkpoint=None,
+    scope: str = "all",
+    cls_weight: float = 0.0,
+) -> dict:
+    """Train `student`'s blocks in place (module docstring) on the images of `loader` ((x, y)
+    batches, eval transforms). Returns {"model" (eval mode), "stopped", "steps", "total", "history"}.
+    callback(event) gets every step; should_stop() ends after the current step; checkpoint(state)
+    receives the resumable state after every block and at a stop; resume=state continues from it
+    and ends where an uninterrupted run would."""
+    if steps < 1:
+        raise ComcatError("block distillation needs at least 1 step per block")
+    student.to(device).eval()
+    teacher.to(device).eval()
+    s_blocks, t_blocks = vit_blocks(student), vit_blocks(teacher)
+    read = read_tokens(teacher) if cls_weight else []
+    depth, total = len(t_blocks), len(t_blocks) * steps
+    h_t = block_inputs(teacher, loader)
+    if len(h_t) == 0:
+        raise ComcatError("block distillation got no images: give it a folder with images")
+    first, step, history = 0, 0, []
+    if resume:
+        student.load_state_dict(resume["weights"])
+        first, step, history = resume["block"], resume["step"], list(resume["history"])
+    h_s = _run(s_blocks[:first], h_t)
+    h_t = _run(t_blocks[:first], h_t)
+    stopped = False
+    for i in range(first, depth):
+        block = s_blocks[i]
+        target = _run([t_blocks[i]], h_t)
+        scale = target.float().var().clamp_min(1e-12)
+        cls_scale = target[:, read].float().var().clamp_min(1e-12) if read else None
+        opt = torch.optim.AdamW(trainable(block, scope), lr=lr, weight_decay=0.0)
+        if resume and i == first and "opt" in resume:
+            opt.load_state_dict(resume["opt"])
+        block.train().requires_grad_(True)
+        for k in range(step - i * steps, steps):
+            g = torch.Generator().manual_seed((seed * 1_000_003 + i) * 100_003 + k)
+            idx = torch.randint(len(h_s), (min(batch_size, len(h_s)),), generator=g).to(h_s.device)
+            for group in opt.param_groups:
+                group["lr"] = _lr(k, steps, lr)
+            out, want = block(h_s[idx]).float(), target[idx].float()
+            loss = F.mse_loss(out, want) / scale
+            if read:
+                loss = loss + cls_weight * F.mse_loss(out[:, read], want[:, read]) / cls_scale
+            if not torch.isfinite(loss):
+                raise ComcatError("the block-distillation loss became NaN/inf: lower --distill-lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            event = {"kind": "distill", "block": i, "blocks": depth, "step": step, "total": total, "loss": loss.item()}
+            history.append(event)
+            if callback:
+                callback(event)
+            if should_stop_all(should_stop):
+                stopped = k + 1 < steps or i + 1 < depth
+                break
+        block.eval().requires_grad_(False)
+        done = step == (i + 1) * steps
+        if checkpoint and (stopped or i + 1 < depth):
+            checkpoint(
+                {
+                    "block": i + done,
+                    "step": step,
+                    "history": history,
+                    "weights": student.state_dict(),
+                    **({} if done else {"opt": opt.state_dict()}),
+                }
+            )
+        if stopped:
+            break
+        h_s, h_t = _run([block], h_s), target
+    student.requires_grad_(True)
+    return {"model": student.eval(), "stopped": stopped, "steps": step, "total": total, "history": history}

@@ -1,0 +1,65 @@
+"""What the training loops share: seeded (distributed) batch order, per-step seeds, a stop flag."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from . import dist
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """This process's batches of epoch `epoch`: a seeded permutation of range(n) split over the
+    processes by DistributedSampler (same order on every run, so a resumed run repeats it)."""
+    sampler = DistributedSampler(
+        range(n), num_replicas=dist.world(), rank=dist.rank(), shuffle=True, seed=seed, drop_last=dist.world() > 1
+    )
+    sampler.set_epoch(epoch)
+    idx = list(sampler)
+    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()  # equal batches: no tiny last step
+    return batches
+
+
+def loader(ds: Dataset, batches: list[list[int]], num_workers: int = 0) -> DataLoader:
+    return DataLoader(ds, batch_sampler=batches, num_workers=num_workers)
+
+
+def seed_step(seed: int, step: int) -> None:
+    """Reseed torch before every step, so sampling noise depends only on (seed, step, process)."""
+    torch.manual_seed((seed * 1_000_003 + step) * 64 + dist.rank())
+
+
+class StopFlag:
+    """A thread-safe stop request; `install_signal()` makes the first Ctrl-C a clean stop."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def set(self, *_) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+    def install_signal(self) -> None:
+        def handler(signum, frame):
+            if self():
+                raise KeyboardInterrupt
+            print("\nstopping after this step (Ctrl-C again to abort)", flush=True)
+            self.set()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def should_stop(flag) -> bool:
+    """Evaluate a stop callable and agree on it across processes."""
+    return dist.any_true(bool(flag and flag()))

@@ -1,0 +1,349 @@
+"""Teach a text-to-image pipeline a new concept with a COMCAT adapter; the model stays frozen.
+
+    loss = || eps_theta(z_t, t, c) - target ||^2   (+ w * the same on class images: prior preservation)
+
+A run lives in its output folder (one process at a time writes it: .comcat.lock):
+  customize.json            the spec and how far the run got (written first: the folder is a run)
+  adapter.safetensors       the adapter at the last checkpoint (fp16 by default)
+  state.json + state.*.safetensors   adapter, optimizer and step, every `checkpoint_every` steps
+                            and at a stop, for --resume (also after the process was killed)
+  previews/step_NNNNN.png   a fixed-seed preview every `preview_every` steps
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import DDPMScheduler
+
+from ..core.errors import ComcatError
+from ..core.files import (
+    atomic_write,
+    atomic_write_text,
+    claim_out,
+    clean_temp,
+    clear_run,
+    load_tree,
+    out_lock,
+    read_run_record,
+    save_tree,
+)
+from ..core.loop import seed_step
+from .adapter import AdapterConfig, add_adapter, save_adapter
+from .adapter.model import add_token, fingerprint, train_token_row
+from .diffusion.concept import (
+    check_prompt,
+    concept_files,
+    denoising_loss,
+    encode_images,
+    encode_text,
+    grid,
+    read_concept,
+    resolution,
+    tokenize,
+)
+from .diffusion.pipeline import guidance_kwargs, load_pipeline
+
+RUN_FILE = "customize.json"
+RUN_FILES = (
+    RUN_FILE,
+    "adapter.safetensors",
+    "state.json",
+    "state.*.safetensors",
+    "previews",
+    "class_images.pt",
+)  # what --overwrite removes
+PRECISIONS = ("auto", "fp32", "bf16")
+FORMAT = "comcat-customize/1"
+
+
+@dataclass
+class CustomizeSpec:
+    """A customization run (stored in customize.json; --resume reads it back)."""
+
+    pipeline: str = "embedded"
+    images: str = ""
+    prompt: str = "a photo of V* dog"
+    token: str = "V*"
+    rank: int = 2
+    targets: tuple = ("self", "cross")
+    steps: int = 500
+    lr: float = 2.5e-3
+    batch_size: int = 4
+    learn_token: bool = True  # also learn the token's embedding (new token if unknown)
+    class_prompt: str | None = None  # prior preservation: images of the class, by the base model
+    class_images: int = 8
+    prior_weight: float = 1.0
+    preview_every: int = 50
+    checkpoint_every: int = 50  # resumable state every K steps (a killed run resumes from the last)
+    preview_prompts: tuple = ()  # default: the prompt
+    preview_steps: int = 25
+    guidance: float | None = None  # previews; None: the pipeline's default
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # bf16 (autocast) or fp32; auto: bf16 on CUDA, fp32 on the CPU
+    save_dtype: str = "float16"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CustomizeSpec":
+        known = {f.name for f in fields(cls)}
+        spec = cls(**{k: v for k, v in d.items() if k in known})
+        spec.targets, spec.preview_prompts = tuple(spec.targets), tuple(spec.preview_prompts)
+        return spec
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' -> bf16 (mixed precision) on CUDA, fp32 elsewhere; 'fp32' and 'bf16' as given."""
+    return ("bf16" if str(device).startswith("cuda") else "fp32") if precision == "auto" else precision
+
+
+def _check_token(pipe, spec: CustomizeSpec) -> None:
+    ids = tokenize(pipe, [spec.token])[0].tolist()
+    unk = pipe.tokenizer.unk_token_id
+    if unk is not None and unk in ids and not spec.learn_token:
+        raise ComcatError(
+            f"the token {spec.token!r} is unknown to this pipeline's tokenizer: use --learn-token "
+            "to learn it, or pick a word it knows"
+        )
+
+
+def _class_latents(pipe, spec: CustomizeSpec, out: Path) -> tuple[torch.Tensor, list[str]] | None:
+    """Prior preservation: the base model's own images of `class_prompt` (generated once, cached)."""
+    if not spec.class_prompt:
+        return None
+    cache = out / "class_images.pt"
+    if cache.is_file():
+        x = torch.load(cache, weights_only=True)
+    else:
+        gen = torch.Generator().manual_seed(spec.seed + 1)
+        x = pipe(
+            spec.class_prompt,
+            num_images_per_prompt=spec.class_images,
+            generator=gen,
+            num_inference_steps=spec.preview_steps,
+            output_type="pt",
+        ).images
+        x = x if x.min() < 0 else x * 2 - 1  # diffusers pipelines give [0, 1]
+        atomic_write(cache, lambda tmp: torch.save(x.cpu(), tmp))
+    return encode_images(pipe, x), [spec.class_prompt] * len(x)
+
+
+PREVIEWS = 4  # preview images per prompt
+
+
+def preview(pipe, spec: CustomizeSpec, n: int = PREVIEWS):
+    """Fixed-seed samples of the preview prompts (n per prompt) as PIL images."""
+    prompts = list(spec.preview_prompts) or [spec.prompt]
+    gen = torch.Generator().manual_seed(spec.seed)
+    return pipe(
+        prompts,
+        num_images_per_prompt=n,
+        generator=gen,
+        num_inference_steps=spec.preview_steps,
+        **guidance_kwargs(spec.guidance),
+    ).images
+
+
+def _write_run(out: Path, spec: CustomizeSpec, **progress) -> None:
+    atomic_write_text(out / RUN_FILE, json.dumps(dict(format=FORMAT, spec=asdict(spec), **progress), indent=2))
+
+
+def read_run(out: Path) -> dict:
+    return read_run_record(out, RUN_FILE, FORMAT, "customize")
+
+
+def customize(
+    spec: CustomizeSpec,
+    out: str | Path,
+    pipe=None,
+    callback: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Train an adapter for `spec`; returns {adapter, steps_done, stopped, losses, seconds}.
+
+    callback receives {"kind": "start", step, steps, losses (so far), images (the concept's files)}
+    once, {"kind": "step", step, steps, loss} after every step and {"kind": "preview", step, images
+    (PIL), prompts (one per image), path} every `preview_every` steps and at the end.
+    should_stop() is checked every step; a stop saves the adapter and the resumable state, as every
+    `checkpoint_every` steps do. `overwrite`: a new run replaces an earlier run's files in `out`.
+    """
+    out = Path(out)
+    if resume:
+        spec = CustomizeSpec.from_dict(read_run(out)["spec"])
+    else:
+        claim_out(out, (RUN_FILE, "adapter.safetensors"), "customize run")
+        if (out / RUN_FILE).is_file() and not overwrite:
+            raise ComcatError(
+                f"{out} holds an earlier customize run: continue it with --resume {out}, start over "
+                "with --overwrite, or choose another --out"
+            )
+    _check_spec(spec)
+    with out_lock(out):
+        if resume:
+            clean_temp(out)
+        elif overwrite:
+            clear_run(out, RUN_FILES)
+        return _train(spec, out, pipe, callback, should_stop, resume)
+
+
+def _check_spec(spec: CustomizeSpec) -> None:
+    AdapterConfig(rank=spec.rank, targets=spec.targets, token=spec.token)  # its bounds, one line each
+    if spec.steps <= 0 or not (0 < spec.lr < float("inf")) or spec.batch_size <= 0:
+        raise ComcatError(
+            f"steps, lr and batch size must be positive numbers, got {spec.steps}, {spec.lr}, {spec.batch_size}"
+        )
+    if spec.precision not in PRECISIONS:
+        raise ComcatError(f"precision must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}")
+    check_prompt(spec.prompt, spec.token)
+    read_concept(spec.images, spec.prompt, spec.token, 8)  # every image readable, before any work
+
+
+def _train(spec: CustomizeSpec, out: Path, pipe, callback, should_stop, resume: bool) -> dict:
+    config = AdapterConfig(
+        rank=spec.rank,
+        targets=spec.targets,
+        token=spec.token,
+        base_model=spec.pipeline,
+        token_embedding=spec.learn_token,
+    )
+    device = resolve_device(spec.device) if pipe is None else str(pipe.device)  # a given pipe trains where it is
+    pipe = pipe if pipe is not None else load_pipeline(spec.pipeline, device=device)
+    pixels, captions = read_concept(spec.images, spec.prompt, spec.token, resolution(pipe))
+    if spec.learn_token:
+        add_token(pipe, spec.token)
+    _check_token(pipe, spec)
+    cuda = device.startswith("cuda")
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    if cuda:
+        pipe.unet.enable_gradient_checkpointing()
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    params = add_adapter(pipe, config, "default")
+    train = list(params)
+    if spec.learn_token:
+        embedding, token_id = train_token_row(pipe, spec.token)  # only the concept's row learns
+        frozen_rows = embedding.detach().clone()
+        train.append(embedding)
+    opt = torch.optim.AdamW(train, lr=spec.lr, weight_decay=0.0 if spec.learn_token else 1e-2)
+
+    latents = torch.cat([encode_images(pipe, pixels), encode_images(pipe, pixels.flip(3))])
+    captions = captions * 2
+    prior = _class_latents(pipe, spec, out)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    fixed_context = (
+        None
+        if spec.learn_token
+        else {c: encode_text(pipe, [c]).detach() for c in set(captions) | ({spec.class_prompt} if prior else set())}
+    )
+
+    start, losses = 0, []
+    state = load_tree(out / "state") if resume else None
+    if state is not None:
+        with torch.no_grad():
+            for p, saved in zip(train, state["params"]):
+                p.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        start, losses = state["step"], state["losses"]
+
+    def context(batch_captions):
+        if fixed_context is not None:
+            return torch.cat([fixed_context[c] for c in batch_captions])
+        return encode_text(pipe, batch_captions)
+
+    def save(step):
+        save_adapter(pipe, config, out, dtype=getattr(torch, spec.save_dtype))
+        save_tree(
+            out / "state",
+            {
+                "params": [p.detach().cpu() for p in train],
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "losses": losses,
+            },
+        )
+        _write_run(out, spec, step=step, steps=spec.steps, fingerprint=fingerprint(pipe.unet))
+
+    def emit_preview(step):
+        if callback is None and spec.preview_every <= 0:
+            return
+        images = preview(pipe, spec)
+        prompts = [p for p in (list(spec.preview_prompts) or [spec.prompt]) for _ in range(PREVIEWS)]
+        path = out / "previews" / f"step_{step:05d}.png"
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, grid(images).save)
+        if callback:
+            callback(dict(kind="preview", step=step, images=images, prompts=prompts, path=str(path)))
+
+    if not resume:
+        _write_run(out, spec, step=0, steps=spec.steps)  # from here on the folder is a resumable run
+    if callback:
+        callback(
+            dict(
+                kind="start",
+                step=start,
+                steps=spec.steps,
+                losses=list(losses),
+                images=[str(p) for p in concept_files(spec.images)],
+            )
+        )
+    t0, stopped, step = time.time(), False, start
+    bf16 = resolve_precision(spec.precision, device) == "bf16"
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+    for step in range(start + 1, spec.steps + 1):
+        if should_stop is not None and should_stop():
+            stopped, step = True, step - 1
+            break
+        seed_step(spec.seed, step)
+        idx = torch.randint(len(latents), (spec.batch_size,))
+        z0, batch_captions = latents[idx], [captions[i] for i in idx.tolist()]
+        if prior is not None:
+            pidx = torch.randint(len(prior[0]), (spec.batch_size,))
+            z0 = torch.cat([z0, prior[0][pidx]])
+            batch_captions += [prior[1][i] for i in pidx.tolist()]
+        with amp:
+            err = denoising_loss(pipe.unet, noise_sched, z0, context(batch_captions))
+        loss = err[: spec.batch_size].mean()
+        if prior is not None:
+            loss = loss + spec.prior_weight * err[spec.batch_size :].mean()
+        if not torch.isfinite(loss):
+            raise ComcatError(f"the loss became {loss.item()} at step {step}: lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if spec.learn_token:
+            with torch.no_grad():  # AdamW decay / numerical drift must not touch other rows
+                rows = torch.arange(len(embedding), device=embedding.device) != token_id
+                embedding[rows] = frozen_rows[rows]
+        losses.append(round(loss.item(), 5))
+        if callback:
+            callback(dict(kind="step", step=step, steps=spec.steps, loss=losses[-1]))
+        if spec.checkpoint_every > 0 and step % spec.checkpoint_every == 0 and step < spec.steps:
+            save(step)
+        if spec.preview_every > 0 and step % spec.preview_every == 0 and step < spec.steps:
+            emit_preview(step)
+    save(step)
+    if not stopped:
+        emit_preview(step)
+    if spec.learn_token:
+        embedding.requires_grad_(False)
+    return dict(
+        adapter=str(out / "adapter.safetensors"),
+        steps_done=step,
+        stopped=stopped,
+        losses=losses,
+        seconds=round(time.time() - t0, 1),
+        pipe=pipe,
+    )
