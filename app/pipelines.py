@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+from comcat.core import dist
 from comcat.core.embedded import ASSETS
 from comcat.customization.adapter import adapter_names, unload_adapter
-from comcat.customization.customize import resolve_device
 from comcat.customization.diffusion.pipeline import load_pipeline
 
 from .common import pipeline_spec, take_upload
@@ -26,7 +26,7 @@ class Pipelines:
     def get(self, text: str):
         key = pipeline_spec(text)  # a folder resolved, a hub ID marked as one
         if key not in self.cache:
-            self.cache[key] = load_pipeline(key, device=resolve_device("auto"))
+            self.cache[key] = load_pipeline(key, device=dist.device("auto"))
             while len(self.cache) > self.keep:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)

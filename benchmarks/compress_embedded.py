@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from comcat.compression.cost import count_params, layer_params, measure_latency
-from comcat.compression.distill import finetune
-from comcat.compression.evaluate import embedded_heldout, evaluate
+from comcat.compression.distill import FinetuneConfig, finetune
+from comcat.compression.evaluate import evaluate
 from comcat.compression.job import JobSpec, run_job
 from comcat.compression.load import load_model
-from comcat.compression.splits import embedded_splits
+from comcat.compression.search import SearchConfig
+from comcat.compression.splits import embedded_heldout, embedded_splits
 
 
 def fix_pruned_attention(model: torch.nn.Module) -> None:
@@ -81,7 +82,7 @@ def prune_baseline(dense, splits, ratio: float, epochs: int, seed: int) -> tuple
     model.zero_grad()
     before = evaluate(model, splits.eval, progress=False)["top1"]
     t = time.perf_counter()
-    res = finetune(model, dense, splits.train, splits.val, epochs=epochs, seed=seed)
+    res = finetune(model, dense, splits.train, splits.val, FinetuneConfig(epochs=epochs, seed=seed))
     return res["model"], {"top1_before_finetune": before, "time_s": time.perf_counter() - t}
 
 
@@ -96,9 +97,8 @@ def run_seed(dense, splits, args, seed: int) -> list[dict]:
                 method=method,
                 ratio=args.ratio,
                 mlp=True,
-                search=True,
-                search_epochs=args.search_epochs,
-                finetune_epochs=args.finetune_epochs,
+                search=SearchConfig(epochs=args.search_epochs),
+                finetune=FinetuneConfig(epochs=args.finetune_epochs) if args.finetune_epochs else None,
                 seed=seed,
                 evaluate=False,
                 latency=False,

@@ -39,12 +39,12 @@ from torch.utils.data import DataLoader
 from comcat.compression.allocate import FISHER_IMAGES, PROBE_IMAGES, calibrated_ranks
 from comcat.compression.calibrate import build, calibrate
 from comcat.compression.convert import compress
-from comcat.compression.cost import budget_target, compare_latency, count_params
+from comcat.compression.cost import Budget, compare_latency, count_params
 from comcat.compression.evaluate import predict, scores
 from comcat.compression.load import load_model
 from comcat.compression.rank_rules import uniform_ranks
-from comcat.compression.reconstruct import AugmentedViews, distill_blocks
-from comcat.compression.search import search_ranks
+from comcat.compression.reconstruct import AugmentedViews, DistillConfig, distill_blocks
+from comcat.compression.search import SearchConfig, search_ranks
 from comcat.compression.splits import folder_splits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +134,7 @@ def main() -> None:
     dense_scores = scores(ref, labels)
     loader = DataLoader(train, batch_size=32)
     views = AugmentedViews(loader, args.distill_views, args.seed)  # what a compress run distills on
+    distill = DistillConfig(steps=args.distill_steps, cls_weight=args.distill_cls, seed=args.seed)
     results = {
         "seed": args.seed,
         "distill": {"steps": args.distill_steps, "views": args.distill_views, "cls": args.distill_cls},
@@ -156,7 +157,6 @@ def main() -> None:
     for name in args.settings:
         ratio, mlp = SETTINGS[name]
         rows = results["settings"][name] = {}
-        cost_fn, target = budget_target(dense, ratio, "params", mlp)
         for method in [m for m in args.methods if m != "prune"]:
             t0 = time.perf_counter()
             cal = calibrate(dense, loader, mlp=mlp, matrix=method == "matrix", probe=PROBE_IMAGES, fisher=FISHER_IMAGES)
@@ -170,7 +170,7 @@ def main() -> None:
             }
             got["calibrated uniform"] = {**score(build(dense, uniform, cal)), "time_s": t_cal}
             t0 = time.perf_counter()
-            cfg, _ = calibrated_ranks(dense, cal, method, cost_fn, target, ratio, mlp)
+            cfg, _ = calibrated_ranks(dense, cal, Budget(ratio, method=method, mlp=mlp))
             allocated = build(dense, cfg, cal)
             t_alloc = t_cal + time.perf_counter() - t0
             got["calibrated + allocation"] = {
@@ -181,30 +181,16 @@ def main() -> None:
             }
             if args.search_epochs:
                 t0 = time.perf_counter()
-                searched, _ = search_ranks(
-                    dense,
-                    train,
-                    train,
-                    ratio,
-                    method,
-                    "params",
-                    mlp,
-                    epochs=args.search_epochs,
-                    batch_size=50,
-                    lr_weights=0.0,
-                    calibration=cal,
-                    init_ranks=cfg,
-                    seed=args.seed,
-                )
+                search = SearchConfig(epochs=args.search_epochs, batch_size=50, lr_weights=0.0, seed=args.seed)
+                budget = Budget(ratio, method=method, mlp=mlp)
+                searched, _ = search_ranks(dense, train, train, budget, search, calibration=cal, init_ranks=cfg)
                 got["+ search"] = {
                     **score(build(dense, searched, cal)),
                     "time_s": t_alloc + time.perf_counter() - t0,
                     "ranks": searched.to_dict(),
                 }
             t0 = time.perf_counter()
-            distilled = distill_blocks(
-                allocated, dense, views, args.distill_steps, seed=args.seed, cls_weight=args.distill_cls
-            )["model"]
+            distilled = distill_blocks(allocated, dense, views, distill)["model"]
             got["+ block distillation"] = {**score(distilled), "time_s": t_alloc + time.perf_counter() - t0}
             if method == "head":
                 results["settings"][name]["_latency"] = latency(dense, distilled)
@@ -218,9 +204,7 @@ def main() -> None:
             t0 = time.perf_counter()
             pruned = prune(dense, train, ratio, mlp)
             got = rows["torch-pruning"] = {"pruned": {**score(pruned), "time_s": time.perf_counter() - t0}}
-            distilled = distill_blocks(
-                pruned, dense, views, args.distill_steps, seed=args.seed, cls_weight=args.distill_cls
-            )["model"]
+            distilled = distill_blocks(pruned, dense, views, distill)["model"]
             got["+ block distillation"] = {**score(distilled), "time_s": time.perf_counter() - t0}
             for row, r in got.items():
                 print(

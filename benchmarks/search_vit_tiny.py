@@ -20,11 +20,11 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 
 from comcat.compression.convert import compress
-from comcat.compression.cost import layer_params
+from comcat.compression.cost import Budget, layer_params
 from comcat.compression.evaluate import evaluate, image_folder
 from comcat.compression.load import load_model
 from comcat.compression.rank_rules import uniform_ranks
-from comcat.compression.search import search_ranks
+from comcat.compression.search import SearchConfig, search_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,14 +74,10 @@ def main() -> None:
         dense,
         search_half,
         search_half,
-        ratio=args.ratio,
-        method="head",
-        mlp=False,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr_alpha=args.lr_alpha,
-        lr_weights=0,
-        seed=args.seed,
+        Budget(args.ratio),
+        SearchConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr_alpha=args.lr_alpha, lr_weights=0, seed=args.seed
+        ),
     )
     secs = time.perf_counter() - t
     rows.append(("searched head", cfg, evaluate(info["model"], report_half, progress=False)["top1"], secs))

@@ -485,61 +485,62 @@ class TqdmProgress:
 
 
 def job_spec(args):
+    """The JobSpec of `compress`'s flags (which checks them); flags that need each other are checked here."""
+    from .compression.distill import FinetuneConfig
     from .compression.job import JobSpec
+    from .compression.reconstruct import DistillConfig
+    from .compression.search import SearchConfig
 
     rules = sum(x is not None for x in (args.ranks, args.energy, args.params_ratio))
     if args.search and (args.ranks or args.energy is not None):
         raise ComcatError("--search chooses the ranks itself: drop --ranks / --energy and give --params-ratio R")
     if rules != 1:
         raise ComcatError("give exactly one of --ranks FILE, --energy E or --params-ratio R (or --resume DIR)")
-    if (
-        args.finetune_epochs < 0
-        or args.search_epochs < 1
-        or args.batch_size < 1
-        or args.distill_steps < 0
-        or args.distill_views < 0
-        or not 0 <= args.distill_cls < float("inf")
-    ):
-        raise ComcatError(
-            "--search-epochs and --batch-size must be >= 1, --finetune-epochs, --distill-steps, "
-            "--distill-views and --distill-cls >= 0"
+    if args.finetune_epochs < 0:
+        raise ComcatError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    distill = DistillConfig(
+        steps=args.distill_steps,
+        lr=args.distill_lr,
+        views=args.distill_views,
+        cls_weight=args.distill_cls,
+        mix=not args.no_mix,
+    )
+    search = (
+        SearchConfig(
+            epochs=args.search_epochs,
+            batch_size=args.batch_size,
+            decode=args.decode,
+            classifier=args.classifier_rank is not None,
         )
-    if args.train_images < 1 or args.fit_images < 1 or args.calibration_images < 1:
-        raise ComcatError("--train-images, --fit-images and --calibration-images must be >= 1")
-    for name in ("lr", "distill_lr"):
-        value = getattr(args, name)
-        if not (value > 0 and value < float("inf")):
-            raise ComcatError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+        if args.search
+        else None
+    )
+    finetune = (
+        FinetuneConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size, mix=not args.no_mix)
+        if args.finetune_epochs
+        else None
+    )
     return JobSpec(
         model=args.model,
         arch=args.arch,
+        data=args.data,
         method=args.method,
         ratio=args.params_ratio,
         budget=args.budget,
-        search=args.search,
         mlp=args.mlp,
-        classifier=args.classifier_rank is not None,
-        classifier_rank=args.classifier_rank,
         ranks_file=args.ranks,
         energy=args.energy,
+        classifier_rank=None if args.search else args.classifier_rank,
         allocate=args.allocate,
         calibration=args.calibration,
         calibration_images=args.calibration_images,
-        distill_steps=args.distill_steps,
-        distill_lr=args.distill_lr,
-        distill_views=args.distill_views,
-        distill_cls=args.distill_cls,
-        search_epochs=args.search_epochs,
-        decode=args.decode,
-        finetune_epochs=args.finetune_epochs,
-        data=args.data,
+        distill=distill,
+        search=search,
+        finetune=finetune,
         train_images=args.train_images,
         fit_images=args.fit_images,
         seed=args.seed,
-        batch_size=args.batch_size,
-        lr=args.lr,
         labels=args.labels,
-        mix=not args.no_mix,
         device=args.device,
         workers=args.workers,
         evaluate=not args.no_eval,
@@ -700,14 +701,14 @@ MAX_GENERATE = 64  # images per generate call
 
 
 def cmd_generate(args) -> None:
-    from .customization.customize import resolve_device
+    from .core import dist
     from .customization.diffusion.concept import grid
     from .customization.diffusion.pipeline import load_pipeline
     from .customization.generate import generate, parse_adapter_arg, save_image, with_adapters
 
     if not 1 <= args.n <= MAX_GENERATE or not 1 <= args.steps <= 1000:
         raise ComcatError(f"--n must be in 1..{MAX_GENERATE} and --steps in 1..1000, got {args.n} and {args.steps}")
-    pipe = load_pipeline(args.pipeline, device=resolve_device(args.device))
+    pipe = load_pipeline(args.pipeline, device=dist.device(args.device))
     with_adapters(pipe, [parse_adapter_arg(a) for a in args.adapter])
     images = generate(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, n=args.n)
     print(f"wrote {save_image(grid(images), args.out)}")

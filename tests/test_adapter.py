@@ -319,11 +319,12 @@ def test_bad_adapter_inputs(tmp_path):
 
 def test_train_token_row_trains_the_row_the_prompt_uses():
     """The embedded tokenizer lower-cases prompts; 'V*' must still be one token, and only its row learns."""
-    from comcat.customization.diffusion.concept import encode_text, tokenize
+    from comcat.customization.diffusion.concept import encode_text
+    from comcat.customization.diffusion.pipeline import tokenize
 
     pipe = tiny_pipeline()
     emb, tok_id = train_token_row(pipe, "V*")
-    assert tok_id != pipe.tokenizer.unk_token_id and tok_id in tokenize(pipe, ["a V* in red"])[0].tolist()
+    assert tok_id != pipe.tokenizer.unk_token_id and tok_id in tokenize(pipe.tokenizer, ["a V* in red"])[0].tolist()
     trainable = [p for p in pipe.text_encoder.parameters() if p.requires_grad]
     assert len(trainable) == 1 and trainable[0] is emb
     encode_text(pipe, ["a V* in red"]).square().sum().backward()

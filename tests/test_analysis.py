@@ -173,13 +173,13 @@ def test_calibrated_recommendation_is_the_allocation_compress_starts_from(embedd
     """With images, the recommendation is allocate.calibrated_ranks on the fit split a compress run
     uses, within the same budget; its predicted KL is the sum of the sites' curves at its ranks."""
     from comcat.compression.allocate import calibrated_ranks
-    from comcat.compression.cost import budget_target
+    from comcat.compression.cost import Budget, budget_target
     from comcat.compression.diagnose import calibrate_on, error_grid, recommend, recommendation_text
 
     cal = calibrate_on(embedded.model, None, images=128)
     rec = recommend(embedded.model, 0.5, cal=cal)
     cost_fn, target = budget_target(embedded.model, 0.5, "params", False)
-    cfg, sites = calibrated_ranks(embedded.model, cal, "head", cost_fn, target, 0.5)
+    cfg, sites = calibrated_ranks(embedded.model, cal, Budget(0.5))
     assert rec["rule"] == "calibrated" and rec["ranks"]["blocks"] == cfg.blocks and rec["images"] == 128
     assert rec["params"][1] == cost_fn(cfg) <= target
     assert rec["predicted_kl"]["calibrated"] == pytest.approx(sum(s.curve[cfg.blocks[s.block][s.key]] for s in sites))

@@ -112,7 +112,7 @@ def test_calibration_beats_plain_svd_and_allocation_uses_the_budget(embedded):
     ranks, and the calibrated allocation spends the budget without exceeding it."""
     from comcat.compression.allocate import calibrated_ranks, kl_to
     from comcat.compression.convert import compress
-    from comcat.compression.cost import budget_target
+    from comcat.compression.cost import Budget, budget_target
 
     dense = embedded.model
     cal = calibrate(dense, _loader(n=96), probe=16, fisher=32)
@@ -123,7 +123,7 @@ def test_calibration_beats_plain_svd_and_allocation_uses_the_budget(embedded):
         plain, calibrated = kl_to(ref, compress(dense, cfg)(held)), kl_to(ref, build(dense, cfg, cal)(held))
     assert calibrated < plain
     cost_fn, target = budget_target(dense, 0.25, "params", False)
-    ranks, sites = calibrated_ranks(dense, cal, "head", cost_fn, target, 0.25)
+    ranks, sites = calibrated_ranks(dense, cal, Budget(0.25))
     assert cost_fn(ranks) <= target
     step = min(s.unit for s in sites)
     assert target - cost_fn(ranks) < step or all(r == 32 for b in ranks.blocks for r in b.values())
@@ -146,16 +146,18 @@ def test_block_distillation_learns_and_resumes(embedded):
     """Each block's output error on the training images falls; a stopped run resumed ends where an
     uninterrupted one does."""
     from comcat.compression.convert import compress
-    from comcat.compression.reconstruct import distill_blocks
+    from comcat.compression.reconstruct import DistillConfig, distill_blocks
+    from comcat.core.loop import RunControl
 
     dense = embedded.model
-    cfg = uniform_ranks(dense, "head", 0.25)
+    ranks = uniform_ranks(dense, "head", 0.25)
     loader = _loader(n=64)
     images = torch.cat([x for x, _ in loader])
     with torch.no_grad():
         ref = dense(images)
-    start = compress(dense, cfg)
-    whole = distill_blocks(copy.deepcopy(start), dense, loader, steps=6, lr=1e-3)
+    start = compress(dense, ranks)
+    cfg = DistillConfig(steps=6, cls_weight=0.0)
+    whole = distill_blocks(copy.deepcopy(start), dense, loader, cfg)
     with torch.no_grad():
         before = (start(images) - ref).pow(2).mean().item()
         after = (whole["model"](images) - ref).pow(2).mean().item()
@@ -167,17 +169,10 @@ def test_block_distillation_learns_and_resumes(embedded):
         calls["n"] += 1
         return calls["n"] == 15
 
-    part = distill_blocks(
-        copy.deepcopy(start),
-        dense,
-        loader,
-        steps=6,
-        lr=1e-3,
-        should_stop=stop,
-        checkpoint=lambda s: saved.update(state=copy.deepcopy(s)),
-    )
+    control = RunControl(should_stop=stop, checkpoint=lambda s: saved.update(state=copy.deepcopy(s)))
+    part = distill_blocks(copy.deepcopy(start), dense, loader, cfg, control=control)
     assert part["stopped"] and saved["state"]["step"] == 15 and "opt" in saved["state"]
-    rest = distill_blocks(copy.deepcopy(start), dense, loader, steps=6, lr=1e-3, resume=saved["state"])
+    rest = distill_blocks(copy.deepcopy(start), dense, loader, cfg, control=RunControl(resume=saved["state"]))
     a, b = whole["model"].state_dict(), rest["model"].state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
@@ -188,7 +183,7 @@ def test_the_class_token_weight_lowers_the_class_tokens_error(embedded):
     import timm
 
     from comcat.compression.convert import compress
-    from comcat.compression.reconstruct import distill_blocks, read_tokens
+    from comcat.compression.reconstruct import DistillConfig, distill_blocks, read_tokens
 
     dense = embedded.model
     loader = _loader(n=64)
@@ -196,7 +191,7 @@ def test_the_class_token_weight_lowers_the_class_tokens_error(embedded):
     start = compress(dense, uniform_ranks(dense, "head", 0.25))
 
     def cls_error(w):
-        small = distill_blocks(copy.deepcopy(start), dense, loader, steps=6, lr=1e-3, cls_weight=w)["model"]
+        small = distill_blocks(copy.deepcopy(start), dense, loader, DistillConfig(steps=6, cls_weight=w))["model"]
         with torch.no_grad():
             return (small.forward_features(images)[:, 0] - dense.forward_features(images)[:, 0]).pow(2).mean().item()
 
@@ -267,7 +262,7 @@ def test_labels_only_when_they_are_the_models(tmp_path, embedded):
 def test_mixup_views_are_identical_for_teacher_and_student(embedded):
     """finetune() hands the teacher and the student the same mixed batch."""
     from comcat.compression.convert import compress
-    from comcat.compression.distill import finetune, mix_views
+    from comcat.compression.distill import FinetuneConfig, finetune, mix_views
 
     torch.manual_seed(0)
     x = torch.randn(8, 3, 32, 32)
@@ -279,7 +274,7 @@ def test_mixup_views_are_identical_for_teacher_and_student(embedded):
     dense.register_forward_pre_hook(lambda m, a: seen["teacher"].append(a[0].clone()))
     small.register_forward_pre_hook(lambda m, a: seen["student"].append(a[0].clone()))
     train = _shapes(64, 4)
-    finetune(small, dense, train, _shapes(16, 5), epochs=1, batch_size=32)
+    finetune(small, dense, train, _shapes(16, 5), FinetuneConfig(epochs=1, batch_size=32))
     teacher_views = [t for t in seen["teacher"] if t.shape[0] == 32]
     student_views = [t for t in seen["student"] if t.shape[0] == 32]
     assert len(student_views) == 2 and all(any(torch.equal(s, t) for t in teacher_views) for s in student_views)

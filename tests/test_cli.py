@@ -107,12 +107,14 @@ def test_help_starts_without_torch(tmp_path):
         "print(sorted(m for m in ('torch', 'timm', 'diffusers', 'gradio') if m in sys.modules))"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
+    )
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
     command = Path(sys.executable).with_name("comcat")
-    out = subprocess.run([str(command), "compress", "--help"], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [str(command), "compress", "--help"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
+    )
     assert out.returncode == 0 and "examples:" in out.stdout, out.stderr
 
 

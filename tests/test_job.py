@@ -11,8 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from comcat.compression.convert import compress, truncate
+from comcat.compression.cost import Budget
+from comcat.compression.distill import FinetuneConfig
 from comcat.compression.rank_rules import full_ranks, uniform_ranks
+from comcat.compression.reconstruct import DistillConfig
+from comcat.compression.search import SearchConfig
 from comcat.core.errors import ComcatError
+from comcat.core.loop import RunControl
 from conftest import ROOT
 
 
@@ -121,7 +126,8 @@ def test_search_then_finetune_beats_no_finetuning(embedded):
 
     dense = embedded.model
     train, search, val = _shapes(1024, 0), _shapes(256, 2), _shapes(500, 5)
-    ranks, info = search_ranks(dense, train, search, ratio=0.15, mlp=True, epochs=1, batch_size=64, lr_weights=0)
+    cfg = SearchConfig(epochs=1, batch_size=64, lr_weights=0)
+    ranks, info = search_ranks(dense, train, search, Budget(0.15, mlp=True), cfg)
     small = info["model"]
     scores = evaluate(small, val, progress=False, per_image=True)
     before = scores["top1"]
@@ -132,7 +138,14 @@ def test_search_then_finetune_beats_no_finetuning(embedded):
         assert torch.equal(right, small(x).argmax(1) == y) and right.float().mean() * 100 == pytest.approx(before)
     assert scores["nll"] > evaluate(dense, val, progress=False)["nll"] > 0
     events = []
-    res = finetune(small, dense, train, search, epochs=2, lr=1e-4, batch_size=64, callback=events.append)
+    res = finetune(
+        small,
+        dense,
+        train,
+        search,
+        FinetuneConfig(epochs=2, lr=1e-4, batch_size=64),
+        control=RunControl(callback=events.append),
+    )
     after_scores = evaluate(res["model"], val, progress=False)
     after = after_scores["top1"]
     assert after > before + 2 and after_scores["nll"] < scores["nll"]
@@ -149,20 +162,18 @@ def test_nan_loss_is_a_clear_error(embedded):
 
     bad = TensorDataset(torch.full((8, 3, 32, 32), float("nan")), torch.zeros(8, dtype=torch.long))
     with pytest.raises(ComcatError, match="NaN"):
-        search_ranks(embedded.model, bad, bad, ratio=0.5, epochs=1, batch_size=4)
+        search_ranks(embedded.model, bad, bad, Budget(0.5, mlp=True), SearchConfig(epochs=1, batch_size=4))
 
 
 SMALL = dict(
     mlp=True,
     ratio=0.4,
-    search=True,
-    search_epochs=2,
-    finetune_epochs=1,
+    search=SearchConfig(epochs=2, batch_size=32),
+    finetune=FinetuneConfig(epochs=1, batch_size=32),
     train_images=256,
     fit_images=128,
     calibration_images=64,
-    distill_steps=5,
-    batch_size=32,
+    distill=DistillConfig(steps=5),
     latency=False,
 )
 
@@ -293,7 +304,12 @@ def test_cli_search_bad_inputs_leave_nothing(tmp_path):
     from comcat.compression.job import JobSpec, run_job
 
     with pytest.raises(ComcatError, match="NaN"):
-        run_job(JobSpec(**{**SMALL, "calibration": "none", "lr_weights": 1e12}), out)
+        run_job(
+            JobSpec(
+                **{**SMALL, "calibration": "none", "search": SearchConfig(epochs=2, batch_size=32, lr_weights=1e12)}
+            ),
+            out,
+        )
     assert not out.exists()
 
 
@@ -310,9 +326,8 @@ def test_flops_budget_and_classifier_search(embedded):
 
     dense = embedded.model
     data = _shapes(128, 3)
-    ranks, info = search_ranks(
-        dense, data, data, ratio=0.4, budget="flops", mlp=True, classifier=True, epochs=1, batch_size=32
-    )
+    budget = Budget(0.4, unit="flops", mlp=True)
+    ranks, info = search_ranks(dense, data, data, budget, SearchConfig(epochs=1, batch_size=32, classifier=True))
     sites = lambda cfg: sum(l["attn"] + l["mlp"] for l in layer_flops(dense, cfg))  # noqa: E731
     assert info["target"] == pytest.approx(model_flops(dense) - 0.6 * sites(None))
     assert model_flops(dense, ranks) <= info["target"] and info["cost"] == model_flops(dense, ranks)
@@ -323,7 +338,10 @@ def test_flops_budget_and_classifier_search(embedded):
 def test_report_files(tmp_path):
     from comcat.compression.job import JobSpec, run_job
 
-    res = run_job(JobSpec(**{**SMALL, "search_epochs": 1, "finetune_epochs": 0, "latency": True}), tmp_path / "r")
+    res = run_job(
+        JobSpec(**{**SMALL, "search": SearchConfig(epochs=1, batch_size=32), "finetune": None, "latency": True}),
+        tmp_path / "r",
+    )
     md = (tmp_path / "r" / "report.md").read_text()
     assert "![ranks](ranks.png)" in md and "Rank search:" in md and "cpu_b32" in md
     assert (tmp_path / "r" / "ranks.png").stat().st_size > 1000

@@ -1,14 +1,21 @@
 import pytest
 import torch
 
-from comcat.compression.search import (
-    RankChoice,
-    budget_penalty,
-    candidate_ranks,
-    explicit_mixture,
-    masked_product,
-    temperature,
-)
+from comcat.compression.cost import Budget
+from comcat.compression.search import RankChoice, SearchConfig, budget_penalty, candidate_ranks, temperature
+from comcat.core.loop import RunControl
+
+
+def explicit_mixture(
+    u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, candidates: list[int], m: torch.Tensor
+) -> torch.Tensor:
+    """Reference: sum_i m_i U_{:r_i} diag(s_{:r_i}) V_{:r_i}^T, formed candidate by candidate."""
+    return sum(m[i] * (u[:, :r] * s[:r]) @ v[:, :r].T for i, r in enumerate(candidates))
+
+
+def masked_product(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """U diag(s * c) V^T: the same mixture through one soft mask."""
+    return (u * (s * mask)) @ v.T
 
 
 def test_soft_mask_equals_explicit_mixture():
@@ -107,11 +114,9 @@ def test_short_search_meets_budget_and_learns(embedded):
         embedded.model,
         data(10, 128),
         data(11, 128),
-        ratio=0.5,
-        epochs=2,
-        batch_size=32,
-        labels=True,
-        callback=events.append,
+        Budget(0.5, mlp=True),
+        SearchConfig(epochs=2, batch_size=32, labels=True),
+        control=RunControl(callback=events.append),
     )
     dense = embedded.model
     assert site_params(dense, ranks, "head", True) <= 0.5 * site_params(dense, None, "head", True)
@@ -128,18 +133,15 @@ def test_short_search_meets_budget_and_learns(embedded):
         embedded.model,
         data(10, 64),
         data(11, 64),
-        ratio=0.6,
-        epochs=3,
-        batch_size=32,
-        should_stop=lambda: next(stop_after, None) is None,
+        Budget(0.6, mlp=True),
+        SearchConfig(epochs=3, batch_size=32),
+        control=RunControl(should_stop=lambda: next(stop_after, None) is None),
     )
     assert info["stopped"] and len(info["history"]) == 4
     assert site_params(dense, ranks, "head", True) <= 0.6 * site_params(dense, None, "head", True)
     # attention only, weights frozen: only search steps, and the MLPs stay dense
     before = {k: v.clone() for k, v in dense.state_dict().items()}
-    ranks, info = search_ranks(
-        dense, data(10, 64), data(11, 64), ratio=0.6, mlp=False, epochs=1, batch_size=32, lr_weights=0
-    )
+    ranks, info = search_ranks(dense, data(10, 64), data(11, 64), Budget(0.6), SearchConfig(epochs=1, lr_weights=0))
     assert {e["phase"] for e in info["history"]} == {"search"} and "fc1" not in ranks.blocks[0]
     assert site_params(dense, ranks, "head", False) <= 0.6 * site_params(dense, None, "head", False)
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import gradio as gr
 
+from comcat.compression.distill import FinetuneConfig
 from comcat.compression.job import JobSpec, run_job
 from comcat.compression.load import load_model
 from comcat.compression.plots import ranks_heatmap_plotly
+from comcat.compression.reconstruct import DistillConfig
 from comcat.compression.report import report_markdown
+from comcat.compression.search import SearchConfig
 from comcat.core.errors import ComcatError
 
 from .. import common
@@ -53,21 +56,24 @@ class Settings:
     fit_images: int = 1024
 
     def spec(self, model: str, arch: str | None, data: str | None) -> JobSpec:
+        """The JobSpec of these settings (which checks them, as for the CLI)."""
+        whole = lambda x: int(x) if float(x).is_integer() else x  # a slider's 4.0 is the integer 4
+        search = SearchConfig(epochs=whole(self.search_epochs)) if self.search else None
+        finetune = FinetuneConfig(epochs=whole(self.finetune_epochs)) if self.finetune_epochs else None
         return JobSpec(
             model=model,
             arch=arch,
+            data=data,
             method=self.method,
             ratio=float(self.ratio),
             budget=self.budget,
-            search=bool(self.search),
-            search_epochs=max(1, int(self.search_epochs)),
-            distill_steps=max(0, int(self.distill_steps)),
-            finetune_epochs=max(0, int(self.finetune_epochs)),
             mlp=bool(self.mlp),
-            data=data,
+            distill=DistillConfig(steps=whole(self.distill_steps)),
+            search=search,
+            finetune=finetune,
             device=self.device,
-            train_images=max(1, int(self.train_images)),
-            fit_images=max(1, int(self.fit_images)),
+            train_images=whole(self.train_images),
+            fit_images=whole(self.fit_images),
         )
 
 

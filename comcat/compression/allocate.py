@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibrate import Calibration, compressed_block, head_logits, qk_factors, vo_factors, whitened_linear
+from .cost import Budget
 from .rank_rules import uniform_ranks
 from .ranks import MATRICES, MLP_SITES, RankConfig, site_limits
 from .vit import head_weights, matrix_weights, vit_blocks
@@ -224,19 +225,15 @@ def spend(sites: list[Site], base: float, target: float) -> list[int]:
 
 @torch.no_grad()
 def calibrated_ranks(
-    model: nn.Module,
-    cal: Calibration,
-    method: str,
-    cost_fn,
-    target: float,
-    ratio: float,
-    mlp: bool = False,
-    progress=None,
+    model: nn.Module, cal: Calibration, budget: Budget, progress=None
 ) -> tuple[RankConfig, list[Site]]:
-    """Ranks with cost_fn(ranks) <= target that minimize the summed predicted KL (module docstring);
-    `ratio` sets the probe rank (the uniform rank of that budget). Returns (ranks, sites)."""
+    """Ranks within `budget` (cost_fn(ranks) <= target, Budget.target) that minimize the summed
+    predicted KL (module docstring); the probe rank of a site is the budget's uniform rank.
+    `progress(i, n)` after every probe. Returns (ranks, sites)."""
     from ..core.errors import ComcatError
 
+    method, mlp, ratio = budget.method, budget.mlp, budget.ratio
+    cost_fn, target = budget.target(model)
     blocks = vit_blocks(model)
     curves = fisher_curves(model, cal, method, mlp)
     probe_at = uniform_ranks(model, method, ratio, mlp=mlp)

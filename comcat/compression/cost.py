@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..core.errors import ComcatError
-from .ranks import MATRICES, MLP_SITES, RankConfig
+from ..core.errors import ComcatError, require
+from .ranks import MATRICES, METHODS, MLP_SITES, RankConfig
 from .vit import vit_blocks
 
 
@@ -208,6 +209,30 @@ def compare_latency(
             ratios = [a / b for a, b in zip(per[n], per[names[0]])]
             out[n].update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
     return out
+
+
+@dataclass
+class Budget:
+    """What a rank rule may spend: every attention (at `method` level) and with `mlp` the MLPs are
+    the compressed sites, and together they may cost `ratio` x their dense params (or FLOPs with
+    unit="flops")."""
+
+    ratio: float = 0.5
+    unit: str = "params"
+    method: str = "head"
+    mlp: bool = False
+
+    def __post_init__(self):
+        require(
+            isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1,
+            f"the budget ratio must be in (0, 1], got {self.ratio}",
+        )
+        require(self.unit in ("params", "flops"), f"the budget counts 'params' or 'flops', got {self.unit!r}")
+        require(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+
+    def target(self, dense: nn.Module):
+        """(cost_fn, target) of this budget for `dense` (budget_target)."""
+        return budget_target(dense, self.ratio, self.unit, self.mlp)
 
 
 def budget_target(dense: nn.Module, ratio: float, budget: str, mlp: bool):

@@ -139,10 +139,9 @@ def recommend(model: nn.Module, ratio: float, spectra=None, cal=None, progress=N
     cfg, predicted = plain, None
     if cal is not None:
         from .allocate import calibrated_ranks
-        from .cost import budget_target
+        from .cost import Budget
 
-        cost_fn, target = budget_target(model, ratio, "params", False)
-        cfg, sites = calibrated_ranks(model, cal, "head", cost_fn, target, ratio, progress=progress)
+        cfg, sites = calibrated_ranks(model, cal, Budget(ratio), progress=progress)
         predicted = {
             name: sum(float(s.curve[min(c.blocks[s.block][s.key], len(s.curve) - 1)]) for s in sites)
             for name, c in (("plain", plain), ("calibrated", cfg))

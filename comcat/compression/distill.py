@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +26,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core import dist
-from ..core.errors import ComcatError
-from ..core.loop import epoch_batches, loader, seed_step
-from ..core.loop import should_stop as should_stop_all
+from ..core.errors import ComcatError, is_int, is_positive, require
+from ..core.loop import RunControl, epoch_batches, loader, seed_step
 from .evaluate import predict, scores
 
 ALIGN_BLOCKS = (0, 1, -2, -1)
@@ -112,107 +112,97 @@ def validation_scores(model: nn.Module, data, reference: torch.Tensor, device: s
     return scores(logits, labels, reference)
 
 
+@dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning (module docstring): `epochs` of AdamW at `lr` (cosine, `warmup` of
+    the steps linear), the block-output alignment weighted `align_weight` (decaying to 0) at blocks
+    `align`, mixup / cutmix views with `mix`, the images' labels with `labels`, bf16 with `amp`."""
+
+    epochs: int = 2
+    lr: float = 5e-5
+    weight_decay: float = 0.05
+    batch_size: int = 64
+    align: tuple = ALIGN_BLOCKS
+    align_weight: float = 1.0
+    warmup: float = 0.05
+    labels: bool = False
+    mix: bool = True
+    amp: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        self.align = tuple(self.align)
+        require(is_int(self.epochs, 1) and is_int(self.batch_size, 1), "fine-tuning epochs and batch size must be >= 1")
+        require(is_positive(self.lr), f"the fine-tuning learning rate must be a positive number, got {self.lr}")
+        require(
+            self.weight_decay >= 0 and self.align_weight >= 0 and 0 <= self.warmup < 1,
+            "weight decay and align weight must be >= 0 and warmup in [0, 1)",
+        )
+
+
 def finetune(
     student: nn.Module,
     teacher: nn.Module,
     train_data,
     val_data,
-    epochs: int = 2,
-    lr: float = 5e-5,
-    weight_decay: float = 0.05,
-    batch_size: int = 64,
-    align: tuple = ALIGN_BLOCKS,
-    align_weight: float = 1.0,
-    warmup: float = 0.05,
-    labels: bool = False,
-    mix: bool = True,
-    seed: int = 0,
+    cfg: FinetuneConfig,
+    *,
     device: str = "cpu",
-    amp: bool = True,
     num_workers: int = 0,
-    callback=None,
-    should_stop=None,
-    resume: dict | None = None,
-    checkpoint=None,
+    control: RunControl | None = None,
 ) -> dict:
-    """Fine-tune `student` (in place) against `teacher` (module docstring); `labels`: add the
-    cross-entropy with the images' labels (only for data of the model's classes). Its KL to the
-    teacher on `val_data` before training and after every epoch decides the best model. Returns
-    {"model": best (eval mode), "best": its validation scores, "history", "stopped", "steps", "total"}.
-    callback / should_stop / checkpoint / resume behave as in search_ranks."""
+    """Fine-tune `student` (in place) against `teacher` (module docstring) on `train_data`. Its KL
+    to the teacher on `val_data` before training and after every epoch decides the best model.
+    Returns {"model": best (eval mode), "best": its validation scores, "history", "stopped", "steps",
+    "total"}. `control` as in search_ranks (a checkpoint after every epoch and at a stop)."""
+    control = control or RunControl()
     if len(train_data) == 0 or len(val_data) == 0:
         raise ComcatError("fine-tuning needs training and validation images: give it a folder with images")
+    # setup: the student in training, its optimizer, the teacher's validation logits
     student.to(device).train().requires_grad_(True)
     teacher = teacher.to(device).eval()  # run under no_grad below; its flags are left alone
     net = DistributedDataParallel(student) if dist.world() > 1 else student
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
-    per_epoch = len(epoch_batches(len(train_data), batch_size, 0, seed))
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = len(epoch_batches(len(train_data), cfg.batch_size, 0, cfg.seed))
     if per_epoch == 0:
         raise ComcatError("the fine-tuning split has fewer images than processes: add images")
-    total = epochs * per_epoch
-    warm = max(1, int(warmup * total))
-    autocast = bf16_autocast(device) if amp else nullcontext
+    total = cfg.epochs * per_epoch
+    warm = max(1, int(cfg.warmup * total))
+    autocast = bf16_autocast(device) if cfg.amp else nullcontext
     reference = predict(teacher, val_data, device=device, progress=False)[0]
-
-    def validate() -> dict:
-        return validation_scores(student, val_data, reference, device)
-
-    if resume:
-        student.load_state_dict(resume["weights"])
-        opt.load_state_dict(resume["opt"])
-        step, history, best_scores, best = (
-            resume["step"],
-            list(resume["history"]),
-            resume["best_scores"],
-            resume["best"],
-        )
+    best = BestModel(student, val_data, reference, device)
+    if control.resume:
+        student.load_state_dict(control.resume["weights"])
+        opt.load_state_dict(control.resume["opt"])
+        step, history = control.resume["step"], list(control.resume["history"])
+        best.scores, best.weights = control.resume["best_scores"], control.resume["best"]
     else:
         step, history = 0, []
-        best_scores, best = validate(), copy.deepcopy(student.state_dict())
-        if callback:
-            callback({"kind": "validate", "step": 0, "total": total, **best_scores})
+        best.scores, best.weights = best.validate(), copy.deepcopy(student.state_dict())
+        control.emit({"kind": "validate", "step": 0, "total": total, **best.scores})
+    if control.resume and step % per_epoch == 0 and history and history[-1]["kind"] != "validate":
+        best.end_epoch(step // per_epoch - 1, step, total, history, control)  # stopped on an epoch's last step
 
-    def state():
-        return {
-            "step": step,
-            "history": history,
-            "weights": student.state_dict(),
-            "opt": opt.state_dict(),
-            "best_scores": best_scores,
-            "best": best,
-        }
-
-    def end_epoch(epoch: int) -> None:
-        nonlocal best_scores, best
-        now = validate()
-        history.append({"kind": "validate", "epoch": epoch, "step": step, **now})
-        if callback:
-            callback({**history[-1], "total": total})
-        if now["kl"] <= best_scores["kl"]:
-            best_scores, best = now, copy.deepcopy(student.state_dict())
-
-    if resume and step % per_epoch == 0 and history and history[-1]["kind"] != "validate":
-        end_epoch(step // per_epoch - 1)  # stopped on an epoch's last step: validate it now
+    # loop: epochs of distillation steps, each epoch ending with a validation
     stopped = False
-    taps, teacher_taps = BlockTaps(student, align), BlockTaps(teacher, align)
+    taps, teacher_taps = BlockTaps(student, cfg.align), BlockTaps(teacher, cfg.align)
     try:
-        for epoch in range(step // per_epoch, epochs):
-            batches = epoch_batches(len(train_data), batch_size, epoch, seed)[step - epoch * per_epoch :]
+        for epoch in range(step // per_epoch, cfg.epochs):
+            batches = epoch_batches(len(train_data), cfg.batch_size, epoch, cfg.seed)[step - epoch * per_epoch :]
             student.train()
             for x, y in loader(train_data, batches, num_workers):
-                seed_step(seed, step)
+                seed_step(cfg.seed, step)
                 for g in opt.param_groups:
-                    g["lr"] = cosine_lr(step, total, lr, warm)
-                w = align_weight * (1 - step / total)
+                    g["lr"] = cosine_lr(step, total, cfg.lr, warm)
+                w = cfg.align_weight * (1 - step / total)
                 x, y = x.to(device), torch.as_tensor(y).to(device)
-                x, lam, perm = mix_views(x) if mix else (x, 1.0, None)
+                x, lam, perm = mix_views(x) if cfg.mix else (x, 1.0, None)
                 with autocast():
                     with torch.no_grad():
                         t_logits = teacher(x)
                     logits = net(x)
-                    loss = distill_loss(
-                        logits, t_logits, taps.take(), teacher_taps.take(), w, y if labels else None, lam, perm
-                    )
+                    labels = y if cfg.labels else None
+                    loss = distill_loss(logits, t_logits, taps.take(), teacher_taps.take(), w, labels, lam, perm)
                 if not torch.isfinite(loss):
                     raise ComcatError("the fine-tuning loss became NaN/inf: lower the learning rate (--lr)")
                 opt.zero_grad(set_to_none=True)
@@ -229,26 +219,56 @@ def finetune(
                     "align_weight": w,
                 }
                 history.append(event)
-                if callback:
-                    callback(event)
-                if should_stop_all(should_stop):
+                control.emit(event)
+                if control.stopping():
                     stopped = True
                     break
             if not stopped:
-                end_epoch(epoch)
-            if checkpoint and (stopped or epoch < epochs - 1):
-                checkpoint(state())
+                best.end_epoch(epoch, step, total, history, control)
+            if stopped or epoch < cfg.epochs - 1:
+                control.save(
+                    {
+                        "step": step,
+                        "history": history,
+                        "weights": student.state_dict(),
+                        "opt": opt.state_dict(),
+                        "best_scores": best.scores,
+                        "best": best.weights,
+                    }
+                )
             if stopped:
                 break
     finally:
         taps.remove()
         teacher_taps.remove()
-    student.load_state_dict(best)
+
+    # finish: the best model by validation KL
+    student.load_state_dict(best.weights)
     return {
         "model": student.eval(),
-        "best": best_scores,
+        "best": best.scores,
         "history": history,
         "stopped": stopped,
         "steps": step,
         "total": total,
     }
+
+
+class BestModel:
+    """The student's best weights so far by its KL to the teacher on the validation split."""
+
+    def __init__(self, student: nn.Module, val_data, reference: torch.Tensor, device: str):
+        self.student, self.val_data, self.reference, self.device = student, val_data, reference, device
+        self.scores: dict = {}
+        self.weights: dict = {}
+
+    def validate(self) -> dict:
+        return validation_scores(self.student, self.val_data, self.reference, self.device)
+
+    def end_epoch(self, epoch: int, step: int, total: int, history: list, control: RunControl) -> None:
+        """Validate after an epoch; keep the weights when the KL is not worse than the best."""
+        now = self.validate()
+        history.append({"kind": "validate", "epoch": epoch, "step": step, **now})
+        control.emit({**history[-1], "total": total})
+        if now["kl"] <= self.scores["kl"]:
+            self.scores, self.weights = now, copy.deepcopy(self.student.state_dict())

@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..core import dist
 from ..core.errors import ComcatError
-from ..core.images import IMAGE_SUFFIXES, load_rgb  # noqa: F401 - re-exported
 from .images import image_folder
-from .splits import HELDOUT_IMAGES, HELDOUT_SEED, embedded_heldout  # noqa: F401 - re-exported
+from .splits import embedded_heldout
 
 
 def resolve_data(data: str | Path | Dataset | None, model: nn.Module) -> Dataset:
@@ -41,7 +41,7 @@ def predict(
         raise ComcatError("the evaluation set is empty: pass a folder with images")
     if batch_size < 1:
         raise ComcatError(f"the batch size must be >= 1, got {batch_size}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.device(device)
     model = model.eval().to(device)
     logits, labels = [], []
     for x, y in tqdm(

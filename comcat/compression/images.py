@@ -78,14 +78,3 @@ def image_folder(
     if limit is not None:
         files, ys = files[:limit], ys[:limit]
     return ImageFiles(files, ys, transform(model, training))
-
-
-def has_labels(ds: Dataset) -> bool:
-    """Whether every item of a dataset of (x, y) carries a label of the model's classes."""
-    labels = getattr(ds, "labels", None)
-    if labels is None and hasattr(ds, "dataset") and hasattr(ds, "indices"):  # a Subset
-        inner = getattr(ds.dataset, "labels", None)
-        labels = None if inner is None else [inner[i] for i in ds.indices]
-    if labels is None and hasattr(ds, "tensors"):  # a TensorDataset
-        labels = ds.tensors[1].tolist()
-    return labels is not None and len(labels) > 0 and min(labels) >= 0

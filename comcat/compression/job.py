@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..core import dist
-from ..core.errors import ComcatError
+from ..core.errors import ComcatError, is_int, require
 from ..core.files import (
     atomic_write_text,
     claim_out,
@@ -38,92 +38,169 @@ from ..core.files import (
     read_run_record,
     save_tree,
 )
+from ..core.loop import RunControl
+from .cost import Budget
+from .distill import FinetuneConfig
 from .format import JOB_FILE, load_compressed, save_compressed
 from .load import load_model
 from .models import EMBEDDED_ARCH, Loaded
+from .ranks import METHODS
+from .reconstruct import DistillConfig
+from .search import SearchConfig
 
-JOB_FORMAT = "comcat-job/2"
+JOB_FORMAT = "comcat-job/3"  # /3: the distillation, search and fine-tuning settings nested
+READABLE = (JOB_FORMAT, "comcat-job/2")
 CALIBRATIONS = ("auto", "data", "sequential", "none")
+ALLOCATIONS = ("auto", "uniform", "energy", "greedy", "calibrated")
 
 
 @dataclass
 class JobSpec:
-    """Everything a compress run depends on (stored in job.json; a resume reads it back)."""
+    """Everything a compress run depends on (stored in job.json; a resume reads it back), checked
+    once, here: the CLI, the app and Python callers get the same one-line errors.
+
+    The ranks come from `search` when given, else from a rank file, an energy threshold, or the
+    budget (`ratio` of the compressed sites' params, or FLOPs with budget="flops") by `allocate`
+    ("auto": calibrated when calibrating, else uniform). With images the dense model calibrates
+    the factors ("auto": "data" when the run has images), then every block is distilled
+    (`distill`, steps 0: not), then with `finetune` the whole model is fine-tuned."""
 
     model: str = "embedded"
     arch: str | None = None
+    data: str | None = None  # a folder of images; None: the embedded shapes (embedded model only)
     method: str = "head"
-    ratio: float | None = 0.5  # of the compressed sites' params (or FLOPs with budget="flops")
+    ratio: float | None = 0.5
     budget: str = "params"
-    search: bool = False
     mlp: bool = False
-    classifier: bool = False  # search the classifier's rank too
-    classifier_rank: int | None = None  # without search: factorize the classifier at this rank
-    ranks_file: str | None = None  # without search: a rank file, an energy threshold or the ratio
+    ranks_file: str | None = None
     energy: float | None = None
-    allocate: str = "auto"  # auto: "calibrated" when calibrating, else "uniform"
-    calibration: str = "auto"  # auto: "data" when the run has images, else "none"
+    classifier_rank: int | None = None  # factorize the classifier at this rank (without search)
+    allocate: str = "auto"
+    calibration: str = "auto"
     calibration_images: int = 512  # fit images for calibration and block distillation
-    distill_steps: int = 100  # block distillation steps per block (0: none)
-    distill_lr: float = 1e-3
-    distill_views: int = 2  # augmented (crop, flip, mix) passes over the images to distill on
-    distill_cls: float = 1.0  # extra weight of the class token's error in block distillation
-    search_epochs: int = 4
-    finetune_epochs: int = 0  # end-to-end distillation epochs
-    data: str | None = None
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    search: SearchConfig | None = None
+    finetune: FinetuneConfig | None = None
     train_images: int = 4096  # embedded: generated training images; folders: all of train/
     fit_images: int = 1024  # embedded: generated fit images; train/+val/ folders: fit subset
     seed: int = 0
-    batch_size: int = 64
-    candidates: int = 8
-    lr_alpha: float = 0.05
-    lr_weights: float = 1e-4  # search weight epochs (plain SVD only; calibrated factors stay fixed)
-    tau: tuple = (5.0, 0.1)
-    beta: float = 1.5
-    decode: str = "expected"  # final searched ranks: expected rank under softmax(alpha), or argmax
-    lr: float = 5e-5
-    align_weight: float = 1.0
     labels: bool = False  # also train on the images' labels (model's classes only)
-    mix: bool = True  # mixup / cutmix views in end-to-end fine-tuning
     device: str = "auto"
     workers: int = 0
     evaluate: bool = True
     latency: bool = True
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if isinstance(self.distill, dict):
+            self.distill = DistillConfig(**self.distill)
+        if isinstance(self.search, dict):
+            self.search = SearchConfig(**self.search)
+        if isinstance(self.finetune, dict):
+            self.finetune = FinetuneConfig(**self.finetune)
+        rules = sum(x is not None for x in (self.ranks_file, self.energy))
+        require(rules <= 1, "give a rank file or an energy threshold, not both")
+        require(
+            self.search is None or (rules == 0 and self.ratio is not None),
+            "the rank search chooses the ranks itself under a budget: give a ratio, not a rank file or energy",
+        )
+        require(rules == 1 or self.ratio is not None, "give a budget ratio, a rank file or an energy threshold")
+        if self.ratio is not None:
+            self.budget_of()  # checks the ratio, the unit and the method
+        require(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        require(
+            self.energy is None or (isinstance(self.energy, (int, float)) and 0 < self.energy <= 1),
+            f"the energy threshold must be in (0, 1], got {self.energy}",
+        )
+        require(
+            self.calibration in CALIBRATIONS, f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}"
+        )
+        require(self.allocate in ALLOCATIONS, f"allocation must be one of {ALLOCATIONS}, got {self.allocate!r}")
+        require(
+            not (self.allocate == "calibrated" and self.calibration == "none"),
+            "calibrated allocation shares the budget out by the calibrated errors: drop --calibration none, "
+            "or choose --allocate uniform",
+        )
+        require(
+            all(is_int(n, 1) for n in (self.calibration_images, self.train_images, self.fit_images)),
+            "the numbers of training, fit and calibration images must be >= 1",
+        )
+        require(is_int(self.workers) and is_int(self.seed), "workers and seed must be integers >= 0")
+        require(
+            self.classifier_rank is None or is_int(self.classifier_rank, 1),
+            f"the classifier rank must be an integer >= 1, got {self.classifier_rank!r}",
+        )
+        dist.check_device(self.device)
+
     @classmethod
     def from_dict(cls, d: dict) -> "JobSpec":
+        """From job.json's spec (format /3), or the flat spec of format /2."""
+        if "search_epochs" in d:
+            d = _nested(d)
         known = {f.name for f in fields(cls)}
-        spec = cls(**{k: v for k, v in d.items() if k in known})
-        spec.tau = tuple(spec.tau)
-        return spec
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def budget_of(self) -> Budget:
+        return Budget(self.ratio, self.budget, self.method, self.mlp)
 
     def has_images(self, arch: str) -> bool:
         return self.data is not None or arch == EMBEDDED_ARCH
 
     def resolved(self, arch: str) -> "JobSpec":
         """The spec with 'auto' settings decided for a model of architecture `arch`."""
-        if self.calibration not in CALIBRATIONS:
-            raise ComcatError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
-        if self.ratio is not None and not 0 < self.ratio <= 1:
-            raise ComcatError(f"the budget ratio must be in (0, 1], got {self.ratio}")
         out = JobSpec.from_dict(asdict(self))
         if out.calibration == "auto":
             out.calibration = "data" if self.has_images(arch) else "none"
         if out.allocate == "auto":
             out.allocate = "calibrated" if out.calibration != "none" else "uniform"
-        elif out.allocate == "calibrated" and out.calibration == "none":
-            raise ComcatError(
-                "--allocate calibrated shares the budget out by the calibrated errors: drop "
-                "--calibration none, or choose --allocate uniform"
-            )
         if not self.has_images(arch):
-            out.distill_steps = 0
+            out.distill = replace(out.distill, steps=0)
+        out.distill = replace(out.distill, seed=out.seed)
+        if out.search is not None:
+            out.search = replace(out.search, seed=out.seed, labels=out.labels)
+        if out.finetune is not None:
+            out.finetune = replace(out.finetune, seed=out.seed, labels=out.labels)
         return out
 
 
+def _nested(d: dict) -> dict:
+    """A format /2 (flat) spec in the /3 shape."""
+    d = dict(d)
+    mix = d.pop("mix", True)
+    batch = d.pop("batch_size", 64)
+    d["distill"] = {
+        "steps": d.pop("distill_steps", 100),
+        "lr": d.pop("distill_lr", 1e-3),
+        "views": d.pop("distill_views", 2),
+        "cls_weight": d.pop("distill_cls", 0.0),
+        "mix": mix,
+    }
+    search = {
+        "epochs": d.pop("search_epochs", 4),
+        "candidates": d.pop("candidates", 8),
+        "batch_size": batch,
+        "lr_alpha": d.pop("lr_alpha", 0.05),
+        "lr_weights": d.pop("lr_weights", 1e-4),
+        "tau": d.pop("tau", (5.0, 0.1)),
+        "beta": d.pop("beta", 1.5),
+        "decode": d.pop("decode", "expected"),
+        "classifier": d.pop("classifier", False),
+    }
+    d["search"] = search if d.get("search") else None
+    epochs = d.pop("finetune_epochs", 0)
+    finetune = {
+        "epochs": epochs,
+        "lr": d.pop("lr", 5e-5),
+        "align_weight": d.pop("align_weight", 1.0),
+        "batch_size": batch,
+        "mix": mix,
+    }
+    d["finetune"] = finetune if epochs else None
+    return d
+
+
 def _read_job(out: Path) -> dict:
-    return read_run_record(out, JOB_FILE, JOB_FORMAT, "compress")
+    return read_run_record(out, JOB_FILE, READABLE, "compress")
 
 
 def _write_job(out: Path, job: dict) -> None:
@@ -154,10 +231,6 @@ def start_job(spec: JobSpec, out: str | Path, overwrite: bool = False) -> dict:
     """Validate the spec cheaply and claim `out` for a new run: a foreign folder is refused, and a
     folder holding an earlier run is refused unless `overwrite`, which removes that run's files."""
     out = Path(out)
-    if spec.search and spec.ratio is None:
-        raise ComcatError("--search needs a budget: pass --params-ratio R")
-    if spec.calibration not in CALIBRATIONS:
-        raise ComcatError(f"calibration must be one of {CALIBRATIONS}, got {spec.calibration!r}")
     claim_out(out, ("comcat.json", JOB_FILE), "comcat model")
     if not overwrite and (out / JOB_FILE).is_file():
         finished = _read_job(out).get("phase") == "done"
@@ -168,7 +241,7 @@ def start_job(spec: JobSpec, out: str | Path, overwrite: bool = False) -> dict:
         )
     if not overwrite and (out / "comcat.json").is_file():
         raise ComcatError(f"{out} holds a compressed model: replace it with --overwrite or choose another --out")
-    return {"format": JOB_FORMAT, "spec": asdict(spec), "phase": "search" if spec.search else "ranks"}
+    return {"format": JOB_FORMAT, "spec": asdict(spec), "phase": "search" if spec.search is not None else "ranks"}
 
 
 @dataclass
@@ -191,9 +264,7 @@ class Run:
     def save(self, small, extra: dict | None = None) -> None:
         """Write the current best valid model (and job.json) so a crash still leaves a usable result."""
         if dist.is_main():
-            save_compressed(
-                Loaded(small, self.loaded.arch, self.loaded.arch_kwargs, self.loaded.source), self.out, extra or {}
-            )
+            save_compressed(replace(self.loaded, model=small), self.out, extra or {})
         _write_job(self.out, self.job)
         dist.barrier()
 
@@ -201,12 +272,12 @@ class Run:
         times = self.job.setdefault("time_s", {})
         times[phase] = times.get(phase, 0) + time.perf_counter() - t0
 
-    def state(self, phase: str):
-        """(the saved state of `phase` or None, its checkpoint writer); read by every process before
-        the main one can write it."""
+    def control(self, phase: str) -> RunControl:
+        """How `phase`'s loop reports, stops, checkpoints and resumes (its saved state, read by every
+        process before the main one can write it)."""
         saved = load_tree(self.out / "state" / phase)
         dist.barrier()
-        return saved, _checkpoint(self.out / "state" / phase)
+        return RunControl(self.emit, self.stop, _checkpoint(self.out / "state" / phase), saved)
 
 
 def run_job(
@@ -246,16 +317,16 @@ def _start(job: dict, out: Path, resume: bool, callback, should_stop, progress: 
         raise ComcatError(f"{loaded.source} is already compressed: compress the dense model instead")
     spec = JobSpec.from_dict(job["spec"]).resolved(loaded.arch)
     dense = loaded.model.to(device).eval()
-    if not spec.has_images(loaded.arch) and (spec.search or spec.finetune_epochs or spec.allocate == "calibrated"):
+    if not spec.has_images(loaded.arch) and (spec.search or spec.finetune or spec.allocate == "calibrated"):
         raise ComcatError(
             "searching, fine-tuning or calibrating a timm model needs images: pass --data DIR "
             "(a folder of images, with or without class sub-folders)"
         )
     if job["phase"] == "search":
-        from .cost import budget_target, check_budget
+        from .cost import check_budget
         from .rank_rules import uniform_ranks
 
-        cost_fn, target = budget_target(dense, spec.ratio, spec.budget, spec.mlp)
+        cost_fn, target = spec.budget_of().target(dense)
         check_budget(cost_fn, target, uniform_ranks(dense, spec.method, 1e-9, spec.mlp), spec.budget)
     from .splits import make_splits
 
@@ -289,7 +360,7 @@ def _start(job: dict, out: Path, resume: bool, callback, should_stop, progress: 
 
 
 def _next(spec: JobSpec) -> str:
-    return "distill" if spec.distill_steps else ("finetune" if spec.finetune_epochs else "report")
+    return "distill" if spec.distill.steps else ("finetune" if spec.finetune else "report")
 
 
 def _phases(run: Run) -> dict:
@@ -306,7 +377,7 @@ def _phases(run: Run) -> dict:
         small, stopped = _distill(run, small)
         if stopped:
             return _finish(run, small, stopped="distill")
-        job["phase"] = "finetune" if spec.finetune_epochs else "report"
+        job["phase"] = "finetune" if spec.finetune else "report"
         run.save(small)
     if job["phase"] == "finetune":
         small, stopped = _finetune(run, small)
@@ -382,26 +453,14 @@ def _ranks(run: Run):
     cal = _calibration(run, allocating)
     if allocating:
         from .allocate import calibrated_ranks
-        from .cost import budget_target
 
         run.emit({"kind": "phase", "phase": "allocate"})
         t = time.perf_counter()
-        cost_fn, target = budget_target(run.dense, spec.ratio, spec.budget, spec.mlp)
-        cfg, _ = calibrated_ranks(
-            run.dense,
-            cal,
-            spec.method,
-            cost_fn,
-            target,
-            spec.ratio,
-            spec.mlp,
-            progress=lambda i, n: run.emit({"kind": "allocate", "step": i + 1, "total": n}),
-        )
+        progress = lambda i, n: run.emit({"kind": "allocate", "step": i + 1, "total": n})
+        cfg, _ = calibrated_ranks(run.dense, cal, spec.budget_of(), progress)
         run.timed("allocate", t)
     if not searching:
         if spec.classifier_rank is not None:
-            from dataclasses import replace
-
             cfg = replace(cfg, classifier=spec.classifier_rank)
         small = _build(run, cfg.validate(run.dense), cal)
         _validate(run, small, "ranks")
@@ -410,34 +469,18 @@ def _ranks(run: Run):
 
     run.emit({"kind": "phase", "phase": "search"})
     t = time.perf_counter()
-    resume, checkpoint = run.state("search")
+    search = replace(spec.search, lr_weights=0.0) if cal else spec.search  # calibrated factors stay fixed
     ranks, info = search_ranks(
         run.dense,
         run.splits.train,
         run.splits.fit,
-        spec.ratio,
-        spec.method,
-        spec.budget,
-        spec.mlp,
-        spec.classifier,
-        spec.search_epochs,
-        spec.candidates,
-        spec.batch_size,
-        spec.lr_alpha,
-        0.0 if cal else spec.lr_weights,
-        spec.tau,
-        spec.beta,
-        labels=spec.labels,
+        spec.budget_of(),
+        search,
         calibration=cal,
         init_ranks=cfg,
-        decode=spec.decode,
-        seed=spec.seed,
         device=run.device,
         num_workers=spec.workers,
-        callback=run.emit,
-        should_stop=run.stop,
-        resume=resume,
-        checkpoint=checkpoint,
+        control=run.control("search"),
     )
     run.timed("search", t)
     job["search"] = {k: info[k] for k in ("target", "cost", "reduced_to_fit", "steps", "total")}
@@ -479,23 +522,10 @@ def _distill(run: Run, small):
         before = copy.deepcopy(small.state_dict())
         _checkpoint(start)(before)
     t = time.perf_counter()
-    resume, checkpoint = run.state("distill")
     images = subset(run.splits.fit, spec.calibration_images, spec.seed)
-    views = AugmentedViews(DataLoader(images, batch_size=32), spec.distill_views, spec.seed, spec.mix)
-    res = distill_blocks(
-        small,
-        run.dense,
-        views,
-        spec.distill_steps,
-        spec.distill_lr,
-        seed=spec.seed,
-        device=run.device,
-        callback=run.emit,
-        should_stop=run.stop,
-        resume=resume,
-        checkpoint=checkpoint,
-        cls_weight=spec.distill_cls,
-    )
+    cfg = spec.distill
+    views = AugmentedViews(DataLoader(images, batch_size=32), cfg.views, cfg.seed, cfg.mix)
+    res = distill_blocks(small, run.dense, views, cfg, device=run.device, control=run.control("distill"))
     run.timed("distill", t)
     run.job["distill"] = {"steps": res["steps"], "total": res["total"]}
     after = _validate(run, small, "distill")
@@ -512,25 +542,15 @@ def _finetune(run: Run, small):
     spec = run.spec
     run.emit({"kind": "phase", "phase": "finetune"})
     t = time.perf_counter()
-    resume, checkpoint = run.state("finetune")
     res = finetune(
         small,
         run.dense,
         run.splits.train,
         run.splits.val,
-        spec.finetune_epochs,
-        spec.lr,
-        batch_size=spec.batch_size,
-        align_weight=spec.align_weight,
-        labels=spec.labels,
-        mix=spec.mix,
-        seed=spec.seed,
+        spec.finetune,
         device=run.device,
         num_workers=spec.workers,
-        callback=run.emit,
-        should_stop=run.stop,
-        resume=resume,
-        checkpoint=checkpoint,
+        control=run.control("finetune"),
     )
     run.timed("finetune", t)
     run.job["finetune"] = {"best": res["best"], "steps": res["steps"], "total": res["total"]}
@@ -570,7 +590,7 @@ def _finish(run: Run, small, stopped: str | None = None) -> dict:
             for k in ("dense", "compressed")
         }
         save_compressed(
-            Loaded(small, loaded.arch, loaded.arch_kwargs, loaded.source),
+            replace(loaded, model=small),
             run.out,
             {"metrics": metrics, "report": report},
         )
@@ -582,7 +602,7 @@ def _finish(run: Run, small, stopped: str | None = None) -> dict:
     dist.barrier()
     run.emit({"kind": "done", "stopped": stopped, "report": report})
     return {
-        "loaded": Loaded(small, loaded.arch, loaded.arch_kwargs, loaded.source),
+        "loaded": replace(loaded, model=small),
         "report": report,
         "stopped": stopped,
         "out": run.out,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.files import atomic_write
 from ..core.linalg import cumulative_energy
 from .analysis import MATRICES, PRODUCTS, Spectra
 
@@ -264,14 +265,10 @@ def head_errors_mpl(grid: dict[str, np.ndarray]):
 
 def save_png(fig, path: str | Path) -> Path:
     """Save a matplotlib figure atomically and close it."""
-    plt = _plt()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        _plt().close(fig)
 
 
 def save_analysis_plots(spectra: Spectra, out_dir: str | Path) -> list[Path]:

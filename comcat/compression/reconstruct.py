@@ -17,13 +17,14 @@ seeded random-resized-crop / flip / mixup-cutmix views of the same images to the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ComcatError
-from ..core.loop import should_stop as should_stop_all
+from ..core.errors import ComcatError, is_int, is_positive, require
+from ..core.loop import RunControl
 from .calibrate import block_inputs
 from .vit import vit_blocks
 
@@ -84,33 +85,55 @@ def read_tokens(model: nn.Module) -> list[int]:
     return [0, 1] if getattr(model, "dist_token", None) is not None else [0]
 
 
+@dataclass
+class DistillConfig:
+    """Block distillation (module docstring): `steps` AdamW steps per block at `lr` (cosine), on
+    batches of `batch_size` images' tokens drawn from `views` augmented passes (crop, flip, and mixup
+    / cutmix with `mix`) of the images; the class token's error weighed `cls_weight` more; `scope`
+    "all" trains every parameter of a block, "compressed" only its low-rank modules."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 32
+    views: int = 2
+    cls_weight: float = 1.0
+    mix: bool = True
+    scope: str = "all"
+    seed: int = 0
+
+    def __post_init__(self):
+        require(
+            is_int(self.steps) and is_int(self.views) and is_int(self.batch_size, 1),
+            "distillation steps and views must be >= 0 and its batch size >= 1",
+        )
+        require(is_positive(self.lr), f"the distillation learning rate must be a positive number, got {self.lr}")
+        require(
+            self.cls_weight == 0 or is_positive(self.cls_weight),
+            f"the class-token weight must be a number >= 0, got {self.cls_weight}",
+        )
+        require(self.scope in ("all", "compressed"), f"scope must be 'all' or 'compressed', got {self.scope!r}")
+
+
 def distill_blocks(
     student: nn.Module,
     teacher: nn.Module,
     loader,
-    steps: int = 100,
-    lr: float = 1e-3,
-    batch_size: int = 32,
-    seed: int = 0,
+    cfg: DistillConfig,
+    *,
     device: str = "cpu",
-    callback=None,
-    should_stop=None,
-    resume: dict | None = None,
-    checkpoint=None,
-    scope: str = "all",
-    cls_weight: float = 0.0,
+    control: RunControl | None = None,
 ) -> dict:
     """Train `student`'s blocks in place (module docstring) on the images of `loader` ((x, y)
     batches, eval transforms). Returns {"model" (eval mode), "stopped", "steps", "total", "history"}.
-    callback(event) gets every step; should_stop() ends after the current step; checkpoint(state)
-    receives the resumable state after every block and at a stop; resume=state continues from it
-    and ends where an uninterrupted run would."""
+    `control` as in search_ranks, with a checkpoint after every block and at a stop."""
+    control = control or RunControl()
+    steps, resume = cfg.steps, control.resume
     if steps < 1:
         raise ComcatError("block distillation needs at least 1 step per block")
     student.to(device).eval()
     teacher.to(device).eval()
     s_blocks, t_blocks = vit_blocks(student), vit_blocks(teacher)
-    read = read_tokens(teacher) if cls_weight else []
+    read = read_tokens(teacher) if cfg.cls_weight else []
     depth, total = len(t_blocks), len(t_blocks) * steps
     h_t = block_inputs(teacher, loader)
     if len(h_t) == 0:
@@ -127,19 +150,19 @@ def distill_blocks(
         target = _run([t_blocks[i]], h_t)
         scale = target.float().var().clamp_min(1e-12)
         cls_scale = target[:, read].float().var().clamp_min(1e-12) if read else None
-        opt = torch.optim.AdamW(trainable(block, scope), lr=lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(trainable(block, cfg.scope), lr=cfg.lr, weight_decay=0.0)
         if resume and i == first and "opt" in resume:
             opt.load_state_dict(resume["opt"])
         block.train().requires_grad_(True)
         for k in range(step - i * steps, steps):
-            g = torch.Generator().manual_seed((seed * 1_000_003 + i) * 100_003 + k)
-            idx = torch.randint(len(h_s), (min(batch_size, len(h_s)),), generator=g).to(h_s.device)
+            g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + i) * 100_003 + k)
+            idx = torch.randint(len(h_s), (min(cfg.batch_size, len(h_s)),), generator=g).to(h_s.device)
             for group in opt.param_groups:
-                group["lr"] = _lr(k, steps, lr)
+                group["lr"] = _lr(k, steps, cfg.lr)
             out, want = block(h_s[idx]).float(), target[idx].float()
             loss = F.mse_loss(out, want) / scale
             if read:
-                loss = loss + cls_weight * F.mse_loss(out[:, read], want[:, read]) / cls_scale
+                loss = loss + cfg.cls_weight * F.mse_loss(out[:, read], want[:, read]) / cls_scale
             if not torch.isfinite(loss):
                 raise ComcatError("the block-distillation loss became NaN/inf: lower --distill-lr")
             opt.zero_grad(set_to_none=True)
@@ -148,15 +171,14 @@ def distill_blocks(
             step += 1
             event = {"kind": "distill", "block": i, "blocks": depth, "step": step, "total": total, "loss": loss.item()}
             history.append(event)
-            if callback:
-                callback(event)
-            if should_stop_all(should_stop):
+            control.emit(event)
+            if control.stopping():
                 stopped = k + 1 < steps or i + 1 < depth
                 break
         block.eval().requires_grad_(False)
         done = step == (i + 1) * steps
-        if checkpoint and (stopped or i + 1 < depth):
-            checkpoint(
+        if stopped or i + 1 < depth:
+            control.save(
                 {
                     "block": i + done,
                     "step": step,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .convert import compress
@@ -24,7 +26,7 @@ def run_compress(
     """Compress `loaded` with `cfg` by plain SVD; returns the compressed model and its report (measure_report)."""
     small = compress(loaded.model, cfg)
     report = measure_report(loaded.model, small, data, evaluate_top1, latency, device, progress, dense_scores)
-    return Loaded(small, loaded.arch, loaded.arch_kwargs, loaded.source), report
+    return replace(loaded, model=small), report
 
 
 def measure_report(

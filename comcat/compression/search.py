@@ -11,7 +11,7 @@ of the largest candidate instead of one per candidate.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +19,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core import dist
-from ..core.errors import ComcatError
-from ..core.loop import epoch_batches, loader, seed_step
-from ..core.loop import should_stop as should_stop_all
+from ..core.errors import ComcatError, is_int, is_positive, require
+from ..core.loop import RunControl, epoch_batches, loader, seed_step
 from .convert import compress, truncate
-from .cost import budget_target, check_budget
+from .cost import Budget, check_budget
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
 from .rank_rules import full_ranks, site_gains, uniform_ranks
 from .ranks import MATRICES, MLP_SITES, RankConfig
@@ -65,10 +64,6 @@ class RankChoice(nn.Module):
         m = self.weights(tau, sample)
         return m @ self.keep, m
 
-    def expected(self, m: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
-        """Differentiable expected cost sum_i m_i cost(r_i)."""
-        return (m * costs).sum()
-
     def chosen(self) -> int:
         return int(self.ranks[self.alpha.argmax()])
 
@@ -77,18 +72,6 @@ def budget_penalty(task_loss: torch.Tensor, cost: torch.Tensor, target: float, b
     """loss * (cost / target)^beta when over the target, loss otherwise (COMCAT's budget term)."""
     ratio = cost / target
     return task_loss * torch.where(ratio > 1, ratio, torch.ones_like(ratio)) ** beta
-
-
-def explicit_mixture(
-    u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, candidates: list[int], m: torch.Tensor
-) -> torch.Tensor:
-    """Reference: sum_i m_i U_{:r_i} diag(s_{:r_i}) V_{:r_i}^T, formed candidate by candidate."""
-    return sum(m[i] * (u[:, :r] * s[:r]) @ v[:, :r].T for i, r in enumerate(candidates))
-
-
-def masked_product(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """U diag(s * c) V^T: the same mixture through one soft mask."""
-    return (u * (s * mask)) @ v.T
 
 
 def _sites(model: nn.Module):
@@ -267,130 +250,121 @@ def fit_budget(dense: nn.Module, cfg, cost_fn, target: float):
     return cfg, reduced
 
 
+@dataclass
+class SearchConfig:
+    """The Gumbel-softmax rank search: `epochs` of alpha steps at `lr_alpha` (and, with
+    `lr_weights` > 0, weight steps), `candidates` ranks per site, tau annealed from tau[0] to tau[1],
+    the budget penalty (cost/target)^beta, the final ranks by `decode` ("expected" or "argmax");
+    `classifier`: search the classifier's rank too; `labels`: add the images' labels to the loss."""
+
+    epochs: int = 2
+    candidates: int = 8
+    batch_size: int = 64
+    lr_alpha: float = 0.05
+    lr_weights: float = 1e-4
+    tau: tuple = (5.0, 0.1)
+    beta: float = 1.5
+    decode: str = "expected"
+    warm_start: bool = True
+    classifier: bool = False
+    labels: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        self.tau = tuple(self.tau)
+        require(is_int(self.epochs, 1) and is_int(self.batch_size, 1), "search epochs and batch size must be >= 1")
+        require(is_int(self.candidates, 2), f"the search needs at least 2 candidate ranks, got {self.candidates}")
+        require(
+            is_positive(self.lr_alpha) and (self.lr_weights == 0 or is_positive(self.lr_weights)),
+            "the search's learning rates must be positive numbers (lr_weights 0: alpha steps only)",
+        )
+        require(
+            len(self.tau) == 2 and all(is_positive(t) for t in self.tau) and is_positive(self.beta),
+            "tau must be two positive temperatures and beta a positive number",
+        )
+        require(self.decode in ("expected", "argmax"), f"decode must be 'expected' or 'argmax', got {self.decode!r}")
+
+
 def search_ranks(
     dense: nn.Module,
     train_data,
     search_data,
-    ratio: float = 0.5,
-    method: str = "head",
-    budget: str = "params",
-    mlp: bool = True,
-    classifier: bool = False,
-    epochs: int = 2,
-    candidates: int = 8,
-    batch_size: int = 64,
-    lr_alpha: float = 0.05,
-    lr_weights: float = 1e-4,
-    tau: tuple = (5.0, 0.1),
-    beta: float = 1.5,
-    warm_start: bool = True,
-    labels: bool = False,
+    budget: Budget,
+    cfg: SearchConfig,
+    *,
     calibration=None,
     init_ranks: RankConfig | None = None,
-    decode: str = "expected",
-    seed: int = 0,
     device: str = "cpu",
     num_workers: int = 0,
-    callback=None,
-    should_stop=None,
-    resume: dict | None = None,
-    checkpoint=None,
+    control: RunControl | None = None,
 ):
-    """Differentiable rank search (head or matrix level) under a params/FLOPs budget (budget_target).
+    """Differentiable rank search (head or matrix level) under `budget` (Budget.target).
 
     Each epoch is a search epoch (alpha steps on `search_data`, loss = task * (cost/target)^beta when
-    over the target) followed, when lr_weights > 0, by a weight epoch (task loss on `train_data` with
-    sampled masks). The task loss is KL(p_dense || p_searched), plus with `labels` the cross-entropy
-    with the images' labels. tau anneals exponentially over all steps. `calibration` (a
-    calibrate.Calibration): the full-rank model is factorized in the whitened bases, so a rank mask
-    truncates the calibrated factorization. The logits start tilted towards `init_ranks`, else (with
-    warm_start) towards the uniform ranks of the budget.
-    Final ranks: decode="expected" (default) takes each site's expected rank under softmax(alpha),
-    scaled by one factor to the budget (fit_expected); decode="argmax" the argmax candidates,
-    lowered or raised by logit price (fit). On the real ViT-Tiny argmax decoding lost to uniform
-    ranks and the expected rank beat them (benchmarks/search_vit_tiny.py). `callback(event)` gets
-    every step; `should_stop()` ends early; `checkpoint(state)` receives the resumable state after
-    every epoch and at a stop, and `resume=state` continues from it (same result as an uninterrupted
-    run). Under torchrun the weights train with DDP and the logits' gradients are averaged.
+    over the target) followed, when cfg.lr_weights > 0, by a weight epoch (task loss on `train_data`
+    with sampled masks). The task loss is KL(p_dense || p_searched), plus with cfg.labels the
+    cross-entropy with the images' labels. tau anneals exponentially over all steps. `calibration`
+    (a calibrate.Calibration): the full-rank model is factorized in the whitened bases, so a rank
+    mask truncates the calibrated factorization. The logits start tilted towards `init_ranks`, else
+    (with cfg.warm_start) towards the uniform ranks of the budget.
+    Final ranks: decode="expected" takes each site's expected rank under softmax(alpha), scaled by
+    one factor to the budget (fit_expected); decode="argmax" the argmax candidates, lowered or raised
+    by logit price (fit). `control` (core.loop.RunControl) reports every step, stops, checkpoints
+    after every epoch and at a stop, and resumes (same result as an uninterrupted run). Under
+    torchrun the weights train with DDP and the logits' gradients are averaged.
 
     Returns (RankConfig within budget, info): info["model"] is the searched model cut to those ranks
     (its trained weights, eval mode), plus history, logits, decoded (the ranks by either decoding),
     target, cost, reduced_to_fit, stopped, steps.
     """
-    if decode not in ("expected", "argmax"):
-        raise ComcatError(f"decode must be 'expected' or 'argmax', got {decode!r}")
-    cost_fn, target = budget_target(dense, ratio, budget, mlp)
     from .calibrate import build
 
-    full = full_ranks(dense, method, mlp)
-    full = replace(full, classifier=min(dense.head.weight.shape)) if classifier else full
+    control = control or RunControl()
+    cost_fn, target = budget.target(dense)
+    # setup: the full-rank model, its rank choices, the optimizers, and where a resumed run was
+    full = full_ranks(dense, budget.method, budget.mlp)
+    full = replace(full, classifier=min(dense.head.weight.shape)) if cfg.classifier else full
     model = build(dense, full, calibration) if calibration is not None else compress(dense, full)
     model.to(device).train()
-    model.requires_grad_(lr_weights > 0)  # frozen weights: gradients for alpha only
-    search = RankSearch(model, cost_fn, candidates).to(device)
-    check_budget(cost_fn, target, search.config({name: 1 for name in search.choices}), budget)
-    if init_ranks is not None or warm_start:
-        start = init_ranks or uniform_ranks(dense, method, ratio, mlp=mlp)
-        if classifier and start.classifier is None:
-            start = replace(
-                start,
-                classifier=max(
-                    1,
-                    round(
-                        ratio * dense.head.weight.shape[0] * dense.head.weight.shape[1] / sum(dense.head.weight.shape)
-                    ),
-                ),
-            )
-        search.start_at(start)
+    model.requires_grad_(cfg.lr_weights > 0)  # frozen weights: gradients for alpha only
+    search = RankSearch(model, cost_fn, cfg.candidates).to(device)
+    check_budget(cost_fn, target, search.config({name: 1 for name in search.choices}), budget.unit)
+    if init_ranks is not None or cfg.warm_start:
+        search.start_at(_start_ranks(dense, budget, cfg, init_ranks))
     teacher = dense.to(device).eval()
-    net = DistributedDataParallel(model) if dist.world() > 1 and lr_weights > 0 else model
-    opt_alpha = torch.optim.Adam(search.parameters(), lr=lr_alpha)
-    opt_w = torch.optim.AdamW(model.parameters(), lr=lr_weights, weight_decay=0.0) if lr_weights > 0 else None
-    step, history = 0, []
-    if resume:
-        search.load_state_dict(resume["alpha"])
-        opt_alpha.load_state_dict(resume["opt_alpha"])
-        if opt_w is not None:
-            model.load_state_dict(resume["weights"])
-            opt_w.load_state_dict(resume["opt_w"])
-        step, history = resume["step"], list(resume["history"])
+    net = DistributedDataParallel(model) if dist.world() > 1 and cfg.lr_weights > 0 else model
+    opt_alpha = torch.optim.Adam(search.parameters(), lr=cfg.lr_alpha)
+    opt_w = torch.optim.AdamW(model.parameters(), lr=cfg.lr_weights, weight_decay=0.0) if cfg.lr_weights > 0 else None
     phases = [("search", search_data, opt_alpha)] + ([("weights", train_data, opt_w)] if opt_w else [])
-    for _, d, _ in phases:
-        if len(d) == 0:
-            raise ComcatError("the rank search got an empty data split: give it a folder with images")
-    per_epoch = [(name, d, opt, epoch_batches(len(d), batch_size, 0, seed)) for name, d, opt in phases]
-    total = epochs * sum(len(b) for *_, b in per_epoch)
+    if any(len(data) == 0 for _, data, _ in phases):
+        raise ComcatError("the rank search got an empty data split: give it a folder with images")
+    total = cfg.epochs * sum(len(epoch_batches(len(data), cfg.batch_size, 0, cfg.seed)) for _, data, _ in phases)
+    step, history = 0, []
+    if control.resume:
+        step, history = _restore(control.resume, search, opt_alpha, model, opt_w)
 
-    def state():
-        return {
-            "step": step,
-            "history": history,
-            "alpha": search.state_dict(),
-            "opt_alpha": opt_alpha.state_dict(),
-            **({"weights": model.state_dict(), "opt_w": opt_w.state_dict()} if opt_w else {}),
-        }
-
+    # loop: per epoch a search phase (alpha steps) and a weight phase; a resumed run skips what it did
     stopped, done = False, 0
-    for epoch in range(epochs):
-        for phase, data, opt, _ in per_epoch:
-            batches = epoch_batches(len(data), batch_size, epoch * len(phases) + (phase == "weights"), seed)
+    for epoch in range(cfg.epochs):
+        for phase, data, opt in phases:
+            batches = epoch_batches(len(data), cfg.batch_size, epoch * len(phases) + (phase == "weights"), cfg.seed)
             skip = min(len(batches), max(0, step - done))
             done += len(batches)
             for x, y in loader(data, batches[skip:], num_workers):
-                seed_step(seed, step)
-                t = temperature(step, total, *tau)
-                cost = search.sample(t)
+                seed_step(cfg.seed, step)
+                tau = temperature(step, total, *cfg.tau)
+                cost = search.sample(tau)
                 x = x.to(device)
                 logits = net(x)
                 with torch.no_grad():
                     target_p = F.log_softmax(teacher(x), -1)
                 task = F.kl_div(F.log_softmax(logits, -1), target_p, log_target=True, reduction="batchmean")
-                if labels:
+                if cfg.labels:
                     task = task + F.cross_entropy(logits, torch.as_tensor(y).to(device))
                 if not torch.isfinite(task):
                     search.clear()
                     raise ComcatError("the loss became NaN/inf during the rank search: lower the learning rates")
-                loss = budget_penalty(task, cost, target, beta) if phase == "search" else task
+                loss = budget_penalty(task, cost, target, cfg.beta) if phase == "search" else task
                 opt_alpha.zero_grad(set_to_none=True)
                 if opt_w:
                     opt_w.zero_grad(set_to_none=True)
@@ -405,34 +379,35 @@ def search_ranks(
                     "phase": phase,
                     "step": step,
                     "total": total,
-                    "tau": t,
+                    "tau": tau,
                     "loss": task.item(),
                     "cost": cost.item(),
                     "target": target,
                 }
                 history.append(event)
-                if callback:
-                    callback({**event, "ranks": search.current(decode)})
-                if should_stop_all(should_stop):
+                control.emit({**event, "ranks": search.current(cfg.decode)})
+                if control.stopping():
                     stopped = True
                     break
             if stopped:
                 break
-        if checkpoint and (stopped or epoch < epochs - 1):
-            checkpoint(state())
+        if stopped or epoch < cfg.epochs - 1:
+            control.save(_search_state(step, history, search, opt_alpha, model, opt_w))
         if stopped:
             break
+
+    # finish: decode the ranks within the budget and cut the searched model to them
     search.clear()
     decoded = {"expected": search.fit_expected(cost_fn, target), "argmax": search.fit(cost_fn, target)}
-    ranks, reduced = decoded[decode]
+    ranks, reduced = decoded[cfg.decode]
     if cost_fn(ranks) > target:  # even the smallest candidates are too big: go below them
         ranks, _ = fit_budget(dense, ranks, cost_fn, target)
         reduced = True
     ranks.note = {
         "rule": "search",
-        "decode": decode,
-        "ratio": ratio,
-        "budget": budget,
+        "decode": cfg.decode,
+        "ratio": budget.ratio,
+        "budget": budget.unit,
         "reduced_to_fit": reduced,
         "stopped": stopped,
         "steps": step,
@@ -451,3 +426,33 @@ def search_ranks(
         "total": total,
         "model": small,
     }
+
+
+def _start_ranks(dense: nn.Module, budget: Budget, cfg: SearchConfig, init_ranks: RankConfig | None) -> RankConfig:
+    """The ranks the logits start tilted towards: `init_ranks`, else the budget's uniform ranks
+    (with the classifier at the same share of its parameters when it is searched)."""
+    start = init_ranks or uniform_ranks(dense, budget.method, budget.ratio, mlp=budget.mlp)
+    if cfg.classifier and start.classifier is None:
+        out_f, in_f = dense.head.weight.shape
+        start = replace(start, classifier=max(1, round(budget.ratio * out_f * in_f / (out_f + in_f))))
+    return start
+
+
+def _search_state(step: int, history: list, search: RankSearch, opt_alpha, model: nn.Module, opt_w) -> dict:
+    return {
+        "step": step,
+        "history": history,
+        "alpha": search.state_dict(),
+        "opt_alpha": opt_alpha.state_dict(),
+        **({"weights": model.state_dict(), "opt_w": opt_w.state_dict()} if opt_w else {}),
+    }
+
+
+def _restore(state: dict, search: RankSearch, opt_alpha, model: nn.Module, opt_w) -> tuple[int, list]:
+    """Load a _search_state into the search; returns (step, history)."""
+    search.load_state_dict(state["alpha"])
+    opt_alpha.load_state_dict(state["opt_alpha"])
+    if opt_w is not None:
+        model.load_state_dict(state["weights"])
+        opt_w.load_state_dict(state["opt_w"])
+    return state["step"], list(state["history"])

@@ -128,8 +128,8 @@ def claim_out(out: Path, ours: tuple[str, ...], what: str) -> None:
         raise ComcatError(f"cannot write to {out}: choose a folder you can write to")
 
 
-def read_run_record(out: Path, name: str, fmt: str, command: str) -> dict:
-    """The JSON record `out/name` of a resumable run, checked to be of format `fmt`."""
+def read_run_record(out: Path, name: str, fmt: str | tuple[str, ...], command: str) -> dict:
+    """The JSON record `out/name` of a resumable run, checked to be of format `fmt` (or one of them)."""
     check_unlocked(out)
     try:
         record = json.loads((out / name).read_text())
@@ -137,7 +137,7 @@ def read_run_record(out: Path, name: str, fmt: str, command: str) -> dict:
         raise ComcatError(f"{out} has no {name}: --resume takes the --out folder of an earlier {command} run") from None
     except json.JSONDecodeError:
         raise ComcatError(f"{out / name} is corrupt: start the run again with a new --out") from None
-    if record.get("format") != fmt:
+    if record.get("format") not in ((fmt,) if isinstance(fmt, str) else fmt):
         raise ComcatError(f"{out / name} is not a comcat {command} run ({record.get('format')!r}): start a new run")
     return record
 

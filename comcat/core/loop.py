@@ -1,9 +1,12 @@
-"""What the training loops share: seeded (distributed) batch order, per-step seeds, a stop flag."""
+"""What the training loops share: seeded (distributed) batch order, per-step seeds, a stop flag,
+and RunControl, how a caller watches, stops and resumes a loop."""
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -63,3 +66,27 @@ class StopFlag:
 def should_stop(flag) -> bool:
     """Evaluate a stop callable and agree on it across processes."""
     return dist.any_true(bool(flag and flag()))
+
+
+@dataclass
+class RunControl:
+    """How a long loop talks to its caller: `callback(event)` gets every step, `should_stop()` is
+    asked after every step (agreed across processes), `checkpoint(state)` receives the resumable
+    state after every epoch (or block) and at a stop, and `resume=state` continues from such a state
+    to where an uninterrupted run would end."""
+
+    callback: Callable[[dict], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    checkpoint: Callable[[dict], None] | None = None
+    resume: dict | None = None
+
+    def emit(self, event: dict) -> None:
+        if self.callback is not None:
+            self.callback(event)
+
+    def stopping(self) -> bool:
+        return should_stop(self.should_stop)
+
+    def save(self, state: dict) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint(state)

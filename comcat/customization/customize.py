@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 from diffusers import DDPMScheduler
 
-from ..core.errors import ComcatError
+from ..core import dist
+from ..core.errors import ComcatError, is_int, is_positive, require
 from ..core.files import (
     atomic_write,
     atomic_write_text,
@@ -33,7 +34,7 @@ from ..core.files import (
     read_run_record,
     save_tree,
 )
-from ..core.loop import seed_step
+from ..core.loop import RunControl, seed_step
 from .adapter import AdapterConfig, add_adapter, save_adapter
 from .adapter.model import add_token, fingerprint, train_token_row
 from .diffusion.concept import (
@@ -45,9 +46,8 @@ from .diffusion.concept import (
     grid,
     read_concept,
     resolution,
-    tokenize,
 )
-from .diffusion.pipeline import guidance_kwargs, load_pipeline
+from .diffusion.pipeline import guidance_kwargs, load_pipeline, tokenize
 
 RUN_FILE = "customize.json"
 RUN_FILES = (
@@ -89,16 +89,27 @@ class CustomizeSpec:
     precision: str = "auto"  # bf16 (autocast) or fp32; auto: bf16 on CUDA, fp32 on the CPU
     save_dtype: str = "float16"
 
+    def __post_init__(self):
+        self.targets, self.preview_prompts = tuple(self.targets), tuple(self.preview_prompts)
+        AdapterConfig(rank=self.rank, targets=self.targets, token=self.token)  # its bounds, one line each
+        require(
+            is_int(self.steps, 1) and is_positive(self.lr) and is_int(self.batch_size, 1),
+            f"steps, lr and batch size must be positive numbers, got {self.steps}, {self.lr}, "
+            f"{self.batch_size}",
+        )
+        require(
+            self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+        )
+        require(
+            is_int(self.preview_every) and is_int(self.checkpoint_every) and is_int(self.class_images, 1),
+            "preview and checkpoint intervals must be >= 0 and class images >= 1",
+        )
+        check_prompt(self.prompt, self.token)
+
     @classmethod
     def from_dict(cls, d: dict) -> "CustomizeSpec":
         known = {f.name for f in fields(cls)}
-        spec = cls(**{k: v for k, v in d.items() if k in known})
-        spec.targets, spec.preview_prompts = tuple(spec.targets), tuple(spec.preview_prompts)
-        return spec
-
-
-def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -107,7 +118,7 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def _check_token(pipe, spec: CustomizeSpec) -> None:
-    ids = tokenize(pipe, [spec.token])[0].tolist()
+    ids = tokenize(pipe.tokenizer, [spec.token])[0].tolist()
     unk = pipe.tokenizer.unk_token_id
     if unk is not None and unk in ids and not spec.learn_token:
         raise ComcatError(
@@ -188,28 +199,17 @@ def customize(
                 f"{out} holds an earlier customize run: continue it with --resume {out}, start over "
                 "with --overwrite, or choose another --out"
             )
-    _check_spec(spec)
+    read_concept(spec.images, spec.prompt, spec.token, 8)  # every image readable, before any work
     with out_lock(out):
         if resume:
             clean_temp(out)
         elif overwrite:
             clear_run(out, RUN_FILES)
-        return _train(spec, out, pipe, callback, should_stop, resume)
+        return _train(spec, out, pipe, RunControl(callback, should_stop), resume)
 
 
-def _check_spec(spec: CustomizeSpec) -> None:
-    AdapterConfig(rank=spec.rank, targets=spec.targets, token=spec.token)  # its bounds, one line each
-    if spec.steps <= 0 or not (0 < spec.lr < float("inf")) or spec.batch_size <= 0:
-        raise ComcatError(
-            f"steps, lr and batch size must be positive numbers, got {spec.steps}, {spec.lr}, {spec.batch_size}"
-        )
-    if spec.precision not in PRECISIONS:
-        raise ComcatError(f"precision must be one of {', '.join(PRECISIONS)}, got {spec.precision!r}")
-    check_prompt(spec.prompt, spec.token)
-    read_concept(spec.images, spec.prompt, spec.token, 8)  # every image readable, before any work
-
-
-def _train(spec: CustomizeSpec, out: Path, pipe, callback, should_stop, resume: bool) -> dict:
+def _train(spec: CustomizeSpec, out: Path, pipe, control: RunControl, resume: bool) -> dict:
+    # setup: the pipeline with its adapter, the concept's latents, the optimizer, a resumed state
     config = AdapterConfig(
         rank=spec.rank,
         targets=spec.targets,
@@ -217,7 +217,7 @@ def _train(spec: CustomizeSpec, out: Path, pipe, callback, should_stop, resume: 
         base_model=spec.pipeline,
         token_embedding=spec.learn_token,
     )
-    device = resolve_device(spec.device) if pipe is None else str(pipe.device)  # a given pipe trains where it is
+    device = dist.device(spec.device) if pipe is None else str(pipe.device)  # a given pipe trains where it is
     pipe = pipe if pipe is not None else load_pipeline(spec.pipeline, device=device)
     pixels, captions = read_concept(spec.images, spec.prompt, spec.token, resolution(pipe))
     if spec.learn_token:
@@ -258,52 +258,17 @@ def _train(spec: CustomizeSpec, out: Path, pipe, callback, should_stop, resume: 
         opt.load_state_dict(state["optimizer"])
         start, losses = state["step"], state["losses"]
 
-    def context(batch_captions):
-        if fixed_context is not None:
-            return torch.cat([fixed_context[c] for c in batch_captions])
-        return encode_text(pipe, batch_captions)
-
-    def save(step):
-        save_adapter(pipe, config, out, dtype=getattr(torch, spec.save_dtype))
-        save_tree(
-            out / "state",
-            {
-                "params": [p.detach().cpu() for p in train],
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "losses": losses,
-            },
-        )
-        _write_run(out, spec, step=step, steps=spec.steps, fingerprint=fingerprint(pipe.unet))
-
-    def emit_preview(step):
-        if callback is None and spec.preview_every <= 0:
-            return
-        images = preview(pipe, spec)
-        prompts = [p for p in (list(spec.preview_prompts) or [spec.prompt]) for _ in range(PREVIEWS)]
-        path = out / "previews" / f"step_{step:05d}.png"
-        path.parent.mkdir(exist_ok=True)
-        atomic_write(path, grid(images).save)
-        if callback:
-            callback(dict(kind="preview", step=step, images=images, prompts=prompts, path=str(path)))
-
     if not resume:
         _write_run(out, spec, step=0, steps=spec.steps)  # from here on the folder is a resumable run
-    if callback:
-        callback(
-            dict(
-                kind="start",
-                step=start,
-                steps=spec.steps,
-                losses=list(losses),
-                images=[str(p) for p in concept_files(spec.images)],
-            )
-        )
+    files = [str(p) for p in concept_files(spec.images)]
+    control.emit(dict(kind="start", step=start, steps=spec.steps, losses=list(losses), images=files))
+
+    # loop: denoising steps on the concept (and the class images), checkpoints and previews
     t0, stopped, step = time.time(), False, start
     bf16 = resolve_precision(spec.precision, device) == "bf16"
     amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     for step in range(start + 1, spec.steps + 1):
-        if should_stop is not None and should_stop():
+        if control.should_stop is not None and control.should_stop():
             stopped, step = True, step - 1
             break
         seed_step(spec.seed, step)
@@ -314,7 +279,7 @@ def _train(spec: CustomizeSpec, out: Path, pipe, callback, should_stop, resume: 
             z0 = torch.cat([z0, prior[0][pidx]])
             batch_captions += [prior[1][i] for i in pidx.tolist()]
         with amp:
-            err = denoising_loss(pipe.unet, noise_sched, z0, context(batch_captions))
+            err = denoising_loss(pipe.unet, noise_sched, z0, _context(pipe, fixed_context, batch_captions))
         loss = err[: spec.batch_size].mean()
         if prior is not None:
             loss = loss + spec.prior_weight * err[spec.batch_size :].mean()
@@ -328,15 +293,16 @@ def _train(spec: CustomizeSpec, out: Path, pipe, callback, should_stop, resume: 
                 rows = torch.arange(len(embedding), device=embedding.device) != token_id
                 embedding[rows] = frozen_rows[rows]
         losses.append(round(loss.item(), 5))
-        if callback:
-            callback(dict(kind="step", step=step, steps=spec.steps, loss=losses[-1]))
+        control.emit(dict(kind="step", step=step, steps=spec.steps, loss=losses[-1]))
         if spec.checkpoint_every > 0 and step % spec.checkpoint_every == 0 and step < spec.steps:
-            save(step)
+            _save(pipe, config, spec, out, train, opt, step, losses)
         if spec.preview_every > 0 and step % spec.preview_every == 0 and step < spec.steps:
-            emit_preview(step)
-    save(step)
+            _preview(pipe, spec, out, step, control)
+
+    # finish: the adapter and the state as they are, a last preview
+    _save(pipe, config, spec, out, train, opt, step, losses)
     if not stopped:
-        emit_preview(step)
+        _preview(pipe, spec, out, step, control)
     if spec.learn_token:
         embedding.requires_grad_(False)
     return dict(
@@ -347,3 +313,28 @@ def _train(spec: CustomizeSpec, out: Path, pipe, callback, should_stop, resume: 
         seconds=round(time.time() - t0, 1),
         pipe=pipe,
     )
+
+
+def _context(pipe, fixed: dict | None, captions: list[str]) -> torch.Tensor:
+    """(B, L, D) text context of `captions`: precomputed when the token is not learned."""
+    return torch.cat([fixed[c] for c in captions]) if fixed is not None else encode_text(pipe, captions)
+
+
+def _save(pipe, config: AdapterConfig, spec: CustomizeSpec, out: Path, train: list, opt, step: int, losses: list):
+    """The adapter, the resumable state (trained tensors, optimizer, step, losses) and customize.json."""
+    save_adapter(pipe, config, out, dtype=getattr(torch, spec.save_dtype))
+    state = {"params": [p.detach().cpu() for p in train], "optimizer": opt.state_dict(), "step": step, "losses": losses}
+    save_tree(out / "state", state)
+    _write_run(out, spec, step=step, steps=spec.steps, fingerprint=fingerprint(pipe.unet))
+
+
+def _preview(pipe, spec: CustomizeSpec, out: Path, step: int, control: RunControl) -> None:
+    """Fixed-seed previews written to out/previews/ and handed to the callback."""
+    if control.callback is None and spec.preview_every <= 0:
+        return
+    images = preview(pipe, spec)
+    prompts = [p for p in (list(spec.preview_prompts) or [spec.prompt]) for _ in range(PREVIEWS)]
+    path = out / "previews" / f"step_{step:05d}.png"
+    path.parent.mkdir(exist_ok=True)
+    atomic_write(path, grid(images).save)
+    control.emit(dict(kind="preview", step=step, images=images, prompts=prompts, path=str(path)))

@@ -11,6 +11,7 @@ from PIL import Image
 
 from ...core.errors import ComcatError
 from ...core.images import IMAGE_SUFFIXES, load_rgb
+from .pipeline import tokenize
 
 MIN_IMAGES, MAX_IMAGES = 3, 10
 
@@ -77,16 +78,9 @@ def check_prompt(prompt: str, token: str, what: str = "the prompt") -> None:
         )
 
 
-def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer
-    return tok(
-        prompts, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt"
-    ).input_ids
-
-
 def encode_text(pipe, prompts: list[str]) -> torch.Tensor:
     """(B, L, D) text-encoder hidden states: the UNet's cross-attention context."""
-    ids = tokenize(pipe, prompts).to(pipe.text_encoder.device)
+    ids = tokenize(pipe.tokenizer, prompts).to(pipe.text_encoder.device)
     return pipe.text_encoder(ids)[0]
 
 

@@ -9,7 +9,6 @@ import inspect
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -25,6 +24,13 @@ EMBEDDED_PIPELINE = ASSETS / "shapes_t2i"
 def guidance_kwargs(guidance: float | None) -> dict:
     """Pipeline call arguments for classifier-free guidance; None leaves the pipeline's own default."""
     return {} if guidance is None else {"guidance_scale": guidance}
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(B, L) token ids, padded or cut to the text encoder's length L."""
+    return tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
 
 
 class ShapesPipeline(DiffusionPipeline):
@@ -51,18 +57,9 @@ class ShapesPipeline(DiffusionPipeline):
     def unpack(self, z: torch.Tensor) -> torch.Tensor:
         return F.pixel_shuffle(z, self.pack) if self.pack > 1 else z
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            prompts,
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
-
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """(B, L, D) last hidden states of the text encoder: the UNet's cross-attention context."""
-        ids = self.tokenize(prompts).to(self.text_encoder.device)
+        ids = tokenize(self.tokenizer, prompts).to(self.text_encoder.device)
         return self.text_encoder(ids).last_hidden_state.to(self.unet.dtype)
 
     @torch.no_grad()
@@ -153,8 +150,3 @@ def load_pipeline(spec: str = "embedded", device: str = "cpu", dtype: torch.dtyp
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def to_uint8(images) -> np.ndarray:
-    """PIL images -> (N, H, W, 3) uint8."""
-    return np.stack([np.asarray(im.convert("RGB")) for im in images])
