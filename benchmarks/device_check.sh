@@ -20,5 +20,5 @@ timeout "${SD_TIMEOUT:-150}" python3 benchmarks/diffusion_customization.py --arc
     --sd-steps "${SD_STEPS:-50}" --json "$OUT/diffusion_customization_cuda_graph.json" 2>&1 | tee "$OUT/sd15_graph.log"
 timeout "${SD_TIMEOUT:-150}" python3 benchmarks/diffusion_customization.py --arch sd15 --device cuda \
     --sd-steps "${SD_STEPS:-50}" --json "$OUT/diffusion_customization_cuda.json" 2>&1 | tee "$OUT/sd15.log"
-timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_adapter.py tests/test_lowrank.py 2>&1 | tee "$OUT/pytest_cuda.log"
+timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/customization/test_adapter.py tests/compression/test_lowrank.py 2>&1 | tee "$OUT/pytest_cuda.log"
 timeout "${LAT_TIMEOUT:-50}" python3 benchmarks/latency.py --device cuda --batches 1 32 256 2>&1 | tee "$OUT/latency.log"

@@ -59,3 +59,36 @@ def checkpoint_and_photos(tmp_path: Path) -> tuple[Path, Path]:
             Image.fromarray(img).save(path)
             z.write(path, f"photos/{i}.png")
     return ckpt, zpath
+
+
+def shapes_data(n: int, seed: int):
+    """n generated shapes as a TensorDataset of (normalized images, labels)."""
+    from comcat.compression.splits import shapes_dataset
+
+    return shapes_dataset(n, seed)
+
+
+def png_folder(root: Path, n: int, seed: int, classes=None) -> Path:
+    """n generated shapes saved as PNGs: flat in `root`, or in class folders named after
+    `classes` (label y goes to classes[y % len(classes)]). Returns root."""
+    from PIL import Image
+
+    from comcat.core.shapes import make_shapes
+
+    images, labels, _ = make_shapes(n, seed)
+    for i, (img, y) in enumerate(zip(images, labels)):
+        folder = root / classes[y % len(classes)] if classes else root
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i:04d}.png")
+    return root
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600):
+    """A command in a fresh interpreter from the repository root, as a user runs it (comcat is
+    installed, so no PYTHONPATH); `run_cli("-m", "comcat", ...)` for the CLI."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

@@ -94,8 +94,7 @@ class CustomizeSpec:
         AdapterConfig(rank=self.rank, targets=self.targets, token=self.token)  # its bounds, one line each
         require(
             is_int(self.steps, 1) and is_positive(self.lr) and is_int(self.batch_size, 1),
-            f"steps, lr and batch size must be positive numbers, got {self.steps}, {self.lr}, "
-            f"{self.batch_size}",
+            f"steps, lr and batch size must be positive numbers, got {self.steps}, {self.lr}, {self.batch_size}",
         )
         require(
             self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"

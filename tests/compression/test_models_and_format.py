@@ -60,7 +60,7 @@ def test_save_reload_round_trip(embedded, tmp_path):
 
 def test_a_saved_model_is_one_unit_with_the_usual_file_modes(embedded, tmp_path):
     """A new folder appears whole (written beside it, then renamed); in a run's folder the two files
-    carry one pair id, so a comcat.json from another save than the weights is refused (issue 17)."""
+    carry one pair id, so a comcat.json from another save than the weights is refused."""
     small = compress(embedded.model, uniform_ranks(embedded.model, "head", 0.5))
     out = save_compressed(Loaded(small, embedded.arch), tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

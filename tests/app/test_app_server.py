@@ -1,4 +1,4 @@
-"""Issue 5: the app launched on a local port and driven through gradio_client."""
+"""The app launched on a local port and driven through gradio_client."""
 
 import socket
 

@@ -1,4 +1,4 @@
-"""Issue 5: the Customize and Generate tabs' handlers called directly."""
+"""The Customize and Generate tabs' handlers called directly."""
 
 import shutil
 

@@ -87,7 +87,7 @@ def test_stop_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
 
 def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_result(tmp_path):
     """kill -9 at step 7 (checkpoints every 3 steps): --resume continues from step 6 and ends where an
-    uninterrupted run ends; the killed run's lock and temp files do not block it (issue 17)."""
+    uninterrupted run ends; the killed run's lock and temp files do not block it."""
     part = tmp_path / "part"
     script = (
         "import os, signal\n"

@@ -1,10 +1,7 @@
-"""Issue 3: truncation, search at matrix level, distillation, the compress run (stop/resume,
+"""Truncation, search at matrix level, distillation, the compress run (stop/resume,
 torchrun, bad inputs)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from comcat.compression.reconstruct import DistillConfig
 from comcat.compression.search import SearchConfig
 from comcat.core.errors import ComcatError
 from comcat.core.loop import RunControl
-from conftest import ROOT
+from conftest import run_cli, shapes_data
 
 
 @pytest.mark.parametrize("method", ["head", "matrix"])
@@ -113,19 +110,13 @@ def test_expected_rank_decoding_follows_the_logits_within_budget(embedded):
     assert not reduced and roomy.blocks[0]["qk"] == dense.blocks[0].attn.head_dim
 
 
-def _shapes(n, seed):
-    from comcat.compression.splits import shapes_dataset
-
-    return shapes_dataset(n, seed)
-
-
 def test_search_then_finetune_beats_no_finetuning(embedded):
     from comcat.compression.distill import finetune
     from comcat.compression.evaluate import evaluate
     from comcat.compression.search import search_ranks
 
     dense = embedded.model
-    train, search, val = _shapes(1024, 0), _shapes(256, 2), _shapes(500, 5)
+    train, search, val = shapes_data(1024, 0), shapes_data(256, 2), shapes_data(500, 5)
     cfg = SearchConfig(epochs=1, batch_size=64, lr_weights=0)
     ranks, info = search_ranks(dense, train, search, Budget(0.15, mlp=True), cfg)
     small = info["model"]
@@ -231,16 +222,10 @@ def test_stop_and_resume_reproduce_the_uninterrupted_run(tmp_path):
         run_job(None, out, resume=True)
 
 
-def _cli(*args, env=None, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
-    r = _cli(
-        sys.executable,
+    r = run_cli(
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
@@ -271,6 +256,7 @@ def test_torchrun_two_processes(tmp_path):
         "--no-latency",
         "--out",
         str(out),
+        env={"OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((out / "comcat.json").read_text())
@@ -317,7 +303,7 @@ def test_cli_messages(capsys, tmp_path):
     from comcat.cli import main
 
     assert main(["compress", "--search", "--params-ratio", "0.5", "--search-epochs", "0", "--out", str(tmp_path)]) == 2
-    assert "--search-epochs" in capsys.readouterr().err
+    assert "search epochs and batch size must be >= 1" in capsys.readouterr().err
 
 
 def test_flops_budget_and_classifier_search(embedded):
@@ -325,7 +311,7 @@ def test_flops_budget_and_classifier_search(embedded):
     from comcat.compression.search import search_ranks
 
     dense = embedded.model
-    data = _shapes(128, 3)
+    data = shapes_data(128, 3)
     budget = Budget(0.4, unit="flops", mlp=True)
     ranks, info = search_ranks(dense, data, data, budget, SearchConfig(epochs=1, batch_size=32, classifier=True))
     sites = lambda cfg: sum(l["attn"] + l["mlp"] for l in layer_flops(dense, cfg))  # noqa: E731

@@ -277,8 +277,8 @@ def test_learned_token_embedding_travels_with_the_adapter(tmp_path):
 
 def test_unloading_restores_the_base_pipelines_tokenizer_and_embeddings_exactly():
     """Generate's 'without' gallery: after loading the example adapter (a new token V* with its learned
-    row) and unloading it, the tokenizer and the table are the base model's and so are the images
-    (issue 18)."""
+     row) and unloading it, the tokenizer and the table are the base model's and so are the images
+    ."""
     from comcat.core.embedded import ASSETS
     from comcat.customization.generate import generate
 
@@ -333,7 +333,7 @@ def test_train_token_row_trains_the_row_the_prompt_uses():
 
 def test_adapter_table_measures_each_heads_update_against_the_base():
     """The inspected ratios equal ||alpha A_h B_h^T|| / ||W^Q_h W^K_h^T|| (and the VO ones) formed
-    explicitly, and the pipeline is left without the adapter (issue 18)."""
+    explicitly, and the pipeline is left without the adapter."""
     from comcat.core.embedded import ASSETS
     from comcat.customization.adapter.inspect import adapter_summary, adapter_table
 

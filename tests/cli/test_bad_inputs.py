@@ -1,5 +1,5 @@
 """Bad command lines: each ends in exit code 2, one line on stderr that says what to do, and no file
-written or changed (issue 17)."""
+written or changed."""
 
 import json
 import os
@@ -40,7 +40,7 @@ def _folders(tmp):
 
 
 def _bad_adapters(tmp):
-    """The example adapter with one thing broken each (issue 17, item 9)."""
+    """The example adapter with one thing broken each."""
     with safe_open(str(ADAPTER), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     config = json.loads(meta["config"])
@@ -79,17 +79,20 @@ CASES = [
     (["analyze", "--energy", "1.5"], "--energy must be in (0, 1]"),
     (["analyze", "--energy", "0"], "--energy must be in (0, 1]"),
     (["evaluate", "--batch-size", "0"], "batch size must be >= 1"),
-    (["compress", "--params-ratio", "0.5", "--lr", "nan", "--out", "OUT"], "--lr must be a positive number"),
-    (["compress", "--params-ratio", "0.5", "--distill-lr", "inf", "--out", "OUT"], "--distill-lr must be"),
+    (
+        ["compress", "--params-ratio", "0.5", "--finetune-epochs", "1", "--lr", "nan", "--out", "OUT"],
+        "the fine-tuning learning rate must be a positive number",
+    ),
+    (["compress", "--params-ratio", "0.5", "--distill-lr", "inf", "--out", "OUT"], "distillation learning rate must"),
     (["compress", "--params-ratio", "0.5", "--device", "foo", "--out", "OUT"], "is not a device"),
     (["compress", "--params-ratio", "0.5", "--device", "cuda:7", "--out", "OUT"], "no such CUDA GPU"),
     (
         ["compress", "--params-ratio", "0.5", "--distill-views", "-1", "--out", "OUT"],
-        "--distill-views and --distill-cls >= 0",
+        "distillation steps and views must be >= 0",
     ),
     (
         ["compress", "--params-ratio", "0.5", "--distill-cls", "nan", "--out", "OUT"],
-        "--distill-views and --distill-cls >= 0",
+        "the class-token weight must be a number >= 0",
     ),
     (
         ["compress", "--params-ratio", "0.5", "--calibration", "none", "--allocate", "calibrated", "--out", "OUT"],

@@ -4,6 +4,7 @@ import torch
 from comcat.compression.cost import Budget
 from comcat.compression.search import RankChoice, SearchConfig, budget_penalty, candidate_ranks, temperature
 from comcat.core.loop import RunControl
+from conftest import shapes_data
 
 
 def explicit_mixture(
@@ -98,22 +99,15 @@ def test_rank_search_cost_and_hard_choice_match_compress(embedded):
 
 
 def test_short_search_meets_budget_and_learns(embedded):
-    from torch.utils.data import TensorDataset
 
     from comcat.compression.cost import model_params, site_params
     from comcat.compression.search import search_ranks
-    from comcat.core.embedded import shapes_tensor
-    from comcat.core.shapes import make_shapes
-
-    def data(seed, n):
-        x, y, _ = make_shapes(n, seed)
-        return TensorDataset(shapes_tensor(x), torch.from_numpy(y))
 
     events = []
     ranks, info = search_ranks(
         embedded.model,
-        data(10, 128),
-        data(11, 128),
+        shapes_data(128, 10),
+        shapes_data(128, 11),
         Budget(0.5, mlp=True),
         SearchConfig(epochs=2, batch_size=32, labels=True),
         control=RunControl(callback=events.append),
@@ -131,8 +125,8 @@ def test_short_search_meets_budget_and_learns(embedded):
     stop_after = iter(range(3))
     ranks, info = search_ranks(
         embedded.model,
-        data(10, 64),
-        data(11, 64),
+        shapes_data(64, 10),
+        shapes_data(64, 11),
         Budget(0.6, mlp=True),
         SearchConfig(epochs=3, batch_size=32),
         control=RunControl(should_stop=lambda: next(stop_after, None) is None),
@@ -141,7 +135,9 @@ def test_short_search_meets_budget_and_learns(embedded):
     assert site_params(dense, ranks, "head", True) <= 0.6 * site_params(dense, None, "head", True)
     # attention only, weights frozen: only search steps, and the MLPs stay dense
     before = {k: v.clone() for k, v in dense.state_dict().items()}
-    ranks, info = search_ranks(dense, data(10, 64), data(11, 64), Budget(0.6), SearchConfig(epochs=1, lr_weights=0))
+    ranks, info = search_ranks(
+        dense, shapes_data(64, 10), shapes_data(64, 11), Budget(0.6), SearchConfig(epochs=1, lr_weights=0)
+    )
     assert {e["phase"] for e in info["history"]} == {"search"} and "fc1" not in ranks.blocks[0]
     assert site_params(dense, ranks, "head", False) <= 0.6 * site_params(dense, None, "head", False)
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())

@@ -10,15 +10,7 @@ from PIL import Image
 
 from comcat.cli import main
 from comcat.core.shapes import SHAPES, make_shapes
-from conftest import ROOT
-
-
-def run_cli(*args):
-    """The CLI in a fresh interpreter, exactly as a user runs it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # comcat is installed: no PYTHONPATH
-    return subprocess.run(
-        [sys.executable, "-m", "comcat", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +27,7 @@ def shapes_folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path, shapes_folder):
-    r = run_cli("analyze", "--json", str(tmp_path / "a.json"), "--plots", str(tmp_path / "plots"))
+    r = run_cli("-m", "comcat", "analyze", "--json", str(tmp_path / "a.json"), "--plots", str(tmp_path / "plots"))
     assert r.returncode == 0, r.stderr
     assert "head level" in r.stdout
     a = json.loads((tmp_path / "a.json").read_text())
@@ -44,6 +36,8 @@ def test_cli_end_to_end(tmp_path, shapes_folder):
 
     out = tmp_path / "small"
     r = run_cli(
+        "-m",
+        "comcat",
         "compress",
         "--method",
         "head",
@@ -67,14 +61,14 @@ def test_cli_end_to_end(tmp_path, shapes_folder):
     assert meta["metrics"]["compressed"]["top1"] > 90
     assert (out / "report.md").read_text().startswith("# comcat compression report")
 
-    r = run_cli("evaluate", "--model", str(out), "--json", str(tmp_path / "e.json"))
+    r = run_cli("-m", "comcat", "evaluate", "--model", str(out), "--json", str(tmp_path / "e.json"))
     assert r.returncode == 0, r.stderr
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["images"] == 2000
     assert e["top1"] == pytest.approx(meta["report"]["compressed"]["top1"], abs=1e-9)
 
     # the same model on an ImageFolder of PNGs goes through timm transforms and gives the same labels
-    r = run_cli("evaluate", "--data", str(shapes_folder), "--json", str(tmp_path / "f.json"))
+    r = run_cli("-m", "comcat", "evaluate", "--data", str(shapes_folder), "--json", str(tmp_path / "f.json"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "f.json").read_text())["images"] == 60
 
@@ -100,8 +94,8 @@ def test_cli_help_explains_every_flag(capsys):
 
 
 def test_help_starts_without_torch(tmp_path):
-    """--help answers at once: the parser and `import comcat` load no heavy library (issue 18); run
-    outside the repository, as an installed package (and its `comcat` command) is (issue 19)."""
+    """--help answers at once: the parser and `import comcat` load no heavy library; run
+    outside the repository, as an installed package (and its `comcat` command) is."""
     code = (
         "import sys, comcat, comcat.cli; comcat.cli.build_parser().format_help(); "
         "print(sorted(m for m in ('torch', 'timm', 'diffusers', 'gradio') if m in sys.modules))"

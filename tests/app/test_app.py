@@ -1,4 +1,4 @@
-"""Issue 5: the app's handlers called directly (no server, no browser)."""
+"""The app's handlers called directly (no server, no browser)."""
 
 import json
 import threading
@@ -143,7 +143,7 @@ def test_compress_streams_progress_and_exports_a_reloadable_zip(tmp_path):
         "end-to-end fine-tuning",
     }
     with zipfile.ZipFile(download) as z:
-        z.extractall(tmp_path / "unzipped")  # the files at the zip's root: the folder loads (issue 18)
+        z.extractall(tmp_path / "unzipped")  # the files at the zip's root: the folder loads
     small = load_compressed(tmp_path / "unzipped")
     assert small.meta["ranks"]["method"] == "head" and not (tmp_path / "unzipped" / "state").exists()
 
@@ -238,7 +238,7 @@ def test_compress_an_uploaded_checkpoint_on_a_flat_folder(tmp_path):
 
 
 def test_explore_recommends_with_images_and_compares_a_compressed_model(tmp_path):
-    """Issue 18: the recommendation calibrated on images, and a compressed model (the zip Compress
+    """The recommendation calibrated on images, and a compressed model (the zip Compress
     gives) against the explored dense one: the heads it lost most, a heatmap and exports."""
     from dataclasses import replace
 
@@ -328,7 +328,7 @@ def test_zip_bomb_is_refused_before_unpacking(tmp_path, monkeypatch):
 
 def test_text_fields_never_reach_server_paths(tmp_path, monkeypatch):
     """The timm-name and pipeline boxes take names and hub IDs, not paths; a folder under the
-    operator's data root is the only local pipeline a visitor may name (issue 17, item 2)."""
+    operator's data root is the only local pipeline a visitor may name."""
     from comcat.core.errors import ComcatError
 
     for typed in ("/etc", "../x", "~/.ssh", "a/b"):

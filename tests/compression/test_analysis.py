@@ -8,6 +8,7 @@ import torch
 from comcat.compression.analysis import analyze, head_factors
 from comcat.compression.vit import head_weights
 from comcat.core.linalg import cumulative_energy, product_svd, product_svdvals, rank_for_energy
+from conftest import png_folder
 
 
 @pytest.mark.parametrize("shape", [(5, 48, 8), (2, 3, 96, 32)])
@@ -190,20 +191,15 @@ def test_calibrated_recommendation_is_the_allocation_compress_starts_from(embedd
 
 
 def test_cli_recommends_and_compares_a_compressed_model(embedded, tmp_path, capsys):
-    from PIL import Image
 
     from comcat.cli import main
     from comcat.compression.convert import compress
     from comcat.compression.format import save_compressed
     from comcat.compression.rank_rules import uniform_ranks
-    from comcat.core.shapes import make_shapes
 
     assert main(["analyze", "--recommend", "0.4"]) == 0
     assert "At 40% of the attention parameters, head-level ranks" in capsys.readouterr().out
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i, img in enumerate(make_shapes(80, 3)[0]):
-        Image.fromarray(img).save(photos / f"{i}.png")
+    photos = png_folder(tmp_path / "photos", 80, 3)
     assert main(["analyze", "--recommend", "0.4", "--data", str(photos)]) == 0
     assert "calibrated head-level ranks" in capsys.readouterr().out
     assert main(["analyze", "--data", str(photos)]) == 2

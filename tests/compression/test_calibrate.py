@@ -1,4 +1,4 @@
-"""Issue 16: data-aware factorization, rank allocation from calibrated errors, block distillation,
+"""Data-aware factorization, rank allocation from calibrated errors, block distillation,
 disjoint splits, label-free data, mixup views."""
 
 import copy
@@ -11,17 +11,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from comcat.compression.calibrate import Moments, build, calibrate, calibrate_sequential, whitened_linear, whitener
 from comcat.compression.rank_rules import full_ranks, uniform_ranks
 from comcat.core.errors import ComcatError
-from conftest import rel_err, with_random_biases
-
-
-def _shapes(n, seed):
-    from comcat.compression.splits import shapes_dataset
-
-    return shapes_dataset(n, seed)
+from conftest import png_folder, rel_err, shapes_data, with_random_biases
 
 
 def _loader(n=48, seed=7, dtype=torch.float32):
-    ds = _shapes(n, seed)
+    ds = shapes_data(n, seed)
     return DataLoader(TensorDataset(ds.tensors[0].to(dtype), ds.tensors[1]), batch_size=16)
 
 
@@ -116,7 +110,7 @@ def test_calibration_beats_plain_svd_and_allocation_uses_the_budget(embedded):
 
     dense = embedded.model
     cal = calibrate(dense, _loader(n=96), probe=16, fisher=32)
-    held = _shapes(256, 11).tensors[0]
+    held = shapes_data(256, 11).tensors[0]
     cfg = uniform_ranks(dense, "head", 0.25)
     with torch.no_grad():
         ref = dense(held)
@@ -202,31 +196,17 @@ def test_the_class_token_weight_lowers_the_class_tokens_error(embedded):
     assert read_tokens(timm.create_model("vit_tiny_patch16_224", global_pool="avg", **kw)) == []
 
 
-def _png_folder(root, n, seed, classes=None):
-    """n shapes as PNGs: flat in root, or in class folders named after `classes`."""
-    from PIL import Image
-
-    from comcat.core.shapes import SHAPES, make_shapes
-
-    images, labels, _ = make_shapes(n, seed)
-    for i, (img, y) in enumerate(zip(images, labels)):
-        folder = root / classes[y % len(classes)] if classes else root
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / f"{i:04d}.png")
-    return SHAPES
-
-
 def test_splits_are_disjoint_in_every_layout(tmp_path, embedded):
     from comcat.compression.splits import embedded_splits, folder_splits
     from comcat.core.shapes import SHAPES
 
     flat = tmp_path / "flat"
-    _png_folder(flat, 40, 0)
+    png_folder(flat, 40, 0)
     classes = tmp_path / "classes"
-    _png_folder(classes, 40, 1, classes=list(SHAPES))
+    png_folder(classes, 40, 1, classes=list(SHAPES))
     imagenet = tmp_path / "imagenet"
-    _png_folder(imagenet / "train", 40, 2, classes=list(SHAPES))
-    _png_folder(imagenet / "val", 12, 3, classes=list(SHAPES))
+    png_folder(imagenet / "train", 40, 2, classes=list(SHAPES))
+    png_folder(imagenet / "val", 12, 3, classes=list(SHAPES))
     for root in (flat, classes, imagenet):
         s = folder_splits(root, embedded.model, seed=3, fit_images=8)
         train, fit, val, ev = (set(map(str, d.files)) for d in (s.train, s.fit, s.val, s.eval))
@@ -243,18 +223,18 @@ def test_labels_only_when_they_are_the_models(tmp_path, embedded):
     from comcat.compression.splits import folder_splits
 
     mine = tmp_path / "mine"  # 3 classes of my own: not the model's 10
-    _png_folder(mine, 24, 0, classes=["cat", "dog", "fox"])
+    png_folder(mine, 24, 0, classes=["cat", "dog", "fox"])
     s = folder_splits(mine, embedded.model)
     assert not s.labeled and "class folder 'cat' is not one of the model's classes" in s.note
     assert all(y == -1 for y in s.eval.labels)
     with pytest.raises(ComcatError, match="--labels"):
         folder_splits(mine, embedded.model, use_labels=True)
     flat = tmp_path / "flat"
-    _png_folder(flat, 24, 1)
+    png_folder(flat, 24, 1)
     with pytest.raises(ComcatError, match="flat folder has no labels"):
         folder_splits(flat, embedded.model, use_labels=True)
     named = tmp_path / "named"  # folder names that are the model's label names map by name
-    _png_folder(named, 24, 2, classes=["star", "heart"])
+    png_folder(named, 24, 2, classes=["star", "heart"])
     s = folder_splits(named, embedded.model)
     assert s.labeled and set(s.eval.labels) <= {3, 5}
 
@@ -273,8 +253,8 @@ def test_mixup_views_are_identical_for_teacher_and_student(embedded):
     seen = {"teacher": [], "student": []}
     dense.register_forward_pre_hook(lambda m, a: seen["teacher"].append(a[0].clone()))
     small.register_forward_pre_hook(lambda m, a: seen["student"].append(a[0].clone()))
-    train = _shapes(64, 4)
-    finetune(small, dense, train, _shapes(16, 5), FinetuneConfig(epochs=1, batch_size=32))
+    train = shapes_data(64, 4)
+    finetune(small, dense, train, shapes_data(16, 5), FinetuneConfig(epochs=1, batch_size=32))
     teacher_views = [t for t in seen["teacher"] if t.shape[0] == 32]
     student_views = [t for t in seen["student"] if t.shape[0] == 32]
     assert len(student_views) == 2 and all(any(torch.equal(s, t) for t in teacher_views) for s in student_views)

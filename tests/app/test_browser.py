@@ -1,4 +1,4 @@
-"""Issue 5: the page in a real headless Chromium (Selenium). Skips when chromium is not installed.
+"""The page in a real headless Chromium (Selenium). Skips when chromium is not installed.
 
 Screenshots go to docs/screenshots/ (shown in the README) when COMCAT_SCREENSHOTS=1, else to tmp.
 """
@@ -203,7 +203,7 @@ def test_compress_an_uploaded_checkpoint_on_unlabeled_images(page, tmp_path):
     tab(page, "Compress")
     wait(page).until(EC.element_to_be_clickable((By.ID, "compress-go")))
     set_number(page, "compress-distill-steps", 10)
-    upload(page, "compress-upload", ckpt)  # uploading picks the source (issue 18): no radio click
+    upload(page, "compress-upload", ckpt)  # uploading picks the source: no radio click
     box = page.find_element(By.CSS_SELECTOR, "#compress-arch textarea, #compress-arch input")
     box.clear()
     box.send_keys("comcat_shapes_vit")
