@@ -47,28 +47,34 @@ def fix_pruned_attention(model: torch.nn.Module) -> None:
             m.fused_attn = False
 
 
+def head_dim_pruner(model, ratio: float, mlp: bool):
+    """A Torch-Pruning MetaPruner (Taylor importance) that removes (1 - ratio) of every head's q/k/v
+    dims, and with `mlp` of the MLP hidden units; the residual width and the head count stay."""
+    import torch_pruning as tp
+
+    ignored = [model.head, model.patch_embed.proj] + [b.attn.proj for b in model.blocks]
+    ignored += [b.mlp.fc2 for b in model.blocks] + ([] if mlp else [b.mlp.fc1 for b in model.blocks])
+    size = model.patch_embed.img_size
+    return tp.pruner.MetaPruner(
+        model,
+        torch.randn(1, 3, *size),
+        importance=tp.importance.GroupTaylorImportance(),
+        pruning_ratio=1 - ratio,
+        ignored_layers=ignored,
+        num_heads={b.attn.qkv: b.attn.num_heads for b in model.blocks},
+        prune_head_dims=True,
+        prune_num_heads=False,
+        global_pruning=False,
+    )
+
+
 def prune_baseline(dense, splits, ratio: float, epochs: int, seed: int) -> tuple[torch.nn.Module, dict]:
     """Torch-Pruning: remove (1 - ratio) of every head's qkv dims and of the MLP hidden channels;
     the residual width stays, so the same block-output distillation applies."""
     import copy
 
-    import torch_pruning as tp
-
     model = copy.deepcopy(dense).train()
-    ignored = [model.head, model.patch_embed.proj] + [m for b in model.blocks for m in (b.attn.proj, b.mlp.fc2)]
-    num_heads = {b.attn.qkv: b.attn.num_heads for b in model.blocks}
-    imp = tp.importance.GroupTaylorImportance()
-    pruner = tp.pruner.MetaPruner(
-        model,
-        torch.randn(1, 3, 32, 32),
-        importance=imp,
-        pruning_ratio=1 - ratio,
-        ignored_layers=ignored,
-        num_heads=num_heads,
-        prune_head_dims=True,
-        prune_num_heads=False,
-        global_pruning=False,
-    )
+    pruner = head_dim_pruner(model, ratio, mlp=True)
     loader = torch.utils.data.DataLoader(
         splits.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )

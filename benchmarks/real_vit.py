@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from compress_embedded import fix_pruned_attention
+from compress_embedded import fix_pruned_attention, head_dim_pruner
 from search_vit_tiny import attn_ratio, tensors
 from torch.utils.data import DataLoader
 
@@ -77,23 +77,9 @@ def latency(dense, small) -> dict:
 def prune(dense, train, ratio: float, mlp: bool):
     """Torch-Pruning: remove (1 - ratio) of every head's q/k/v dims (and of the MLP hidden units with
     mlp), Taylor importance from the cross-entropy with the dense model's own top-1 (no labels)."""
-    import torch_pruning as tp
 
     model = copy.deepcopy(dense).train()
-    ignored = [model.head, model.patch_embed.proj] + [b.attn.proj for b in model.blocks]
-    ignored += [b.mlp.fc2 for b in model.blocks] + ([] if mlp else [b.mlp.fc1 for b in model.blocks])
-    num_heads = {b.attn.qkv: b.attn.num_heads for b in model.blocks}
-    pruner = tp.pruner.MetaPruner(
-        model,
-        torch.randn(1, 3, 224, 224),
-        importance=tp.importance.GroupTaylorImportance(),
-        pruning_ratio=1 - ratio,
-        ignored_layers=ignored,
-        num_heads=num_heads,
-        prune_head_dims=True,
-        prune_num_heads=False,
-        global_pruning=False,
-    )
+    pruner = head_dim_pruner(model, ratio, mlp)
     model.zero_grad()
     for x, _ in DataLoader(train, batch_size=50):
         with torch.no_grad():
