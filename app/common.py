@@ -199,10 +199,12 @@ def model_spec(source: str, name: str = "", upload: str | None = None, arch: str
         return "embedded", None
     if source == "timm name":
         name = name.strip() or "deit_small_patch16_224"
+        if name.startswith("hf-hub:") and HUB_ID.fullmatch(name.removeprefix("hf-hub:")):
+            return name, None  # a timm model on the Hugging Face hub: the hub only, never a path
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
             raise ComcatError(
-                f"{name!r} is not a timm model name: type one like vit_tiny_patch16_224, or choose "
-                "'uploaded checkpoint' for a file"
+                f"{name!r} is not a timm model name: type one like vit_tiny_patch16_224 (or hf-hub:org/name for a "
+                "timm model on the hub), or choose 'uploaded checkpoint' for a file"
             )
         return "timm:" + name, None
     if source != "uploaded checkpoint":

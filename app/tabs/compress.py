@@ -330,7 +330,10 @@ def compress_tab(explored):
     with gr.Row():
         with gr.Column(scale=1):
             model_source = gr.Radio(list(MODEL_SOURCES), value="embedded", label="model", elem_id="compress-model")
-            name = gr.Textbox(label="timm name (pretrained weights need network)", placeholder="deit_small_patch16_224")
+            name = gr.Textbox(
+                label="timm name or hf-hub:org/name (pretrained weights need network)",
+                placeholder="deit_small_patch16_224",
+            )
             upload = gr.File(
                 label="checkpoint (.safetensors / .pth)",
                 file_types=[".safetensors", ".pth", ".pt", ".bin"],

@@ -246,7 +246,10 @@ def explore_tab():
     with gr.Row():
         with gr.Column(scale=1):
             source = gr.Radio(list(SOURCES), value="embedded", label="model")
-            name = gr.Textbox(label="timm name (pretrained weights need network)", placeholder="deit_small_patch16_224")
+            name = gr.Textbox(
+                label="timm name or hf-hub:org/name (pretrained weights need network)",
+                placeholder="deit_small_patch16_224",
+            )
             upload = gr.File(
                 label="checkpoint (.safetensors / .pth)",
                 file_types=[".safetensors", ".pth", ".pt", ".bin"],

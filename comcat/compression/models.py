@@ -4,6 +4,7 @@ Every failure is a ComcatError with a one-line fix."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ..core.errors import ComcatError
 from .vit import check_attention, vit_blocks
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name on the Hugging Face hub
 
 
 @dataclass
@@ -174,19 +176,57 @@ def load_timm_pretrained(name: str) -> Loaded:
     return Loaded(model.eval(), name, {}, f"timm:{name}")
 
 
-def _check_reachable(name: str) -> None:
-    """Fail at once, not after the hub's retries, when `name`'s weights are neither in the local hub
-    cache nor downloadable (offline mode, or no answer from the hub within 3 s)."""
+def load_timm_export(source: str) -> Loaded:
+    """A timm model exported as config.json + weights (timm's push_to_hub / save_for_hf layout): on the
+    Hugging Face hub (SPEC hf-hub:org/name, from the hub or the local hub cache) or in a local folder
+    (local-dir:PATH). The Loaded names the timm architecture and the config's model arguments, so a
+    compressed copy reloads without the hub."""
+    import timm
+    from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
+
+    kind, where = source.split(":", 1)
+    if kind == "hf-hub":
+        if not HUB_ID.fullmatch(where):
+            raise ComcatError(
+                f"{source} is not a hub id: write hf-hub:org/name, e.g. hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"
+            )
+        _check_reachable(source, where, ("config.json",))
+    try:
+        _, arch, model_args = (
+            load_model_config_from_hf(where) if kind == "hf-hub" else load_model_config_from_path(where)
+        )
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ComcatError(f"{source} has no readable timm config.json ({first}): is it a timm model?") from None
+    if not timm.is_model(arch):
+        raise ComcatError(f"{source} names the architecture {arch!r}, which this timm does not know: update timm")
+    check_supported(build_arch(arch, **model_args), f"{source} ({arch})")
+    if kind == "hf-hub":
+        _check_reachable(source, where, ("model.safetensors", "pytorch_model.bin"))
+    try:
+        model = timm.create_model(source, pretrained=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ComcatError(
+            f"could not read the weights of {source} ({first}): download them again, or pass a local file with "
+            f"--model PATH --arch {arch}"
+        ) from None
+    return Loaded(model.eval(), arch, dict(model_args), source if kind == "hf-hub" else where)
+
+
+def _check_reachable(name: str, hub_id: str | None = None, files=("model.safetensors", "pytorch_model.bin")) -> None:
+    """Fail at once, not after the hub's retries, when `name`'s files (of `hub_id`, by default its
+    timm pretrained config's) are neither in the local hub cache nor downloadable (offline mode, or
+    no answer from the hub within 3 s)."""
     import socket
 
     from huggingface_hub import constants, try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(name)
-    hub_id = getattr(cfg, "hf_hub_id", None)
-    if hub_id and any(
-        isinstance(try_to_load_from_cache(hub_id, f), str) for f in ("model.safetensors", "pytorch_model.bin")
-    ):
+    if hub_id is None:
+        from timm.models import get_pretrained_cfg
+
+        hub_id = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+    if hub_id and any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in files):
         return  # cached: no network needed
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     why = "offline mode (HF_HUB_OFFLINE)" if offline else None

@@ -61,8 +61,8 @@ def vit_blocks(model: nn.Module) -> list[nn.Module]:
     name = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
     if not isinstance(blocks, nn.Sequential) or len(blocks) == 0 or not hasattr(blocks[0], "attn"):
         raise ComcatError(
-            f"{name} is not a ViT-family model: comcat supports timm vit_*, deit_*, "
-            "deit3_* models (fused-qkv attention), e.g. deit_small_patch16_224"
+            f"{type(model).__name__} is not a ViT-family model, the family comcat supports today: timm vit_*, "
+            "deit_*, deit3_* models (fused-qkv attention), e.g. deit_small_patch16_224"
         )
     for i, block in enumerate(blocks):
         if not hasattr(block, "mlp"):

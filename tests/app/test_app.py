@@ -331,9 +331,13 @@ def test_text_fields_never_reach_server_paths(tmp_path, monkeypatch):
     operator's data root is the only local pipeline a visitor may name."""
     from comcat.core.errors import ComcatError
 
-    for typed in ("/etc", "../x", "~/.ssh", "a/b"):
+    for typed in ("/etc", "../x", "~/.ssh", "a/b", "hf-hub:/etc", "hf-hub:../x/y", "local-dir:/etc"):
         out = explore_page.on_explore("timm name", typed, None, "", list(explore_page.PLOT_NAMES), 0)
         assert "is not a timm model name" in out[3] and out[0] is None, typed
+    assert common.model_spec("timm name", "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k") == (
+        "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k",
+        None,
+    )
     assert common.pipeline_spec(" ") == "embedded"
     assert common.pipeline_spec("runwayml/stable-diffusion-v1-5") == "hub:runwayml/stable-diffusion-v1-5"
     for typed in ("/etc", "/tmp", "..", str(tmp_path)):

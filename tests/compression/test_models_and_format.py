@@ -228,3 +228,57 @@ def test_real_vit_tiny_full_rank_keeps_predictions():
             out = compress(loaded.model, cfg)(x)
             assert torch.equal(out.argmax(1), ref.argmax(1))
             assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def _timm_export(folder, **args):
+    """A tiny timm ViT saved as timm exports to the hub: config.json (architecture + model args) and
+    model.safetensors."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    args = {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 10, **args}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    save_for_hf(model, str(folder), model_args=args, safe_serialization=True)
+    return model
+
+
+def test_a_timm_export_folder_loads_and_its_compressed_copy_reloads_without_it(tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    dense = _timm_export(tmp_path / "export")
+    loaded = load_model(str(tmp_path / "export"))
+    x = torch.randn(2, 3, 32, 32)
+    assert loaded.arch == "vit_tiny_patch16_224" and loaded.arch_kwargs["depth"] == 2
+    assert torch.equal(loaded.model(x), dense(x)) and loaded.source == str(tmp_path / "export")
+    small = compress(loaded.model, uniform_ranks(loaded.model, "head", 0.5)).eval()
+    out = save_compressed(replace(loaded, model=small), tmp_path / "small")
+    shutil.rmtree(tmp_path / "export")  # the compressed model needs neither the folder nor the hub
+    assert torch.equal(load_model(str(out)).model(x), small(x))
+
+
+def test_hub_specs_load_from_the_hub_cache_offline_and_fail_in_one_line(tmp_path):
+    """hf-hub:org/name from the local hub cache with the network off (a subprocess, so that the
+    cache folder is the one huggingface_hub reads at import); missing ids, bare org/name ids and
+    transformers folders each get one line."""
+    from conftest import run_cli
+
+    snapshot = tmp_path / "hub" / "models--comcat-test--tiny-vit" / "snapshots" / "0123abcd"
+    _timm_export(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = run_cli("-m", "comcat", "analyze", "--model", "hf-hub:comcat-test/tiny-vit", env=env)
+    assert r.returncode == 0 and "hf-hub:comcat-test/tiny-vit: 2 blocks, 3 heads" in r.stdout, r.stderr
+    r = run_cli("-m", "comcat", "analyze", "--model", "hf-hub:comcat-test/missing", env=env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "not on this machine and cannot be downloaded (offline mode" in r.stderr
+    with pytest.raises(ComcatError, match="write hf-hub:someone/some-vit for a timm model on the hub"):
+        load_model("someone/some-vit")
+    with pytest.raises(ComcatError, match="is not a hub id"):
+        load_model("hf-hub:not a hub id")
+    hf = tmp_path / "hf-vit"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 192}))
+    with pytest.raises(ComcatError, match=r"hf-vit is a Hugging Face transformers model \(vit\).*not load yet"):
+        load_model(str(hf))
