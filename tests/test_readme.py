@@ -13,17 +13,17 @@ def python_blocks() -> list[str]:
 
 
 def test_the_readme_python_examples_run(tmp_path):
+    """Both blocks in one interpreter, one after the other, as a user pasting them would."""
     blocks = python_blocks()
     assert len(blocks) == 2
-    for i, code in enumerate(blocks):
-        code = code.replace('"small/"', repr(str(tmp_path / "small")))  # write under tmp, not the repo
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-        assert out.returncode == 0, f"README python block {i + 1}: {out.stderr[-2000:]}"
+    code = "\n".join(blocks).replace('"small/"', repr(str(tmp_path / "small")))  # write under tmp, not the repo
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, f"README python blocks: {out.stderr[-2000:]}"
     assert (tmp_path / "small" / "comcat.json").is_file()
