@@ -430,11 +430,11 @@ BARS = {
 
 
 def validation_line(e: dict) -> str:
-    """One line of validation scores: agreement and KL with the dense model, top-1 when labeled."""
+    """One line of validation scores: fidelity to the dense model, top-1 when labeled."""
+    from .compression.evaluate import fidelity
+
     top1 = f", top-1 {e['top1']:.2f}%" if "top1" in e else ""
-    return (
-        f"validation ({e['images']} held-out images) agreement with dense {e['agreement']:.2f}%, KL {e['kl']:.4f}{top1}"
-    )
+    return f"validation ({e['images']} held-out images) {fidelity(e)} against the dense model{top1}"
 
 
 class TqdmProgress:
@@ -588,10 +588,16 @@ def cmd_compress(args) -> None:
 def cmd_evaluate(args) -> None:
     from .compression.evaluate import evaluate
     from .compression.load import load_model
+    from .compression.models import has_classifier
 
     loaded = load_model(args.model, args.arch)
     metrics = {"model": loaded.source, **evaluate(loaded.model, args.data, batch_size=args.batch_size)}
-    if "top1" in metrics:
+    if not has_classifier(loaded.model):
+        print(
+            f"{loaded.source} has no classifier, so no top-1 on {metrics['images']} images: the fidelity of a "
+            "compressed model's embeddings to its dense model's is in its report.md"
+        )
+    elif "top1" in metrics:
         print(
             f"{loaded.source}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)"
         )

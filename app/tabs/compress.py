@@ -11,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from comcat.compression.distill import FinetuneConfig
+from comcat.compression.evaluate import fidelity
 from comcat.compression.job import JobSpec, run_job
 from comcat.compression.load import load_model
 from comcat.compression.plots import ranks_heatmap_plotly
@@ -144,7 +145,7 @@ class Progress:
         if self.val:
             v = self.val[-1]
             top1 = f", top-1 {v['top1']:.1f}%" if "top1" in v else ""
-            parts.append(f"validation ({v['images']} held-out images): agrees with dense {v['agreement']:.1f}%{top1}")
+            parts.append(f"validation ({v['images']} held-out images): {fidelity(v, 1)} against dense{top1}")
         eta = self.eta()
         if eta is not None and self.phase in STEPPED:
             parts.append(f"ETA {eta:.0f} s")
@@ -168,6 +169,11 @@ def result_card(report: dict) -> str:
             lines.append(f"top-1 **{c['top1']:.1f}%** (dense {d['top1']:.1f}%, {c['top1'] - d['top1']:+.1f} points)")
         elif data.get("note"):
             lines.append(f"no top-1: {data['note']}")
+    if "cosine" in c:
+        lines.append(
+            f"**cosine {c['cosine']:.3f} to the dense model's embeddings**, the same nearest image for "
+            f"**{c['retrieval']:.1f}%** of {c['images']} held-out images (no classifier: no top-1)"
+        )
     lines.append(
         f"params {c['params']:,} ({c['params'] / d['params']:.2f}× dense) · FLOPs {c['flops'] / 1e6:,.0f}M "
         f"({c['flops'] / d['flops']:.2f}×) · attention at {report['attn_params_ratio']:.0%} of its params"

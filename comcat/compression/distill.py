@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..core import dist
 from ..core.errors import ComcatError, is_int, is_positive, require
 from ..core.loop import RunControl, epoch_batches, loader, seed_step
-from .evaluate import predict, scores
+from .evaluate import distance, predict, scores
+from .models import has_classifier
 
 ALIGN_BLOCKS = (0, 1, -2, -1)
 
@@ -107,9 +108,9 @@ def bf16_autocast(device: str):
 
 
 def validation_scores(model: nn.Module, data, reference: torch.Tensor, device: str) -> dict:
-    """KL and top-1 agreement with the dense model (and top-1 when labeled) on the validation split."""
+    """Fidelity to the dense model (and top-1 when labeled) on the validation split (scores())."""
     logits, labels = predict(model, data, device=device, progress=False)
-    return scores(logits, labels, reference)
+    return scores(logits, labels, reference, embeddings=not has_classifier(model))
 
 
 @dataclass
@@ -270,5 +271,5 @@ class BestModel:
         now = self.validate()
         history.append({"kind": "validate", "epoch": epoch, "step": step, **now})
         control.emit({**history[-1], "total": total})
-        if now["kl"] <= self.scores["kl"]:
+        if distance(now) <= distance(self.scores):
             self.scores, self.weights = now, copy.deepcopy(self.student.state_dict())

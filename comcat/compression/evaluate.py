@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..core import dist
 from ..core.errors import ComcatError
 from .images import image_folder
+from .models import has_classifier
 from .splits import embedded_heldout
 
 
@@ -56,12 +57,29 @@ def predict(
 
 
 def scores(
-    logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None, per_image: bool = False
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    per_image: bool = False,
+    embeddings: bool = False,
 ) -> dict:
-    """From predictions: {'images'}, with labels (all >= 0) {'top1', 'top5' (%), 'nll'}, with a
-    reference model's logits {'agreement' (% same top-1), 'kl' (mean KL(reference || model))};
-    per_image adds 'right' (top-1 right per image, with labels) and 'agree' (with a reference)."""
+    """From a model's outputs: {'images'}; for a classifier's logits with labels (all >= 0) {'top1',
+    'top5' (%), 'nll'}, with a reference model's logits {'agreement' (% same top-1), 'kl' (mean
+    KL(reference || model))}; for `embeddings` (a model without a classifier: pooled features) with
+    a reference {'cosine' (mean cosine similarity to the reference's), 'retrieval' (% of images whose
+    nearest other image, by cosine, is the same under both models)}. With a reference, 'distance'
+    is what a run minimizes on its validation split: kl, or 1 - cosine. per_image adds 'right'
+    (top-1 right per image, with labels) and 'agree' (with a reference)."""
     out: dict = {"images": len(logits)}
+    if embeddings:
+        if reference is not None:
+            cosine = F.cosine_similarity(logits.double(), reference.double(), dim=1)
+            same = nearest_other(logits) == nearest_other(reference)
+            out.update(cosine=cosine.mean().item(), retrieval=100.0 * same.double().mean().item())
+            out["distance"] = 1.0 - out["cosine"]
+            if per_image:
+                out["agree"] = same
+        return out
     if len(labels) and int(labels.min()) >= 0:
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         right = top[:, 0] == labels
@@ -78,9 +96,30 @@ def scores(
             agreement=100.0 * agree.double().mean().item(),
             kl=F.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True, reduction="batchmean").item(),
         )
+        out["distance"] = out["kl"]
         if per_image:
             out["agree"] = agree
     return out
+
+
+def nearest_other(x: torch.Tensor) -> torch.Tensor:
+    """(n,) index of each row's nearest other row of x (n, D) by cosine similarity."""
+    x = F.normalize(x.double(), dim=1)
+    sim = x @ x.T
+    sim.fill_diagonal_(-float("inf"))
+    return sim.argmax(1)
+
+
+def distance(s: dict) -> float:
+    """The validation distance of scores() (runs recorded before 'distance' existed carry 'kl')."""
+    return s.get("distance", s.get("kl"))
+
+
+def fidelity(s: dict, digits: int = 2) -> str:
+    """Scores against the dense model in words: agreement and KL, or cosine and retrieval."""
+    if "cosine" in s:
+        return f"cosine {s['cosine']:.4f}, retrieval agreement {s['retrieval']:.{digits}f}%"
+    return f"agreement {s['agreement']:.{digits}f}%, KL {s['kl']:.4f}"
 
 
 def evaluate(
@@ -95,4 +134,4 @@ def evaluate(
 ) -> dict:
     """scores() of `model` on `data` (None / 'embedded' = the embedded held-out shapes)."""
     logits, labels = predict(model, data, batch_size, device, progress, num_workers)
-    return scores(logits, labels, reference, per_image)
+    return scores(logits, labels, reference, per_image, embeddings=not has_classifier(model))

@@ -41,9 +41,10 @@ from ..core.files import (
 from ..core.loop import RunControl
 from .cost import Budget
 from .distill import FinetuneConfig
+from .evaluate import distance
 from .format import JOB_FILE, load_compressed, save_compressed
 from .load import load_model
-from .models import EMBEDDED_ARCH, Loaded
+from .models import EMBEDDED_ARCH, Loaded, has_classifier
 from .ranks import METHODS
 from .reconstruct import DistillConfig
 from .search import SearchConfig
@@ -51,6 +52,7 @@ from .search import SearchConfig
 JOB_FORMAT = "comcat-job/3"  # /3: the distillation, search and fine-tuning settings nested
 READABLE = (JOB_FORMAT, "comcat-job/2")
 CALIBRATIONS = ("auto", "data", "sequential", "none")
+FIGURES = ("top1", "top5", "agreement", "kl", "cosine", "retrieval", "images", "latency_ms")  # kept in comcat.json
 ALLOCATIONS = ("auto", "uniform", "energy", "greedy", "calibrated")
 
 
@@ -317,6 +319,11 @@ def _start(job: dict, out: Path, resume: bool, callback, should_stop, progress: 
         raise ComcatError(f"{loaded.source} is already compressed: compress the dense model instead")
     spec = JobSpec.from_dict(job["spec"]).resolved(loaded.arch)
     dense = loaded.model.to(device).eval()
+    if not has_classifier(dense) and (spec.search or spec.finetune):
+        raise ComcatError(
+            f"{loaded.source} has no classifier, and the rank search and fine-tuning distil a classifier's "
+            "predictions: compress it with calibration and block distillation (drop --search and --finetune-epochs)"
+        )
     if not spec.has_images(loaded.arch) and (spec.search or spec.finetune or spec.allocate == "calibrated"):
         raise ComcatError(
             "searching, fine-tuning or calibrating a timm model needs images: pass --data DIR "
@@ -496,7 +503,7 @@ def _validate(run: Run, small, after: str) -> dict:
     if run.val_reference is None:
         run.val_reference = predict(run.dense, run.splits.val, device=run.device, progress=False)[0]
     logits, labels = predict(small, run.splits.val, device=run.device, progress=False)
-    s = scores(logits, labels, run.val_reference)
+    s = scores(logits, labels, run.val_reference, embeddings=not has_classifier(run.dense))
     run.job.setdefault("validation", {})[after] = s
     run.emit({"kind": "validate", "after": after, "step": 0, **s})
     return s
@@ -529,7 +536,7 @@ def _distill(run: Run, small):
     run.timed("distill", t)
     run.job["distill"] = {"steps": res["steps"], "total": res["total"]}
     after = _validate(run, small, "distill")
-    if after["kl"] > before_scores["kl"]:
+    if distance(after) > distance(before_scores):
         small = copy.deepcopy(small) if res["stopped"] else small  # a stopped run resumes from its state
         small.load_state_dict(before)
         run.job["distill"]["kept"] = "the model before it (the distilled one scored worse on the validation split)"
@@ -585,10 +592,7 @@ def _finish(run: Run, small, stopped: str | None = None) -> dict:
                 "note": run.splits.note,
                 **run.splits.sizes(),
             }
-        metrics = {
-            k: {m: report[k][m] for m in ("top1", "top5", "agreement", "kl", "images", "latency_ms") if m in report[k]}
-            for k in ("dense", "compressed")
-        }
+        metrics = {k: {m: report[k][m] for m in FIGURES if m in report[k]} for k in ("dense", "compressed")}
         save_compressed(
             replace(loaded, model=small),
             run.out,

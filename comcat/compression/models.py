@@ -48,6 +48,12 @@ def build_arch(arch: str, **kwargs) -> nn.Module:
     return timm.create_model(arch, pretrained=False, **kwargs)
 
 
+def has_classifier(model: nn.Module) -> bool:
+    """Whether the model ends in a classifier (timm: num_classes > 0); without one it outputs a
+    pooled embedding, and comcat measures fidelity to the dense model instead of top-1."""
+    return getattr(model, "num_classes", 1) > 0
+
+
 def check_supported(model: nn.Module, name: str) -> nn.Module:
     try:
         for i, b in enumerate(vit_blocks(model)):
@@ -99,6 +105,9 @@ def load_checkpoint(path: str | Path, arch: str | None) -> Loaded:
     probe = build_arch(arch)
     if head is not None and getattr(probe, "num_classes", None) != head.shape[0]:
         kwargs["num_classes"] = head.shape[0]
+        probe = build_arch(arch, **kwargs)
+    elif head is None and getattr(probe, "num_classes", 0) > 0 and any(k.startswith("blocks.") for k in sd):
+        kwargs["num_classes"] = 0  # a backbone without a classifier (e.g. DINOv2-style weights)
         probe = build_arch(arch, **kwargs)
     model = check_supported(probe, arch)
     guess = guess_arch(sd)

@@ -8,8 +8,8 @@ import torch
 
 from .convert import compress
 from .cost import compare_latency, count_params, layer_params, model_flops, model_params
-from .evaluate import predict, scores
-from .models import Loaded
+from .evaluate import fidelity, predict, scores
+from .models import Loaded, has_classifier
 from .ranks import RankConfig
 
 
@@ -63,13 +63,15 @@ def measure_report(
 
         report["heads_lost_most"] = head_errors(dense, small)[:5]  # weight-space error, largest first
     if evaluate_top1:
+        embeddings = not has_classifier(dense)
         if dense_scores is None:
             ref, labels = predict(dense, data, device=device, progress=progress)
-            dense_scores = {**scores(ref, labels), "logits": ref}
+            dense_scores = {**scores(ref, labels, embeddings=embeddings), "logits": ref}
         ref = dense_scores["logits"]
         report["dense"].update({k: v for k, v in dense_scores.items() if k != "logits"})
         logits, labels = predict(small, data, device=device, progress=progress)
-        report["compressed"].update(scores(logits, labels, ref))
+        report["compressed"].update(scores(logits, labels, ref, embeddings=embeddings))
+        report["embeddings"] = embeddings
         report["labeled"] = "top1" in report["dense"]
     if latency:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -108,6 +110,9 @@ def format_report(report: dict) -> str:
     if "agreement" in c:
         rows.append(("agrees w/ dense %", "100", f"{c['agreement']:.2f}", ""))
         rows.append(("KL to dense", "0", f"{c['kl']:.4f}", ""))
+    if "cosine" in c:
+        rows.append(("cosine to dense", "1", f"{c['cosine']:.4f}", ""))
+        rows.append(("same nearest image %", "100", f"{c['retrieval']:.2f}", ""))
     for k in d.get("latency_ms", {}):
         ratio = report.get("latency_ratio", {}).get(k)
         spread = f" ({ratio['range'][0]:.2f}-{ratio['range'][1]:.2f})" if ratio else ""
@@ -127,7 +132,11 @@ def format_report(report: dict) -> str:
         where = (
             f"\nfigures on {c['images']} held-out evaluation images"
             + (f" of {data['source']}" if data.get("source") else "")
-            + ("" if report.get("labeled", True) else f" (no top-1: {data.get('note') or 'no labels'})")
+            + (
+                " (no classifier: the fidelity of its pooled embeddings to the dense model's)"
+                if report.get("embeddings")
+                else ("" if report.get("labeled", True) else f" (no top-1: {data.get('note') or 'no labels'})")
+            )
         )
     timing = (
         "\nlatency: median of 5 alternating rounds (ratio range in brackets); the machine's load moves it"
@@ -175,9 +184,7 @@ def report_markdown(report: dict, source: str, heatmap: str | None = None) -> st
         ]
     v = report.get("validation", {})
     if v:
-        parts = [
-            f"after {k}: agreement {x['agreement']:.1f}%, KL {x['kl']:.4f}" for k, x in v.items() if "agreement" in x
-        ]
+        parts = [f"after {k}: {fidelity(x, 1)}" for k, x in v.items() if "distance" in x or "kl" in x]
         lines += [
             f"Validation split (held out from training, {next(iter(v.values()))['images']} images): "
             + "; ".join(parts)
@@ -188,8 +195,7 @@ def report_markdown(report: dict, source: str, heatmap: str | None = None) -> st
     if f:
         b = f["best"]
         lines += [
-            f"End-to-end distillation: {f['steps']}/{f['total']} steps, best validation agreement "
-            f"{b['agreement']:.2f}% (KL {b['kl']:.4f}).",
+            f"End-to-end distillation: {f['steps']}/{f['total']} steps, best validation {fidelity(b)}.",
             "",
         ]
     if heatmap:

@@ -416,3 +416,14 @@ def test_messages_show_no_server_paths(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "DATA_ROOT", tmp_path)
     assert str(tmp_path) not in common.message(OSError(f"no access to {tmp_path}/team/cats/a.png"))
     assert "team/cats/a.png" in common.message(OSError(f"no access to {tmp_path}/team/cats/a.png"))
+
+
+def test_the_result_card_of_a_model_without_a_classifier_gives_embedding_fidelity():
+    report = {
+        "dense": {"params": 1000, "flops": 2e6},
+        "compressed": {"params": 600, "flops": 1e6, "cosine": 0.987, "retrieval": 93.3, "images": 30},
+        "attn_params_ratio": 0.5,
+    }
+    card = compress_page.result_card(report)
+    assert "cosine 0.987 to the dense model's embeddings" in card and "93.3%" in card and "no top-1" in card
+    assert "agreement" not in card

@@ -2,6 +2,7 @@
 torchrun, bad inputs)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -333,3 +334,43 @@ def test_report_files(tmp_path):
     assert (tmp_path / "r" / "ranks.png").stat().st_size > 1000
     lat = res["report"]["compressed"]["latency_ms"]
     assert set(lat) >= {"cpu_b1", "cpu_b32"} and all(v > 0 for v in lat.values())
+
+
+def test_embedding_scores_measure_fidelity_without_a_classifier():
+    from comcat.compression.evaluate import distance, fidelity, scores
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(40, 16, generator=g)
+    same = scores(ref.clone(), torch.full((40,), -1), ref, embeddings=True)
+    assert same["cosine"] == pytest.approx(1.0) and same["retrieval"] == 100.0 and distance(same) == pytest.approx(0)
+    noisy = scores(
+        ref + 0.8 * torch.randn(40, 16, generator=g), torch.zeros(40, dtype=torch.long), ref, embeddings=True
+    )
+    assert 0 < noisy["cosine"] < 1 and noisy["retrieval"] < 100 and "top1" not in noisy and "agreement" not in noisy
+    assert fidelity(noisy).startswith("cosine 0.") and distance({"kl": 0.3}) == 0.3  # runs recorded before 'distance'
+
+
+def test_a_model_without_a_classifier_is_compressed_and_reported_by_embedding_fidelity(tmp_path):
+    """A timm ViT with num_classes=0 (a DINOv2-style backbone): the compress run calibrates and
+    distills it, and its report gives cosine and nearest-image agreement, no top-1; the rank search,
+    which distils a classifier's predictions, is refused in one line."""
+    from test_models_and_format import _timm_export
+
+    from comcat.compression.job import JobSpec, run_job
+    from conftest import png_folder
+
+    _timm_export(tmp_path / "backbone", num_classes=0)
+    data = png_folder(tmp_path / "photos", 60, 4)
+    spec = JobSpec(
+        model=str(tmp_path / "backbone"), data=str(data), ratio=0.5, calibration_images=24,
+        distill=DistillConfig(steps=3), latency=False,
+    )  # fmt: skip
+    res = run_job(spec, tmp_path / "small")
+    c = res["report"]["compressed"]
+    assert 0 < c["cosine"] <= 1 and 0 <= c["retrieval"] <= 100 and "top1" not in c and "agreement" not in c
+    assert all("cosine" in v for v in res["report"]["validation"].values())
+    report = (tmp_path / "small" / "report.md").read_text()
+    assert "cosine to dense" in report and "no classifier" in report
+    with pytest.raises(ComcatError, match="has no classifier, and the rank search and fine-tuning"):
+        run_job(replace(spec, search=SearchConfig(epochs=1)), tmp_path / "searched")
+    assert not (tmp_path / "searched").exists()

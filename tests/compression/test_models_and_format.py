@@ -282,3 +282,14 @@ def test_hub_specs_load_from_the_hub_cache_offline_and_fail_in_one_line(tmp_path
     (hf / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 192}))
     with pytest.raises(ComcatError, match=r"hf-vit is a Hugging Face transformers model \(vit\).*not load yet"):
         load_model(str(hf))
+
+
+def test_a_checkpoint_without_a_classifier_loads_as_a_backbone(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
+    save_file(backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
+    loaded = load_model(str(tmp_path / "backbone.safetensors"), "vit_tiny_patch16_224")
+    x = torch.randn(1, 3, 224, 224)
+    assert loaded.arch_kwargs == {"num_classes": 0} and torch.equal(loaded.model(x), backbone(x))
