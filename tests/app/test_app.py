@@ -175,7 +175,7 @@ def test_progress_status_follows_the_events():
     p.update({"kind": "finetune", "step": 1, "total": 4, "loss": 0.25})
     s = p.status()
     assert s.startswith("**finetune**") and "step 1/4" in s and "loss 0.250" in s
-    assert "validation (100 held-out images): agrees with dense 91.0%, top-1 97.5%" in s
+    assert "validation (100 held-out images): agreement 91.0%, KL 0.2000 against dense, top-1 97.5%" in s
     assert [len(p.losses[k]) for k in ("search", "weights", "distill", "finetune")] == [1, 0, 1, 1]
     p.update({"kind": "done", "stopped": None, "report": {}})
     assert p.status().startswith("**done**") and "ETA" not in p.status()

@@ -197,3 +197,20 @@ def test_inference_cache_follows_parameter_changes(embedded):
     attn = small.blocks[0].attn
     with torch.no_grad():
         assert torch.equal(attn(x), fresh())
+
+
+@pytest.mark.parametrize(
+    "name", ["vit_small_patch14_dinov2", "vit_base_patch16_clip_224", "vit_base_patch16_siglip_224"]
+)
+@pytest.mark.parametrize("method", ["head", "matrix"])
+def test_timm_dinov2_clip_and_siglip_vits_convert_exactly(name, method):
+    """The timm DINOv2 (layer scale, no classifier), CLIP (pre-norm) and SigLIP (attention pooling)
+    ViTs share the fused-qkv Attention: tiny random-init copies convert exactly at full rank."""
+    tiny = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+    model = with_random_biases(timm.create_model(name, pretrained=False, **tiny)).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ranks = full_rank(model, method, mlp=True, classifier=False)
+    with torch.no_grad():
+        ref = model(x)
+        out = compress(model, ranks)(x)
+    assert rel_err(out, ref) <= 1e-10
