@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..core.embedded import EMBEDDED_ARCH, EMBEDDED_DATA_CFG, EMBEDDED_WEIGHTS, build_shapes_vit
-from ..core.errors import ComcatError
+from ..core.errors import ComcatError, first_line
 from .vit import check_attention, vit_blocks
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -78,7 +78,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code, truncated download...
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ComcatError(f"could not read checkpoint {path.name} ({first}): re-download or re-export it") from None
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -177,7 +177,7 @@ def load_timm_pretrained(name: str) -> Loaded:
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        first = first_line(e)
         raise ComcatError(
             f"could not get pretrained weights for {name} (offline? {first}): download them "
             f"where you have network, or pass a local file with --model PATH --arch {name}"
@@ -205,7 +205,7 @@ def load_timm_export(source: str) -> Loaded:
             load_model_config_from_hf(where) if kind == "hf-hub" else load_model_config_from_path(where)
         )
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        first = first_line(e)
         raise ComcatError(f"{source} has no readable timm config.json ({first}): is it a timm model?") from None
     if not timm.is_model(arch):
         raise ComcatError(f"{source} names the architecture {arch!r}, which this timm does not know: update timm")
@@ -215,7 +215,7 @@ def load_timm_export(source: str) -> Loaded:
     try:
         model = timm.create_model(source, pretrained=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        first = first_line(e)
         raise ComcatError(
             f"could not read the weights of {source} ({first}): download them again, or pass a local file with "
             f"--model PATH --arch {arch}"

@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from PIL import Image
 
 from ...core.embedded import ASSETS
-from ...core.errors import ComcatError
+from ...core.errors import ComcatError, first_line
 from .shapes_t2i import GUIDANCE
 
 EMBEDDED_PIPELINE = ASSETS / "shapes_t2i"
@@ -143,7 +143,7 @@ def load_pipeline(spec: str = "embedded", device: str = "cpu", dtype: torch.dtyp
     try:
         pipe = cls.from_pretrained(str(source) if local else spec, dtype=dtype)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, 10_000)
         raise ComcatError(
             f"could not load pipeline {spec!r} ({first}); give 'embedded', a local "
             "diffusers folder, or a hub ID reachable from this machine"
