@@ -201,14 +201,18 @@ def model_spec(source: str, name: str = "", upload: str | None = None, arch: str
         name = name.strip() or "deit_small_patch16_224"
         if name.startswith("hf-hub:") and HUB_ID.fullmatch(name.removeprefix("hf-hub:")):
             return name, None  # a timm model on the Hugging Face hub: the hub only, never a path
+        if HUB_ID.fullmatch(name):
+            return "hf:" + name, None  # a model on the Hugging Face hub, never a server path
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
             raise ComcatError(
-                f"{name!r} is not a timm model name: type one like vit_tiny_patch16_224 (or hf-hub:org/name for a "
-                "timm model on the hub), or choose 'uploaded checkpoint' for a file"
+                f"{name!r} is not a timm model name: type one like vit_tiny_patch16_224, a hub id like "
+                "google/vit-base-patch16-224, or choose 'uploaded checkpoint' for a file or a zipped model folder"
             )
         return "timm:" + name, None
     if source != "uploaded checkpoint":
         raise ComcatError(f"unknown model source {source!r}")
+    if upload and str(upload).lower().endswith(".zip"):  # a zipped model folder (save_pretrained, comcat)
+        return str(unzip(upload, "zip of a model folder", kind="models")), None
     path = take_upload(upload, CHECKPOINT_SUFFIXES, "checkpoint")
     if not arch.strip():
         raise ComcatError(

@@ -16,16 +16,16 @@ import time
 import timm
 import torch
 
+from comcat.compression import families
 from comcat.compression.analysis import analyze, head_factors, head_spectra
-from comcat.compression.vit import vit_blocks
 
 
 @torch.no_grad()
 def head_spectra_formed(model) -> dict:
     """Reference: form each C x C product W^QK_h, W^VO_h and take its singular values."""
     out = {"qk": [], "vo": []}
-    for block in vit_blocks(model):
-        for p, (x, y) in head_factors(block.attn).items():
+    for block in families.blocks(model):
+        for p, (x, y) in head_factors(families.attention(block)).items():
             d = x.shape[-1]
             out[p].append(torch.linalg.svdvals(x @ y.transpose(-1, -2))[..., :d])
     return {p: torch.stack(v).numpy() for p, v in out.items()}

@@ -14,7 +14,9 @@ from .core.errors import ComcatError
 MODEL_HELP = (
     "model SPEC: 'embedded' (default, the bundled shapes ViT), a timm name with pretrained weights "
     "(e.g. deit_small_patch16_224; needs network or a hub cache), a local checkpoint "
-    "(.safetensors/.pth/.bin, with --arch), or a compressed-model directory"
+    "(.safetensors/.pth/.bin, with --arch), a compressed-model directory, a transformers folder "
+    "(save_pretrained: ViT, DeiT, DINOv2, CLIP / SigLIP vision, BERT) or hub id (org/name), or a timm model on "
+    "the hub (hf-hub:org/name)"
 )
 
 
@@ -332,6 +334,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def cmd_analyze(args) -> None:
+    from .compression import families
     from .compression.analysis import analyze
     from .compression.load import load_model
     from .compression.plots import save_analysis_plots
@@ -354,7 +357,7 @@ def cmd_analyze(args) -> None:
     spectra = analyze(loaded.model)
     print(
         f"{loaded.source}: {spectra.depth} blocks, {spectra.num_heads} heads of dim {spectra.head_dim}, "
-        f"width {spectra.dim}"
+        f"width {spectra.dim}; {families.describe(loaded.model)}"
     )
     print(spectra.summary(args.energy))
     if args.json:

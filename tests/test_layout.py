@@ -20,7 +20,11 @@ LAYERS = [
     "comcat.core.embedded",
     # the compression side
     "comcat.compression",
-    "comcat.compression.vit",
+    "comcat.compression.families.base",
+    "comcat.compression.families.timm_vit",
+    "comcat.compression.families.hf_encoders",
+    "comcat.compression.families",
+    "comcat.compression.hub",
     "comcat.compression.models",
     "comcat.compression.analysis",
     "comcat.compression.ranks",

@@ -337,12 +337,12 @@ def compress_tab(explored):
         with gr.Column(scale=1):
             model_source = gr.Radio(list(MODEL_SOURCES), value="embedded", label="model", elem_id="compress-model")
             name = gr.Textbox(
-                label="timm name or hf-hub:org/name (pretrained weights need network)",
+                label="timm name, or a hub id: org/name (transformers) or hf-hub:org/name (timm); weights need network",
                 placeholder="deit_small_patch16_224",
             )
             upload = gr.File(
-                label="checkpoint (.safetensors / .pth)",
-                file_types=[".safetensors", ".pth", ".pt", ".bin"],
+                label="checkpoint (.safetensors / .pth), or a zipped model folder (save_pretrained, comcat)",
+                file_types=[".safetensors", ".pth", ".pt", ".bin", ".zip"],
                 type="filepath",
                 elem_id="compress-upload",
             )

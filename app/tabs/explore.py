@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from comcat.compression import families
 from comcat.compression.analysis import Spectra, analyze
 from comcat.compression.diagnose import (
     COLUMNS,
@@ -110,7 +111,8 @@ class Exploration:
     def summary(self) -> str:
         s = self.spectra
         return (
-            f"**{self.source}**: {s.depth} layers, width {s.dim}, {s.num_heads} heads of dim {s.head_dim}.\n\n"
+            f"**{self.source}**: {s.depth} layers, width {s.dim}, {s.num_heads} heads of dim {s.head_dim}. "
+            f"Factorized: {families.describe(self.model)}.\n\n"
             + " ".join(s.summary(e) for e in (0.9, 0.99))
             + (f"\n\n{table_summary(self.table)}" if self.table else "")
         )
@@ -247,12 +249,12 @@ def explore_tab():
         with gr.Column(scale=1):
             source = gr.Radio(list(SOURCES), value="embedded", label="model")
             name = gr.Textbox(
-                label="timm name or hf-hub:org/name (pretrained weights need network)",
+                label="timm name, or a hub id: org/name (transformers) or hf-hub:org/name (timm); weights need network",
                 placeholder="deit_small_patch16_224",
             )
             upload = gr.File(
-                label="checkpoint (.safetensors / .pth)",
-                file_types=[".safetensors", ".pth", ".pt", ".bin"],
+                label="checkpoint (.safetensors / .pth), or a zipped model folder (save_pretrained, comcat)",
+                file_types=[".safetensors", ".pth", ".pt", ".bin", ".zip"],
                 type="filepath",
             )
             arch = gr.Textbox(label="architecture of the checkpoint (timm name)", placeholder="vit_tiny_patch16_224")

@@ -2,7 +2,8 @@
 convert its attention (and MLPs) to low rank, calibrate, distill, search, evaluate, save.
 
 Layers, each importing only from those above it in this list (and from comcat.core):
-  vit, models                the dense models (timm ViT blocks, loading)
+  families, hub, models      the architecture interface (blocks, attention, MLPs); hub and transformers
+                             loading; dense models
   analysis, ranks, lowrank   spectra; the RankConfig data type; the low-rank modules
   cost, rank_rules, convert  params / FLOPs / latency; rules that choose ranks; dense -> low rank
   format, load               the compressed-model folder; load_model(SPEC) of any kind

@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import families
 from .calibrate import Calibration, compressed_block, head_logits, qk_factors, vo_factors, whitened_linear
 from .cost import Budget
+from .families import head_weights, matrix_weights
+from .families.base import logit_bias_mask
 from .rank_rules import uniform_ranks
 from .ranks import MATRICES, MLP_SITES, RankConfig, site_limits
-from .vit import head_weights, matrix_weights, vit_blocks
 
 PROBE_IMAGES = 64
 FISHER_IMAGES = 128
@@ -59,58 +61,79 @@ def _factors(block: nn.Module, bs, method: str, mlp: bool) -> dict:
     """Full-rank whitened factors of a block's sites: key -> (left (.., in, n), right (.., out, n), input mean)."""
     out = {}
     st = bs.attn
+    attn = families.attention(block)
     if method == "head":
-        hw = head_weights(block.attn)
+        hw = head_weights(attn)
         a, b, _ = qk_factors(hw, st)
         p, r, _ = vo_factors(hw, st)
         out["qk"] = (a, b, None)
         out["vo"] = (p, r, st.mixed.mean)
     else:
-        ws = matrix_weights(block.attn)
+        ws = matrix_weights(attn)
         for m in MATRICES:
             stats = st.outputs if m == "o" else st.inputs
             down, up, _, _ = whitened_linear(ws[m], None, stats, min(ws[m].shape))
             out[m] = (down.T, up, stats.mean)
     if mlp:
-        for fc in MLP_SITES:
-            lin = getattr(block.mlp, fc)
+        for fc, lin in families.mlp(block).items():
             down, up, _, _ = whitened_linear(lin.weight, lin.bias, bs.mlp[fc], min(lin.weight.shape))
             out[fc] = (down.T, up, bs.mlp[fc].mean)
     return {k: tuple(t.float() if t is not None else None for t in v) for k, v in out.items()}
 
 
+class TappedAttention(nn.Module):
+    """A dense canonical attention written out, keeping each site's input and (grad-retaining)
+    output in `tape`: per-head logits (QK), the projection output (VO, or W^O), the fused qkv."""
+
+    def __init__(self, attn: nn.Module, method: str, tape: dict):
+        super().__init__()
+        self.attn, self.method, self.tape = attn, method, tape
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        attn, tape = self.attn, self.tape
+        B, N, C = x.shape
+        qkv = attn.qkv(x)
+        if self.method == "matrix":
+            qkv.retain_grad()
+            tape.update(q=(x, qkv, 0), k=(x, qkv, 1), v=(x, qkv, 2))
+        q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        logits = (q @ k.mT) * attn.scale
+        logits.retain_grad()
+        attn_mask = logit_bias_mask(attn, attn_mask)
+        if attn_mask is not None:
+            bool_mask = attn_mask.dtype == torch.bool
+            logits = logits.masked_fill(~attn_mask, float("-inf")) if bool_mask else logits + attn_mask
+        probs = logits.softmax(-1)
+        o = (probs @ v).transpose(1, 2).reshape(B, N, -1)
+        out = attn.proj(o)
+        out.retain_grad()
+        if self.method == "head":
+            tape.update(qk=(x, logits, attn.scale), vo=(probs.detach() @ x.detach()[:, None], out, None))
+        else:
+            tape["o"] = (o, out, None)
+        return out
+
+
 def _tapped_block(block: nn.Module, h: torch.Tensor, method: str, mlp: bool, tape: dict) -> torch.Tensor:
-    """timm Block.forward written out, keeping each site's input and (grad-retaining) output in `tape`."""
-    attn = block.attn
-    x = block.norm1(h)
-    B, N, C = x.shape
-    H = attn.num_heads
-    qkv = attn.qkv(x)
-    if method == "matrix":
-        qkv.retain_grad()
-        tape.update(q=(x, qkv, 0), k=(x, qkv, 1), v=(x, qkv, 2))
-    q, k, v = qkv.reshape(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    logits = (q @ k.mT) * attn.scale
-    logits.retain_grad()
-    probs = logits.softmax(-1)
-    o = (probs @ v).transpose(1, 2).reshape(B, N, -1)
-    out = attn.proj(o)
-    out.retain_grad()
-    if method == "head":
-        tape.update(qk=(x, logits, attn.scale), vo=(probs.detach() @ x.detach()[:, None], out, None))
-    else:
-        tape["o"] = (o, out, None)
-    h = h + block.drop_path1(block.ls1(out))
-    x = block.norm2(h)
-    mlp_ = block.mlp
-    f1 = mlp_.fc1(x)
-    a = mlp_.norm(mlp_.drop1(mlp_.act(f1)))
-    f2 = mlp_.fc2(a)
-    if mlp:
-        f1.retain_grad()
-        f2.retain_grad()
-        tape.update(fc1=(x, f1, None), fc2=(a, f2, None))
-    return h + block.drop_path2(block.ls2(mlp_.drop2(f2)))
+    """The block's forward with its attention tapped (TappedAttention) and, with `mlp`, the MLP
+    linears' inputs and outputs kept in `tape` too."""
+    attn = families.attention(block)
+
+    def keep(fc):
+        def hook(module, args, out):
+            out.retain_grad()
+            tape[fc] = (args[0], out, None)
+
+        return hook
+
+    hooks = [lin.register_forward_hook(keep(fc)) for fc, lin in families.mlp(block).items()] if mlp else []
+    families.set_attention(block, TappedAttention(attn, method, tape))
+    try:
+        return families.run_block(block, h)
+    finally:
+        families.set_attention(block, attn)
+        for hk in hooks:
+            hk.remove()
 
 
 @torch.no_grad()
@@ -135,9 +158,9 @@ def fisher_curves(
     model: nn.Module, cal: Calibration, method: str, mlp: bool, samples: int = FISHER_SAMPLES, seed: int = 0
 ) -> dict[tuple[int, str], np.ndarray]:
     """Per site (block, key): F_s(r) for r = 0..full (module docstring), on cal.first's images."""
-    blocks = vit_blocks(model)
+    blocks = families.blocks(model)
     factors = [_factors(b, bs, method, mlp) for b, bs in zip(blocks, cal.stats)]
-    C = blocks[0].attn.qkv.in_features
+    C = families.attention(blocks[0]).qkv.in_features
     comps: dict[tuple[int, str], list] = {}
     g = torch.Generator().manual_seed(seed)
     was_training = model.training
@@ -176,10 +199,10 @@ def fisher_curves(
 @torch.no_grad()
 def probe_kl(model: nn.Module, cal: Calibration, block: int, ranks: dict, method: str) -> float:
     """KL to the dense model on the probe images with only block `block` changed to `ranks`."""
-    blocks = vit_blocks(model)
-    h = compressed_block(blocks[block], ranks, method, cal.stats[block])(cal.inputs[block])
+    blocks = families.blocks(model)
+    h = families.run_block(compressed_block(blocks[block], ranks, method, cal.stats[block]), cal.inputs[block])
     for b in blocks[block + 1 :]:
-        h = b(h)
+        h = families.run_block(b, h)
     return kl_to(cal.logits, head_logits(model, h))
 
 
@@ -234,7 +257,7 @@ def calibrated_ranks(
 
     method, mlp, ratio = budget.method, budget.mlp, budget.ratio
     cost_fn, target = budget.target(model)
-    blocks = vit_blocks(model)
+    blocks = families.blocks(model)
     curves = fisher_curves(model, cal, method, mlp)
     probe_at = uniform_ranks(model, method, ratio, mlp=mlp)
     sites = [Site(i, key, curve) for (i, key), curve in sorted(curves.items())]

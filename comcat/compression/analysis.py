@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..core.linalg import cumulative_energy, product_svdvals, rank_for_energy
-from .vit import head_weights, matrix_weights, vit_blocks
+from . import families
+from .families import head_weights, matrix_weights
 
 MATRICES = ("q", "k", "v", "o")
 PRODUCTS = ("qk", "vo")
@@ -97,8 +98,8 @@ class Spectra:
 def head_spectra(model: nn.Module) -> dict[str, np.ndarray]:
     """(L, H, d) singular values of W^QK_h and W^VO_h for every block, via thin QR."""
     out = {p: [] for p in PRODUCTS}
-    for block in vit_blocks(model):
-        for p, (x, y) in head_factors(block.attn).items():
+    for block in families.blocks(model):
+        for p, (x, y) in head_factors(families.attention(block)).items():
             out[p].append(product_svdvals(x, y))
     return {p: torch.stack(v).numpy() for p, v in out.items()}
 
@@ -109,11 +110,11 @@ def matrix_spectra(model: nn.Module) -> dict[str, np.ndarray]:
 
     Full C x C SVDs dominate the analysis time, so they run in float32, the weights' own precision
     (errors ~1e-7 s_1, far below what energy curves resolve); head-level spectra stay float64."""
-    ws = [matrix_weights(b.attn) for b in vit_blocks(model)]
+    ws = [matrix_weights(families.attention(b)) for b in families.blocks(model)]
     return {m: torch.linalg.svdvals(torch.stack([w[m] for w in ws]).float()).double().numpy() for m in MATRICES}
 
 
 def analyze(model: nn.Module) -> Spectra:
-    """Matrix-level and head-level spectra of every attention layer of a timm ViT."""
-    attn = vit_blocks(model)[0].attn
+    """Matrix-level and head-level spectra of every attention layer of a supported model."""
+    attn = families.attention(families.blocks(model)[0])
     return Spectra(matrix_spectra(model), head_spectra(model), attn.qkv.in_features, attn.num_heads, attn.head_dim)

@@ -32,10 +32,12 @@ from torch import nn
 
 from ..core.errors import ComcatError
 from ..core.linalg import product_svd
-from .convert import head_module
+from . import families
+from .convert import compress_classifiers, head_module, keep_logit_bias
+from .families import head_weights, matrix_weights
+from .families.base import logit_bias_mask
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
 from .ranks import MATRICES, MLP_SITES, RankConfig
-from .vit import check_attention, head_weights, matrix_weights, vit_blocks
 
 MIN_IMAGES = 8
 RIDGE = 1e-6  # of the mean diagonal, added before the Cholesky factorization
@@ -173,14 +175,16 @@ def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """softmax(logits_h) (B, H, N, N) of a timm Attention or a factorized attention."""
+    """softmax(logits_h) (B, H, N, N) of a canonical attention or a factorized one."""
     if isinstance(attn, (HeadLowRankAttention, MatrixLowRankAttention)):
         q, k = _split_heads(attn.q(x), attn.num_heads), _split_heads(attn.k(x), attn.num_heads)
     else:
         H, d = attn.num_heads, attn.head_dim
         qkv = attn.qkv(x).reshape(x.shape[0], x.shape[1], 3, H, d).permute(2, 0, 3, 1, 4)
         q, k = qkv[0], qkv[1]
-    return torch.softmax((q @ k.mT) * attn.scale, dim=-1)
+    logits = (q @ k.mT) * attn.scale
+    bias = logit_bias_mask(attn, None)
+    return torch.softmax(logits if bias is None else logits + bias, dim=-1)
 
 
 def add_attention_stats(
@@ -254,7 +258,7 @@ def head_attention(
     qk=None,
     vo=None,
 ) -> HeadLowRankAttention:
-    """HeadLowRankAttention of a timm Attention at ranks (r_qk, r_vo): whitened by `st` (plain SVD
+    """HeadLowRankAttention of a canonical attention at ranks (r_qk, r_vo): whitened by `st` (plain SVD
     when None). qk / vo: precomputed qk_factors / vo_factors to reuse."""
     hw = head_weights(attn)
     a, b, _ = qk if qk is not None else qk_factors(hw, st, ridge)
@@ -297,6 +301,7 @@ def matrix_attention(
     q, k, v = (fit(ws[m], bias[i], ranks.get(m), x_stats) for i, m in enumerate("qkv"))
     proj = _linear(ws["o"], attn.proj.bias.detach().double() if attn.proj.bias is not None else None, like)
     new = MatrixLowRankAttention(q, k, v, proj, attn.num_heads, float(attn.scale), attn.attn_drop.p, attn.proj_drop.p)
+    keep_logit_bias(new, attn)
     if ranks.get("o") is not None:
         out_stats = None if st is None else st.outputs
         if st is not None and x_batches:
@@ -316,7 +321,7 @@ class _Stop(Exception):
 @torch.no_grad()
 def block_inputs(model: nn.Module, loader) -> torch.Tensor:
     """The first block's input tokens (n, N, C) for every image of `loader` ((x, y) batches)."""
-    first = vit_blocks(model)[0]
+    first = families.blocks(model)[0]
     out = []
 
     def grab(module, args):
@@ -336,22 +341,23 @@ def block_inputs(model: nn.Module, loader) -> torch.Tensor:
 
 
 def head_logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Classifier logits from the last block's output tokens (timm: norm, then forward_head)."""
-    return model.forward_head(model.norm(h))
+    """The model's output (logits, or the pooled embedding) from the last block's output tokens."""
+    return families.output(model, h)
 
 
 def _batches(h: torch.Tensor, size: int):
     return (h[i : i + size] for i in range(0, len(h), size))
 
 
+def attention_inputs(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The tokens the block's attention sees (after its norm) for block inputs h."""
+    attn = families.attention(block)
+    return families.run_capturing(block, h, {"x": attn}, stop=True)[0]["x"]
+
+
 def _mlp_inputs(block: nn.Module, h: torch.Tensor, fc: str) -> torch.Tensor:
-    """The input of block.mlp.fc1 (norm2 of the attention's residual output) or fc2 (after the activation)."""
-    y = h + block.drop_path1(block.ls1(block.attn(block.norm1(h))))
-    x = block.norm2(y)
-    if fc == "fc2":
-        mlp = block.mlp
-        x = mlp.norm(mlp.drop1(mlp.act(mlp.fc1(x))))
-    return x
+    """The input of the block's MLP linear `fc` (fc1: the normed residual stream; fc2: after the activation)."""
+    return families.run_capturing(block, h, {fc: families.mlp(block)[fc]}, stop=True)[0][fc]
 
 
 @dataclass
@@ -377,10 +383,8 @@ def _site_stats(run: nn.Module, h: torch.Tensor, fc: str, batch_size: int) -> Mo
 
 
 def _check(model: nn.Module) -> list[nn.Module]:
-    blocks = vit_blocks(model)
-    for i, b in enumerate(blocks):
-        check_attention(b.attn, f"block {i} attention")
-    return blocks
+    families.check(model)
+    return families.blocks(model)
 
 
 def _first_inputs(model: nn.Module, loader) -> torch.Tensor:
@@ -415,14 +419,20 @@ def calibrate(
             progress(i, len(blocks))
         if probe:
             cal.inputs.append(h[:probe].clone())
-        st = None
-        for x in _batches(h, batch_size):
-            st = add_attention_stats(st, block.attn, block.norm1(x), block.attn if matrix else None)
-        bs = BlockStats(st)
+        attn, sites = families.attention(block), {"x": families.attention(block)}
         if mlp:
-            bs.mlp = {fc: _site_stats(block, h, fc, batch_size) for fc in MLP_SITES}
+            sites.update(families.mlp(block))
+        st, outs, bs = None, [], BlockStats(None)
+        for x in _batches(h, batch_size):  # one pass per batch: the block's output and its sites' inputs
+            kept, out = families.run_capturing(block, x, sites)
+            outs.append(out)
+            st = add_attention_stats(st, attn, kept["x"], attn if matrix else None)
+            for fc in MLP_SITES if mlp else ():
+                u = kept[fc].reshape(-1, kept[fc].shape[-1])
+                bs.mlp.setdefault(fc, Moments(u.shape[-1], device=x.device)).add(u)
+        bs.attn = st
         cal.stats.append(bs)
-        h = torch.cat([block(x) for x in _batches(h, batch_size)])
+        h = torch.cat(outs)
     if probe:
         cal.logits = head_logits(model, h[:probe])
     return cal
@@ -436,15 +446,16 @@ def compressed_block(
 
     new = copy.deepcopy(block)
     st = bs.attn if bs is not None else None
+    attn = families.attention(block)
     if method == "head":
         if "qk" in r:
-            new.attn = head_attention(block.attn, r["qk"], r["vo"], st, ridge)
+            families.set_attention(new, head_attention(attn, r["qk"], r["vo"], st, ridge))
     elif any(r.get(m) is not None for m in MATRICES):
-        new.attn = matrix_attention(block.attn, {m: r.get(m) for m in MATRICES}, st, ridge=ridge)
-    for fc in MLP_SITES:
+        families.set_attention(new, matrix_attention(attn, {m: r.get(m) for m in MATRICES}, st, ridge=ridge))
+    for fc, lin in families.mlp(block).items():
         if r.get(fc) is not None:
             m = bs.mlp.get(fc) if bs is not None else None
-            setattr(new.mlp, fc, low_rank_linear(getattr(block.mlp, fc), m, r[fc], ridge, f"{where} {fc} input"))
+            families.set_mlp(new, fc, low_rank_linear(lin, m, r[fc], ridge, f"{where} {fc} input"))
     return new
 
 
@@ -455,18 +466,14 @@ def build(model: nn.Module, ranks: RankConfig, cal: Calibration | None, ridge: f
 
     ranks.validate(model)
     small = copy.deepcopy(model).eval()
-    for i, (block, r) in enumerate(zip(vit_blocks(small), ranks.blocks)):
-        small.blocks[i] = compressed_block(block, r, ranks.method, cal.stats[i] if cal else None, ridge, f"block {i}")
-    _classifier(small, ranks)
+    for i, (block, r) in enumerate(zip(families.blocks(small), ranks.blocks)):
+        fitted = compressed_block(block, r, ranks.method, cal.stats[i] if cal else None, ridge, f"block {i}")
+        families.set_attention(block, families.attention(fitted))
+        for fc, lin in families.mlp(fitted).items():
+            families.set_mlp(block, fc, lin)
+    compress_classifiers(small, ranks)
     small.comcat_ranks = ranks
     return small
-
-
-def _classifier(model: nn.Module, ranks: RankConfig) -> None:
-    if ranks.classifier is not None:
-        for name in ("head", "head_dist"):
-            if isinstance(getattr(model, name, None), nn.Linear):
-                setattr(model, name, LowRankLinear.from_linear(getattr(model, name), ranks.classifier))
 
 
 @torch.no_grad()
@@ -485,37 +492,29 @@ def calibrate_sequential(
     for i, (block, r) in enumerate(zip(blocks, ranks.blocks)):
         if progress:
             progress(i, len(blocks))
-        xs = [block.norm1(x) for x in _batches(h, batch_size)]
-        run = small.blocks[i]
+        xs = [attention_inputs(block, x) for x in _batches(h, batch_size)]
+        run, attn = families.blocks(small)[i], families.attention(block)
         st = None
         for x in xs:
-            st = add_attention_stats(st, block.attn, x)
+            st = add_attention_stats(st, attn, x)
         if ranks.method == "head":  # the VO path on the mixing of the factorized QK path
-            hw = head_weights(block.attn)
+            hw = head_weights(attn)
             qk = qk_factors(hw, st, ridge)
-            mixer = head_attention(block.attn, r["qk"], 1, None, ridge, qk=qk)
+            mixer = head_attention(attn, r["qk"], 1, None, ridge, qk=qk)
             st.mixed = Moments(st.mixed.sum.shape[-1], tuple(st.mixed.sum.shape[:-1]), device=h.device)
             for x in xs:
                 st.mixed.add(
                     (attention_probs(mixer, x) @ x[:, None]).transpose(0, 1).reshape(hw.num_heads, -1, x.shape[-1])
                 )
-            run.attn = head_attention(block.attn, r["qk"], r["vo"], st, ridge, qk=qk)
+            families.set_attention(run, head_attention(attn, r["qk"], r["vo"], st, ridge, qk=qk))
         else:
-            run.attn = matrix_attention(block.attn, {m: r.get(m) for m in MATRICES}, st, xs, ridge)
-        for fc in MLP_SITES:  # fc1 after the new attention, fc2 after the new fc1
+            families.set_attention(run, matrix_attention(attn, {m: r.get(m) for m in MATRICES}, st, xs, ridge))
+        for fc, lin in families.mlp(block).items():  # fc1 after the new attention, fc2 after the new fc1
             if r.get(fc) is not None:
-                setattr(
-                    run.mlp,
-                    fc,
-                    low_rank_linear(
-                        getattr(block.mlp, fc),
-                        _site_stats(run, h, fc, batch_size),
-                        r[fc],
-                        ridge,
-                        f"block {i} {fc} input",
-                    ),
-                )
-        h = torch.cat([run(x) for x in _batches(h, batch_size)])
-    _classifier(small, ranks)
+                stats = _site_stats(run, h, fc, batch_size)
+                fitted = low_rank_linear(lin, stats, r[fc], ridge, f"block {i} {fc} input")
+                families.set_mlp(run, fc, fitted)
+        h = torch.cat([families.run_block(run, x) for x in _batches(h, batch_size)])
+    compress_classifiers(small, ranks)
     small.comcat_ranks = ranks
     return small

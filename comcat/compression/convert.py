@@ -1,4 +1,4 @@
-"""Turn a dense timm ViT into a low-rank one, by SVD, for a given RankConfig."""
+"""Turn a dense transformer into a low-rank one, by SVD, for a given RankConfig."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.linalg import product_svd
+from . import families
+from .families import head_weights, matrix_weights
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
 from .ranks import ATTN_SITES, MATRICES, MLP_SITES, RankConfig
-from .vit import check_attention, head_weights, matrix_weights, vit_blocks
 
 
 def _to_rows(f: torch.Tensor) -> torch.Tensor:
@@ -21,7 +22,7 @@ def _to_rows(f: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def head_lowrank_attention(attn: nn.Module, rank_qk: int, rank_vo: int) -> HeadLowRankAttention:
-    """COMCAT head-level factorization of a timm Attention, by exact thin SVD of each head's
+    """COMCAT head-level factorization of a canonical attention (families/base.py), by exact thin SVD of each head's
     [W^Q_h; b^Q_h] W^K_h^T (W^QK_h with the query bias as an extra input row) and W^VO_h, truncated
     to r; the other biases folded exactly (see HeadLowRankAttention)."""
     hw = head_weights(attn)
@@ -60,6 +61,13 @@ def head_module(attn: nn.Module, hw, a, b, p, r) -> HeadLowRankAttention:
     if hw.bv is not None:
         b_out += torch.einsum("hcd,hd->c", hw.wo, hw.bv)  # sum_h b^V_h W^O_h
     new.proj.bias.copy_(b_out)
+    return keep_logit_bias(new, attn)
+
+
+def keep_logit_bias(new: nn.Module, attn: nn.Module) -> nn.Module:
+    """Give the low-rank attention `new` a copy of the dense attention's logit bias, if it has one."""
+    if getattr(attn, "logit_bias", None) is not None:
+        new.logit_bias = copy.deepcopy(attn.logit_bias)
     return new
 
 
@@ -82,32 +90,29 @@ def matrix_lowrank_attention(attn: nn.Module, ranks: dict) -> MatrixLowRankAtten
     like = attn.qkv.weight
     q, k, v = (_linear(ws[m], bias[i], ranks.get(m), like) for i, m in enumerate("qkv"))
     proj = _linear(ws["o"], pb, ranks.get("o"), like)
-    return MatrixLowRankAttention(q, k, v, proj, attn.num_heads, float(attn.scale), attn.attn_drop.p, attn.proj_drop.p)
+    new = MatrixLowRankAttention(q, k, v, proj, attn.num_heads, float(attn.scale), attn.attn_drop.p, attn.proj_drop.p)
+    return keep_logit_bias(new, attn)
 
 
 def compress(model: nn.Module, ranks: RankConfig, inplace: bool = False) -> nn.Module:
     """Replace every block's attention (and the MLP layers / classifier that have a rank) by
     its low-rank version. Returns the compressed model; the input is untouched unless inplace."""
-    blocks = vit_blocks(model)
-    for i, b in enumerate(blocks):
-        check_attention(b.attn, f"block {i} attention")
+    families.check(model)
+    model = families.prepare(model if inplace else copy.deepcopy(model))
     ranks.validate(model)
-    model = model if inplace else copy.deepcopy(model)
-    blocks = vit_blocks(model)
+    blocks = families.blocks(model)
     for b, r in tqdm(
         zip(blocks, ranks.blocks), total=len(blocks), desc=f"compress ({ranks.method} level)", disable=None, leave=False
     ):  # disable=None: a bar only on a terminal
+        attn = families.attention(b)
         if ranks.method == "head":
-            b.attn = head_lowrank_attention(b.attn, r["qk"], r["vo"])
+            families.set_attention(b, head_lowrank_attention(attn, r["qk"], r["vo"]))
         else:
-            b.attn = matrix_lowrank_attention(b.attn, {m: r.get(m) for m in MATRICES})
-        for fc in MLP_SITES:
+            families.set_attention(b, matrix_lowrank_attention(attn, {m: r.get(m) for m in MATRICES}))
+        for fc, lin in families.mlp(b).items():
             if r.get(fc) is not None:
-                setattr(b.mlp, fc, LowRankLinear.from_linear(getattr(b.mlp, fc), r[fc]))
-    if ranks.classifier is not None:
-        for name in ("head", "head_dist"):
-            if isinstance(getattr(model, name, None), nn.Linear):
-                setattr(model, name, LowRankLinear.from_linear(getattr(model, name), ranks.classifier))
+                families.set_mlp(b, fc, LowRankLinear.from_linear(lin, r[fc]))
+    compress_classifiers(model, ranks)
     model.comcat_ranks = ranks
     return model
 
@@ -139,14 +144,22 @@ def _truncate_linear(lin: LowRankLinear, rank: int | None) -> None:
     lin.rank = rank
 
 
+def compress_classifiers(model: nn.Module, ranks: RankConfig) -> None:
+    """Factorize the dense classifier linears at ranks.classifier (when set), in place."""
+    if ranks.classifier is not None:
+        for name, lin in families.classifiers(model).items():
+            if isinstance(lin, nn.Linear):
+                families.set_classifier(model, name, LowRankLinear.from_linear(lin, ranks.classifier))
+
+
 def truncate(model: nn.Module, ranks: RankConfig, inplace: bool = False) -> nn.Module:
     """Keep the leading `ranks` factor columns of an already factorized model (e.g. the full-rank
     model a rank search trained): the hard version of the search's rank mask c = [1]*r + [0]*(n-r).
     Sites that are dense in `model` must be None in `ranks`."""
     model = model if inplace else copy.deepcopy(model)
     sites = ATTN_SITES[ranks.method] + MLP_SITES
-    for b, r in zip(vit_blocks(model), ranks.blocks):
-        a = b.attn
+    for b, r in zip(families.blocks(model), ranks.blocks):
+        a = families.attention(b)
         if isinstance(a, HeadLowRankAttention):
             if r["qk"] != a.rank_qk:
                 _keep_rows(a.q, a.num_heads, a.rank_qk, r["qk"])
@@ -156,12 +169,14 @@ def truncate(model: nn.Module, ranks: RankConfig, inplace: bool = False) -> nn.M
                 _keep_rows(a.v, a.num_heads, a.rank_vo, r["vo"])
                 _keep_cols(a.proj, a.num_heads, a.rank_vo, r["vo"])
                 a.rank_vo = r["vo"]
+        linears = families.mlp(b)
         for site in sites:
-            owner, attr = (b.mlp, site) if site in MLP_SITES else (a, "proj" if site == "o" else site)
-            lin = getattr(owner, attr, None)
+            lin = linears.get(site) if site in MLP_SITES else getattr(a, "proj" if site == "o" else site, None)
             if isinstance(lin, LowRankLinear):
                 _truncate_linear(lin, r.get(site))
-    if ranks.classifier is not None and isinstance(getattr(model, "head", None), LowRankLinear):
-        _truncate_linear(model.head, ranks.classifier)
+    if ranks.classifier is not None:
+        for lin in families.classifiers(model).values():
+            if isinstance(lin, LowRankLinear):
+                _truncate_linear(lin, ranks.classifier)
     model.comcat_ranks = ranks
     return model

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..core.errors import ComcatError, require
-from .ranks import MATRICES, METHODS, MLP_SITES, RankConfig
-from .vit import vit_blocks
+from . import families
+from .ranks import MATRICES, METHODS, RankConfig
 
 
 def count_params(model: nn.Module) -> int:
@@ -50,17 +50,12 @@ def _block_ranks(ranks: RankConfig | None, i: int) -> dict:
 def layer_params(model: nn.Module, ranks: RankConfig | None = None) -> list[dict[str, int]]:
     """Per block: {"attn": params, "mlp": params} (fc1 + fc2 with biases) of the (compressed) model."""
     out = []
-    for i, b in enumerate(vit_blocks(model)):
+    for i, b in enumerate(families.blocks(model)):
         r = _block_ranks(ranks, i)
-        attn = attention_params(b.attn, ranks.method if ranks else None, r)
+        attn = attention_params(families.attention(b), ranks.method if ranks else None, r)
         mlp = sum(
-            _linear_cost(
-                getattr(b.mlp, fc).in_features,
-                getattr(b.mlp, fc).out_features,
-                r.get(fc),
-                getattr(b.mlp, fc).bias is not None,
-            )
-            for fc in MLP_SITES
+            _linear_cost(lin.in_features, lin.out_features, r.get(fc), lin.bias is not None)
+            for fc, lin in families.mlp(b).items()
         )
         out.append({"attn": attn, "mlp": mlp})
     return out
@@ -78,8 +73,7 @@ def model_params(dense: nn.Module, ranks: RankConfig | None = None) -> int:
     for before, after in zip(layer_params(dense), layer_params(dense, ranks)):
         total += after["attn"] - before["attn"] + after["mlp"] - before["mlp"]
     if ranks is not None and ranks.classifier is not None:
-        for name in ("head", "head_dist"):
-            lin = getattr(dense, name, None)
+        for lin in families.classifiers(dense).values():
             if isinstance(lin, nn.Linear):
                 total += (
                     _linear_cost(lin.in_features, lin.out_features, ranks.classifier, lin.bias is not None)
@@ -89,16 +83,12 @@ def model_params(dense: nn.Module, ranks: RankConfig | None = None) -> int:
     return total
 
 
-def num_tokens(model: nn.Module) -> int:
-    return model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
-
-
 def layer_flops(model: nn.Module, ranks: RankConfig | None = None) -> list[dict[str, int]]:
     """Per block FLOPs of one image: {"attn": ..., "mlp": ...}."""
-    N = num_tokens(model)
+    N = families.num_tokens(model)
     out = []
-    for i, b in enumerate(vit_blocks(model)):
-        C, H, d, _, _ = _attn_dims(b.attn)
+    for i, b in enumerate(families.blocks(model)):
+        C, H, d, _, _ = _attn_dims(families.attention(b))
         r = _block_ranks(ranks, i)
         method = ranks.method if ranks else None
         if method == "head":
@@ -113,8 +103,7 @@ def layer_flops(model: nn.Module, ranks: RankConfig | None = None) -> list[dict[
                 if r.get(fc) is None
                 else r[fc] * (lin.in_features + lin.out_features)
             )
-            for fc in MLP_SITES
-            for lin in [getattr(b.mlp, fc)]
+            for fc, lin in families.mlp(b).items()
         )
         out.append({"attn": 2 * macs, "mlp": 2 * mlp})
     return out
@@ -122,11 +111,9 @@ def layer_flops(model: nn.Module, ranks: RankConfig | None = None) -> list[dict[
 
 def model_flops(model: nn.Module, ranks: RankConfig | None = None) -> int:
     """FLOPs of one forward pass for one image: patch embedding + blocks + classifier(s)."""
-    pe = model.patch_embed.proj
-    patch = 2 * model.patch_embed.num_patches * pe.out_channels * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1]
+    patch = families.patch_flops(model)
     heads = 0
-    for name in ("head", "head_dist"):
-        lin = getattr(model, name, None)
+    for lin in families.classifiers(model).values():
         if isinstance(lin, nn.Linear):
             rank = ranks.classifier if ranks is not None else None
             heads += 2 * (
@@ -144,14 +131,13 @@ def counted_flops(model: nn.Module, input_size=None) -> int:
 
     from .lowrank import HeadLowRankAttention
 
-    p = next(model.parameters())
-    input_size = input_size or model.pretrained_cfg.get("input_size", (3, 224, 224))
+    x = families.example_input(model, 1, input_size)
     padded = [m for m in model.modules() if isinstance(m, HeadLowRankAttention)]
     for m in padded:
         m.pad_heads = False  # count the factorized arithmetic, not alignment zeros
     try:
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model.eval()(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+            model.eval()(x)
     finally:
         for m in padded:
             del m.pad_heads  # back to the class default
@@ -164,9 +150,8 @@ def measure_latency(
 ) -> float:
     """Median wall time of one forward pass in milliseconds."""
     device = device or next(model.parameters()).device.type
-    input_size = input_size or model.pretrained_cfg.get("input_size", (3, 224, 224))
     model = model.eval().to(device)
-    x = torch.randn(batch, *input_size, device=device)
+    x = families.example_input(model, batch, input_size)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     for i in range(warmup + iters):
@@ -194,7 +179,6 @@ def compare_latency(
     Per model {"ms": median over rounds, "min", "max", "rounds": [...]}, and per model after the
     first {"ratio": median of the per-round ratios to the first model, "ratio_min", "ratio_max"}."""
     names = list(models)
-    input_size = input_size or models[names[0]].pretrained_cfg.get("input_size", (3, 224, 224))
     per = {n: [] for n in names}
     for n in names:
         models[n].eval().to(device)

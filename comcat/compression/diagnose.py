@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from ..core.linalg import product_svdvals, rank_for_energy, split_heads
+from . import families
 from .analysis import MATRICES, PRODUCTS, head_factors
-from .vit import matrix_weights, vit_blocks
+from .families import matrix_weights
 
 COLUMNS = (
     "layer",
@@ -69,9 +70,10 @@ def _shuffled(w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def _site_spectra(block: nn.Module, g: torch.Generator | None = None) -> dict[str, np.ndarray]:
     """Singular values per site of one block: q, k, v, o (C,) and qk, vo (H, d); with `g`, of the
     weights with their entries shuffled (each head's factors within the head)."""
-    mats = matrix_weights(block.attn)
+    attn = families.attention(block)
+    mats = matrix_weights(attn)
     out = {m: torch.linalg.svdvals((_shuffled(mats[m], g) if g else mats[m]).double()).numpy() for m in MATRICES}
-    for p, (x, y) in head_factors(block.attn).items():
+    for p, (x, y) in head_factors(attn).items():
         if g is not None:
             x, y = torch.stack([_shuffled(h, g) for h in x]), torch.stack([_shuffled(h, g) for h in y])
         out[p] = product_svdvals(x.double(), y.double()).numpy()
@@ -82,7 +84,7 @@ def layer_table(model: nn.Module, seed: int = 0) -> list[dict]:
     """One row per block and site (q, k, v, o, qk, vo) with the metrics of the module docstring."""
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for i, block in enumerate(vit_blocks(model)):
+    for i, block in enumerate(families.blocks(model)):
         real, rand = _site_spectra(block), _site_spectra(block, g)
         for site in MATRICES + PRODUCTS:
             s, r = real[site], rand[site]
@@ -241,10 +243,11 @@ def head_errors(dense: nn.Module, small: nn.Module) -> list[dict]:
     from .lowrank import HeadLowRankAttention
 
     rows = []
-    for i, (bd, bs) in enumerate(zip(vit_blocks(dense), vit_blocks(small))):
-        if not isinstance(bs.attn, HeadLowRankAttention):
+    for i, (bd, bs) in enumerate(zip(families.blocks(dense), families.blocks(small))):
+        a = families.attention(bs)
+        if not isinstance(a, HeadLowRankAttention):
             continue
-        f, a = head_factors(bd.attn), bs.attn
+        f = head_factors(families.attention(bd))
         H = a.num_heads
         per = {
             "qk": (split_heads(a.q.weight, H), split_heads(a.k.weight, H)),

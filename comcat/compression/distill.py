@@ -7,6 +7,9 @@ loss = KL(softmax(z_t(x~)) || softmax(z_s(x~)))                           (the t
      + w_t * mean_b MSE(h_s^b, h_t^b) / Var(h_t^b),  b in {0, 1, -2, -1}   (block outputs, w_t decays to 0)
      [+ lam CE(z_s, y) + (1 - lam) CE(z_s, y[perm])   only with labels of the model's classes]
 
+For a model without a classifier the first term matches the pooled embeddings e instead (match_loss):
+1 - cos(e_s, e_t) + MSE(e_s, e_t) / Var(e_t), averaged over the batch.
+
 AdamW with a cosine learning rate (linear warm-up); bf16 autocast on CUDA and on CPUs with bf16
 units; after every epoch the model is scored on the validation split (held out from training) by
 its KL divergence to the dense model, and the best one is kept. Stop / resume / DDP as in the rank
@@ -28,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..core import dist
 from ..core.errors import ComcatError, is_int, is_positive, require
 from ..core.loop import RunControl, epoch_batches, loader, seed_step
+from . import families
 from .evaluate import distance, predict, scores
 from .models import has_classifier
 
@@ -35,14 +39,14 @@ ALIGN_BLOCKS = (0, 1, -2, -1)
 
 
 class BlockTaps:
-    """Forward hooks keeping the outputs of model.blocks[i] for i in `which`; take() returns them in order."""
+    """Forward hooks keeping the outputs of the model's blocks i for i in `which`; take() returns them in order."""
 
     def __init__(self, model: nn.Module, which=ALIGN_BLOCKS):
-        n = len(model.blocks)
-        self.picked = sorted({i % n for i in which})
+        blocks = families.blocks(model)
+        self.picked = sorted({i % len(blocks) for i in which})
         self.outputs: dict[int, torch.Tensor] = {}
         self.hooks = [
-            model.blocks[i].register_forward_hook(lambda m, a, out, i=i: self.outputs.__setitem__(i, out))
+            blocks[i].register_forward_hook(lambda m, a, out, i=i: self.outputs.__setitem__(i, out))
             for i in self.picked
         ]
 
@@ -80,13 +84,29 @@ def mix_views(x: torch.Tensor, alpha: float = 1.0) -> tuple[torch.Tensor, float,
     return x, 1 - (y1 - y0) * (x1 - x0) / (H * W), perm
 
 
+def match_loss(out: torch.Tensor, teacher_out: torch.Tensor, embeddings: bool = False) -> torch.Tensor:
+    """How far the student's outputs (B, K) are from the teacher's: KL(softmax(z_t) || softmax(z_s))
+    for logits; for embeddings 1 - cos(e_s, e_t) + MSE(e_s, e_t) / Var(e_t), batch means."""
+    out, teacher_out = out.float(), teacher_out.float()
+    if embeddings:
+        cos = F.cosine_similarity(out, teacher_out, dim=-1).mean()
+        return 1 - cos + F.mse_loss(out, teacher_out) / teacher_out.var().clamp_min(1e-12)
+    return F.kl_div(out.log_softmax(-1), teacher_out.log_softmax(-1), log_target=True, reduction="batchmean")
+
+
 def distill_loss(
-    logits, teacher_logits, feats, teacher_feats, align_weight: float, labels=None, lam: float = 1.0, perm=None
+    logits,
+    teacher_logits,
+    feats,
+    teacher_feats,
+    align_weight: float,
+    labels=None,
+    lam: float = 1.0,
+    perm=None,
+    embeddings: bool = False,
 ) -> torch.Tensor:
-    """KL to the teacher's predictions + decaying block alignment [+ mixed cross-entropy with labels]."""
-    loss = F.kl_div(
-        logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1), log_target=True, reduction="batchmean"
-    )
+    """match_loss to the teacher + decaying block alignment [+ mixed cross-entropy with labels]."""
+    loss = match_loss(logits, teacher_logits, embeddings)
     if labels is not None:
         other = labels if perm is None else labels[perm]
         loss = loss + lam * F.cross_entropy(logits.float(), labels) + (1 - lam) * F.cross_entropy(logits.float(), other)
@@ -163,6 +183,7 @@ def finetune(
     student.to(device).train().requires_grad_(True)
     teacher = teacher.to(device).eval()  # run under no_grad below; its flags are left alone
     net = DistributedDataParallel(student) if dist.world() > 1 else student
+    embeddings = not has_classifier(teacher)  # match pooled embeddings, not predictions
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = len(epoch_batches(len(train_data), cfg.batch_size, 0, cfg.seed))
     if per_epoch == 0:
@@ -202,8 +223,9 @@ def finetune(
                     with torch.no_grad():
                         t_logits = teacher(x)
                     logits = net(x)
-                    labels = y if cfg.labels else None
-                    loss = distill_loss(logits, t_logits, taps.take(), teacher_taps.take(), w, labels, lam, perm)
+                    labels = y if cfg.labels and not embeddings else None
+                    feats, t_feats = taps.take(), teacher_taps.take()
+                    loss = distill_loss(logits, t_logits, feats, t_feats, w, labels, lam, perm, embeddings)
                 if not torch.isfinite(loss):
                     raise ComcatError("the fine-tuning loss became NaN/inf: lower the learning rate (--lr)")
                 opt.zero_grad(set_to_none=True)

@@ -15,8 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from ..core.errors import ComcatError
 from ..core.files import atomic_write, atomic_write_text, usual_mode
+from . import families
 from .convert import compress
 from .cost import count_params, counted_flops
+from .hub import TRANSFORMERS
 from .models import Loaded, build_arch, check_finite, load_state
 from .ranks import RankConfig
 
@@ -99,28 +101,18 @@ def _check_arch(meta: dict, weights: Path) -> None:
     """comcat.json's architecture checked against the tensor shapes stored in `weights` before any
     model is allocated: known keyword names and plain values only, the dense shapes that compression
     keeps (embeddings, norms, MLPs, classifier) and the number of blocks must match."""
-    import inspect
-
     from safetensors import safe_open
-    from timm.models.vision_transformer import VisionTransformer
 
     kwargs, arch = meta.get("arch_kwargs", {}), meta.get("arch")
-    known = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
-    if (
-        not isinstance(arch, str)
-        or not isinstance(kwargs, dict)
-        or any(
-            k not in known or not isinstance(v, (int, float, bool, str, list, type(None))) for k, v in kwargs.items()
-        )
-    ):
+    if not isinstance(arch, str) or not isinstance(kwargs, dict) or not _plain_kwargs(arch, kwargs):
         raise ComcatError(f"{weights.parent / 'comcat.json'} has an invalid arch / arch_kwargs: re-export the model")
     try:
         with safe_open(str(weights), "pt") as f:
             stored = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:
         raise ComcatError(f"could not read {weights} ({type(e).__name__}): re-export the compressed model") from None
-    blocks = {int(k.split(".")[1]) for k in stored if k.startswith("blocks.") and k.split(".")[1].isdigit()}
     width = stored.get("patch_embed.proj.weight", [None])[0]
+    blocks = {int(k.split(".")[1]) for k in stored if k.startswith("blocks.") and k.split(".")[1].isdigit()}
     if kwargs.get("depth", len(blocks)) != len(blocks) or kwargs.get("embed_dim", width) != width:
         raise ComcatError(
             f"{weights.parent / 'comcat.json'} does not match {weights.name} (depth / width): "
@@ -128,7 +120,7 @@ def _check_arch(meta: dict, weights: Path) -> None:
         )
     try:
         with torch.device("meta"):  # shapes only, nothing allocated
-            dense = build_arch(arch, **kwargs)
+            dense = families.prepare(build_arch(arch, **kwargs))
     except ComcatError:
         raise
     except Exception as e:
@@ -136,6 +128,8 @@ def _check_arch(meta: dict, weights: Path) -> None:
             f"{weights.parent / 'comcat.json'} describes no buildable model ({type(e).__name__}): "
             "re-export the compressed model"
         ) from None
+    prefix = families.block_prefix(dense)
+    blocks = {int(n) for k in stored if k.startswith(prefix) and (n := k[len(prefix) :].split(".")[0]).isdigit()}
     for k in [k for k in stored if k.endswith(".up.bias")]:  # a low-rank MLP linear keeps its bias
         stored.setdefault(k.replace(".up.bias", ".bias"), stored[k])
     wrong = [
@@ -148,11 +142,24 @@ def _check_arch(meta: dict, weights: Path) -> None:
         for k in ("patch_embed.proj.weight", "pos_embed", "norm.weight")
         if k in stored and k not in wrong and k not in dense.state_dict()
     ]
-    if wrong or blocks != set(range(len(getattr(dense, "blocks", ())))):
+    if wrong or blocks != set(range(len(families.blocks(dense)))):
         raise ComcatError(
             f"{weights.parent / 'comcat.json'} does not match {weights.name} "
             f"({wrong[0] if wrong else 'number of blocks'}): re-export the compressed model"
         )
+
+
+def _plain_kwargs(arch: str, kwargs: dict) -> bool:
+    """Whether arch_kwargs hold only what the architecture takes: a transformers config (plain JSON),
+    or keyword arguments of timm's VisionTransformer with plain values."""
+    import inspect
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    if arch.startswith(TRANSFORMERS):
+        return set(kwargs) == {"config"} and isinstance(kwargs["config"], dict)
+    known = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
+    return all(k in known and isinstance(v, (int, float, bool, str, list, type(None))) for k, v in kwargs.items())
 
 
 def _check_pair(meta: dict, weights: Path) -> None:
@@ -179,7 +186,7 @@ def load_compressed(directory: str | Path) -> Loaded:
         raise ComcatError(f"{directory} has format {meta.get('format')!r}, expected {FORMAT!r}: re-export it")
     _check_arch(meta, directory / COMPRESSED_WEIGHTS)
     _check_pair(meta, directory / COMPRESSED_WEIGHTS)
-    model = build_arch(meta["arch"], **meta.get("arch_kwargs", {}))
+    model = families.prepare(build_arch(meta["arch"], **meta.get("arch_kwargs", {})))
     if meta.get("pretrained_cfg"):
         model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **meta["pretrained_cfg"]}
     compress(model, RankConfig.from_dict(meta["ranks"]), inplace=True)

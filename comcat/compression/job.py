@@ -39,6 +39,7 @@ from ..core.files import (
     save_tree,
 )
 from ..core.loop import RunControl
+from . import families
 from .cost import Budget
 from .distill import FinetuneConfig
 from .evaluate import distance
@@ -319,14 +320,14 @@ def _start(job: dict, out: Path, resume: bool, callback, should_stop, progress: 
         raise ComcatError(f"{loaded.source} is already compressed: compress the dense model instead")
     spec = JobSpec.from_dict(job["spec"]).resolved(loaded.arch)
     dense = loaded.model.to(device).eval()
-    if not has_classifier(dense) and (spec.search or spec.finetune):
+    if len(families.input_size(dense)) == 1 and spec.data is not None:
         raise ComcatError(
-            f"{loaded.source} has no classifier, and the rank search and fine-tuning distil a classifier's "
-            "predictions: compress it with calibration and block distillation (drop --search and --finetune-epochs)"
+            f"{loaded.source} is a text encoder, and comcat reads images only so far: compress it without --data "
+            "(SVD ranks from --params-ratio or --energy, no calibration)"
         )
     if not spec.has_images(loaded.arch) and (spec.search or spec.finetune or spec.allocate == "calibrated"):
         raise ComcatError(
-            "searching, fine-tuning or calibrating a timm model needs images: pass --data DIR "
+            "searching, fine-tuning or calibrating a model needs images: pass --data DIR "
             "(a folder of images, with or without class sub-folders)"
         )
     if job["phase"] == "search":
@@ -500,6 +501,8 @@ def _validate(run: Run, small, after: str) -> dict:
     """Scores on the validation split (held out from training), shown live and kept in job.json."""
     from .evaluate import predict, scores
 
+    if run.splits is None:  # a run without images (a timm or text model without --data): nothing to score on
+        return {}
     if run.val_reference is None:
         run.val_reference = predict(run.dense, run.splits.val, device=run.device, progress=False)[0]
     logits, labels = predict(small, run.splits.val, device=run.device, progress=False)

@@ -7,21 +7,15 @@ from pathlib import Path
 
 from ..core.embedded import EMBEDDED_ARCH
 from ..core.errors import ComcatError
-from .models import (
-    CHECKPOINT_SUFFIXES,
-    HUB_ID,
-    Loaded,
-    load_checkpoint,
-    load_embedded,
-    load_timm_export,
-    load_timm_pretrained,
-)
+from .hub import HUB_ID, load_transformers, read_config
+from .models import CHECKPOINT_SUFFIXES, Loaded, load_checkpoint, load_embedded, load_timm_export, load_timm_pretrained
 
 
 def load_model(spec: str = "embedded", arch: str | None = None) -> Loaded:
     """Load from a SPEC: 'embedded' | a compressed-model folder | a checkpoint file (+ arch) | a timm
     name (timm:NAME is never read as a path) | a timm export on the hub (hf-hub:org/name) or in a
-    folder (config.json + weights)."""
+    folder (config.json + weights) | a transformers model in a folder (save_pretrained) or on the hub
+    (org/name; hf:org/name is never read as a path)."""
     spec = str(spec).strip()
     if spec in ("", "embedded", EMBEDDED_ARCH):
         return load_embedded()
@@ -29,16 +23,15 @@ def load_model(spec: str = "embedded", arch: str | None = None) -> Loaded:
         return load_timm_pretrained(spec.removeprefix("timm:"))
     if spec.startswith("hf-hub:"):
         return load_timm_export(spec)
+    if spec.startswith("hf:"):  # a Hugging Face hub id, never read as a path
+        return _load_hub(spec.removeprefix("hf:"))
     path = Path(spec)
     if path.is_dir():
         return _load_folder(path)
     if path.suffix in CHECKPOINT_SUFFIXES or path.exists() or spec.startswith((".", os.sep, "~")):
         return load_checkpoint(path, arch)
     if HUB_ID.fullmatch(spec):
-        raise ComcatError(
-            f"{spec} is not a local file or folder; as a Hugging Face hub id: write hf-hub:{spec} for a timm model "
-            "on the hub (Hugging Face transformers models are not supported yet)"
-        )
+        return _load_hub(spec)
     if os.sep in spec:
         return load_checkpoint(path, arch)
     import timm
@@ -52,22 +45,39 @@ def load_model(spec: str = "embedded", arch: str | None = None) -> Loaded:
 
 
 def _load_folder(path: Path) -> Loaded:
-    """A compressed-model folder (comcat.json), or a timm export (config.json naming an architecture)."""
+    """A compressed-model folder (comcat.json), a transformers folder (config.json with a model_type),
+    or a timm export (config.json naming an architecture)."""
     import json
 
     from .format import COMPRESSED_META, load_compressed
 
     config = path / "config.json"
-    if (path / COMPRESSED_META).is_file() or not config.is_file():
+    if (path / COMPRESSED_META).is_file():
         return load_compressed(path)
+    if not config.is_file():
+        raise ComcatError(
+            f"{path} has neither {COMPRESSED_META} nor config.json: pass a compressed-model folder ('comcat compress "
+            "... --out DIR'), a folder written by save_pretrained, or a checkpoint file with --arch"
+        )
     try:
         cfg = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ComcatError(f"{config} is not valid JSON: export the model again") from None
     if isinstance(cfg, dict) and "model_type" in cfg and "architecture" not in cfg:
-        raise ComcatError(
-            f"{path.name} is a Hugging Face transformers model ({cfg['model_type']}), which comcat does not load yet: "
-            "use a timm model (vit_*, deit_*, deit3_*; a name, a checkpoint file with its architecture, or a timm "
-            "export folder)"
-        )
+        return _transformers(path.name, str(path), False, cfg)
     return load_timm_export(f"local-dir:{path}")
+
+
+def _load_hub(hub_id: str) -> Loaded:
+    """A Hugging Face hub id: a transformers model, or a timm export."""
+    if not HUB_ID.fullmatch(hub_id):
+        raise ComcatError(f"{hub_id!r} is not a hub id: write org/name, e.g. google/vit-base-patch16-224")
+    cfg = read_config(hub_id, hub_id)
+    if "model_type" not in cfg and "architecture" in cfg:
+        return load_timm_export(f"hf-hub:{hub_id}")
+    return _transformers(hub_id, hub_id, True, cfg)
+
+
+def _transformers(source: str, where: str, hub: bool, cfg: dict) -> Loaded:
+    model, arch, kwargs = load_transformers(source, where, hub, cfg)
+    return Loaded(model, arch, kwargs, source if hub else where)

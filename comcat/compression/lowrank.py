@@ -1,7 +1,8 @@
 """Low-rank layers: LowRankLinear, head-level HeadLowRankAttention, matrix-level MatrixLowRankAttention.
 
 All take the call signature of timm's Attention (x, attn_mask=None, is_causal=False), so they drop
-into a timm Block in place of `block.attn`.
+into a timm Block in place of `block.attn`. The attentions keep the dense one's logit bias (a
+`logit_bias` submodule, e.g. BEiT's relative position bias), added to the logits as it was.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .families.base import logit_bias_mask
 
 
 class LowRankLinear(nn.Module):
@@ -92,10 +95,12 @@ class HeadLowRankAttention(nn.Module):
         self.rank_mask_qk: torch.Tensor | None = None  # (r_qk,), (r_vo,) soft rank masks while a
         self.rank_mask_vo: torch.Tensor | None = None  # rank search runs: A diag(c) B^T = U diag(s c) V^T
         self._cache: tuple | None = None  # (key, fused weights) for inference, see _weights
+        self.logit_bias: nn.Module | None = None  # the dense attention's additive logit bias, if it had one
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         H, rq, rv = self.num_heads, self.rank_qk, self.rank_vo
+        attn_mask = logit_bias_mask(self, attn_mask)
         # SDPA's fused kernels need one head dim for q, k and v (else the math path, about 2x slower on
         # the CPU): when r_qk != r_vo the smaller side gets zero rows per head up to max(r_qk, r_vo) (exact)
         dq, dv = (max(rq, rv),) * 2 if self.pad_heads else (rq, rv)
@@ -190,9 +195,11 @@ class MatrixLowRankAttention(nn.Module):
         self.q, self.k, self.v, self.proj = q, k, v, proj
         self.num_heads, self.scale, self.attn_drop = num_heads, scale, attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
+        self.logit_bias: nn.Module | None = None  # the dense attention's additive logit bias, if it had one
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
+        attn_mask = logit_bias_mask(self, attn_mask)
         q, k, v = (_heads(f(x), self.num_heads) for f in (self.q, self.k, self.v))
         o = F.scaled_dot_product_attention(
             q,

@@ -3,8 +3,6 @@ Every failure is a ComcatError with a one-line fix."""
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,10 +11,10 @@ from torch import nn
 
 from ..core.embedded import EMBEDDED_ARCH, EMBEDDED_DATA_CFG, EMBEDDED_WEIGHTS, build_shapes_vit
 from ..core.errors import ComcatError, first_line
-from .vit import check_attention, vit_blocks
+from . import families
+from .hub import HUB_ID, TRANSFORMERS, build_transformers, check_reachable
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name on the Hugging Face hub
 
 
 @dataclass
@@ -38,6 +36,8 @@ def build_arch(arch: str, **kwargs) -> nn.Module:
     """A randomly initialised architecture: the embedded ViT or any timm model name."""
     if arch == EMBEDDED_ARCH:
         return build_shapes_vit(**kwargs)
+    if arch.startswith(TRANSFORMERS):
+        return build_transformers(arch.removeprefix(TRANSFORMERS), **kwargs)
     import timm
 
     if not timm.is_model(arch):
@@ -56,10 +56,9 @@ def has_classifier(model: nn.Module) -> bool:
 
 def check_supported(model: nn.Module, name: str) -> nn.Module:
     try:
-        for i, b in enumerate(vit_blocks(model)):
-            check_attention(b.attn, f"block {i} attention")
+        families.check(model)
     except ComcatError as e:
-        raise ComcatError(f"{name}: {e}") from None
+        raise ComcatError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
     return model
 
 
@@ -118,7 +117,7 @@ def load_checkpoint(path: str | Path, arch: str | None) -> Loaded:
         f"{path.name} does not match {arch}",
         f"pass the right --arch{f' (its shapes fit {guess})' if guess and guess != arch else ''}",
     )
-    return Loaded(model.eval(), arch, kwargs, str(path))
+    return Loaded(families.prepare(model).eval(), arch, kwargs, str(path))
 
 
 VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
@@ -173,7 +172,7 @@ def load_timm_pretrained(name: str) -> Loaded:
     if not timm.is_model(name):
         raise ComcatError(f"{name!r} is not a timm model name: try vit_tiny_patch16_224 or deit_small_patch16_224")
     check_supported(timm.create_model(name, pretrained=False), name)
-    _check_reachable(name)
+    check_reachable(name)
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as e:
@@ -182,7 +181,7 @@ def load_timm_pretrained(name: str) -> Loaded:
             f"could not get pretrained weights for {name} (offline? {first}): download them "
             f"where you have network, or pass a local file with --model PATH --arch {name}"
         ) from None
-    return Loaded(model.eval(), name, {}, f"timm:{name}")
+    return Loaded(families.prepare(model).eval(), name, {}, f"timm:{name}")
 
 
 def load_timm_export(source: str) -> Loaded:
@@ -199,7 +198,7 @@ def load_timm_export(source: str) -> Loaded:
             raise ComcatError(
                 f"{source} is not a hub id: write hf-hub:org/name, e.g. hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"
             )
-        _check_reachable(source, where, ("config.json",))
+        check_reachable(source, where, ("config.json",))
     try:
         _, arch, model_args = (
             load_model_config_from_hf(where) if kind == "hf-hub" else load_model_config_from_path(where)
@@ -211,7 +210,7 @@ def load_timm_export(source: str) -> Loaded:
         raise ComcatError(f"{source} names the architecture {arch!r}, which this timm does not know: update timm")
     check_supported(build_arch(arch, **model_args), f"{source} ({arch})")
     if kind == "hf-hub":
-        _check_reachable(source, where, ("model.safetensors", "pytorch_model.bin"))
+        check_reachable(source, where, ("model.safetensors", "pytorch_model.bin"))
     try:
         model = timm.create_model(source, pretrained=True)
     except Exception as e:
@@ -220,35 +219,7 @@ def load_timm_export(source: str) -> Loaded:
             f"could not read the weights of {source} ({first}): download them again, or pass a local file with "
             f"--model PATH --arch {arch}"
         ) from None
-    return Loaded(model.eval(), arch, dict(model_args), source if kind == "hf-hub" else where)
-
-
-def _check_reachable(name: str, hub_id: str | None = None, files=("model.safetensors", "pytorch_model.bin")) -> None:
-    """Fail at once, not after the hub's retries, when `name`'s files (of `hub_id`, by default its
-    timm pretrained config's) are neither in the local hub cache nor downloadable (offline mode, or
-    no answer from the hub within 3 s)."""
-    import socket
-
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if hub_id is None:
-        from timm.models import get_pretrained_cfg
-
-        hub_id = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
-    if hub_id and any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in files):
-        return  # cached: no network needed
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    why = "offline mode (HF_HUB_OFFLINE)" if offline else None
-    if why is None:
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        except OSError:
-            why = "the hub does not answer"
-    if why:
-        raise ComcatError(
-            f"the pretrained weights of {name} are not on this machine and cannot be downloaded ({why}): "
-            "download them where there is network, or use a local checkpoint file"
-        )
+    return Loaded(families.prepare(model).eval(), arch, dict(model_args), source if kind == "hf-hub" else where)
 
 
 def load_embedded() -> Loaded:
@@ -270,4 +241,6 @@ def data_config(model: nn.Module) -> dict:
         return {
             k: EMBEDDED_DATA_CFG[k] for k in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
         }
-    return resolve_data_config({}, model=model)
+    cfg = resolve_data_config({}, model=model)
+    cfg["input_size"] = families.input_size(model)  # the size the model was built for
+    return cfg

@@ -155,12 +155,12 @@ def param_curves_mpl(spectra: Spectra):
 
 def rank_table(ranks, model) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(site names, ranks (L, S) with NaN for dense sites, ranks / full rank (L, S)) of a RankConfig."""
+    from . import families
     from .ranks import ATTN_SITES, MLP_SITES, site_limits
-    from .vit import vit_blocks
 
     sites = [s for s in ATTN_SITES[ranks.method] + MLP_SITES if any(b.get(s) is not None for b in ranks.blocks)]
     r = np.array([[np.nan if b.get(s) is None else b[s] for s in sites] for b in ranks.blocks], float)
-    full = np.array([[site_limits(blk, ranks.method)[s] for s in sites] for blk in vit_blocks(model)], float)
+    full = np.array([[site_limits(blk, ranks.method)[s] for s in sites] for blk in families.blocks(model)], float)
     return sites, r, r / full
 
 

@@ -11,10 +11,10 @@ from torch import nn
 
 from ..core.errors import ComcatError
 from ..core.linalg import rank_for_energy
+from . import families
 from .analysis import MATRICES, analyze
 from .models import Loaded
 from .ranks import METHODS, MLP_SITES, RankConfig, site_limits
-from .vit import vit_blocks
 
 
 def _mlp_rank_for_ratio(lin: nn.Linear, ratio: float) -> int:
@@ -33,8 +33,9 @@ def uniform_ranks(model: nn.Module, method: str, ratio: float, mlp: bool = False
     if not 0 < ratio <= 1:
         raise ComcatError(f"parameter ratio must be in (0, 1], got {ratio}")
     blocks = []
-    for b in vit_blocks(model):
-        d, C = b.attn.head_dim, b.attn.qkv.in_features
+    for b in families.blocks(model):
+        attn = families.attention(b)
+        d, C = attn.head_dim, attn.qkv.in_features
         if method == "head":
             r = int(max(1, min(d, round(ratio * d))))
             ranks = {"qk": r, "vo": r}
@@ -42,7 +43,7 @@ def uniform_ranks(model: nn.Module, method: str, ratio: float, mlp: bool = False
             r = int(max(1, min(C, round(ratio * C / 2))))
             ranks = {m: r for m in MATRICES}
         if mlp:
-            ranks.update({fc: _mlp_rank_for_ratio(getattr(b.mlp, fc), ratio) for fc in MLP_SITES})
+            ranks.update({fc: _mlp_rank_for_ratio(lin, ratio) for fc, lin in families.mlp(b).items()})
         blocks.append(ranks)
     return RankConfig(method, blocks, note={"rule": "uniform", "ratio": ratio})
 
@@ -50,7 +51,7 @@ def uniform_ranks(model: nn.Module, method: str, ratio: float, mlp: bool = False
 def full_ranks(model: nn.Module, method: str, mlp: bool = False) -> RankConfig:
     """Every site at its full rank (head_dim, or C for matrices): the factorized model is exact."""
     blocks = []
-    for b in vit_blocks(model):
+    for b in families.blocks(model):
         lim = site_limits(b, method)
         blocks.append({k: r for k, r in lim.items() if k not in MLP_SITES or mlp})
     return RankConfig(method, blocks, note={"rule": "full"})
@@ -59,8 +60,8 @@ def full_ranks(model: nn.Module, method: str, mlp: bool = False) -> RankConfig:
 @torch.no_grad()
 def mlp_spectra(model: nn.Module) -> list[dict[str, np.ndarray]]:
     return [
-        {fc: torch.linalg.svdvals(getattr(b.mlp, fc).weight.detach().double()).numpy() for fc in MLP_SITES}
-        for b in vit_blocks(model)
+        {fc: torch.linalg.svdvals(lin.weight.detach().double()).numpy() for fc, lin in families.mlp(b).items()}
+        for b in families.blocks(model)
     ]
 
 
@@ -93,17 +94,15 @@ def site_gains(model: nn.Module, method: str, mlp: bool):
     """Per site: (block, key, normalized energy gain of each rank step (n,), params per rank step)."""
     spectra = analyze(model)
     mlp_sv = mlp_spectra(model) if mlp else None
-    for i, b in enumerate(vit_blocks(model)):
-        C, H = b.attn.qkv.in_features, b.attn.num_heads
+    for i, b in enumerate(families.blocks(model)):
+        attn = families.attention(b)
+        C, H = attn.qkv.in_features, attn.num_heads
         if method == "head":
             sites = [(p, np.sqrt((spectra.head[p][i] ** 2).sum(0)), 2 * C * H) for p in ("qk", "vo")]
         else:
             sites = [(m, spectra.matrix[m][i], 2 * C) for m in MATRICES]
         if mlp:
-            sites += [
-                (fc, mlp_sv[i][fc], getattr(b.mlp, fc).in_features + getattr(b.mlp, fc).out_features)
-                for fc in MLP_SITES
-            ]
+            sites += [(fc, mlp_sv[i][fc], lin.in_features + lin.out_features) for fc, lin in families.mlp(b).items()]
         for key, s, unit in sites:
             e = np.asarray(s, np.float64) ** 2
             yield i, key, e / max(e.sum(), np.finfo(np.float64).tiny), unit
@@ -118,7 +117,7 @@ def greedy_energy_ranks(model: nn.Module, method: str, ratio: float, mlp: bool =
 
     if not 0 < ratio <= 1:
         raise ComcatError(f"parameter ratio must be in (0, 1], got {ratio}")
-    depth = len(vit_blocks(model))
+    depth = len(families.blocks(model))
     blocks = [{} for _ in range(depth)]
     steps = []
     for i, key, gain, unit in site_gains(model, method, mlp):

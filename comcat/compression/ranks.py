@@ -16,8 +16,8 @@ import numpy as np
 from torch import nn
 
 from ..core.errors import ComcatError
+from . import families
 from .analysis import MATRICES
-from .vit import vit_blocks
 
 METHODS = ("head", "matrix")
 ATTN_SITES = {"head": ("qk", "vo"), "matrix": MATRICES}
@@ -67,7 +67,7 @@ class RankConfig:
 
     def validate(self, model: nn.Module) -> "RankConfig":
         """Check every rank against the model's shapes; raises ComcatError with what to change."""
-        blocks = vit_blocks(model)
+        blocks = families.blocks(model)
         if len(self.blocks) != len(blocks):
             raise ComcatError(
                 f"rank config has {len(self.blocks)} blocks but the model has {len(blocks)}: write one entry per block"
@@ -88,8 +88,11 @@ class RankConfig:
                     raise ComcatError(
                         f"block {i}: rank {site}={r!r} is out of range: use an integer in 1..{limits[site]}"
                     )
+        heads = families.classifiers(model)
+        if self.classifier is not None and not heads:
+            raise ComcatError("the model has no classifier: set the classifier rank to null")
         if self.classifier is not None:
-            lim = min(model.head.in_features, model.head.out_features)
+            lim = min(min(h.in_features, h.out_features) for h in heads.values())
             if not 1 <= self.classifier <= lim:
                 raise ComcatError(f"classifier rank {self.classifier} is out of range: use 1..{lim} or null")
         return self
@@ -102,10 +105,9 @@ def _is_rank(r) -> bool:
 
 def site_limits(block: nn.Module, method: str) -> dict[str, int]:
     """Largest meaningful rank of each site of one block."""
-    attn, mlp = block.attn, block.mlp
+    attn = families.attention(block)
     C = attn.qkv.in_features
     lim = {"qk": attn.head_dim, "vo": attn.head_dim} if method == "head" else {m: C for m in MATRICES}
-    for fc in MLP_SITES:
-        lin = getattr(mlp, fc)
+    for fc, lin in families.mlp(block).items():
         lim[fc] = min(lin.in_features, lin.out_features)
     return lim

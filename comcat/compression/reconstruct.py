@@ -25,8 +25,8 @@ from torch import nn
 
 from ..core.errors import ComcatError, is_int, is_positive, require
 from ..core.loop import RunControl
+from . import families
 from .calibrate import block_inputs
-from .vit import vit_blocks
 
 
 class AugmentedViews:
@@ -57,7 +57,7 @@ class AugmentedViews:
 @torch.no_grad()
 def _run(blocks, h: torch.Tensor, batch: int = 32) -> torch.Tensor:
     for b in blocks:
-        h = torch.cat([b(h[i : i + batch]) for i in range(0, len(h), batch)])
+        h = torch.cat([families.run_block(b, h[i : i + batch]) for i in range(0, len(h), batch)])
     return h
 
 
@@ -80,9 +80,7 @@ def trainable(block: nn.Module, scope: str) -> list[nn.Parameter]:
 def read_tokens(model: nn.Module) -> list[int]:
     """The tokens the classifier reads: the class token (and a distilled DeiT's distillation token)
     when the model pools by token, none for an average-pooled model."""
-    if getattr(model, "global_pool", "token") != "token":
-        return []
-    return [0, 1] if getattr(model, "dist_token", None) is not None else [0]
+    return families.read_tokens(model)
 
 
 @dataclass
@@ -132,7 +130,7 @@ def distill_blocks(
         raise ComcatError("block distillation needs at least 1 step per block")
     student.to(device).eval()
     teacher.to(device).eval()
-    s_blocks, t_blocks = vit_blocks(student), vit_blocks(teacher)
+    s_blocks, t_blocks = families.blocks(student), families.blocks(teacher)
     read = read_tokens(teacher) if cfg.cls_weight else []
     depth, total = len(t_blocks), len(t_blocks) * steps
     h_t = block_inputs(teacher, loader)

@@ -21,11 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 from ..core import dist
 from ..core.errors import ComcatError, is_int, is_positive, require
 from ..core.loop import RunControl, epoch_batches, loader, seed_step
+from . import families
 from .convert import compress, truncate
 from .cost import Budget, check_budget
+from .distill import match_loss
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
+from .models import has_classifier
 from .rank_rules import full_ranks, site_gains, uniform_ranks
-from .ranks import MATRICES, MLP_SITES, RankConfig
+from .ranks import MATRICES, RankConfig
 
 
 def candidate_ranks(full: int, count: int = 8, smallest: int = 1) -> list[int]:
@@ -76,8 +79,8 @@ def budget_penalty(task_loss: torch.Tensor, cost: torch.Tensor, target: float, b
 
 def _sites(model: nn.Module):
     """(name, module, mask attribute, full rank) of every factorized site of a full-rank model."""
-    for i, b in enumerate(model.blocks):
-        a = b.attn
+    for i, b in enumerate(families.blocks(model)):
+        a = families.attention(b)
         if isinstance(a, HeadLowRankAttention):
             yield f"{i}_qk", a, "rank_mask_qk", a.rank_qk
             yield f"{i}_vo", a, "rank_mask_vo", a.rank_vo
@@ -88,12 +91,12 @@ def _sites(model: nn.Module):
                     yield f"{i}_{key}", lin, "rank_mask", lin.rank
         else:
             raise ValueError("rank search needs a factorized model: compress(model, full ranks) first")
-        for fc in MLP_SITES:
-            lin = getattr(b.mlp, fc)
+        for fc, lin in families.mlp(b).items():
             if isinstance(lin, LowRankLinear):
                 yield f"{i}_{fc}", lin, "rank_mask", lin.rank
-    if isinstance(getattr(model, "head", None), LowRankLinear):
-        yield "classifier", model.head, "rank_mask", model.head.rank
+    head = families.classifiers(model).get("head")  # one choice for the classifier rank
+    if isinstance(head, LowRankLinear):
+        yield "classifier", head, "rank_mask", head.rank
 
 
 class RankSearch(nn.Module):
@@ -107,8 +110,9 @@ class RankSearch(nn.Module):
 
     def __init__(self, model: nn.Module, cost_fn, count: int = 8, init_ranks: RankConfig | None = None):
         super().__init__()
-        self.method = "head" if isinstance(model.blocks[0].attn, HeadLowRankAttention) else "matrix"
-        self.depth = len(model.blocks)
+        blocks = families.blocks(model)
+        self.method = "head" if isinstance(families.attention(blocks[0]), HeadLowRankAttention) else "matrix"
+        self.depth = len(blocks)
         self.sites: list[tuple[nn.Module, str]] = []  # (module, name of its mask attribute), one per choice
         choices = {}
         for name, module, attr, full in _sites(model):
@@ -302,8 +306,9 @@ def search_ranks(
 
     Each epoch is a search epoch (alpha steps on `search_data`, loss = task * (cost/target)^beta when
     over the target) followed, when cfg.lr_weights > 0, by a weight epoch (task loss on `train_data`
-    with sampled masks). The task loss is KL(p_dense || p_searched), plus with cfg.labels the
-    cross-entropy with the images' labels. tau anneals exponentially over all steps. `calibration`
+    with sampled masks). The task loss is KL(p_dense || p_searched) (for a model without a classifier
+    distill.match_loss of the embeddings), plus with cfg.labels the cross-entropy with the images'
+    labels. tau anneals exponentially over all steps. `calibration`
     (a calibrate.Calibration): the full-rank model is factorized in the whitened bases, so a rank
     mask truncates the calibrated factorization. The logits start tilted towards `init_ranks`, else
     (with cfg.warm_start) towards the uniform ranks of the budget.
@@ -323,7 +328,7 @@ def search_ranks(
     cost_fn, target = budget.target(dense)
     # setup: the full-rank model, its rank choices, the optimizers, and where a resumed run was
     full = full_ranks(dense, budget.method, budget.mlp)
-    full = replace(full, classifier=min(dense.head.weight.shape)) if cfg.classifier else full
+    full = replace(full, classifier=_classifier_rank(dense)) if cfg.classifier else full
     model = build(dense, full, calibration) if calibration is not None else compress(dense, full)
     model.to(device).train()
     model.requires_grad_(cfg.lr_weights > 0)  # frozen weights: gradients for alpha only
@@ -333,6 +338,7 @@ def search_ranks(
         search.start_at(_start_ranks(dense, budget, cfg, init_ranks))
     teacher = dense.to(device).eval()
     net = DistributedDataParallel(model) if dist.world() > 1 and cfg.lr_weights > 0 else model
+    embeddings = not has_classifier(dense)  # match pooled embeddings, not predictions
     opt_alpha = torch.optim.Adam(search.parameters(), lr=cfg.lr_alpha)
     opt_w = torch.optim.AdamW(model.parameters(), lr=cfg.lr_weights, weight_decay=0.0) if cfg.lr_weights > 0 else None
     phases = [("search", search_data, opt_alpha)] + ([("weights", train_data, opt_w)] if opt_w else [])
@@ -357,9 +363,9 @@ def search_ranks(
                 x = x.to(device)
                 logits = net(x)
                 with torch.no_grad():
-                    target_p = F.log_softmax(teacher(x), -1)
-                task = F.kl_div(F.log_softmax(logits, -1), target_p, log_target=True, reduction="batchmean")
-                if cfg.labels:
+                    teacher_out = teacher(x)
+                task = match_loss(logits, teacher_out, embeddings)
+                if cfg.labels and not embeddings:
                     task = task + F.cross_entropy(logits, torch.as_tensor(y).to(device))
                 if not torch.isfinite(task):
                     search.clear()
@@ -428,12 +434,20 @@ def search_ranks(
     }
 
 
+def _classifier_rank(dense: nn.Module) -> int:
+    """The full rank of the classifier(s)."""
+    heads = families.classifiers(dense)
+    if not heads:
+        raise ComcatError("the model has no classifier to search a rank for: leave the classifier out")
+    return min(min(h.weight.shape) for h in heads.values())
+
+
 def _start_ranks(dense: nn.Module, budget: Budget, cfg: SearchConfig, init_ranks: RankConfig | None) -> RankConfig:
     """The ranks the logits start tilted towards: `init_ranks`, else the budget's uniform ranks
     (with the classifier at the same share of its parameters when it is searched)."""
     start = init_ranks or uniform_ranks(dense, budget.method, budget.ratio, mlp=budget.mlp)
     if cfg.classifier and start.classifier is None:
-        out_f, in_f = dense.head.weight.shape
+        out_f, in_f = families.classifiers(dense)["head"].weight.shape
         start = replace(start, classifier=max(1, round(budget.ratio * out_f * in_f / (out_f + in_f))))
     return start
 

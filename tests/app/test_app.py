@@ -331,9 +331,14 @@ def test_text_fields_never_reach_server_paths(tmp_path, monkeypatch):
     operator's data root is the only local pipeline a visitor may name."""
     from comcat.core.errors import ComcatError
 
-    for typed in ("/etc", "../x", "~/.ssh", "a/b", "hf-hub:/etc", "hf-hub:../x/y", "local-dir:/etc"):
+    for typed in ("/etc", "../x", "~/.ssh", "a/b/c", "hf-hub:/etc", "hf-hub:../x/y", "local-dir:/etc"):
         out = explore_page.on_explore("timm name", typed, None, "", list(explore_page.PLOT_NAMES), 0)
         assert "is not a timm model name" in out[3] and out[0] is None, typed
+    (tmp_path / "org").mkdir()  # an org/name that is also a folder is still read from the hub only
+    monkeypatch.chdir(tmp_path)
+    assert common.model_spec("timm name", "org/name") == ("hf:org/name", None)
+    out = explore_page.on_explore("timm name", "org/name", None, "", list(explore_page.PLOT_NAMES), 0)
+    assert "org/name are not on this machine" in out[3] and out[0] is None
     assert common.model_spec("timm name", "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k") == (
         "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k",
         None,
@@ -427,3 +432,20 @@ def test_the_result_card_of_a_model_without_a_classifier_gives_embedding_fidelit
     card = compress_page.result_card(report)
     assert "cosine 0.987 to the dense model's embeddings" in card and "93.3%" in card and "no top-1" in card
     assert "agreement" not in card
+
+
+def test_explore_takes_a_zipped_transformers_folder(tmp_path):
+    """An uploaded zip of a save_pretrained folder: the summary names the family and what is factorized."""
+    import transformers as T
+
+    cfg = T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      image_size=32, patch_size=8, num_labels=3)  # fmt: skip
+    T.ViTForImageClassification(cfg).save_pretrained(tmp_path / "my-vit")
+    zpath = tmp_path / "my-vit.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for f in (tmp_path / "my-vit").iterdir():
+            z.write(f, f"my-vit/{f.name}")
+    out = explore_page.on_explore("uploaded checkpoint", "", str(zpath), "", list(explore_page.PLOT_NAMES), 0)
+    assert out[0] is not None, out[3]
+    assert "2 layers, width 32, 4 heads of dim 8" in out[3]
+    assert "Factorized: transformers encoder (ViTForImageClassification, vit): per-head W^QK_h" in out[3]

@@ -115,7 +115,7 @@ def test_help_starts_without_torch(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["analyze", "--model", "resnet18"], "not a ViT-family model"),
+        (["analyze", "--model", "resnet18"], "not a model family comcat supports"),
         (["evaluate", "--model", "nope/missing.pth", "--arch", "vit_tiny_patch16_224"], "does not exist"),
         (["evaluate", "--model", "missing.safetensors"], "does not exist"),  # before asking for --arch
         (["compress", "--params-ratio", "0", "--out", "OUT"], "ratio must be in"),

@@ -6,7 +6,7 @@ import timm
 import torch
 
 from comcat.compression.analysis import analyze, head_factors
-from comcat.compression.vit import head_weights
+from comcat.compression.families import head_weights
 from comcat.core.linalg import cumulative_energy, product_svd, product_svdvals, rank_for_energy
 from conftest import png_folder
 

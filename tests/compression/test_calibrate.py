@@ -62,7 +62,7 @@ def test_attention_paths_error_is_the_whitened_tail():
     from timm.layers import Attention
 
     from comcat.compression.calibrate import add_attention_stats, head_attention, qk_factors, vo_factors
-    from comcat.compression.vit import head_weights
+    from comcat.compression.families import head_weights
 
     torch.manual_seed(0)
     attn = Attention(16, num_heads=1, qkv_bias=True).double().eval()

@@ -352,8 +352,8 @@ def test_embedding_scores_measure_fidelity_without_a_classifier():
 
 def test_a_model_without_a_classifier_is_compressed_and_reported_by_embedding_fidelity(tmp_path):
     """A timm ViT with num_classes=0 (a DINOv2-style backbone): the compress run calibrates and
-    distills it, and its report gives cosine and nearest-image agreement, no top-1; the rank search,
-    which distils a classifier's predictions, is refused in one line."""
+    distills it, and its report gives cosine and nearest-image agreement, no top-1; the rank search
+    and fine-tuning match its embeddings."""
     from test_models_and_format import _timm_export
 
     from comcat.compression.job import JobSpec, run_job
@@ -371,6 +371,31 @@ def test_a_model_without_a_classifier_is_compressed_and_reported_by_embedding_fi
     assert all("cosine" in v for v in res["report"]["validation"].values())
     report = (tmp_path / "small" / "report.md").read_text()
     assert "cosine to dense" in report and "no classifier" in report
-    with pytest.raises(ComcatError, match="has no classifier, and the rank search and fine-tuning"):
-        run_job(replace(spec, search=SearchConfig(epochs=1)), tmp_path / "searched")
-    assert not (tmp_path / "searched").exists()
+    tuned = run_job(
+        replace(spec, search=SearchConfig(epochs=1), finetune=FinetuneConfig(epochs=1)), tmp_path / "searched"
+    )
+    assert tuned["report"]["ranks"]["note"]["rule"].startswith("search") and 0 < tuned["report"]["compressed"]["cosine"]
+
+
+@pytest.mark.slow
+def test_search_and_fine_tuning_of_a_backbone_bring_its_embeddings_closer(tmp_path):
+    """The embedded model without its classifier (a checkpoint without head.weight loads as a
+    backbone): at a low budget, a rank search and one fine-tuning epoch, both matching the dense
+    embeddings, give a higher held-out cosine to the dense model than calibration alone."""
+    from safetensors.torch import save_file
+
+    from comcat.compression.load import load_model
+    from conftest import png_folder
+
+    state = {k: v for k, v in load_model("embedded").model.state_dict().items() if not k.startswith("head.")}
+    save_file(state, str(tmp_path / "backbone.safetensors"))
+    data = png_folder(tmp_path / "photos", 320, 6)
+    common = ["--model", str(tmp_path / "backbone.safetensors"), "--arch", "comcat_shapes_vit", "--data", str(data)]
+    common += ["--params-ratio", "0.15", "--mlp", "--allocate", "uniform", "--distill-steps", "0", "--no-latency"]
+    runs = {"plain": [], "tuned": ["--search", "--search-epochs", "1", "--finetune-epochs", "1"]}
+    cosine = {}
+    for label, extra in runs.items():
+        r = run_cli("-m", "comcat", "compress", *common, "--workers", "0", *extra, "--out", str(tmp_path / label))
+        assert r.returncode == 0, r.stderr[-2000:]
+        cosine[label] = json.loads((tmp_path / label / "comcat.json").read_text())["report"]["compressed"]["cosine"]
+    assert cosine["plain"] < cosine["tuned"] <= 1, cosine

@@ -65,7 +65,7 @@ def test_attention_modules_replaced_and_input_untouched(embedded):
 def test_truncation_error_equals_dropped_singular_values(embedded):
     """Eckart-Young: the rank-r head factors [A_h; a_h] B_h^T are the best approximation of each
     [W^Q_h; b^Q_h] W^K_h^T (W^QK_h with the query bias as its extra input row)."""
-    from comcat.compression.vit import head_weights
+    from comcat.compression.families import head_weights
     from comcat.core.linalg import product_svd
 
     attn = embedded.model.blocks[2].attn

@@ -133,7 +133,7 @@ class Evil:
 @pytest.mark.parametrize(
     "spec, arch, message",
     [
-        ("resnet18", None, "not a ViT-family model"),
+        ("resnet18", None, "not a model family comcat supports"),
         ("no_such_model_xyz", None, "not 'embedded', a file"),
         ("missing.safetensors", "vit_tiny_patch16_224", "does not exist"),
         ("EMBEDDED_AS_FILE", None, "also pass its architecture"),
@@ -144,7 +144,7 @@ class Evil:
         ("EVIL.pth", "vit_tiny_patch16_224", "could not read checkpoint"),
         ("NOTWEIGHTS.pth", "vit_tiny_patch16_224", "state dict of tensors"),
         ("NAN.safetensors", "comcat_shapes_vit", "NAN.safetensors: blocks.0.attn.qkv.weight holds NaN or inf values"),
-        ("EMPTYDIR", None, "no comcat.json"),
+        ("EMPTYDIR", None, "has neither comcat.json nor config.json"),
         ("vit_tiny_patch16_224", None, "cannot be downloaded"),
         ("deit_small_patch16_224", None, "cannot be downloaded"),
         ("timm:not_a_model", None, "is not a timm model name"),
@@ -259,8 +259,8 @@ def test_a_timm_export_folder_loads_and_its_compressed_copy_reloads_without_it(t
 
 def test_hub_specs_load_from_the_hub_cache_offline_and_fail_in_one_line(tmp_path, monkeypatch):
     """hf-hub:org/name from the local hub cache with the network off (a subprocess, so that the
-    cache folder is the one huggingface_hub reads at import); missing ids, bare org/name ids and
-    transformers folders each get one line."""
+    cache folder is the one huggingface_hub reads at import); missing ids, org/name ids that are not
+    cached and transformers folders without weights each get one line."""
     from conftest import run_cli
 
     snapshot = tmp_path / "hub" / "models--comcat-test--tiny-vit" / "snapshots" / "0123abcd"
@@ -273,15 +273,15 @@ def test_hub_specs_load_from_the_hub_cache_offline_and_fail_in_one_line(tmp_path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ComcatError, match=r"hf-hub:comcat-test/missing are not on this machine .*\(offline mode"):
         load_model("hf-hub:comcat-test/missing")
-    with pytest.raises(ComcatError, match="write hf-hub:someone/some-vit for a timm model on the hub"):
-        load_model("someone/some-vit")
+    with pytest.raises(ComcatError, match=r"someone/some-vit are not on this machine .*\(offline mode"):
+        load_model("someone/some-vit")  # a transformers (or timm) model on the hub, not cached
     with pytest.raises(ComcatError, match="is not a hub id"):
         load_model("hf-hub:not a hub id")
     hf = tmp_path / "hf-vit"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 192}))
-    with pytest.raises(ComcatError, match=r"hf-vit is a Hugging Face transformers model \(vit\).*not load yet"):
-        load_model(str(hf))
+    with pytest.raises(ComcatError, match=r"could not load hf-vit as ViTModel \(.*\): its weights .* or are missing"):
+        load_model(str(hf))  # a transformers folder without weights
 
 
 def test_a_checkpoint_without_a_classifier_loads_as_a_backbone(tmp_path):

@@ -1,0 +1,223 @@
+"""Hugging Face transformers encoders through the architecture interface: tiny random-init configs
+of every supported class (no network), exact at full rank under both attention implementations
+transformers selects, spectra, save / reload, loading from folders and the hub cache, bad input,
+and a compress run with search and fine-tuning on a transformers copy of the embedded model."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers as T
+
+from comcat import ComcatError
+from comcat.compression import families
+from comcat.compression.analysis import analyze, head_factors
+from comcat.compression.calibrate import block_inputs
+from comcat.compression.convert import compress
+from comcat.compression.families.hf_encoders import wrap
+from comcat.compression.format import save_compressed
+from comcat.compression.load import load_model
+from comcat.compression.models import data_config, has_classifier
+from comcat.compression.rank_rules import full_ranks, uniform_ranks
+from conftest import png_folder, rel_err, run_cli
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+IMAGE = dict(TINY, image_size=32, patch_size=8)
+DINO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=32, patch_size=8)
+CONFIGS = {
+    "ViTForImageClassification": T.ViTConfig(**IMAGE, num_labels=5),
+    "ViTModel": T.ViTConfig(**IMAGE),
+    "DeiTForImageClassificationWithTeacher": T.DeiTConfig(**IMAGE, num_labels=5),
+    "Dinov2Model": T.Dinov2Config(**DINO),
+    "Dinov2ForImageClassification": T.Dinov2Config(**DINO, num_labels=5),
+    "CLIPVisionModel": T.CLIPVisionConfig(**IMAGE),
+    "SiglipVisionModel": T.SiglipVisionConfig(**IMAGE),
+    "BertModel": T.BertConfig(**TINY, vocab_size=100),
+}
+
+
+def tiny(name: str, impl: str = "sdpa") -> torch.nn.Module:
+    """A float64 random-init model of class `name` with non-trivial biases, run with `impl` attention."""
+    torch.manual_seed(0)
+    cfg = T.AutoConfig.for_model(**CONFIGS[name].to_dict())
+    cfg._attn_implementation = impl
+    model = getattr(T, name)(cfg).double().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return model
+
+
+def inputs(name: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    if name == "BertModel":
+        ids = torch.randint(1, 100, (3, 9), generator=g)
+        ids[0, 6:] = 0  # padding: the attention mask is exercised
+        return ids
+    return torch.randn(3, 3, 32, 32, generator=g, dtype=torch.float64)
+
+
+def reference(hf: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the transformers model itself outputs: logits, else the pooled output, else the first token."""
+    out = hf(input_ids=x, attention_mask=(x != 0).long()) if x.dtype == torch.long else hf(pixel_values=x)
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    return out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_transformers_encoders_are_exact_at_full_rank(name, impl):
+    """Wrapping replaces each layer's attention by comcat's canonical one without changing the
+    function (eager: transformers' own softmax runs in float32, so it is the looser reference), and
+    head- and matrix-level factorization at full rank, MLPs included, is exact in float64."""
+    hf, x = tiny(name, impl), inputs(name)
+    with torch.no_grad():
+        ref = reference(hf, x)
+        model = wrap(hf)
+        y = model(x)
+        assert rel_err(y, ref) < (1e-6 if impl == "eager" else 1e-12)
+        for method in ("head", "matrix"):
+            small = compress(model, full_ranks(model, method, mlp=True))
+            assert rel_err(small(x), y) < 1e-10, method
+            assert any("LowRank" in type(m).__name__ for m in small.modules())
+
+
+@pytest.mark.parametrize("name", ["DeiTForImageClassificationWithTeacher", "CLIPVisionModel", "BertModel"])
+def test_the_blocks_and_output_of_the_interface_rebuild_the_forward_pass(name):
+    """First block input -> run_block over the blocks -> output(model, h) equals model(x): what
+    calibration, allocation and block distillation rely on (blocks run unmasked: text without padding)."""
+    model, x = wrap(tiny(name)), inputs(name)
+    x = x[1:] if name == "BertModel" else x  # the rows without padding
+    with torch.no_grad():
+        h = block_inputs(model, [(x, None)])
+        for b in families.blocks(model):
+            h = families.run_block(b, h)
+        assert rel_err(families.output(model, h), model(x)) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["ViTForImageClassification", "BertModel"])
+def test_thin_qr_spectra_equal_the_direct_svd(name):
+    model = wrap(tiny(name))
+    s = analyze(model)
+    for i, b in enumerate(families.blocks(model)):
+        for p, (x, y) in head_factors(families.attention(b)).items():
+            direct = torch.linalg.svdvals(x @ y.transpose(-1, -2))[..., : s.head_dim].numpy()
+            assert abs(direct - s.head[p][i]).max() < 1e-10 * direct.max()
+    assert s.depth == 2 and s.num_heads == 4 and s.head_dim == 8
+
+
+def _save(tmp_path, name: str, folder: str = "model"):
+    """A float32 transformers model of class `name` saved with save_pretrained (+ a preprocessor config)."""
+    out = tmp_path / folder
+    getattr(T, name)(CONFIGS[name]).eval().save_pretrained(out)
+    pre = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": {"height": 32}}
+    (out / "preprocessor_config.json").write_text(json.dumps(pre))
+    return out
+
+
+@pytest.mark.parametrize("name", ["DeiTForImageClassificationWithTeacher", "Dinov2Model", "BertModel"])
+def test_a_save_pretrained_folder_loads_compresses_and_reloads_without_the_original(tmp_path, name):
+    folder = _save(tmp_path, name)
+    loaded = load_model(str(folder))
+    assert loaded.arch == f"transformers:{name}" and loaded.arch_kwargs["config"]["model_type"] in name.lower()
+    assert has_classifier(loaded.model) == ("Classification" in name)
+    if name != "BertModel":
+        assert data_config(loaded.model)["mean"] == (0.5, 0.5, 0.5) and data_config(loaded.model)["crop_pct"] == 1.0
+    assert "transformers encoder" in families.describe(loaded.model)
+    small = compress(loaded.model, uniform_ranks(loaded.model, "head", 0.5, mlp=True)).eval()
+    out = save_compressed(loaded.__class__(small, loaded.arch, loaded.arch_kwargs, loaded.source), tmp_path / "small")
+    shutil.rmtree(folder)  # the compressed model needs neither the folder nor the hub
+    again = load_model(str(out))
+    x = inputs(name).float() if name != "BertModel" else inputs(name)
+    with torch.no_grad():
+        assert torch.equal(again.model(x), small(x))
+    assert again.arch == loaded.arch and again.compressed
+
+
+def test_a_hub_id_loads_from_the_hub_cache_offline(tmp_path):
+    """org/name from the local hub cache with the network off (a subprocess, so that the cache folder
+    is the one huggingface_hub reads at import); the compressed copy reloads without it."""
+    snapshot = tmp_path / "hub" / "models--comcat-test--tiny-hf-vit" / "snapshots" / "0123abcd"
+    _save(tmp_path, "ViTForImageClassification", "export")
+    shutil.copytree(tmp_path / "export", snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = run_cli("-m", "comcat", "analyze", "--model", "comcat-test/tiny-hf-vit", env=env)
+    assert r.returncode == 0 and "comcat-test/tiny-hf-vit: 2 blocks, 4 heads of dim 8" in r.stdout, r.stderr
+
+
+def test_bad_transformers_models_get_one_line(tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50)).save_pretrained(gpt2)
+    with pytest.raises(ComcatError, match="gpt2 model, a family comcat does not support yet: use transformers ViT"):
+        load_model(str(gpt2))
+    empty = tmp_path / "weights-only"
+    empty.mkdir()
+    shutil.copy(gpt2 / "model.safetensors", empty)
+    with pytest.raises(ComcatError, match="has neither comcat.json nor config.json: pass a compressed-model folder"):
+        load_model(str(empty))
+    folder = _save(tmp_path, "ViTForImageClassification")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(ComcatError, match=r"weights lack 16 tensors that ViTForImageClassification needs"):
+        load_model(str(folder))
+    (folder / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 80}))
+    with pytest.raises(ComcatError, match=r"\(tensor shapes differ from config.json\)"):
+        load_model(str(folder))
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ComcatError, match="config.json is not valid JSON"):
+        load_model(str(folder))
+    swiglu = tmp_path / "swiglu"
+    T.Dinov2Model(T.Dinov2Config(**DINO, use_swiglu_ffn=True)).save_pretrained(swiglu)
+    with pytest.raises(ComcatError, match="uses a SwiGLU MLP"):
+        load_model(str(swiglu))
+
+
+@pytest.mark.slow
+def test_search_and_fine_tuning_of_a_transformers_copy_of_the_embedded_model(tmp_path):
+    """The embedded shapes ViT re-saved as a transformers ViT (benchmarks/timm_to_transformers.py)
+    compresses like the timm original: same spectra; a low-budget run with a rank search and one
+    fine-tuning epoch agrees better with the dense model on held-out images than without them."""
+    from benchmarks.timm_to_transformers import convert
+
+    dense = load_model("embedded")
+    hf = convert(dense.model)
+    hf.save_pretrained(tmp_path / "shapes-hf")
+    loaded = load_model(str(tmp_path / "shapes-hf"))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(loaded.model(x), dense.model(x)) < 1e-5
+    a, b = analyze(dense.model), analyze(loaded.model)
+    assert all(abs(a.head[p] - b.head[p]).max() < 1e-5 * a.head[p].max() for p in a.head)
+    data = png_folder(tmp_path / "photos", 320, 5)
+    common = ["--model", str(tmp_path / "shapes-hf"), "--data", str(data), "--params-ratio", "0.15"]
+    common += ["--mlp", "--allocate", "uniform", "--distill-steps", "0", "--no-latency", "--workers", "0"]
+    scores = {}
+    for label, extra in (
+        ("plain", ["--finetune-epochs", "0"]),
+        ("tuned", ["--search", "--search-epochs", "1", "--finetune-epochs", "1"]),
+    ):
+        r = run_cli("-m", "comcat", "compress", *common, *extra, "--out", str(tmp_path / label))
+        assert r.returncode == 0, r.stderr[-2000:]
+        report = json.loads((tmp_path / label / "comcat.json").read_text())["report"]
+        scores[label] = report["compressed"]["kl"]
+    assert scores["tuned"] < scores["plain"], scores
+
+
+def test_a_text_encoder_compresses_by_svd_and_says_images_do_not_fit_it(tmp_path):
+    """A BERT folder: a compress run without data gives SVD ranks at the budget and a reloadable
+    model; with an image folder it is refused in one line (comcat reads images only so far)."""
+    from comcat.compression.job import JobSpec, run_job
+
+    folder = _save(tmp_path, "BertModel")
+    spec = JobSpec(model=str(folder), ratio=0.5, mlp=True, latency=False)
+    res = run_job(spec, tmp_path / "small")
+    assert res["report"]["params_ratio"] < 0.8 and load_model(str(tmp_path / "small")).compressed
+    data = png_folder(tmp_path / "photos", 16, 0)
+    with pytest.raises(ComcatError, match="is a text encoder, and comcat reads images only so far"):
+        run_job(JobSpec(model=str(folder), data=str(data), ratio=0.5, latency=False), tmp_path / "other")
