@@ -5,7 +5,9 @@ does not depend on the weights; no download): the time of the full spectral anal
 head level), and the latency at batch --batch of head-level models with uniform ranks keeping
 --ratio of (a) the attention parameters and (b) the attention and MLP parameters, dense and
 compressed timed alternately over --rounds rounds (median and range of the per-round ratios). A
-text encoder (BERT) runs on sequences of 128 tokens.
+transformers model is timed as transformers runs it ("as loaded", the baseline of its ratios), and
+with comcat's exact canonical attention in its layers ("dense"). A text encoder (BERT) runs on
+sequences of 128 tokens.
 
 --spectra: the real ViT-Tiny of ../shared/data/ loaded through timm and re-saved as a transformers
 ViT (benchmarks/timm_to_transformers.py): the largest difference of their spectra, and head-level
@@ -23,6 +25,7 @@ import time
 import timm
 import torch
 
+from comcat.compression import families
 from comcat.compression.analysis import analyze
 from comcat.compression.convert import compress
 from comcat.compression.cost import compare_latency
@@ -35,6 +38,7 @@ FAMILIES = {  # family -> (timm name, keyword arguments): base size, 224 x 224 i
     "DINOv2": ("vit_base_patch14_dinov2", {"img_size": 224}),
     "CLIP vision": ("vit_base_patch16_clip_224", {}),
     "SigLIP vision": ("vit_base_patch16_siglip_224", {}),
+    "BEiT": ("beit_base_patch16_224", {}),
 }
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 VISION = dict(BASE, image_size=224, patch_size=16)
@@ -49,18 +53,23 @@ HF_FAMILIES = {  # family -> (transformers class, its config class, config): bas
 
 
 def build(family: str):
-    """(name, dense model) of a family, random init."""
+    """(name, dense model as comcat runs it, the model as its library built it or None), random init.
+    For a transformers model the second has comcat's canonical attention in every layer (the same
+    function); the third is the untouched transformers model."""
     if family in FAMILIES:
         name, kwargs = FAMILIES[family]
-        return name, timm.create_model(name, pretrained=False, **kwargs).eval()
+        return name, families.prepare(timm.create_model(name, pretrained=False, **kwargs).eval()), None
+    import copy
+
     import transformers
 
-    from comcat.compression.families.hf_encoders import wrap
+    from comcat.compression.families.hf_encoders import TransformersModel, wrap
 
     cls, config_cls, cfg = HF_FAMILIES[family]
     if cls == "Dinov2Model":
         cfg = {k: v for k, v in cfg.items() if k != "intermediate_size"}
-    return cls, wrap(getattr(transformers, cls)(getattr(transformers, config_cls)(**cfg)).eval())
+    hf = getattr(transformers, cls)(getattr(transformers, config_cls)(**cfg)).eval()
+    return cls, wrap(copy.deepcopy(hf)), TransformersModel(hf).eval()
 
 
 def spectra_check() -> dict:
@@ -114,25 +123,26 @@ def main() -> None:
     if args.spectra:
         results["spectra"] = spectra_check()
     for family in args.models:
-        name, dense = build(family)
+        name, dense, as_loaded = build(family)
         t0 = time.perf_counter()
         analyze(dense)
         analysis_s = time.perf_counter() - t0
-        models = {"dense": dense}
+        models = {"dense": dense} if as_loaded is None else {"as loaded": as_loaded, "dense": dense}
         for label, mlp in (("attention", False), ("attention + MLP", True)):
             models[label] = compress(dense, uniform_ranks(dense, "head", args.ratio, mlp=mlp)).eval()
         with torch.inference_mode():
             size = (3, *dense.patch_embed.img_size) if family in FAMILIES else None  # the model's own input
             timing = compare_latency(models, args.batch, size, rounds=args.rounds, iters=args.iters, warmup=1)
-        row = {"model": name, "analysis_s": analysis_s, "dense_ms": timing["dense"]["ms"]}
-        for label in ("attention", "attention + MLP"):
+        first = next(iter(models))  # the ratios' baseline: the model as its library runs it
+        row = {"model": name, "analysis_s": analysis_s, "dense_ms": timing[first]["ms"], "baseline": first}
+        for label in [n for n in models if n != first]:
             t = timing[label]
             row[label] = {"ms": t["ms"], "ratio": t["ratio"], "range": [t["ratio_min"], t["ratio_max"]]}
         results["families"][family] = row
         if args.json:  # after every family: a long run keeps what it measured
             atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
         print(
-            f"{family:14} {name:30} analysis {analysis_s:5.1f} s  dense {row['dense_ms']:7.0f} ms  "
+            f"{family:16} {name:38} analysis {analysis_s:5.1f} s  {first} {row['dense_ms']:7.0f} ms  "
             + "  ".join(f"{k} {v['ratio']:.2f}x ({v['range'][0]:.2f}-{v['range'][1]:.2f})"
                         for k, v in row.items() if isinstance(v, dict))  # fmt: skip
             , flush=True,
