@@ -389,7 +389,7 @@ def test_search_and_fine_tuning_of_a_backbone_bring_its_embeddings_closer(tmp_pa
 
     state = {k: v for k, v in load_model("embedded").model.state_dict().items() if not k.startswith("head.")}
     save_file(state, str(tmp_path / "backbone.safetensors"))
-    data = png_folder(tmp_path / "photos", 320, 6)
+    data = png_folder(tmp_path / "photos", 200, 6)
     common = ["--model", str(tmp_path / "backbone.safetensors"), "--arch", "comcat_shapes_vit", "--data", str(data)]
     common += ["--params-ratio", "0.15", "--mlp", "--allocate", "uniform", "--distill-steps", "0", "--no-latency"]
     runs = {"plain": [], "tuned": ["--search", "--search-epochs", "1", "--finetune-epochs", "1"]}

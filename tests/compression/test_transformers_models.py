@@ -194,7 +194,7 @@ def test_search_and_fine_tuning_of_a_transformers_copy_of_the_embedded_model(tmp
         assert rel_err(loaded.model(x), dense.model(x)) < 1e-5
     a, b = analyze(dense.model), analyze(loaded.model)
     assert all(abs(a.head[p] - b.head[p]).max() < 1e-5 * a.head[p].max() for p in a.head)
-    data = png_folder(tmp_path / "photos", 320, 5)
+    data = png_folder(tmp_path / "photos", 200, 5)
     common = ["--model", str(tmp_path / "shapes-hf"), "--data", str(data), "--params-ratio", "0.15"]
     common += ["--mlp", "--allocate", "uniform", "--distill-steps", "0", "--no-latency", "--workers", "0"]
     scores = {}
