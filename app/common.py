@@ -182,6 +182,31 @@ def follow_typing(typed, uploaded, choice, typed_value: str, uploaded_value: str
     uploaded.upload(lambda _: uploaded_value, uploaded, choice, queue=False)
 
 
+def model_inputs(elem_prefix: str | None = None) -> tuple:
+    """The boxes that name a model, as Explore and Compress show them: (name, upload, arch). The
+    name box takes timm names and hub ids; the upload a checkpoint or a zipped model folder."""
+    import gradio as gr
+
+    def eid(what: str) -> str | None:
+        return f"{elem_prefix}-{what}" if elem_prefix else None
+
+    name = gr.Textbox(
+        label="timm name, or a hub id: org/name (transformers) or hf-hub:org/name (timm); weights need network",
+        placeholder="deit_small_patch16_224",
+        elem_id=eid("name"),
+    )
+    upload = gr.File(
+        label="checkpoint (.safetensors / .pth), or a zipped model folder (save_pretrained, comcat)",
+        file_types=[*CHECKPOINT_SUFFIXES, ".zip"],
+        type="filepath",
+        elem_id=eid("upload"),
+    )
+    arch = gr.Textbox(
+        label="architecture of the checkpoint (timm name)", placeholder="vit_tiny_patch16_224", elem_id=eid("arch")
+    )
+    return name, upload, arch
+
+
 STOP_REPLIES = {
     "stopping": "**stopping** at the next step…",
     "idle": "nothing is running",

@@ -21,7 +21,7 @@ from comcat.compression.search import SearchConfig
 from comcat.core.errors import ComcatError
 
 from .. import common
-from ..common import STOP_REPLIES, follow_typing, message, model_spec, public_text, visitor, workdir
+from ..common import STOP_REPLIES, follow_typing, message, model_inputs, model_spec, public_text, visitor, workdir
 from ..runner import Busy, Runner
 
 MODEL_SOURCES = ("embedded", "timm name", "uploaded checkpoint", "model from Explore")
@@ -336,21 +336,7 @@ def compress_tab(explored):
     with gr.Row():
         with gr.Column(scale=1):
             model_source = gr.Radio(list(MODEL_SOURCES), value="embedded", label="model", elem_id="compress-model")
-            name = gr.Textbox(
-                label="timm name, or a hub id: org/name (transformers) or hf-hub:org/name (timm); weights need network",
-                placeholder="deit_small_patch16_224",
-            )
-            upload = gr.File(
-                label="checkpoint (.safetensors / .pth), or a zipped model folder (save_pretrained, comcat)",
-                file_types=[".safetensors", ".pth", ".pt", ".bin", ".zip"],
-                type="filepath",
-                elem_id="compress-upload",
-            )
-            arch = gr.Textbox(
-                label="architecture of the checkpoint (timm name)",
-                placeholder="vit_tiny_patch16_224",
-                elem_id="compress-arch",
-            )
+            name, upload, arch = model_inputs("compress")
             data_source = gr.Radio(
                 list(common.DATA_SOURCES),
                 value="embedded shapes",

@@ -37,7 +37,7 @@ from comcat.compression.plots import (
 from comcat.core.errors import ComcatError
 
 from .. import common
-from ..common import SOURCES, follow_typing, message, model_spec, public_text, unzip, visitor, workdir
+from ..common import SOURCES, follow_typing, message, model_inputs, model_spec, public_text, unzip, visitor, workdir
 from ..pipelines import EXAMPLE_ADAPTER, PIPELINES, adapter_file
 
 
@@ -248,16 +248,7 @@ def explore_tab():
     with gr.Row():
         with gr.Column(scale=1):
             source = gr.Radio(list(SOURCES), value="embedded", label="model")
-            name = gr.Textbox(
-                label="timm name, or a hub id: org/name (transformers) or hf-hub:org/name (timm); weights need network",
-                placeholder="deit_small_patch16_224",
-            )
-            upload = gr.File(
-                label="checkpoint (.safetensors / .pth), or a zipped model folder (save_pretrained, comcat)",
-                file_types=[".safetensors", ".pth", ".pt", ".bin", ".zip"],
-                type="filepath",
-            )
-            arch = gr.Textbox(label="architecture of the checkpoint (timm name)", placeholder="vit_tiny_patch16_224")
+            name, upload, arch = model_inputs()
             shown = gr.CheckboxGroup(list(PLOT_NAMES), value=list(PLOT_NAMES), label="heatmaps")
             layer = gr.Slider(0, 5, value=0, step=1, label="layer for per-head spectra")  # its range: the model's
             go = gr.Button("Explore", variant="primary", elem_id="explore-go")
