@@ -314,10 +314,6 @@ def matrix_attention(
 
 
 # ----------------------------------------------------------------------------- the walk over the blocks
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def block_inputs(model: nn.Module, loader) -> torch.Tensor:
     """The first block's input tokens (n, N, C) for every image of `loader` ((x, y) batches)."""
@@ -326,14 +322,14 @@ def block_inputs(model: nn.Module, loader) -> torch.Tensor:
 
     def grab(module, args):
         out.append(args[0].detach())
-        raise _Stop
+        raise families.StopPass
 
     hook = first.register_forward_pre_hook(grab)
     try:
         for x, _ in loader:
             try:
                 model(x.to(next(model.parameters()).device))
-            except _Stop:
+            except families.StopPass:
                 pass
     finally:
         hook.remove()
@@ -419,7 +415,8 @@ def calibrate(
             progress(i, len(blocks))
         if probe:
             cal.inputs.append(h[:probe].clone())
-        attn, sites = families.attention(block), {"x": families.attention(block)}
+        attn = families.attention(block)
+        sites = {"x": attn}
         if mlp:
             sites.update(families.mlp(block))
         st, outs, bs = None, [], BlockStats(None)

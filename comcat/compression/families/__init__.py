@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ComcatError
-from .base import MLP_LINEARS, Family, HeadWeights, canonical_attention, check_attention, head_weights, matrix_weights
+from .base import Family, HeadWeights, canonical_attention, check_attention, head_weights, matrix_weights
 from .hf_encoders import SUPPORTED as HF_SUPPORTED
 from .hf_encoders import Transformers
 from .timm_vit import TimmViT
@@ -19,7 +19,6 @@ SUPPORTED = (
 )
 
 __all__ = [
-    "MLP_LINEARS",
     "Family",
     "HeadWeights",
     "canonical_attention",
@@ -27,11 +26,6 @@ __all__ = [
     "head_weights",
     "matrix_weights",
 ]
-
-
-def register(family: Family) -> None:
-    if not any(type(f) is type(family) for f in FAMILIES):
-        FAMILIES.append(family)
 
 
 def family_of(model: nn.Module) -> Family:
@@ -125,8 +119,8 @@ def describe(model: nn.Module) -> str:
     return family_of(model).describe(model)
 
 
-class _Stop(Exception):
-    pass
+class StopPass(Exception):
+    """Raised from a forward hook to end a pass once what it needed is kept."""
 
 
 def run_capturing(
@@ -140,14 +134,14 @@ def run_capturing(
         def hook(module, args):
             kept[name] = args[0]
             if stop and len(kept) == len(modules):
-                raise _Stop
+                raise StopPass
 
         return hook
 
     hooks = [m.register_forward_pre_hook(keep(n)) for n, m in modules.items()]
     try:
         out = run_block(block, h)
-    except _Stop:
+    except StopPass:
         out = None
     finally:
         for hk in hooks:

@@ -21,8 +21,6 @@ from torch import nn
 
 from ...core.errors import ComcatError
 
-MLP_LINEARS = ("fc1", "fc2")
-
 
 @dataclass
 class HeadWeights:

@@ -178,6 +178,11 @@ def wrap(hf: nn.Module) -> TransformersModel:
     return model.eval()
 
 
+def _prefix_tokens(model: TransformersModel) -> int:
+    """Tokens before the patches: class (+ DeiT's distillation) token; SigLIP has none."""
+    return {"deit": 2, "siglip_vision_model": 0}.get(model.model_type, 1)
+
+
 class Transformers(Family):
     name = "transformers encoder"
 
@@ -249,14 +254,13 @@ class Transformers(Family):
         cfg = model.hf.config
         if model.text:
             return self.input_size(model)[0]
-        prefix = {"deit": 2, "siglip_vision_model": 0}.get(model.model_type, 1)
-        return (cfg.image_size // cfg.patch_size) ** 2 + prefix
+        return (cfg.image_size // cfg.patch_size) ** 2 + _prefix_tokens(model)
 
     def patch_flops(self, model: nn.Module) -> int:
         conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if conv is None:
             return 0
-        patches = self.num_tokens(model) - {"deit": 2, "siglip_vision_model": 0}.get(model.model_type, 1)
+        patches = self.num_tokens(model) - _prefix_tokens(model)
         return 2 * patches * conv.weight.numel()
 
     def input_size(self, model: nn.Module) -> tuple[int, ...]:
