@@ -276,5 +276,5 @@ class Transformers(Family):
     def describe(self, model: nn.Module) -> str:
         return (
             f"{self.name} ({type(model.hf).__name__}, {model.model_type}): per-head W^QK_h and W^VO_h of every "
-            "layer's self-attention, and the MLP linears"
+            "layer's self-attention (the MLP linears too when asked)"
         )

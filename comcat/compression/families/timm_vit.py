@@ -125,4 +125,5 @@ class TimmViT(Family):
 
     def describe(self, model: nn.Module) -> str:
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-        return f"{self.name} ({arch}): per-head W^QK_h and W^VO_h of every block's attention, and the MLP linears"
+        what = "per-head W^QK_h and W^VO_h of every block's attention (the MLP linears too when asked)"
+        return f"{self.name} ({arch}): {what}"
