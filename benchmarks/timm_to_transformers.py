@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -99,10 +100,11 @@ def main() -> None:
                 "image_mean": list(dc["mean"]),
                 "image_std": list(dc["std"]),
                 "resample": 3 if dc["interpolation"] == "bicubic" else 2,
-                "size": {"height": dc["input_size"][1], "width": dc["input_size"][2]},
+                "size": {"shortest_edge": math.floor(dc["input_size"][1] / dc["crop_pct"])},  # timm's resize
+                "crop_size": {"height": dc["input_size"][1], "width": dc["input_size"][2]},
                 "do_resize": True,
                 "do_normalize": True,
-                "do_center_crop": False,
+                "do_center_crop": True,
             },
             indent=2,
         )
