@@ -21,7 +21,9 @@ LAYERS = [
     # the compression side
     "comcat.compression",
     "comcat.compression.families.base",
+    "comcat.compression.families.rotary",
     "comcat.compression.families.timm_vit",
+    "comcat.compression.families.timm_eva",
     "comcat.compression.families.hf_encoders",
     "comcat.compression.families",
     "comcat.compression.hub",

@@ -29,8 +29,9 @@ from .calibrate import Calibration, compressed_block, head_logits, qk_factors, v
 from .cost import Budget
 from .families import head_weights, matrix_weights
 from .families.base import logit_bias_mask
+from .families.rotary import is_rotary, rotate
 from .rank_rules import uniform_ranks
-from .ranks import MATRICES, MLP_SITES, RankConfig, site_limits
+from .ranks import MATRICES, MLP_SITES, RankConfig, pin, site_limits
 
 PROBE_IMAGES = 64
 FISHER_IMAGES = 128
@@ -64,10 +65,11 @@ def _factors(block: nn.Module, bs, method: str, mlp: bool) -> dict:
     attn = families.attention(block)
     if method == "head":
         hw = head_weights(attn)
-        a, b, _ = qk_factors(hw, st)
         p, r, _ = vo_factors(hw, st)
-        out["qk"] = (a, b, None)
         out["vo"] = (p, r, st.mixed.mean)
+        if not hw.rotary:
+            a, b, _ = qk_factors(hw, st)
+            out["qk"] = (a, b, None)
     else:
         ws = matrix_weights(attn)
         for m in MATRICES:
@@ -97,18 +99,22 @@ class TappedAttention(nn.Module):
             qkv.retain_grad()
             tape.update(q=(x, qkv, 0), k=(x, qkv, 1), v=(x, qkv, 2))
         q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        logits = (q @ k.mT) * attn.scale
+        q, k = rotate(attn, q, k)
+        logits = (q @ k.mT) * attn.scale  # the QK path's output, before any bias or mask
         logits.retain_grad()
+        masked = logits
         attn_mask = logit_bias_mask(attn, attn_mask)
         if attn_mask is not None:
             bool_mask = attn_mask.dtype == torch.bool
-            logits = logits.masked_fill(~attn_mask, float("-inf")) if bool_mask else logits + attn_mask
-        probs = logits.softmax(-1)
+            masked = logits.masked_fill(~attn_mask, float("-inf")) if bool_mask else logits + attn_mask
+        probs = masked.softmax(-1)
         o = (probs @ v).transpose(1, 2).reshape(B, N, -1)
         out = attn.proj(o)
         out.retain_grad()
         if self.method == "head":
-            tape.update(qk=(x, logits, attn.scale), vo=(probs.detach() @ x.detach()[:, None], out, None))
+            tape["vo"] = (probs.detach() @ x.detach()[:, None], out, None)
+            if not is_rotary(attn):  # a rotary layer's QK path stays dense: no site
+                tape["qk"] = (x, logits, attn.scale)
         else:
             tape["o"] = (o, out, None)
         return out
@@ -262,7 +268,7 @@ def calibrated_ranks(
     probe_at = uniform_ranks(model, method, ratio, mlp=mlp)
     sites = [Site(i, key, curve) for (i, key), curve in sorted(curves.items())]
     keys = [s.key for s in sites if s.block == 0]
-    ones = RankConfig(method, [{k: 1 for k in keys} for _ in blocks])
+    ones = pin(RankConfig(method, [{k: 1 for k in keys} for _ in blocks]), model)
     base = cost_fn(ones)
     if base > target:
         raise ComcatError(

@@ -17,6 +17,7 @@ from torch import nn
 from ..core.linalg import cumulative_energy, product_svdvals, rank_for_energy
 from . import families
 from .families import head_weights, matrix_weights
+from .families.rotary import is_rotary
 
 MATRICES = ("q", "k", "v", "o")
 PRODUCTS = ("qk", "vo")
@@ -41,6 +42,7 @@ class Spectra:
     dim: int
     num_heads: int
     head_dim: int
+    rotary: np.ndarray | None = None  # (L,) bool: layers whose QK path stays dense (families/rotary.py)
 
     @property
     def depth(self) -> int:
@@ -56,8 +58,12 @@ class Spectra:
         return int(sum(np.minimum(2 * C * rank_for_energy(self.matrix[m], energy), C * C).sum() for m in MATRICES))
 
     def head_params(self, energy: float) -> int:
-        """Attention params to keep `energy` in every head's W^QK_h and W^VO_h (rank r costs 2Cr per head)."""
-        return int(sum((2 * self.dim * rank_for_energy(self.head[p], energy)).sum() for p in PRODUCTS))
+        """Attention params to keep `energy` in every head's W^QK_h and W^VO_h (rank r costs 2Cr per head;
+        a rotary layer's QK path at its full d)."""
+        ranks = {p: np.asarray(rank_for_energy(self.head[p], energy)) for p in PRODUCTS}  # (L, H)
+        if self.rotary is not None:
+            ranks["qk"][self.rotary] = self.head_dim
+        return int(sum((2 * self.dim * r).sum() for r in ranks.values()))
 
     def dense_params(self) -> int:
         return 4 * self.dim * self.dim * self.depth
@@ -77,6 +83,11 @@ class Spectra:
             f"At {energy:.0%} retained energy, head level needs {h:,} attention parameters and matrix "
             f"level {m:,}: head level is {1 - h / m:.0%} smaller ({h / self.dense_params():.0%} "
             f"of the dense {self.dense_params():,})."
+            + (
+                f" W^Q and W^K of the {int(self.rotary.sum())} rotary layers stay dense (counted at full size)."
+                if self.rotary is not None and self.rotary.any()
+                else ""
+            )
         )
 
     def to_dict(self) -> dict:
@@ -85,6 +96,7 @@ class Spectra:
             "num_heads": self.num_heads,
             "head_dim": self.head_dim,
             "depth": self.depth,
+            **({"rotary": self.rotary.tolist()} if self.rotary is not None else {}),
             "singular_values": {
                 **{m: self.matrix[m].tolist() for m in MATRICES},
                 **{p: self.head[p].tolist() for p in PRODUCTS},
@@ -116,5 +128,14 @@ def matrix_spectra(model: nn.Module) -> dict[str, np.ndarray]:
 
 def analyze(model: nn.Module) -> Spectra:
     """Matrix-level and head-level spectra of every attention layer of a supported model."""
-    attn = families.attention(families.blocks(model)[0])
-    return Spectra(matrix_spectra(model), head_spectra(model), attn.qkv.in_features, attn.num_heads, attn.head_dim)
+    attns = [families.attention(b) for b in families.blocks(model)]
+    rotary = np.array([is_rotary(a) for a in attns])
+    a = attns[0]
+    return Spectra(
+        matrix_spectra(model),
+        head_spectra(model),
+        a.qkv.in_features,
+        a.num_heads,
+        a.head_dim,
+        rotary if rotary.any() else None,
+    )

@@ -33,9 +33,10 @@ from torch import nn
 from ..core.errors import ComcatError
 from ..core.linalg import product_svd
 from . import families
-from .convert import compress_classifiers, head_module, keep_logit_bias
+from .convert import compress_classifiers, head_module, keep_positions, rotary_qk
 from .families import head_weights, matrix_weights
 from .families.base import logit_bias_mask
+from .families.rotary import rotate
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
 from .ranks import MATRICES, MLP_SITES, RankConfig
 
@@ -182,6 +183,7 @@ def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         H, d = attn.num_heads, attn.head_dim
         qkv = attn.qkv(x).reshape(x.shape[0], x.shape[1], 3, H, d).permute(2, 0, 3, 1, 4)
         q, k = qkv[0], qkv[1]
+    q, k = rotate(attn, q, k)
     logits = (q @ k.mT) * attn.scale
     bias = logit_bias_mask(attn, None)
     return torch.softmax(logits if bias is None else logits + bias, dim=-1)
@@ -223,6 +225,8 @@ def add_attention_stats(
 def qk_factors(hw, st: AttentionStats | None, ridge: float = RIDGE):
     """(A (H, C+1, d) with the query-bias row last (or (H, C, d) without a query bias), B (H, C, d), s (H, d))."""
     wq = hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)
+    if hw.rotary:  # kept as they are (families/rotary.py); no spectrum
+        return *rotary_qk(hw, hw.head_dim), None
     if st is None:
         u, s, v = product_svd(wq, hw.wk)
         root = s[:, None].sqrt()
@@ -301,7 +305,7 @@ def matrix_attention(
     q, k, v = (fit(ws[m], bias[i], ranks.get(m), x_stats) for i, m in enumerate("qkv"))
     proj = _linear(ws["o"], attn.proj.bias.detach().double() if attn.proj.bias is not None else None, like)
     new = MatrixLowRankAttention(q, k, v, proj, attn.num_heads, float(attn.scale), attn.attn_drop.p, attn.proj_drop.p)
-    keep_logit_bias(new, attn)
+    keep_positions(new, attn)
     if ranks.get("o") is not None:
         out_stats = None if st is None else st.outputs
         if st is not None and x_batches:

@@ -27,13 +27,24 @@ def head_lowrank_attention(attn: nn.Module, rank_qk: int, rank_vo: int) -> HeadL
     to r; the other biases folded exactly (see HeadLowRankAttention)."""
     hw = head_weights(attn)
     wq = hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)  # (H, C (+1), d)
-    u, s, v = product_svd(wq, hw.wk)
-    root = s[:, None, :rank_qk].sqrt()
-    a, b = u[..., :rank_qk] * root, v[..., :rank_qk] * root  # (H, C (+1), r): [A_h; a_h] B_h^T
+    if hw.rotary:
+        a, b = rotary_qk(hw, rank_qk)
+    else:
+        u, s, v = product_svd(wq, hw.wk)
+        root = s[:, None, :rank_qk].sqrt()
+        a, b = u[..., :rank_qk] * root, v[..., :rank_qk] * root  # (H, C (+1), r): [A_h; a_h] B_h^T
     u, s, v = product_svd(hw.wv, hw.wo)
     root = s[:, None, :rank_vo].sqrt()
     p, r = u[..., :rank_vo] * root, v[..., :rank_vo] * root  # (H, C, r): W^VO_h ~ P_h R_h^T
     return head_module(attn, hw, a, b, p, r)
+
+
+def rotary_qk(hw, rank_qk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The QK factors of a rotary layer, [W^Q_h; b^Q_h] and W^K_h (H, C (+1), d) as they are: the
+    rotation acts on exactly these d channels, so the QK path stays dense (families/rotary.py)."""
+    if rank_qk != hw.head_dim:
+        raise ValueError(f"a rotary attention keeps W^Q and W^K dense: its QK rank is {hw.head_dim}, got {rank_qk}")
+    return (hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)), hw.wk
 
 
 def head_module(attn: nn.Module, hw, a, b, p, r) -> HeadLowRankAttention:
@@ -61,13 +72,15 @@ def head_module(attn: nn.Module, hw, a, b, p, r) -> HeadLowRankAttention:
     if hw.bv is not None:
         b_out += torch.einsum("hcd,hd->c", hw.wo, hw.bv)  # sum_h b^V_h W^O_h
     new.proj.bias.copy_(b_out)
-    return keep_logit_bias(new, attn)
+    return keep_positions(new, attn)
 
 
-def keep_logit_bias(new: nn.Module, attn: nn.Module) -> nn.Module:
-    """Give the low-rank attention `new` a copy of the dense attention's logit bias, if it has one."""
-    if getattr(attn, "logit_bias", None) is not None:
-        new.logit_bias = copy.deepcopy(attn.logit_bias)
+def keep_positions(new: nn.Module, attn: nn.Module) -> nn.Module:
+    """Give the low-rank attention `new` copies of the dense attention's position terms (its logit
+    bias, its rotary embedding), where it has them."""
+    for name in ("logit_bias", "rotary"):
+        if getattr(attn, name, None) is not None:
+            setattr(new, name, copy.deepcopy(getattr(attn, name)))
     return new
 
 
@@ -91,7 +104,7 @@ def matrix_lowrank_attention(attn: nn.Module, ranks: dict) -> MatrixLowRankAtten
     q, k, v = (_linear(ws[m], bias[i], ranks.get(m), like) for i, m in enumerate("qkv"))
     proj = _linear(ws["o"], pb, ranks.get("o"), like)
     new = MatrixLowRankAttention(q, k, v, proj, attn.num_heads, float(attn.scale), attn.attn_drop.p, attn.proj_drop.p)
-    return keep_logit_bias(new, attn)
+    return keep_positions(new, attn)
 
 
 def compress(model: nn.Module, ranks: RankConfig, inplace: bool = False) -> nn.Module:

@@ -212,7 +212,7 @@ def finetune(
         for epoch in range(step // per_epoch, cfg.epochs):
             batches = epoch_batches(len(train_data), cfg.batch_size, epoch, cfg.seed)[step - epoch * per_epoch :]
             student.train()
-            for x, y in loader(train_data, batches, num_workers):
+            for x, y in loader(train_data, batches, num_workers, cfg.seed, step):
                 seed_step(cfg.seed, step)
                 for g in opt.param_groups:
                     g["lr"] = cosine_lr(step, total, cfg.lr, warm)

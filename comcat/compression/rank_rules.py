@@ -14,7 +14,7 @@ from ..core.linalg import rank_for_energy
 from . import families
 from .analysis import MATRICES, analyze
 from .models import Loaded
-from .ranks import METHODS, MLP_SITES, RankConfig, site_limits
+from .ranks import METHODS, MLP_SITES, RankConfig, fixed_ranks, pin, site_limits
 
 
 def _mlp_rank_for_ratio(lin: nn.Linear, ratio: float) -> int:
@@ -45,7 +45,7 @@ def uniform_ranks(model: nn.Module, method: str, ratio: float, mlp: bool = False
         if mlp:
             ranks.update({fc: _mlp_rank_for_ratio(lin, ratio) for fc, lin in families.mlp(b).items()})
         blocks.append(ranks)
-    return RankConfig(method, blocks, note={"rule": "uniform", "ratio": ratio})
+    return pin(RankConfig(method, blocks, note={"rule": "uniform", "ratio": ratio}), model)
 
 
 def full_ranks(model: nn.Module, method: str, mlp: bool = False) -> RankConfig:
@@ -87,7 +87,7 @@ def energy_ranks(
         if mlp:
             ranks.update({fc: int(rank_for_energy(mlp_sv[i][fc], energy)) for fc in MLP_SITES})
         blocks.append(ranks)
-    return RankConfig(method, blocks, note={"rule": "energy", "energy": energy})
+    return pin(RankConfig(method, blocks, note={"rule": "energy", "energy": energy}), model)
 
 
 def site_gains(model: nn.Module, method: str, mlp: bool):
@@ -103,7 +103,10 @@ def site_gains(model: nn.Module, method: str, mlp: bool):
             sites = [(m, spectra.matrix[m][i], 2 * C) for m in MATRICES]
         if mlp:
             sites += [(fc, mlp_sv[i][fc], lin.in_features + lin.out_features) for fc, lin in families.mlp(b).items()]
+        fixed = fixed_ranks(b, method)
         for key, s, unit in sites:
+            if key in fixed:
+                continue
             e = np.asarray(s, np.float64) ** 2
             yield i, key, e / max(e.sum(), np.finfo(np.float64).tiny), unit
 
@@ -124,7 +127,7 @@ def greedy_energy_ranks(model: nn.Module, method: str, ratio: float, mlp: bool =
         blocks[i][key] = 1
         steps += [(g / unit, i, key) for g in gain[1:]]
     steps.sort(key=lambda t: -t[0])
-    cfg = RankConfig(method, blocks)
+    cfg = pin(RankConfig(method, blocks), model)
     dense = site_params(model, None, method, mlp)
     if site_params(model, cfg, method, mlp) > ratio * dense:
         raise ComcatError(f"even rank 1 everywhere exceeds {ratio:.0%} of the parameters: use a larger --params-ratio")

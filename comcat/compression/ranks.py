@@ -18,6 +18,7 @@ from torch import nn
 from ..core.errors import ComcatError
 from . import families
 from .analysis import MATRICES
+from .families.rotary import is_rotary
 
 METHODS = ("head", "matrix")
 ATTN_SITES = {"head": ("qk", "vo"), "matrix": MATRICES}
@@ -80,6 +81,12 @@ class RankConfig:
                     f"block {i}: unknown rank keys {sorted(unknown)} for method {self.method!r}; allowed: {list(sites)}"
                 )
             limits = site_limits(b, self.method)
+            for site, r in fixed_ranks(b, self.method).items():
+                if ranks.get(site) != r:
+                    raise ComcatError(
+                        f"block {i}: a rotary attention keeps W^Q and W^K dense, so its {site!r} rank is {r}, "
+                        f"got {ranks.get(site)!r}: set it to {r}"
+                    )
             for site in sites:
                 r = ranks.get(site)
                 if site in ATTN_SITES[self.method] and r is None and self.method == "head":
@@ -101,6 +108,22 @@ class RankConfig:
 def _is_rank(r) -> bool:
     """An integer (JSON true/false are not ranks)."""
     return isinstance(r, (int, np.integer)) and not isinstance(r, (bool, np.bool_))
+
+
+def fixed_ranks(block: nn.Module, method: str) -> dict[str, int]:
+    """Ranks a block's attention fixes: at head level a rotary attention's QK path stays dense, r_qk = d
+    (families/rotary.py); no rule chooses them."""
+    attn = families.attention(block)
+    if method != "head" or not is_rotary(attn):
+        return {}
+    return {"qk": getattr(attn, "rank_qk", None) or attn.head_dim}  # a factorized one holds W^Q_h, W^K_h at r = d
+
+
+def pin(cfg: RankConfig, model: nn.Module) -> RankConfig:
+    """cfg with every block's fixed ranks set (in place); returns cfg."""
+    for b, r in zip(families.blocks(model), cfg.blocks):
+        r.update(fixed_ranks(b, cfg.method))
+    return cfg
 
 
 def site_limits(block: nn.Module, method: str) -> dict[str, int]:

@@ -28,7 +28,7 @@ from .distill import match_loss
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
 from .models import has_classifier
 from .rank_rules import full_ranks, site_gains, uniform_ranks
-from .ranks import MATRICES, RankConfig
+from .ranks import MATRICES, RankConfig, fixed_ranks
 
 
 def candidate_ranks(full: int, count: int = 8, smallest: int = 1) -> list[int]:
@@ -82,7 +82,8 @@ def _sites(model: nn.Module):
     for i, b in enumerate(families.blocks(model)):
         a = families.attention(b)
         if isinstance(a, HeadLowRankAttention):
-            yield f"{i}_qk", a, "rank_mask_qk", a.rank_qk
+            if a.rotary is None:  # a rotary layer's QK path stays dense (families/rotary.py)
+                yield f"{i}_qk", a, "rank_mask_qk", a.rank_qk
             yield f"{i}_vo", a, "rank_mask_vo", a.rank_vo
         elif isinstance(a, MatrixLowRankAttention):
             for key, attr in zip(MATRICES, ("q", "k", "v", "proj")):
@@ -113,6 +114,7 @@ class RankSearch(nn.Module):
         blocks = families.blocks(model)
         self.method = "head" if isinstance(families.attention(blocks[0]), HeadLowRankAttention) else "matrix"
         self.depth = len(blocks)
+        self.fixed = [fixed_ranks(b, self.method) for b in blocks]  # ranks no choice changes
         self.sites: list[tuple[nn.Module, str]] = []  # (module, name of its mask attribute), one per choice
         choices = {}
         for name, module, attr, full in _sites(model):
@@ -141,7 +143,7 @@ class RankSearch(nn.Module):
         return ranks.blocks[int(i)][key]
 
     def config(self, ranks: dict[str, int]) -> RankConfig:
-        blocks = [{} for _ in range(self.depth)]
+        blocks = [dict(f) for f in self.fixed]
         head = None
         for name, r in ranks.items():
             if name == "classifier":
@@ -356,7 +358,7 @@ def search_ranks(
             batches = epoch_batches(len(data), cfg.batch_size, epoch * len(phases) + (phase == "weights"), cfg.seed)
             skip = min(len(batches), max(0, step - done))
             done += len(batches)
-            for x, y in loader(data, batches[skip:], num_workers):
+            for x, y in loader(data, batches[skip:], num_workers, cfg.seed, step):
                 seed_step(cfg.seed, step)
                 tau = temperature(step, total, *cfg.tau)
                 cost = search.sample(tau)

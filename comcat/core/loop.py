@@ -3,6 +3,7 @@ and RunControl, how a caller watches, stops and resumes a loop."""
 
 from __future__ import annotations
 
+import random
 import signal
 import threading
 from collections.abc import Callable
@@ -28,8 +29,32 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[i
     return batches
 
 
-def loader(ds: Dataset, batches: list[list[int]], num_workers: int = 0) -> DataLoader:
-    return DataLoader(ds, batch_sampler=batches, num_workers=num_workers)
+class SeededItems(Dataset):
+    """ds[i] for a key (i, seed), with python's and torch's random generators seeded by `seed` first:
+    the random augmentation of an image (timm's crops draw from python's `random`) then depends only
+    on the key, in the main process or a worker, and after a resume."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, seed = key
+        random.seed(seed)
+        torch.manual_seed(seed)
+        return self.ds[i]
+
+
+def loader(ds: Dataset, batches: list[list[int]], num_workers: int = 0, seed: int = 0, first_step: int = 0):
+    """The batches of ds in order; the n-th batch's image i is augmented under the seed
+    (seed, first_step + n, i) (SeededItems), so a run and its resume see the same views."""
+    keyed = [
+        [(i, ((seed * 1_000_003 + first_step + n) * 64 + dist.rank()) * 1_000_033 + i) for i in b]
+        for n, b in enumerate(batches)
+    ]
+    return DataLoader(SeededItems(ds), batch_sampler=keyed, num_workers=num_workers)
 
 
 def seed_step(seed: int, step: int) -> None:

@@ -141,3 +141,26 @@ def test_short_search_meets_budget_and_learns(embedded):
     assert {e["phase"] for e in info["history"]} == {"search"} and "fc1" not in ranks.blocks[0]
     assert site_params(dense, ranks, "head", False) <= 0.6 * site_params(dense, None, "head", False)
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())
+
+
+def test_augmented_batches_depend_only_on_seed_step_and_image(embedded, tmp_path):
+    """timm's training crops draw from python's `random`, which nothing else seeds: the loader seeds
+    every image by (seed, step, index), so two runs (and a resume from a later step) see the same
+    augmented views whatever the random state before, and other seeds or steps see other views."""
+    import random
+
+    from comcat.compression.images import image_folder
+    from comcat.core.loop import epoch_batches, loader
+    from conftest import png_folder
+
+    ds = image_folder(png_folder(tmp_path / "img", 8, 3), embedded.model, training=True)
+    batches = epoch_batches(len(ds), 4, 0, 0)
+
+    def views(seed=0, first=0, todo=batches):
+        random.seed(torch.seed())  # a different python and torch state before every call
+        return [x for x, _ in loader(ds, todo, 0, seed, first)]
+
+    a, b = views(), views()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert torch.equal(views(first=1, todo=batches[1:])[0], a[1])  # a resume from step 1
+    assert not torch.equal(views(seed=1)[0], a[0]) and not torch.equal(views(first=1)[0], a[0])

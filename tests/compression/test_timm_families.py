@@ -1,8 +1,12 @@
-"""timm families beyond the plain ViT. BEiT through the architecture interface: its attention (query
-and value biases, no key bias, a relative position bias added to the logits) becomes comcat's
-canonical one on loading, exactly, and the relative position bias stays as it is in the low-rank
-model. Swin, EVA / rotary ViTs and LeViT are refused in one line that says what works."""
+"""timm families beyond the plain ViT, through the architecture interface.
 
+BEiT: its attention (query and value biases, no key bias, a relative position bias added to the
+logits) becomes comcat's canonical one on loading, exactly, and the relative position bias stays as
+it is in the low-rank model. EVA / rotary ViTs: the attention rotates q and k by position; it
+becomes a canonical attention with the same rotation, the QK path stays dense and W^VO_h is
+factorized per head. Swin and LeViT are refused in one line that says what works."""
+
+import json
 import shutil
 
 import pytest
@@ -17,15 +21,15 @@ from comcat.compression.families.timm_vit import BeitSlot
 from comcat.compression.format import save_compressed
 from comcat.compression.load import load_model
 from comcat.compression.rank_rules import full_ranks, uniform_ranks
-from conftest import rel_err
+from conftest import png_folder, rel_err, run_cli
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
 
 
-def tiny_beit(name: str = "beit_base_patch16_224") -> torch.nn.Module:
-    """A float64 random-init BEiT with every parameter random (its init zeroes the biases and
-    shrinks the layer scales and the classifier, which would hide errors)."""
-    model = timm.create_model(name, pretrained=False, **TINY).double().eval()
+def tiny_beit(name: str = "beit_base_patch16_224", **kwargs) -> torch.nn.Module:
+    """A float64 random-init timm model (BEiT, EVA) with every parameter random (their inits zero
+    the biases and shrink the layer scales and the classifier, which would hide errors)."""
+    model = timm.create_model(name, pretrained=False, **{**TINY, **kwargs}).double().eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -77,8 +81,6 @@ def test_beit_calibrates_saves_and_reloads(tmp_path):
     "name, message",
     [
         ("swin_tiny_patch4_window7_224", "swin_tiny_patch4_window7_224 is not a model family comcat supports"),
-        ("eva02_tiny_patch14_224", "block 0 attention is EvaAttention, not a multi-head attention comcat factorizes"),
-        ("vit_betwixt_patch16_rope_reg4_gap_256", r"EvaAttention, .* \(rotary, window and pooling attentions"),
         ("levit_128", "levit_128 is not a model family comcat supports"),
     ],
 )
@@ -90,3 +92,124 @@ def test_unsupported_timm_families_are_refused_in_one_line(name, message):
     with pytest.raises(ComcatError, match=message) as err:
         check_supported(model, name)
     assert "\n" not in str(err.value) and "beit_*" in str(err.value)
+
+
+EVAS = ["eva02_tiny_patch14_224", "eva02_base_patch14_224", "vit_betwixt_patch16_rope_reg4_gap_256"]
+
+
+@pytest.mark.parametrize("name", EVAS)
+def test_rotary_evas_convert_exactly_and_keep_their_qk_path_dense(name):
+    """eva02_tiny (fused qkv, packed SwiGLU), eva02_base (separate q, k, v; a SwiGLU MLP that
+    becomes a packed one) and a rotary ViT with 4 register tokens: exact on loading and at full rank
+    (head and matrix level, with the MLPs); the rotation takes part; at head level the QK rank is
+    pinned at head_dim and only W^VO_h (and the MLPs) get smaller."""
+    from comcat import ComcatError
+    from comcat.compression.families.rotary import RotaryAttention
+    from comcat.compression.ranks import RankConfig
+
+    model = tiny_beit(name)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+        families.prepare(model)
+        assert isinstance(families.attention(model.blocks[0]), RotaryAttention)
+        assert rel_err(model(x), ref) < 1e-12
+        for method in ("head", "matrix"):
+            small = compress(model, full_ranks(model, method, mlp=True))
+            assert rel_err(small(x), ref) < 1e-10, method
+        families.attention(small.blocks[1]).rotary.embed.zero_()  # sin 0, cos 0: the rotation takes part
+        assert rel_err(small(x), ref) > 1e-3
+        half = uniform_ranks(model, "head", 0.5, mlp=True)
+        assert [b["qk"] for b in half.blocks] == [16, 16] and [b["vo"] for b in half.blocks] == [8, 8]
+        small = compress(model, half)
+        assert families.attention(small.blocks[0]).rotary is not None
+        assert 1e-6 < rel_err(small(x), ref) < 1.0
+    bad = RankConfig("head", [{"qk": 8, "vo": 8}, {"qk": 16, "vo": 8}])
+    with pytest.raises(ComcatError, match=r"block 0: a rotary attention keeps W\^Q and W\^K dense.*set it to 16"):
+        bad.validate(model)
+    assert "W^Q and W^K stay dense" in families.describe(model)
+
+
+def test_a_rotary_eva_calibrates_allocates_saves_and_reloads(tmp_path):
+    """A timm folder of eva02_tiny: calibration sees the rotation (the whitened factorization at full
+    rank is exact), the KL-calibrated allocation spends the budget on VO and the MLPs only, the rank
+    search has no QK choice, and the model reloads from comcat's folder alone."""
+    from timm.models._hub import save_for_hf
+
+    from comcat.compression.allocate import calibrated_ranks
+    from comcat.compression.cost import Budget
+    from comcat.compression.search import RankSearch
+
+    model = tiny_beit("eva02_tiny_patch14_224").float()
+    save_for_hf(model, str(tmp_path / "eva"), model_args=TINY, safe_serialization=True)
+    loaded = load_model(str(tmp_path / "eva"))
+    assert "timm EVA (eva02_tiny_patch14_224), rotary attention" in families.describe(loaded.model)
+    x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(loaded.model(x), model(x)) < 1e-5
+        cal = calibrate(loaded.model, [(x[i : i + 8], None) for i in range(0, 40, 8)], mlp=True, probe=16, fisher=16)
+        exact = build(loaded.model, full_ranks(loaded.model, "head", mlp=True), cal)
+        assert rel_err(exact(x), model(x)) < 1e-4
+        ranks, sites = calibrated_ranks(loaded.model, cal, Budget(0.4, method="head", mlp=True))
+        assert {s.key for s in sites} == {"vo", "fc1", "fc2"} and all(b["qk"] == 16 for b in ranks.blocks)
+        small = build(loaded.model, ranks, cal)
+    search = RankSearch(compress(loaded.model, full_ranks(loaded.model, "head", mlp=True)), lambda r: 1.0)
+    assert sorted(search.choices) == ["0_fc1", "0_fc2", "0_vo", "1_fc1", "1_fc2", "1_vo"]
+    assert search.chosen().blocks[0]["qk"] == 16
+    out = save_compressed(loaded.__class__(small, loaded.arch, loaded.arch_kwargs, loaded.source), tmp_path / "small")
+    shutil.rmtree(tmp_path / "eva")
+    with torch.no_grad():
+        assert torch.equal(load_model(str(out)).model(x), small(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(qk_norm=True), "block 0 uses qk-norm"),
+        (dict(scale_attn_inner=True), r"block 0 uses a norm before W\^O \(sub-LN\)"),
+        (dict(rope_type="mixed"), "learns its rotary frequencies per layer"),
+    ],
+)
+def test_evas_comcat_cannot_factorize_are_refused_in_one_line(kwargs, message):
+    from comcat import ComcatError
+    from comcat.compression.models import check_supported
+
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TINY, **kwargs)
+    with pytest.raises(ComcatError, match=message) as err:
+        check_supported(model, "eva02_tiny_patch14_224")
+    assert "\n" not in str(err.value) and "vit_*_rope_*" in str(err.value)
+
+
+def test_a_prepared_eva_refuses_another_image_size():
+    from comcat import ComcatError
+
+    model = tiny_beit("eva02_tiny_patch14_224", dynamic_img_size=True)
+    families.prepare(model)
+    with pytest.raises(ComcatError, match="prepared for 16 rotary positions and is called with 64"):
+        model(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
+def test_search_and_fine_tuning_improve_a_timm_family_model(tmp_path, name):
+    """A random EVA / BEiT teacher (its classifier x10, so its predictions are sharp) at 20% of its
+    parameters with the MLPs: a rank search and three fine-tuning epochs agree better with it on
+    held-out images than the calibrated ranks alone."""
+    from timm.models._hub import save_for_hf
+
+    teacher = tiny_beit(name).float()
+    with torch.no_grad():
+        teacher.head.weight.mul_(10)
+    save_for_hf(teacher, str(tmp_path / "dense"), model_args=TINY, safe_serialization=True)
+    data = png_folder(tmp_path / "photos", 200, 5)
+    common = ["--model", str(tmp_path / "dense"), "--data", str(data), "--params-ratio", "0.2", "--mlp"]
+    common += ["--distill-steps", "0", "--no-latency", "--workers", "0"]
+    scores = {}
+    for label, extra in (
+        ("plain", ["--finetune-epochs", "0"]),
+        ("tuned", ["--search", "--search-epochs", "2", "--finetune-epochs", "3", "--lr", "1e-4"]),
+    ):
+        r = run_cli("-m", "comcat", "compress", *common, *extra, "--out", str(tmp_path / label))
+        assert r.returncode == 0, r.stderr[-2000:]
+        scores[label] = json.loads((tmp_path / label / "comcat.json").read_text())["report"]["compressed"]["kl"]
+    assert scores["tuned"] < scores["plain"], scores

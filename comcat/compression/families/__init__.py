@@ -10,11 +10,12 @@ from ...core.errors import ComcatError
 from .base import Family, HeadWeights, canonical_attention, check_attention, head_weights, matrix_weights
 from .hf_encoders import SUPPORTED as HF_SUPPORTED
 from .hf_encoders import Transformers
+from .timm_eva import TimmEva
 from .timm_vit import TimmViT
 
-FAMILIES: list[Family] = [TimmViT(), Transformers()]
+FAMILIES: list[Family] = [TimmEva(), TimmViT(), Transformers()]  # first match owns
 SUPPORTED = (
-    "timm vit_*, deit_*, deit3_*, beit_* models and the timm DINOv2 / CLIP / SigLIP ViTs, "
+    "timm vit_*, deit_*, deit3_*, beit_*, eva02_*, vit_*_rope_* models and the timm DINOv2 / CLIP / SigLIP ViTs, "
     f"e.g. deit_small_patch16_224; {HF_SUPPORTED}"
 )
 
