@@ -7,7 +7,8 @@ head level), and the latency at batch --batch of head-level models with uniform 
 compressed timed alternately over --rounds rounds (median and range of the per-round ratios). A
 transformers model is timed as transformers runs it ("as loaded", the baseline of its ratios), and
 with comcat's exact canonical attention in its layers ("dense"). A text encoder (BERT) runs on
-sequences of 128 tokens.
+sequences of 128 tokens. timm models whose attention comcat replaces on loading (BEiT, EVA, rotary
+ViTs, Swin) are timed as timm runs them too, the baseline of their ratios.
 
 --spectra: the real ViT-Tiny of ../shared/data/ loaded through timm and re-saved as a transformers
 ViT (benchmarks/timm_to_transformers.py): the largest difference of their spectra, and head-level
@@ -39,7 +40,11 @@ FAMILIES = {  # family -> (timm name, keyword arguments): base size, 224 x 224 i
     "CLIP vision": ("vit_base_patch16_clip_224", {}),
     "SigLIP vision": ("vit_base_patch16_siglip_224", {}),
     "BEiT": ("beit_base_patch16_224", {}),
+    "EVA-02": ("eva02_base_patch14_224", {}),
+    "rotary ViT": ("vit_base_patch16_rope_reg1_gap_256", {}),
+    "Swin": ("swin_base_patch4_window7_224", {}),
 }
+CONVERTED = ("BEiT", "EVA-02", "rotary ViT", "Swin")  # loading replaces their attention: timed against timm's own too
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 VISION = dict(BASE, image_size=224, patch_size=16)
 HF_FAMILIES = {  # family -> (transformers class, its config class, config): base size
@@ -56,11 +61,13 @@ def build(family: str):
     """(name, dense model as comcat runs it, the model as its library built it or None), random init.
     For a transformers model the second has comcat's canonical attention in every layer (the same
     function); the third is the untouched transformers model."""
-    if family in FAMILIES:
-        name, kwargs = FAMILIES[family]
-        return name, families.prepare(timm.create_model(name, pretrained=False, **kwargs).eval()), None
     import copy
 
+    if family in FAMILIES:
+        name, kwargs = FAMILIES[family]
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        own = copy.deepcopy(model) if family in CONVERTED else None
+        return name, families.prepare(model), own
     import transformers
 
     from comcat.compression.families.hf_encoders import TransformersModel, wrap

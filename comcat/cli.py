@@ -355,10 +355,7 @@ def cmd_analyze(args) -> None:
             "--dense compares a compressed model with its source: pass the compressed-model directory as --model"
         )
     spectra = analyze(loaded.model)
-    print(
-        f"{loaded.source}: {spectra.depth} blocks, {spectra.num_heads} heads of dim {spectra.head_dim}, "
-        f"width {spectra.dim}; {families.describe(loaded.model)}"
-    )
+    print(f"{loaded.source}: {spectra.shape_line()}; {families.describe(loaded.model)}")
     print(spectra.summary(args.energy))
     if args.json:
         _write_json(args.json, {"model": loaded.source, **spectra.to_dict()})

@@ -24,6 +24,7 @@ LAYERS = [
     "comcat.compression.families.rotary",
     "comcat.compression.families.timm_vit",
     "comcat.compression.families.timm_eva",
+    "comcat.compression.families.timm_swin",
     "comcat.compression.families.hf_encoders",
     "comcat.compression.families",
     "comcat.compression.hub",

@@ -175,8 +175,8 @@ def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(B, N, heads, -1).transpose(1, 2)
 
 
-def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """softmax(logits_h) (B, H, N, N) of a canonical attention or a factorized one."""
+def attention_probs(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(logits_h + mask) (B, H, N, N) of a canonical attention or a factorized one."""
     if isinstance(attn, (HeadLowRankAttention, MatrixLowRankAttention)):
         q, k = _split_heads(attn.q(x), attn.num_heads), _split_heads(attn.k(x), attn.num_heads)
     else:
@@ -185,17 +185,24 @@ def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         q, k = qkv[0], qkv[1]
     q, k = rotate(attn, q, k)
     logits = (q @ k.mT) * attn.scale
-    bias = logit_bias_mask(attn, None)
+    bias = logit_bias_mask(attn, mask)
+    if bias is not None and bias.dtype == torch.bool:
+        return torch.softmax(logits.masked_fill(~bias, float("-inf")), dim=-1)
     return torch.softmax(logits if bias is None else logits + bias, dim=-1)
 
 
 def add_attention_stats(
-    st: AttentionStats | None, mixer: nn.Module, x: torch.Tensor, outputs_of: nn.Module | None = None
+    st: AttentionStats | None,
+    mixer: nn.Module,
+    x: torch.Tensor,
+    outputs_of: nn.Module | None = None,
+    mask: torch.Tensor | None = None,
 ) -> AttentionStats:
-    """Add a batch of attention inputs x (B, N, C) to st, under the attention weights of `mixer`;
-    `outputs_of`: also the moments of that attention's output before W^O."""
+    """Add a batch of attention inputs x (B, N, C) to st, under the attention weights of `mixer`
+    with the attention mask the block gave it; `outputs_of`: also the moments of that attention's
+    output before W^O."""
     B, N, C = x.shape
-    probs = attention_probs(mixer, x)  # (B, H, N, N)
+    probs = attention_probs(mixer, x, mask)  # (B, H, N, N)
     H = probs.shape[1]
     if st is None:
         st = AttentionStats(
@@ -213,7 +220,7 @@ def add_attention_stats(
         captured = []
         hook = outputs_of.proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
         try:
-            outputs_of(x)
+            outputs_of(x, attn_mask=mask)
         finally:
             hook.remove()
         st.outputs = st.outputs or Moments(captured[0].shape[-1], device=x.device)
@@ -290,8 +297,8 @@ def matrix_attention(
     attn: nn.Module, ranks: dict, st: AttentionStats | None = None, x_batches=(), ridge: float = RIDGE
 ) -> MatrixLowRankAttention:
     """MatrixLowRankAttention: W^Q, W^K, W^V fitted on the attention inputs (st.inputs), W^O on the
-    attention outputs: those of the factorized q, k, v on x_batches when given, else st.outputs (the
-    dense attention's). None keeps a matrix dense; st None: plain SVD."""
+    attention outputs: those of the factorized q, k, v on x_batches ((x, mask) pairs) when given,
+    else st.outputs (the dense attention's). None keeps a matrix dense; st None: plain SVD."""
     ws = matrix_weights(attn)
     C = attn.qkv.in_features
     bias = attn.qkv.bias.detach().double().reshape(3, C) if attn.qkv.bias is not None else [None] * 3
@@ -310,8 +317,8 @@ def matrix_attention(
         out_stats = None if st is None else st.outputs
         if st is not None and x_batches:
             part = None
-            for x in x_batches:
-                part = add_attention_stats(part, new, x, outputs_of=new)
+            for x, mask in x_batches:
+                part = add_attention_stats(part, new, x, outputs_of=new, mask=mask)
             out_stats = part.outputs
         new.proj = low_rank_linear(proj, out_stats, ranks["o"], ridge, "an attention output")
     return new
@@ -349,10 +356,10 @@ def _batches(h: torch.Tensor, size: int):
     return (h[i : i + size] for i in range(0, len(h), size))
 
 
-def attention_inputs(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """The tokens the block's attention sees (after its norm) for block inputs h."""
-    attn = families.attention(block)
-    return families.run_capturing(block, h, {"x": attn}, stop=True)[0]["x"]
+def attention_inputs(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens the block's attention sees (after its norm) for block inputs h, and its mask."""
+    kept = families.run_capturing(block, h, {"x": families.attention(block)}, stop=True)[0]
+    return kept["x"], kept.get("x.mask")
 
 
 def _mlp_inputs(block: nn.Module, h: torch.Tensor, fc: str) -> torch.Tensor:
@@ -427,7 +434,7 @@ def calibrate(
         for x in _batches(h, batch_size):  # one pass per batch: the block's output and its sites' inputs
             kept, out = families.run_capturing(block, x, sites)
             outs.append(out)
-            st = add_attention_stats(st, attn, kept["x"], attn if matrix else None)
+            st = add_attention_stats(st, attn, kept["x"], attn if matrix else None, kept.get("x.mask"))
             for fc in MLP_SITES if mlp else ():
                 u = kept[fc].reshape(-1, kept[fc].shape[-1])
                 bs.mlp.setdefault(fc, Moments(u.shape[-1], device=x.device)).add(u)
@@ -496,17 +503,16 @@ def calibrate_sequential(
         xs = [attention_inputs(block, x) for x in _batches(h, batch_size)]
         run, attn = families.blocks(small)[i], families.attention(block)
         st = None
-        for x in xs:
-            st = add_attention_stats(st, attn, x)
+        for x, mask in xs:
+            st = add_attention_stats(st, attn, x, mask=mask)
         if ranks.method == "head":  # the VO path on the mixing of the factorized QK path
             hw = head_weights(attn)
             qk = qk_factors(hw, st, ridge)
             mixer = head_attention(attn, r["qk"], 1, None, ridge, qk=qk)
             st.mixed = Moments(st.mixed.sum.shape[-1], tuple(st.mixed.sum.shape[:-1]), device=h.device)
-            for x in xs:
-                st.mixed.add(
-                    (attention_probs(mixer, x) @ x[:, None]).transpose(0, 1).reshape(hw.num_heads, -1, x.shape[-1])
-                )
+            for x, mask in xs:
+                probs = attention_probs(mixer, x, mask)
+                st.mixed.add((probs @ x[:, None]).transpose(0, 1).reshape(hw.num_heads, -1, x.shape[-1]))
             families.set_attention(run, head_attention(attn, r["qk"], r["vo"], st, ridge, qk=qk))
         else:
             families.set_attention(run, matrix_attention(attn, {m: r.get(m) for m in MATRICES}, st, xs, ridge))

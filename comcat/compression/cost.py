@@ -85,17 +85,16 @@ def model_params(dense: nn.Module, ranks: RankConfig | None = None) -> int:
 
 def layer_flops(model: nn.Module, ranks: RankConfig | None = None) -> list[dict[str, int]]:
     """Per block FLOPs of one image: {"attn": ..., "mlp": ...}."""
-    N = families.num_tokens(model)
     out = []
-    for i, b in enumerate(families.blocks(model)):
-        C, H, d, _, _ = _attn_dims(families.attention(b))
+    for i, (b, (N, K)) in enumerate(zip(families.blocks(model), families.block_tokens(model))):
+        C, H, d, _, _ = _attn_dims(families.attention(b))  # N tokens, each attending to K (N in a ViT)
         r = _block_ranks(ranks, i)
         method = ranks.method if ranks else None
         if method == "head":
             rq, rv = r["qk"], r["vo"]
-            macs = N * C * H * (2 * rq + rv) + N * H * rv * C + H * N * N * (rq + rv)
+            macs = N * C * H * (2 * rq + rv) + N * H * rv * C + H * N * K * (rq + rv)
         else:
-            macs = sum(N * (C * C if r.get(m) is None else r[m] * 2 * C) for m in MATRICES) + 2 * H * N * N * d
+            macs = sum(N * (C * C if r.get(m) is None else r[m] * 2 * C) for m in MATRICES) + 2 * H * N * K * d
         mlp = sum(
             N
             * (

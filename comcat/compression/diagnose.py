@@ -152,7 +152,7 @@ def recommend(model: nn.Module, ratio: float, spectra=None, cal=None, progress=N
     layers = []
     for i, ranks in enumerate(cfg.blocks):
         kept = {p: float(spectra.layer_head_energy(p)[i, ranks[p] - 1]) for p in PRODUCTS}
-        heads = {p: cumulative_energy(spectra.head[p][i])[:, ranks[p] - 1].tolist() for p in PRODUCTS}
+        heads = {p: cumulative_energy(spectra.head_spectra(p, i))[:, ranks[p] - 1].tolist() for p in PRODUCTS}
         layers.append(
             {
                 "layer": i,

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..core import dist
 from ..core.errors import ComcatError, is_int, is_positive, require
-from ..core.loop import RunControl, epoch_batches, loader, seed_step
+from ..core.loop import RunControl, epoch_batches, loader, seed_step, train_mode
 from . import families
 from .evaluate import distance, predict, scores
 from .models import has_classifier
@@ -180,7 +180,7 @@ def finetune(
     if len(train_data) == 0 or len(val_data) == 0:
         raise ComcatError("fine-tuning needs training and validation images: give it a folder with images")
     # setup: the student in training, its optimizer, the teacher's validation logits
-    student.to(device).train().requires_grad_(True)
+    train_mode(student.to(device)).requires_grad_(True)
     teacher = teacher.to(device).eval()  # run under no_grad below; its flags are left alone
     net = DistributedDataParallel(student) if dist.world() > 1 else student
     embeddings = not has_classifier(teacher)  # match pooled embeddings, not predictions
@@ -211,7 +211,7 @@ def finetune(
     try:
         for epoch in range(step // per_epoch, cfg.epochs):
             batches = epoch_batches(len(train_data), cfg.batch_size, epoch, cfg.seed)[step - epoch * per_epoch :]
-            student.train()
+            train_mode(student)
             for x, y in loader(train_data, batches, num_workers, cfg.seed, step):
                 seed_step(cfg.seed, step)
                 for g in opt.param_groups:

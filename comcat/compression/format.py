@@ -128,8 +128,11 @@ def _check_arch(meta: dict, weights: Path) -> None:
             f"{weights.parent / 'comcat.json'} describes no buildable model ({type(e).__name__}): "
             "re-export the compressed model"
         ) from None
-    prefix = families.block_prefix(dense)
-    blocks = {int(n) for k in stored if k.startswith(prefix) and (n := k[len(prefix) :].split(".")[0]).isdigit()}
+    names = set(families.block_names(dense))  # "blocks.3.", "layers.1.blocks.0."...
+    lists = {n[: n.rstrip(".").rfind(".") + 1] for n in names}  # the containers: "blocks.", "layers.1.blocks."
+    stored_blocks = {
+        f"{c}{i}." for k in stored for c in lists if k.startswith(c) and (i := k[len(c) :].split(".")[0]).isdigit()
+    }
     for k in [k for k in stored if k.endswith(".up.bias")]:  # a low-rank MLP linear keeps its bias
         stored.setdefault(k.replace(".up.bias", ".bias"), stored[k])
     wrong = [
@@ -142,7 +145,7 @@ def _check_arch(meta: dict, weights: Path) -> None:
         for k in ("patch_embed.proj.weight", "pos_embed", "norm.weight")
         if k in stored and k not in wrong and k not in dense.state_dict()
     ]
-    if wrong or blocks != set(range(len(families.blocks(dense)))):
+    if wrong or stored_blocks != names:
         raise ComcatError(
             f"{weights.parent / 'comcat.json'} does not match {weights.name} "
             f"({wrong[0] if wrong else 'number of blocks'}): re-export the compressed model"
@@ -151,14 +154,19 @@ def _check_arch(meta: dict, weights: Path) -> None:
 
 def _plain_kwargs(arch: str, kwargs: dict) -> bool:
     """Whether arch_kwargs hold only what the architecture takes: a transformers config (plain JSON),
-    or keyword arguments of timm's VisionTransformer with plain values."""
+    or keyword arguments of timm's VisionTransformer, Beit, Eva or SwinTransformer with plain values."""
     import inspect
 
+    from timm.models.beit import Beit
+    from timm.models.eva import Eva
+    from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
     if arch.startswith(TRANSFORMERS):
         return set(kwargs) == {"config"} and isinstance(kwargs["config"], dict)
-    known = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
+    known = set().union(
+        *(inspect.signature(c.__init__).parameters for c in (VisionTransformer, Beit, Eva, SwinTransformer))
+    ) - {"self"}
     return all(k in known and isinstance(v, (int, float, bool, str, list, type(None))) for k, v in kwargs.items())
 
 

@@ -85,7 +85,7 @@ def head_spectra_plotly(spectra: Spectra, layer: int):
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=[f"{TITLES[p]}, layer {layer}" for p in PRODUCTS])
     for j, p in enumerate(PRODUCTS):
-        for h, s in enumerate(spectra.head[p][layer]):
+        for h, s in enumerate(spectra.head_spectra(p, layer)):
             fig.add_trace(
                 go.Scatter(x=np.arange(1, len(s) + 1), y=s / s[0], name=f"{p} head {h}", mode="lines"), row=1, col=j + 1
             )

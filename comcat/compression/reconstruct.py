@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ComcatError, is_int, is_positive, require
-from ..core.loop import RunControl
+from ..core.loop import RunControl, train_mode
 from . import families
 from .calibrate import block_inputs
 
@@ -151,13 +151,13 @@ def distill_blocks(
         opt = torch.optim.AdamW(trainable(block, cfg.scope), lr=cfg.lr, weight_decay=0.0)
         if resume and i == first and "opt" in resume:
             opt.load_state_dict(resume["opt"])
-        block.train().requires_grad_(True)
+        train_mode(block).requires_grad_(True)
         for k in range(step - i * steps, steps):
             g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + i) * 100_003 + k)
             idx = torch.randint(len(h_s), (min(cfg.batch_size, len(h_s)),), generator=g).to(h_s.device)
             for group in opt.param_groups:
                 group["lr"] = _lr(k, steps, cfg.lr)
-            out, want = block(h_s[idx]).float(), target[idx].float()
+            out, want = families.run_block(block, h_s[idx]).float(), target[idx].float()
             loss = F.mse_loss(out, want) / scale
             if read:
                 loss = loss + cfg.cls_weight * F.mse_loss(out[:, read], want[:, read]) / cls_scale

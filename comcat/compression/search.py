@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..core import dist
 from ..core.errors import ComcatError, is_int, is_positive, require
-from ..core.loop import RunControl, epoch_batches, loader, seed_step
+from ..core.loop import RunControl, epoch_batches, loader, seed_step, train_mode
 from . import families
 from .convert import compress, truncate
 from .cost import Budget, check_budget
@@ -332,7 +332,7 @@ def search_ranks(
     full = full_ranks(dense, budget.method, budget.mlp)
     full = replace(full, classifier=_classifier_rank(dense)) if cfg.classifier else full
     model = build(dense, full, calibration) if calibration is not None else compress(dense, full)
-    model.to(device).train()
+    train_mode(model.to(device))
     model.requires_grad_(cfg.lr_weights > 0)  # frozen weights: gradients for alpha only
     search = RankSearch(model, cost_fn, cfg.candidates).to(device)
     check_budget(cost_fn, target, search.config({name: 1 for name in search.choices}), budget.unit)

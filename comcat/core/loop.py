@@ -57,6 +57,17 @@ def loader(ds: Dataset, batches: list[list[int]], num_workers: int = 0, seed: in
     return DataLoader(SeededItems(ds), batch_sampler=keyed, num_workers=num_workers)
 
 
+def train_mode(model: torch.nn.Module) -> torch.nn.Module:
+    """model.train() with its dropout and stochastic depth (timm's DropPath) left off: comcat trains
+    a student to reproduce the dense model, and that noise (Swin's default drop path is 0.1) only
+    blurs the target. Returns the model."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) or type(m).__name__ == "DropPath":
+            m.eval()
+    return model
+
+
 def seed_step(seed: int, step: int) -> None:
     """Reseed torch before every step, so sampling noise depends only on (seed, step, process)."""
     torch.manual_seed((seed * 1_000_003 + step) * 64 + dist.rank())

@@ -164,3 +164,20 @@ def test_augmented_batches_depend_only_on_seed_step_and_image(embedded, tmp_path
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert torch.equal(views(first=1, todo=batches[1:])[0], a[1])  # a resume from step 1
     assert not torch.equal(views(seed=1)[0], a[0]) and not torch.equal(views(first=1)[0], a[0])
+
+
+def test_training_leaves_the_models_own_dropout_and_drop_path_off():
+    """A Swin's default stochastic depth (0.1) and a dropout would blur the dense model's target:
+    train_mode trains with them off, so two training-mode passes agree (model.train() would not)."""
+    import timm
+
+    from comcat.core.loop import train_mode
+
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
+        num_heads=(1, 2), num_classes=3, drop_path_rate=0.5, proj_drop_rate=0.3,
+    )  # fmt: skip
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    assert train_mode(model).training and torch.equal(model(x), model(x))

@@ -11,11 +11,13 @@ from .base import Family, HeadWeights, canonical_attention, check_attention, hea
 from .hf_encoders import SUPPORTED as HF_SUPPORTED
 from .hf_encoders import Transformers
 from .timm_eva import TimmEva
+from .timm_swin import TimmSwin
 from .timm_vit import TimmViT
 
-FAMILIES: list[Family] = [TimmEva(), TimmViT(), Transformers()]  # first match owns
+FAMILIES: list[Family] = [TimmEva(), TimmSwin(), TimmViT(), Transformers()]  # first match owns
 SUPPORTED = (
-    "timm vit_*, deit_*, deit3_*, beit_*, eva02_*, vit_*_rope_* models and the timm DINOv2 / CLIP / SigLIP ViTs, "
+    "timm vit_*, deit_*, deit3_*, beit_*, eva02_*, vit_*_rope_*, swin_* models and the timm DINOv2 / CLIP / "
+    "SigLIP ViTs, "
     f"e.g. deit_small_patch16_224; {HF_SUPPORTED}"
 )
 
@@ -60,8 +62,8 @@ def prepare(model: nn.Module) -> nn.Module:
     return family_of(model).prepare(model)
 
 
-def block_prefix(model: nn.Module) -> str:
-    return family_of(model).block_prefix(model)
+def block_names(model: nn.Module) -> list[str]:
+    return family_of(model).block_names(model)
 
 
 def attention(block: nn.Module) -> nn.Module:
@@ -104,6 +106,10 @@ def num_tokens(model: nn.Module) -> int:
     return family_of(model).num_tokens(model)
 
 
+def block_tokens(model: nn.Module) -> list[tuple[int, int]]:
+    return family_of(model).block_tokens(model)
+
+
 def patch_flops(model: nn.Module) -> int:
     return family_of(model).patch_flops(model)
 
@@ -128,18 +134,21 @@ def run_capturing(
     block: nn.Module, h: torch.Tensor, modules: dict[str, nn.Module], stop: bool = False
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Run `block` on tokens h, keeping the input (first positional argument) of each module in
-    `modules` by name. stop: end the pass once all are kept (output None)."""
+    `modules` by name, and as "<name>.mask" the attention mask it was called with, if any (Swin's
+    shifted windows, a text encoder's padding). stop: end the pass once all are kept (output None)."""
     kept: dict[str, torch.Tensor] = {}
 
     def keep(name):
-        def hook(module, args):
+        def hook(module, args, kwargs):
             kept[name] = args[0]
-            if stop and len(kept) == len(modules):
+            if isinstance(kwargs.get("attn_mask"), torch.Tensor):
+                kept[f"{name}.mask"] = kwargs["attn_mask"]
+            if stop and all(n in kept for n in modules):
                 raise StopPass
 
         return hook
 
-    hooks = [m.register_forward_pre_hook(keep(n)) for n, m in modules.items()]
+    hooks = [m.register_forward_pre_hook(keep(n), with_kwargs=True) for n, m in modules.items()]
     try:
         out = run_block(block, h)
     except StopPass:

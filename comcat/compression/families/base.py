@@ -186,9 +186,10 @@ class Family:
         place; a no-op where it is there already. Loading does it; returns the model."""
         return model
 
-    def block_prefix(self, model: nn.Module) -> str:
-        """The state-dict prefix of the blocks ("blocks." -> keys blocks.0..., blocks.1...)."""
-        raise NotImplementedError
+    def block_names(self, model: nn.Module) -> list[str]:
+        """The state-dict prefix of every block ("blocks.0.", ..., or "layers.1.blocks.0." in a Swin)."""
+        names = {id(m): n for n, m in model.named_modules()}
+        return [names[id(b)] + "." for b in self.blocks(model)]
 
     def attention(self, block: nn.Module) -> nn.Module:
         raise NotImplementedError
@@ -224,8 +225,13 @@ class Family:
     def num_tokens(self, model: nn.Module) -> int:
         raise NotImplementedError
 
+    def block_tokens(self, model: nn.Module) -> list[tuple[int, int]]:
+        """Per block: (tokens per input, tokens each one attends to); (N, N) in a ViT."""
+        n = self.num_tokens(model)
+        return [(n, n)] * len(self.blocks(model))
+
     def patch_flops(self, model: nn.Module) -> int:
-        """FLOPs of the patch embedding for one image."""
+        """FLOPs of one input outside the blocks and classifiers (patch embedding; Swin's patch merging)."""
         raise NotImplementedError
 
     def input_size(self, model: nn.Module) -> tuple[int, ...]:

@@ -205,9 +205,6 @@ class Transformers(Family):
         for i, b in enumerate(self.blocks(model)):
             check_attention(self.attention(b), f"layer {i} attention")
 
-    def block_prefix(self, model: nn.Module) -> str:
-        return model.layers_path + "."
-
     def attention(self, block: nn.Module) -> nn.Module:
         return self._slot(block).attn
 

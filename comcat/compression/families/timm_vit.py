@@ -76,9 +76,6 @@ class TimmViT(Family):
                 b.attn = beit_slot(b.attn)
         return model
 
-    def block_prefix(self, model: nn.Module) -> str:
-        return "blocks."
-
     def attention(self, block: nn.Module) -> nn.Module:
         if _is_beit_attention(block.attn):
             raise ComcatError("a BEiT attention is converted on loading: load the model with comcat.load_model")
