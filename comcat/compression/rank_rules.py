@@ -111,6 +111,22 @@ def site_gains(model: nn.Module, method: str, mlp: bool):
             yield i, key, e / max(e.sum(), np.finfo(np.float64).tiny), unit
 
 
+def below_floor(model: nn.Module, method: str, ratio: float, mlp: bool) -> ComcatError:
+    """The one-line refusal of a parameter ratio below rank 1 everywhere, with that floor."""
+    from .cost import site_params
+
+    ones = pin(RankConfig(method, [{k: 1 for k in site_limits(b, method) if k not in MLP_SITES or mlp}
+                                   for b in families.blocks(model)]), model)  # fmt: skip
+    floor = site_params(model, ones, method, mlp) / site_params(model, None, method, mlp)
+    rotary = any(fixed_ranks(b, method) for b in families.blocks(model))
+    return ComcatError(
+        f"{ratio:.0%} of the parameters is below the smallest model: rank 1 everywhere keeps {floor:.0%}"
+        + (" (W^Q and W^K of the rotary layers stay dense)" if rotary else "")
+        + f": use a --params-ratio above {floor:.2f}"
+        + ("" if mlp else " or compress the MLPs too (--mlp)")
+    )
+
+
 def greedy_energy_ranks(model: nn.Module, method: str, ratio: float, mlp: bool = False) -> RankConfig:
     """Energy-based allocation under a parameter budget, by marginal gain: every site starts at
     rank 1, then rank steps are taken in order of normalized energy gained per parameter
@@ -130,7 +146,7 @@ def greedy_energy_ranks(model: nn.Module, method: str, ratio: float, mlp: bool =
     cfg = pin(RankConfig(method, blocks), model)
     dense = site_params(model, None, method, mlp)
     if site_params(model, cfg, method, mlp) > ratio * dense:
-        raise ComcatError(f"even rank 1 everywhere exceeds {ratio:.0%} of the parameters: use a larger --params-ratio")
+        raise below_floor(model, method, ratio, mlp)
     lo, hi = 0, len(steps)  # largest prefix of steps that fits the budget (monotone in the prefix)
 
     def take(n: int) -> RankConfig:
@@ -168,7 +184,7 @@ def energy_ranks_for_budget(model: nn.Module, method: str, ratio: float, mlp: bo
         else:
             hi = mid
     if best is None:
-        raise ComcatError(f"no rank allocation fits {ratio:.0%} of the parameters: use a larger --params-ratio")
+        raise below_floor(model, method, ratio, mlp)
     best.note = {"rule": "energy-budget", "ratio": ratio, "energy": round(lo, 6)}
     return best
 

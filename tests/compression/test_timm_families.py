@@ -125,6 +125,11 @@ def test_rotary_evas_convert_exactly_and_keep_their_qk_path_dense(name):
         small = compress(model, half)
         assert families.attention(small.blocks[0]).rotary is not None
         assert 1e-6 < rel_err(small(x), ref) < 1.0
+    from comcat.compression.rank_rules import energy_ranks_for_budget
+
+    with pytest.raises(ComcatError, match=r"keeps 5\d% \(W\^Q and W\^K of the rotary layers stay dense\): use a"):
+        energy_ranks_for_budget(model, "head", 0.5)  # half the attention is W^Q, W^K
+    assert energy_ranks_for_budget(model, "head", 0.5, mlp=True).blocks[0]["qk"] == 16
     bad = RankConfig("head", [{"qk": 8, "vo": 8}, {"qk": 16, "vo": 8}])
     with pytest.raises(ComcatError, match=r"block 0: a rotary attention keeps W\^Q and W\^K dense.*set it to 16"):
         bad.validate(model)

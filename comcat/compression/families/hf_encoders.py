@@ -49,8 +49,10 @@ LAYOUTS = {
     "dinov2": _VIT,
     "clip_vision_model": _CLIP,
     "siglip_vision_model": _CLIP,
+    "clip_text_model": _CLIP,
     "bert": _BERT,
 }
+CAUSAL = ("clip_text_model",)  # text towers whose tokens attend only to earlier ones
 # the top-level classes comcat loads; a full CLIP / SigLIP checkpoint loads as its vision tower
 CLASSES = {
     "vit": ("ViTModel", "ViTForImageClassification"),
@@ -58,16 +60,19 @@ CLASSES = {
     "dinov2": ("Dinov2Model", "Dinov2ForImageClassification"),
     "clip_vision_model": ("CLIPVisionModel",),
     "siglip_vision_model": ("SiglipVisionModel",),
+    "clip_text_model": ("CLIPTextModel",),
     "bert": ("BertModel", "BertForSequenceClassification"),
 }
 CLASSIFIERS = ("classifier", "cls_classifier", "distillation_classifier")
 TEXT_TOKENS = 128  # the sequence length the cost model and latency use for a text encoder
-SUPPORTED = "transformers ViT, DeiT, DINOv2, CLIP / SigLIP vision and BERT encoders"
+SUPPORTED = "transformers ViT, DeiT, DINOv2, CLIP / SigLIP vision, CLIP text and BERT encoders"
 
 
 class AttentionSlot(nn.Module):
     """Stands where a transformers layer keeps its attention: out = attn(x, attn_mask) (post-norm:
-    norm(dropout(out) + x)); returns (out, None), the (output, weights) pair the layer unpacks."""
+    norm(dropout(out) + x)); returns (out, None), the (output, weights) pair the layer unpacks. In a
+    causal text tower (CLIP's) a missing mask means the causal one (transformers' mask, when it
+    makes one, already holds it)."""
 
     def __init__(self, attn: nn.Module, kind: str, norm: nn.Module | None = None, dropout: float = 0.0):
         super().__init__()
@@ -75,7 +80,8 @@ class AttentionSlot(nn.Module):
         self.kind = kind  # the model type, naming the layer's Layout
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
-        out = self.attn(hidden_states, attn_mask=attention_mask)
+        causal = attention_mask is None and self.kind in CAUSAL
+        out = self.attn(hidden_states, attn_mask=attention_mask, is_causal=causal)
         if self.norm is not None:
             out = self.norm(self.dropout(out) + hidden_states)
         return out, None
@@ -102,13 +108,14 @@ class TransformersModel(nn.Module):
         self.hf = hf
         cfg = hf.config
         self.model_type = cfg.model_type
-        self.text = cfg.model_type == "bert"
+        self.text = cfg.model_type in ("bert", "clip_text_model")
         heads = [m for n in CLASSIFIERS if hasattr(m := getattr(hf, n, None), "out_features")]
         self.num_classes = heads[0].out_features if heads else 0
         size = getattr(cfg, "image_size", 224)
+        tokens = min(TEXT_TOKENS, getattr(cfg, "max_position_embeddings", TEXT_TOKENS))  # CLIP text: 77
         self.pretrained_cfg = {
             "architecture": type(hf).__name__,
-            "input_size": (TEXT_TOKENS,) if self.text else (getattr(cfg, "num_channels", 3), size, size),
+            "input_size": (tokens,) if self.text else (getattr(cfg, "num_channels", 3), size, size),
         }
         attention = LAYOUTS[self.model_type].attention
         self.layers_path = next(  # dotted path (in self) of the ModuleList of encoder layers
@@ -225,6 +232,11 @@ class Transformers(Family):
     def output(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """The model run with its layer list standing in as one layer that returns h: the model's
         own final norm, pooling and classifier on h (the embeddings see a blank input)."""
+        if model.model_type == "clip_text_model":
+            raise ComcatError(
+                "a CLIP text tower pools each sentence at its end token, which only the token ids show: comcat "
+                "compresses it without data (by SVD), as it reads no text data yet"
+            )
         path = model.layers_path
         layers = _get(model, path)
         _set(model, path, nn.ModuleList([_Inject(h)]))
