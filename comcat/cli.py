@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="images: DIR/<class>/<image> or a flat DIR/<image> (unlabeled; a "
         "seeded half is evaluated, the rest split into training and validation) or DIR/train + DIR/val "
-        "(default: embedded shapes for the embedded model)",
+        "(default: embedded shapes for the embedded model); for a text encoder a text file with one "
+        "sentence per line, split the same way (search and fine-tuning; no calibration yet)",
     )
     c.add_argument(
         "--train-images",
@@ -429,12 +430,12 @@ BARS = {
 }
 
 
-def validation_line(e: dict) -> str:
+def validation_line(e: dict, unit: str = "images") -> str:
     """One line of validation scores: fidelity to the dense model, top-1 when labeled."""
     from .compression.evaluate import fidelity
 
     top1 = f", top-1 {e['top1']:.2f}%" if "top1" in e else ""
-    return f"validation ({e['images']} held-out images) {fidelity(e)} against the dense model{top1}"
+    return f"validation ({e['images']} held-out {unit}) {fidelity(e)} against the dense model{top1}"
 
 
 class TqdmProgress:
@@ -442,6 +443,7 @@ class TqdmProgress:
 
     def __init__(self):
         self.bar = None
+        self.unit = "images"  # what the data's items are (the data event says)
 
     def __call__(self, e: dict) -> None:
         from tqdm.auto import tqdm
@@ -454,9 +456,10 @@ class TqdmProgress:
         if kind == "phase":
             self.close()
             if e["phase"] == "data":
+                self.unit = e.get("unit", "images")
                 print(f"data: {e['source']}: " + ", ".join(f"{k} {v}" for k, v in e["sizes"].items()))
                 if e.get("note"):
-                    print(f"  {e['note']}: figures are agreement with the dense model, not top-1")
+                    print(f"  {e['note']}: figures are fidelity to the dense model, not top-1")
             return
         if kind in BARS and self.bar is None:
             self.bar = tqdm(total=e["total"], desc=BARS[kind], dynamic_ncols=True)
@@ -471,7 +474,7 @@ class TqdmProgress:
             self.bar.set_postfix_str(f"block {e['block'] + 1}/{e['blocks']} loss {e['loss']:.4f}", refresh=False)
         elif kind == "validate":
             (self.bar.write if self.bar else print)(
-                validation_line(e) + (f" after {e['after']}" if "after" in e else "")
+                validation_line(e, self.unit) + (f" after {e['after']}" if "after" in e else "")
             )
             return
         if self.bar is not None and kind in BARS:

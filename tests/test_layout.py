@@ -21,7 +21,7 @@ LAYERS = [
     # the compression side
     "comcat.compression",
     "comcat.compression.families.base",
-    "comcat.compression.families.rotary",
+    "comcat.compression.families.qk_maps",
     "comcat.compression.families.timm_vit",
     "comcat.compression.families.timm_eva",
     "comcat.compression.families.timm_swin",
@@ -39,6 +39,7 @@ LAYERS = [
     "comcat.compression.load",
     "comcat.compression.images",
     "comcat.compression.splits",
+    "comcat.compression.texts",
     "comcat.compression.evaluate",
     "comcat.compression.calibrate",
     "comcat.compression.allocate",

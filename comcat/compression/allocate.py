@@ -29,7 +29,7 @@ from .calibrate import Calibration, compressed_block, head_logits, qk_factors, v
 from .cost import Budget
 from .families import head_weights, matrix_weights
 from .families.base import logit_bias_mask
-from .families.rotary import is_rotary, rotate
+from .families.qk_maps import has_qk_map, map_qk
 from .rank_rules import uniform_ranks
 from .ranks import MATRICES, MLP_SITES, RankConfig, pin, site_limits
 
@@ -67,7 +67,7 @@ def _factors(block: nn.Module, bs, method: str, mlp: bool) -> dict:
         hw = head_weights(attn)
         p, r, _ = vo_factors(hw, st)
         out["vo"] = (p, r, st.mixed.mean)
-        if not hw.rotary:
+        if not hw.dense_qk:
             a, b, _ = qk_factors(hw, st)
             out["qk"] = (a, b, None)
     else:
@@ -99,7 +99,7 @@ class TappedAttention(nn.Module):
             qkv.retain_grad()
             tape.update(q=(x, qkv, 0), k=(x, qkv, 1), v=(x, qkv, 2))
         q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = rotate(attn, q, k)
+        q, k = map_qk(attn, q, k)
         logits = (q @ k.mT) * attn.scale  # the QK path's output, before any bias or mask
         logits.retain_grad()
         masked = logits
@@ -113,7 +113,7 @@ class TappedAttention(nn.Module):
         out.retain_grad()
         if self.method == "head":
             tape["vo"] = (probs.detach() @ x.detach()[:, None], out, None)
-            if not is_rotary(attn):  # a rotary layer's QK path stays dense: no site
+            if not has_qk_map(attn):  # a rotary / cosine layer's QK path stays dense: no site
                 tape["qk"] = (x, logits, attn.scale)
         else:
             tape["o"] = (o, out, None)

@@ -17,7 +17,7 @@ from torch import nn
 from ..core.linalg import cumulative_energy, product_svdvals, rank_for_energy
 from . import families
 from .families import head_weights, matrix_weights
-from .families.rotary import is_rotary
+from .families.qk_maps import has_qk_map
 
 MATRICES = ("q", "k", "v", "o")
 PRODUCTS = ("qk", "vo")
@@ -44,7 +44,7 @@ class Spectra:
     dim: int
     num_heads: int
     head_dim: int
-    rotary: np.ndarray | None = None  # (L,) bool: layers whose QK path stays dense (families/rotary.py)
+    dense_qk: np.ndarray | None = None  # (L,) bool: layers whose QK path stays dense (families/qk_maps.py)
     dims: np.ndarray | None = None  # (L,) widths, when they differ
     heads: np.ndarray | None = None  # (L,) head counts, when they differ
 
@@ -85,10 +85,10 @@ class Spectra:
 
     def head_params(self, energy: float) -> int:
         """Attention params to keep `energy` in every head's W^QK_h and W^VO_h (rank r costs 2Cr per head;
-        a rotary layer's QK path at its full d)."""
+        a QK path that stays dense at its full d)."""
         ranks = {p: np.asarray(rank_for_energy(self.head[p], energy)) for p in PRODUCTS}  # (L, H)
-        if self.rotary is not None:
-            ranks["qk"][self.rotary] = self.head_dim
+        if self.dense_qk is not None:
+            ranks["qk"][self.dense_qk] = self.head_dim
         own = np.arange(ranks["qk"].shape[1]) < self.layer_heads()[:, None]  # not the padding
         return int(sum((2 * self.layer_dims()[:, None] * r * own).sum() for r in ranks.values()))
 
@@ -111,8 +111,9 @@ class Spectra:
             f"level {m:,}: head level is {1 - h / m:.0%} smaller ({h / self.dense_params():.0%} "
             f"of the dense {self.dense_params():,})."
             + (
-                f" W^Q and W^K of the {int(self.rotary.sum())} rotary layers stay dense (counted at full size)."
-                if self.rotary is not None and self.rotary.any()
+                f" W^Q and W^K of the {int(self.dense_qk.sum())} rotary / cosine-attention layers stay dense "
+                "(counted at full size)."
+                if self.dense_qk is not None and self.dense_qk.any()
                 else ""
             )
         )
@@ -123,7 +124,7 @@ class Spectra:
             "num_heads": self.num_heads,
             "head_dim": self.head_dim,
             "depth": self.depth,
-            **({"rotary": self.rotary.tolist()} if self.rotary is not None else {}),
+            **({"dense_qk": self.dense_qk.tolist()} if self.dense_qk is not None else {}),
             **({"dims": self.dims.tolist(), "heads": self.heads.tolist()} if self.dims is not None else {}),
             "singular_values": {
                 **{m: self.matrix[m].tolist() for m in MATRICES},
@@ -175,7 +176,7 @@ def matrix_spectra(model: nn.Module) -> dict[str, np.ndarray]:
 def analyze(model: nn.Module) -> Spectra:
     """Matrix-level and head-level spectra of every attention layer of a supported model."""
     attns = [families.attention(b) for b in families.blocks(model)]
-    rotary = np.array([is_rotary(a) for a in attns])
+    dense_qk = np.array([has_qk_map(a) for a in attns])
     dims, heads = np.array([a.qkv.in_features for a in attns]), np.array([a.num_heads for a in attns])
     uniform = (dims == dims[0]).all() and (heads == heads[0]).all()
     a = attns[0]
@@ -185,7 +186,7 @@ def analyze(model: nn.Module) -> Spectra:
         a.qkv.in_features,
         a.num_heads,
         a.head_dim,
-        rotary if rotary.any() else None,
+        dense_qk if dense_qk.any() else None,
         None if uniform else dims,
         None if uniform else heads,
     )

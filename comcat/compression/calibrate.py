@@ -33,10 +33,10 @@ from torch import nn
 from ..core.errors import ComcatError
 from ..core.linalg import product_svd
 from . import families
-from .convert import compress_classifiers, head_module, keep_positions, rotary_qk
+from .convert import compress_classifiers, dense_qk_factors, head_module, keep_positions
 from .families import head_weights, matrix_weights
 from .families.base import logit_bias_mask
-from .families.rotary import rotate
+from .families.qk_maps import map_qk
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
 from .ranks import MATRICES, MLP_SITES, RankConfig
 
@@ -183,7 +183,7 @@ def attention_probs(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None 
         H, d = attn.num_heads, attn.head_dim
         qkv = attn.qkv(x).reshape(x.shape[0], x.shape[1], 3, H, d).permute(2, 0, 3, 1, 4)
         q, k = qkv[0], qkv[1]
-    q, k = rotate(attn, q, k)
+    q, k = map_qk(attn, q, k)
     logits = (q @ k.mT) * attn.scale
     bias = logit_bias_mask(attn, mask)
     if bias is not None and bias.dtype == torch.bool:
@@ -232,8 +232,8 @@ def add_attention_stats(
 def qk_factors(hw, st: AttentionStats | None, ridge: float = RIDGE):
     """(A (H, C+1, d) with the query-bias row last (or (H, C, d) without a query bias), B (H, C, d), s (H, d))."""
     wq = hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)
-    if hw.rotary:  # kept as they are (families/rotary.py); no spectrum
-        return *rotary_qk(hw, hw.head_dim), None
+    if hw.dense_qk:  # kept as they are (families/qk_maps.py); no spectrum
+        return *dense_qk_factors(hw, hw.head_dim), None
     if st is None:
         u, s, v = product_svd(wq, hw.wk)
         root = s[:, None].sqrt()

@@ -27,8 +27,8 @@ def head_lowrank_attention(attn: nn.Module, rank_qk: int, rank_vo: int) -> HeadL
     to r; the other biases folded exactly (see HeadLowRankAttention)."""
     hw = head_weights(attn)
     wq = hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)  # (H, C (+1), d)
-    if hw.rotary:
-        a, b = rotary_qk(hw, rank_qk)
+    if hw.dense_qk:
+        a, b = dense_qk_factors(hw, rank_qk)
     else:
         u, s, v = product_svd(wq, hw.wk)
         root = s[:, None, :rank_qk].sqrt()
@@ -39,11 +39,11 @@ def head_lowrank_attention(attn: nn.Module, rank_qk: int, rank_vo: int) -> HeadL
     return head_module(attn, hw, a, b, p, r)
 
 
-def rotary_qk(hw, rank_qk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The QK factors of a rotary layer, [W^Q_h; b^Q_h] and W^K_h (H, C (+1), d) as they are: the
-    rotation acts on exactly these d channels, so the QK path stays dense (families/rotary.py)."""
+def dense_qk_factors(hw, rank_qk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The QK factors of a rotary or cosine attention, [W^Q_h; b^Q_h] and W^K_h (H, C (+1), d) as they are:
+    its map of q and k acts on exactly these d channels, so the QK path stays dense (families/qk_maps.py)."""
     if rank_qk != hw.head_dim:
-        raise ValueError(f"a rotary attention keeps W^Q and W^K dense: its QK rank is {hw.head_dim}, got {rank_qk}")
+        raise ValueError(f"a rotary / cosine attention keeps W^Q, W^K dense: QK rank {hw.head_dim}, not {rank_qk}")
     return (hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)), hw.wk
 
 
@@ -77,8 +77,8 @@ def head_module(attn: nn.Module, hw, a, b, p, r) -> HeadLowRankAttention:
 
 def keep_positions(new: nn.Module, attn: nn.Module) -> nn.Module:
     """Give the low-rank attention `new` copies of the dense attention's position terms (its logit
-    bias, its rotary embedding), where it has them."""
-    for name in ("logit_bias", "rotary"):
+    bias, its map of q and k), where it has them."""
+    for name in ("logit_bias", "qk_map"):
         if getattr(attn, name, None) is not None:
             setattr(new, name, copy.deepcopy(getattr(attn, name)))
     return new

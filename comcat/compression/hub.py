@@ -162,4 +162,6 @@ def load_transformers(source: str, where: str, hub: bool, cfg: dict):
         )
     model = wrap(hf.eval())
     model.pretrained_cfg.update(_preprocessing(where, hub))
+    if model.text:
+        model.pretrained_cfg["tokenizer"] = where  # its tokenizer, for sentence data (texts.py)
     return model, TRANSFORMERS + name, {"config": json.loads(hf.config.to_json_string(use_diff=False))}

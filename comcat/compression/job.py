@@ -43,6 +43,7 @@ from . import families
 from .cost import Budget
 from .distill import FinetuneConfig
 from .evaluate import distance
+from .families.hf_encoders import CAUSAL
 from .format import JOB_FILE, load_compressed, save_compressed
 from .load import load_model
 from .models import EMBEDDED_ARCH, Loaded, has_classifier
@@ -149,9 +150,21 @@ class JobSpec:
     def has_images(self, arch: str) -> bool:
         return self.data is not None or arch == EMBEDDED_ARCH
 
-    def resolved(self, arch: str) -> "JobSpec":
-        """The spec with 'auto' settings decided for a model of architecture `arch`."""
+    def resolved(self, arch: str, text: bool = False) -> "JobSpec":
+        """The spec with 'auto' settings decided for a model of architecture `arch` (`text`: a text
+        encoder, whose sentences go through whole-model passes only: no calibration or block
+        distillation, no mixup, no block alignment, as its blocks would run without the padding mask)."""
         out = JobSpec.from_dict(asdict(self))
+        if text and self.data is not None:
+            require(
+                out.calibration in ("auto", "none") and out.allocate != "calibrated",
+                "a text encoder is not calibrated on sentences yet (its blocks would run without the padding "
+                "mask): drop --calibration / --allocate calibrated",
+            )
+            out.calibration = "none"
+            out.distill = replace(out.distill, steps=0)
+            if out.finetune is not None:
+                out.finetune = replace(out.finetune, mix=False, align_weight=0.0)
         if out.calibration == "auto":
             out.calibration = "data" if self.has_images(arch) else "none"
         if out.allocate == "auto":
@@ -318,17 +331,18 @@ def _start(job: dict, out: Path, resume: bool, callback, should_stop, progress: 
     loaded = load_model(job["spec"]["model"], job["spec"]["arch"])
     if loaded.compressed:
         raise ComcatError(f"{loaded.source} is already compressed: compress the dense model instead")
-    spec = JobSpec.from_dict(job["spec"]).resolved(loaded.arch)
+    text = len(families.input_size(loaded.model)) == 1
+    spec = JobSpec.from_dict(job["spec"]).resolved(loaded.arch, text)
     dense = loaded.model.to(device).eval()
-    if len(families.input_size(dense)) == 1 and spec.data is not None:
+    if text and spec.data is not None and getattr(dense, "model_type", "") in CAUSAL:
         raise ComcatError(
-            f"{loaded.source} is a text encoder, and comcat reads images only so far: compress it without --data "
-            "(SVD ranks from --params-ratio or --energy, no calibration)"
+            f"{loaded.source} pools each sentence at its end token, which comcat does not follow yet: compress it "
+            "without --data (SVD ranks from --params-ratio or --energy)"
         )
     if not spec.has_images(loaded.arch) and (spec.search or spec.finetune or spec.allocate == "calibrated"):
         raise ComcatError(
-            "searching, fine-tuning or calibrating a model needs images: pass --data DIR "
-            "(a folder of images, with or without class sub-folders)"
+            "searching, fine-tuning or calibrating a model needs data: pass --data DIR (a folder of images, with "
+            "or without class sub-folders; a text file with one sentence per line for a text encoder)"
         )
     if job["phase"] == "search":
         from .cost import check_budget
@@ -338,13 +352,16 @@ def _start(job: dict, out: Path, resume: bool, callback, should_stop, progress: 
         check_budget(cost_fn, target, uniform_ranks(dense, spec.method, 1e-9, spec.mlp), spec.budget)
     from .splits import make_splits
 
-    splits = (
-        make_splits(
+    if text and spec.data is not None:
+        from .texts import sentence_splits
+
+        splits = sentence_splits(spec.data, dense, spec.seed)
+    elif spec.has_images(loaded.arch):
+        splits = make_splits(
             spec.data, dense, spec.seed, spec.has_images(loaded.arch), spec.train_images, spec.fit_images, spec.labels
         )
-        if spec.has_images(loaded.arch)
-        else None
-    )
+    else:
+        splits = None
     if not spec.has_images(loaded.arch):
         spec.evaluate = False  # nothing to evaluate a timm model on
     emit = callback or (lambda e: None)
@@ -357,6 +374,7 @@ def _start(job: dict, out: Path, resume: bool, callback, should_stop, progress: 
                 "source": splits.source,
                 "labeled": splits.labeled,
                 "note": splits.note,
+                "unit": splits.unit,
             }
         )
     run = Run(
@@ -593,6 +611,7 @@ def _finish(run: Run, small, stopped: str | None = None) -> dict:
                 "source": run.splits.source,
                 "labeled": run.splits.labeled,
                 "note": run.splits.note,
+                "unit": run.splits.unit,
                 **run.splits.sizes(),
             }
         metrics = {k: {m: report[k][m] for m in FIGURES if m in report[k]} for k in ("dense", "compressed")}

@@ -3,7 +3,8 @@
 All take the call signature of timm's Attention (x, attn_mask=None, is_causal=False), so they drop
 into a timm Block in place of `block.attn`. The attentions keep the dense one's position terms: its
 logit bias (a `logit_bias` submodule, e.g. BEiT's relative position bias), added to the logits as it
-was, and its rotation of q and k (a `rotary` submodule, families/rotary.py).
+was, and its map of q and k (a `qk_map` submodule: rotary embeddings, cosine attention;
+families/qk_maps.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .families.base import logit_bias_mask
-from .families.rotary import rotate
+from .families.qk_maps import map_qk
 
 
 class LowRankLinear(nn.Module):
@@ -98,7 +99,7 @@ class HeadLowRankAttention(nn.Module):
         self.rank_mask_vo: torch.Tensor | None = None  # rank search runs: A diag(c) B^T = U diag(s c) V^T
         self._cache: tuple | None = None  # (key, fused weights) for inference, see _weights
         self.logit_bias: nn.Module | None = None  # the dense attention's additive logit bias, if it had one
-        self.rotary: nn.Module | None = None  # its rotation of q and k (then r_qk = d and A_h, B_h = W^Q_h, W^K_h)
+        self.qk_map: nn.Module | None = None  # its map of q and k (then r_qk = d and A_h, B_h = W^Q_h, W^K_h)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
@@ -117,7 +118,7 @@ class HeadLowRankAttention(nn.Module):
             q = q * F.pad(self.rank_mask_qk, (0, dq - rq))
         if self.rank_mask_vo is not None:
             v = v * F.pad(self.rank_mask_vo, (0, dv - rv))
-        q, k = rotate(self, q, k)
+        q, k = map_qk(self, q, k)
         o = F.scaled_dot_product_attention(
             q,
             k,
@@ -200,13 +201,13 @@ class MatrixLowRankAttention(nn.Module):
         self.num_heads, self.scale, self.attn_drop = num_heads, scale, attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
         self.logit_bias: nn.Module | None = None  # the dense attention's additive logit bias, if it had one
-        self.rotary: nn.Module | None = None  # its rotation of q and k, if it had one
+        self.qk_map: nn.Module | None = None  # its map of q and k, if it had one
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         attn_mask = logit_bias_mask(self, attn_mask)
         q, k, v = (_heads(f(x), self.num_heads) for f in (self.q, self.k, self.v))
-        q, k = rotate(self, q, k)
+        q, k = map_qk(self, q, k)
         o = F.scaled_dot_product_attention(
             q,
             k,

@@ -118,10 +118,10 @@ def below_floor(model: nn.Module, method: str, ratio: float, mlp: bool) -> Comca
     ones = pin(RankConfig(method, [{k: 1 for k in site_limits(b, method) if k not in MLP_SITES or mlp}
                                    for b in families.blocks(model)]), model)  # fmt: skip
     floor = site_params(model, ones, method, mlp) / site_params(model, None, method, mlp)
-    rotary = any(fixed_ranks(b, method) for b in families.blocks(model))
+    dense_qk = any(fixed_ranks(b, method) for b in families.blocks(model))
     return ComcatError(
         f"{ratio:.0%} of the parameters is below the smallest model: rank 1 everywhere keeps {floor:.0%}"
-        + (" (W^Q and W^K of the rotary layers stay dense)" if rotary else "")
+        + (" (W^Q and W^K of the rotary / cosine-attention layers stay dense)" if dense_qk else "")
         + f": use a --params-ratio above {floor:.2f}"
         + ("" if mlp else " or compress the MLPs too (--mlp)")
     )

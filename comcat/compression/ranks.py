@@ -18,7 +18,7 @@ from torch import nn
 from ..core.errors import ComcatError
 from . import families
 from .analysis import MATRICES
-from .families.rotary import is_rotary
+from .families.qk_maps import has_qk_map
 
 METHODS = ("head", "matrix")
 ATTN_SITES = {"head": ("qk", "vo"), "matrix": MATRICES}
@@ -84,8 +84,8 @@ class RankConfig:
             for site, r in fixed_ranks(b, self.method).items():
                 if ranks.get(site) != r:
                     raise ComcatError(
-                        f"block {i}: a rotary attention keeps W^Q and W^K dense, so its {site!r} rank is {r}, "
-                        f"got {ranks.get(site)!r}: set it to {r}"
+                        f"block {i}: a rotary or cosine attention keeps W^Q and W^K dense, so its {site!r} rank "
+                        f"is {r}, got {ranks.get(site)!r}: set it to {r}"
                     )
             for site in sites:
                 r = ranks.get(site)
@@ -111,10 +111,10 @@ def _is_rank(r) -> bool:
 
 
 def fixed_ranks(block: nn.Module, method: str) -> dict[str, int]:
-    """Ranks a block's attention fixes: at head level a rotary attention's QK path stays dense, r_qk = d
-    (families/rotary.py); no rule chooses them."""
+    """Ranks a block's attention fixes: at head level the QK path of a rotary or cosine attention stays dense, r_qk = d
+    (families/qk_maps.py); no rule chooses them."""
     attn = families.attention(block)
-    if method != "head" or not is_rotary(attn):
+    if method != "head" or not has_qk_map(attn):
         return {}
     return {"qk": getattr(attn, "rank_qk", None) or attn.head_dim}  # a factorized one holds W^Q_h, W^K_h at r = d
 

@@ -112,7 +112,8 @@ def format_report(report: dict) -> str:
         rows.append(("KL to dense", "0", f"{c['kl']:.4f}", ""))
     if "cosine" in c:
         rows.append(("cosine to dense", "1", f"{c['cosine']:.4f}", ""))
-        rows.append(("same nearest image %", "100", f"{c['retrieval']:.2f}", ""))
+        unit = report.get("data", {}).get("unit", "images")[:-1]
+        rows.append((f"same nearest {unit} %", "100", f"{c['retrieval']:.2f}", ""))
     for k in d.get("latency_ms", {}):
         ratio = report.get("latency_ratio", {}).get(k)
         spread = f" ({ratio['range'][0]:.2f}-{ratio['range'][1]:.2f})" if ratio else ""
@@ -130,7 +131,7 @@ def format_report(report: dict) -> str:
     if "images" in c:
         data = report.get("data", {})
         where = (
-            f"\nfigures on {c['images']} held-out evaluation images"
+            f"\nfigures on {c['images']} held-out evaluation {data.get('unit', 'images')}"
             + (f" of {data['source']}" if data.get("source") else "")
             + (
                 " (no classifier: the fidelity of its pooled embeddings to the dense model's)"

@@ -46,6 +46,7 @@ class Splits:
     source: str
     labeled: bool = True
     note: str = ""  # why the labels are not used, when they are not
+    unit: str = "images"  # what the items are, in the figures' words ("sentences" for text)
 
     def sizes(self) -> dict:
         return {"train": len(self.train), "fit": len(self.fit), "val": len(self.val), "eval": len(self.eval)}

@@ -5,8 +5,10 @@ logits) becomes comcat's canonical one on loading, exactly, and the relative pos
 it is in the low-rank model. EVA / rotary ViTs: the attention rotates q and k by position; it
 becomes a canonical attention with the same rotation, the QK path stays dense and W^VO_h is
 factorized per head. Swin: window attention with a relative position bias and shifted windows'
-masks, stages of different widths. Swin V2 and LeViT are refused in one line that says what works."""
+masks, stages of different widths; Swin V2's cosine attention keeps QK dense like a rotary one.
+ConViT and LeViT are refused in one line that says what works."""
 
+import copy
 import json
 import shutil
 
@@ -81,7 +83,7 @@ def test_beit_calibrates_saves_and_reloads(tmp_path):
 @pytest.mark.parametrize(
     "name, message",
     [
-        ("swinv2_tiny_window8_256", "swinv2_tiny_window8_256 is not a model family comcat supports"),
+        ("convit_tiny", r"block 0 attention is GPSA, not a multi-head attention comcat factorizes \(gated positional"),
         ("levit_128", "levit_128 is not a model family comcat supports"),
     ],
 )
@@ -105,7 +107,7 @@ def test_rotary_evas_convert_exactly_and_keep_their_qk_path_dense(name):
     (head and matrix level, with the MLPs); the rotation takes part; at head level the QK rank is
     pinned at head_dim and only W^VO_h (and the MLPs) get smaller."""
     from comcat import ComcatError
-    from comcat.compression.families.rotary import RotaryAttention
+    from comcat.compression.families.qk_maps import QKMapAttention
     from comcat.compression.ranks import RankConfig
 
     model = tiny_beit(name)
@@ -113,25 +115,26 @@ def test_rotary_evas_convert_exactly_and_keep_their_qk_path_dense(name):
     with torch.no_grad():
         ref = model(x)
         families.prepare(model)
-        assert isinstance(families.attention(model.blocks[0]), RotaryAttention)
+        assert isinstance(families.attention(model.blocks[0]), QKMapAttention)
         assert rel_err(model(x), ref) < 1e-12
         for method in ("head", "matrix"):
             small = compress(model, full_ranks(model, method, mlp=True))
             assert rel_err(small(x), ref) < 1e-10, method
-        families.attention(small.blocks[1]).rotary.embed.zero_()  # sin 0, cos 0: the rotation takes part
+        families.attention(small.blocks[1]).qk_map.embed.zero_()  # sin 0, cos 0: the rotation takes part
         assert rel_err(small(x), ref) > 1e-3
         half = uniform_ranks(model, "head", 0.5, mlp=True)
         assert [b["qk"] for b in half.blocks] == [16, 16] and [b["vo"] for b in half.blocks] == [8, 8]
         small = compress(model, half)
-        assert families.attention(small.blocks[0]).rotary is not None
+        assert families.attention(small.blocks[0]).qk_map is not None
         assert 1e-6 < rel_err(small(x), ref) < 1.0
     from comcat.compression.rank_rules import energy_ranks_for_budget
 
-    with pytest.raises(ComcatError, match=r"keeps 5\d% \(W\^Q and W\^K of the rotary layers stay dense\): use a"):
+    floor = r"keeps 5\d% \(W\^Q and W\^K of the rotary / cosine-attention layers stay dense\): use a"
+    with pytest.raises(ComcatError, match=floor):
         energy_ranks_for_budget(model, "head", 0.5)  # half the attention is W^Q, W^K
     assert energy_ranks_for_budget(model, "head", 0.5, mlp=True).blocks[0]["qk"] == 16
     bad = RankConfig("head", [{"qk": 8, "vo": 8}, {"qk": 16, "vo": 8}])
-    with pytest.raises(ComcatError, match=r"block 0: a rotary attention keeps W\^Q and W\^K dense.*set it to 16"):
+    with pytest.raises(ComcatError, match=r"block 0: a rotary or cosine attention keeps W\^Q and W\^K .*set it to 16"):
         bad.validate(model)
     assert "W^Q and W^K stay dense" in families.describe(model)
 
@@ -336,3 +339,49 @@ def test_a_swin_runs_the_whole_one_click_pipeline(tmp_path):
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(small(x), small(x)) and rel_err(small(x), loaded(x)) < 0.5
+
+
+def test_swin_v2_converts_exactly_keeps_qk_dense_calibrates_and_reloads(tmp_path):
+    """Cosine attention (a learned temperature per head), the MLP-made continuous position bias,
+    query and value biases, post-norm blocks: exact on loading and at full rank; temperature and
+    bias take part; the QK rank is pinned; calibrated, saved and reloaded from comcat's folder alone."""
+    from timm.models._hub import save_for_hf
+
+    from comcat.compression.families.qk_maps import CosineQK
+
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, **SWIN).double().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    x = torch.randn(8, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+        save_for_hf(copy.deepcopy(model).float(), str(tmp_path / "v2"), model_args=SWIN, safe_serialization=True)
+        families.prepare(model)
+        assert rel_err(model(x), ref) < 1e-12
+        for method in ("head", "matrix"):
+            small = compress(model, full_ranks(model, method, mlp=True))
+            assert rel_err(small(x), ref) < 1e-10, method
+        h0, blocks = model.patch_embed(x), families.blocks(small)
+        h1 = families.run_block(families.blocks(model)[0], h0)
+        attn = families.attention(blocks[0])
+        assert isinstance(attn.qk_map, CosineQK)
+        attn.qk_map.logit_scale.add_(0.5)  # the temperature takes part
+        assert rel_err(families.run_block(blocks[0], h0), h1) > 1e-3
+        attn.qk_map.logit_scale.sub_(0.5)
+        attn.logit_bias.mlp[0].bias.add_(1.0)  # and so does the continuous position bias
+        assert rel_err(families.run_block(blocks[0], h0), h1) > 1e-3
+    assert [b["qk"] for b in uniform_ranks(model, "head", 0.5).blocks] == [16] * 4
+    assert "cosine attention" in families.describe(model)
+    loaded = load_model(str(tmp_path / "v2"))
+    x = x.float()
+    with torch.no_grad():
+        cal = calibrate(loaded.model, [(x[i : i + 4], None) for i in range(0, 8, 4)], mlp=True)
+        exact = build(loaded.model, full_ranks(loaded.model, "head", mlp=True), cal)
+        assert rel_err(exact(x), loaded.model(x)) < 1e-4
+        small = build(loaded.model, uniform_ranks(loaded.model, "head", 0.5, mlp=True), cal)
+    out = save_compressed(loaded.__class__(small, loaded.arch, loaded.arch_kwargs, loaded.source), tmp_path / "small")
+    shutil.rmtree(tmp_path / "v2")
+    with torch.no_grad():
+        assert torch.equal(load_model(str(out)).model(x), small(x))

@@ -213,18 +213,81 @@ def test_search_and_fine_tuning_of_a_transformers_copy_of_the_embedded_model(tmp
     assert scores["tuned"] < scores["plain"], scores
 
 
-def test_a_text_encoder_compresses_by_svd_and_says_images_do_not_fit_it(tmp_path):
+def bert_with_tokenizer(root, words: int = 60):
+    """A float32 BertModel folder with its WordPiece tokenizer (vocabulary w0 ... w59; random weights)."""
+    root.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(words)]
+    T.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(root)
+    cfg = T.BertConfig(**TINY, vocab_size=len(vocab), max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = T.BertModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model.save_pretrained(root)
+    return root
+
+
+def sentences(path, n: int, seed: int = 0, words: int = 60):
+    g = torch.Generator().manual_seed(seed)
+    lines = [
+        " ".join(f"w{int(i)}" for i in torch.randint(words, (int(k),), generator=g))
+        for k in torch.randint(3, 13, (n,), generator=g)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_text_encoder_compresses_by_svd_and_refuses_data_it_cannot_read(tmp_path):
     """A BERT folder: a compress run without data gives SVD ranks at the budget and a reloadable
-    model; with an image folder it is refused in one line (comcat reads images only so far)."""
+    model; an image folder, a folder without a tokenizer and a CLIP text tower with sentences are
+    refused in one line each."""
     from comcat.compression.job import JobSpec, run_job
 
     folder = _save(tmp_path, "BertModel")
     spec = JobSpec(model=str(folder), ratio=0.5, mlp=True, latency=False)
     res = run_job(spec, tmp_path / "small")
     assert res["report"]["params_ratio"] < 0.8 and load_model(str(tmp_path / "small")).compressed
-    data = png_folder(tmp_path / "photos", 16, 0)
-    with pytest.raises(ComcatError, match="is a text encoder, and comcat reads images only so far"):
-        run_job(JobSpec(model=str(folder), data=str(data), ratio=0.5, latency=False), tmp_path / "other")
+    text = sentences(tmp_path / "s.txt", 20)
+    cases = [
+        (folder, png_folder(tmp_path / "photos", 16, 0), "is a folder, and a text encoder reads a text file"),
+        (folder, text, "has no tokenizer comcat can load: save the model's tokenizer beside it"),
+        (_save(tmp_path, "CLIPTextModel", "clip"), text, "pools each sentence at its end token"),
+    ]
+    for i, (model, data, message) in enumerate(cases):
+        with pytest.raises(ComcatError, match=message) as err:
+            run_job(JobSpec(model=str(model), data=str(data), ratio=0.5, latency=False), tmp_path / f"o{i}")
+        assert "\n" not in str(err.value)
+
+
+def test_sentences_split_disjointly_and_fine_tuning_brings_a_text_encoder_closer(tmp_path):
+    """One sentence per line, tokenized by the folder's own tokenizer: seeded disjoint train,
+    validation and evaluation splits; a run with a rank search and fine-tuning on the sentences ends
+    with pooled embeddings closer to the dense model's on held-out sentences (cosine, and the same
+    nearest sentence) than the SVD ranks alone, within the same budget."""
+    from comcat.compression.distill import FinetuneConfig
+    from comcat.compression.job import JobSpec, run_job
+    from comcat.compression.search import SearchConfig
+    from comcat.compression.texts import sentence_splits
+
+    folder = bert_with_tokenizer(tmp_path / "bert")
+    text = sentences(tmp_path / "s.txt", 300)
+    loaded = load_model(str(folder))
+    splits = sentence_splits(text, loaded.model)
+    rows = {k: {tuple(r.tolist()) for r in getattr(splits, k).tensors[0]} for k in ("train", "val", "eval")}
+    assert len(splits.eval) == 150 and len(splits.val) == 30 and len(splits.train) == 120 and splits.unit == "sentences"
+    assert not (rows["train"] & rows["eval"]) and not (rows["val"] & rows["eval"]) and not (rows["train"] & rows["val"])
+    assert splits.eval.tensors[0].shape[1] == 64 and (splits.eval.tensors[0][:, 0] == 2).all()  # [CLS] first
+    common = dict(model=str(folder), data=str(text), ratio=0.3, mlp=True, latency=False)
+    plain = run_job(JobSpec(**common), tmp_path / "plain")["report"]
+    tuned = run_job(
+        JobSpec(**common, search=SearchConfig(epochs=2), finetune=FinetuneConfig(epochs=5, lr=1e-3)),
+        tmp_path / "tuned",
+    )["report"]
+    assert plain["data"]["unit"] == "sentences" and plain["calibration"] == "none"
+    assert tuned["compressed"]["cosine"] > plain["compressed"]["cosine"] + 0.1, (plain, tuned)
+    assert tuned["params_ratio"] <= plain["params_ratio"] + 0.05
 
 
 def test_the_clip_text_tower_is_causal_and_says_why_it_takes_no_data():

@@ -38,7 +38,7 @@ class HeadWeights:
     bv: torch.Tensor | None
     bo: torch.Tensor | None
     scale: float
-    rotary: bool = False  # q and k rotated by position after the projections (families/rotary.py)
+    dense_qk: bool = False  # q, k mapped after the projections (rotated, normalized): families/qk_maps.py
 
     @property
     def num_heads(self) -> int:
@@ -53,9 +53,10 @@ def check_attention(attn: nn.Module, where: str) -> None:
     """Raise ComcatError unless `attn` is the canonical fused-qkv attention comcat can factorize."""
     if not isinstance(attn, Attention):
         raise ComcatError(
-            f"{where} is {type(attn).__name__}, not a multi-head attention comcat factorizes (window and "
-            "pooling attentions are not supported yet): use a vit_*, deit_*, deit3_*, beit_*, eva02_* or "
-            "vit_*_rope_* model, or a transformers ViT / DeiT / DINOv2 / CLIP / SigLIP / BERT encoder"
+            f"{where} is {type(attn).__name__}, not a multi-head attention comcat factorizes (gated positional "
+            "and pooling attentions are not supported yet): use a vit_*, deit_*, deit3_*, beit_*, eva02_*, "
+            "vit_*_rope_*, swin_* or swinv2_* model, or a transformers ViT / DeiT / DINOv2 / CLIP / SigLIP / BERT "
+            "encoder"
         )
     plain = all(isinstance(getattr(attn, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
     if not plain or getattr(attn, "gate", None) is not None or attn.proj.out_features != attn.qkv.in_features:
@@ -82,7 +83,7 @@ def head_weights(attn: Attention) -> HeadWeights:
         *(b.unbind(0) if b is not None else (None, None, None)),
         bo,
         float(attn.scale),
-        getattr(attn, "rotary", None) is not None,
+        getattr(attn, "qk_map", None) is not None,
     )
 
 

@@ -4,9 +4,9 @@ SwiGLU MLP.
 
 On loading (`prepare`), each EvaAttention is replaced, exactly, by an `EvaSlot` holding comcat's
 canonical attention with the same weights (key bias 0) and the model's rotary embedding for its
-image size (families/rotary.py), and a SwiGLU MLP (separate gate and value linears) by timm's
+image size (families/qk_maps.py), and a SwiGLU MLP (separate gate and value linears) by timm's
 GluMlp with the two packed into one fc1 = [W_gate; W_x], which computes the same
-act(x W_gate^T) * (x W_x^T). The QK path of a rotary layer stays dense (rotary.py)."""
+act(x W_gate^T) * (x W_x^T). The QK path of a rotary layer stays dense (qk_maps.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from ...core.errors import ComcatError
 from .base import canonical_attention
-from .rotary import Rotary, RotaryAttention, is_rotary
+from .qk_maps import Rotary, has_qk_map, with_qk_map
 from .timm_vit import TimmViT
 
 
@@ -30,7 +30,7 @@ class EvaSlot(nn.Module):
         self.attn = attn
 
     def forward(self, x: torch.Tensor, rope=None, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        rotary = getattr(self.attn, "rotary", None)
+        rotary = getattr(self.attn, "qk_map", None)
         if rope is not None and (rotary is None or rope.shape[-2:] != rotary.embed.shape[-2:]):
             raise ComcatError(
                 f"this EVA model was prepared for {0 if rotary is None else rotary.embed.shape[0]} rotary positions "
@@ -64,12 +64,7 @@ def eva_slot(attn: EvaAttention, embed: torch.Tensor | None) -> EvaSlot:
     if embed is None:
         return EvaSlot(dense)
     rotary = Rotary(embed.to(dense.qkv.weight), attn.num_prefix_tokens, half=bool(getattr(attn, "rotate_half", False)))
-    bias = dense.qkv.bias is not None
-    out = RotaryAttention(C, H, qkv_bias=bias, proj_bias=dense.proj.bias is not None, rotary=rotary)
-    out.to(dense.qkv.weight)
-    out.load_state_dict(dense.state_dict())
-    out.scale = dense.scale
-    return EvaSlot(out.eval())
+    return EvaSlot(with_qk_map(dense, rotary))
 
 
 @torch.no_grad()
@@ -149,7 +144,7 @@ class TimmEva(TimmViT):
 
     def describe(self, model: nn.Module) -> str:
         blocks = self.blocks(model)
-        rotary = isinstance(blocks[0].attn, EvaSlot) and is_rotary(blocks[0].attn.attn)
+        rotary = isinstance(blocks[0].attn, EvaSlot) and has_qk_map(blocks[0].attn.attn)
         if not rotary:
             return super().describe(model)
         return (

@@ -1,24 +1,33 @@
-"""timm Swin Transformers (swin_*): stages of blocks whose attention runs inside 7 x 7 (or other)
-windows, every other block on windows shifted by half a window, with a learned relative position
-bias per head; the stages halve the resolution (patch merging) and double the width and heads.
+"""timm Swin Transformers (swin_*, swinv2_*): stages of blocks whose attention runs inside 7 x 7 (or
+other) windows, every other block on windows shifted by half a window, with a learned relative
+position bias per head; the stages halve the resolution (patch merging) and double the width and heads.
 
 On loading (`prepare`), each WindowAttention is replaced, exactly, by a `SwinSlot` holding comcat's
 canonical attention with the same weights and the relative position bias B_h as its `logit_bias`
 (families/base.py): logits_h = scale q_h k_h^T + B_h + M, M the shifted windows' mask, so W^QK_h is
 factorized as in a ViT and B_h, M stay as they are. Blocks are numbered through the stages; the
 first block of a stage runs the stage's patch merging before it (`run_block`), so block by block
-the tokens pass as they pass in the model: (B, H, W, C) maps."""
+the tokens pass as they pass in the model: (B, H, W, C) maps.
+
+Swin V2 uses cosine attention, logits_h = tau_h cos(q_h, k_h) + 16 sigmoid(CPB_h), its position bias
+made by a small MLP from the relative coordinates (CPB): its canonical attention maps q and k with a
+`CosineQK` (qk_maps.py), so its QK path stays dense and W^VO_h is factorized per head, and holds the
+CPB as its logit bias; query and value biases, no key bias, as in BEiT."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
+from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block
+from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
 from torch import nn
 
 from ...core.errors import ComcatError
 from .base import Family, RelativePositionBias, canonical_attention, check_attention
+from .qk_maps import CosineQK, has_qk_map, with_qk_map
 
 DOWNSAMPLE = "_comcat_downsample"  # a plain attribute (no submodule: the weights stay the stage's)
 
@@ -54,21 +63,53 @@ def swin_slot(attn: WindowAttention) -> SwinSlot:
     return SwinSlot(canonical_attention(q, k, v, attn.proj, H, float(attn.scale), bias))
 
 
+class ContinuousPositionBias(nn.Module):
+    """Swin V2's bias B (1, H, N, N) = 16 sigmoid(mlp(coords)[index]): an MLP from the log-spaced
+    relative coordinates of every token pair in a window to one logit bias per head."""
+
+    def __init__(self, mlp: nn.Module, coords: torch.Tensor, index: torch.Tensor, heads: int):
+        super().__init__()
+        self.mlp, self.heads = copy.deepcopy(mlp), heads
+        self.register_buffer("coords", coords.detach().clone(), persistent=False)  # recomputed on loading
+        self.register_buffer("index", index.detach().clone(), persistent=False)  # (N, N) pair -> table row
+
+    def forward(self) -> torch.Tensor:
+        N = self.index.shape[0]
+        table = self.mlp(self.coords).view(-1, self.heads)
+        return 16 * torch.sigmoid(table[self.index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)).unsqueeze(0)
+
+
+@torch.no_grad()
+def swin_v2_slot(attn: WindowAttentionV2) -> SwinSlot:
+    """A SwinSlot equal to a timm Swin V2 WindowAttention: bias [b_q, 0, b_v], cosine attention
+    (scale 1 after CosineQK), the continuous position bias."""
+    C, H = attn.qkv.in_features, attn.num_heads
+    q, k, v = (nn.Linear(C, C, bias=attn.q_bias is not None).to(attn.qkv.weight) for _ in range(3))
+    for i, (lin, b) in enumerate(zip((q, k, v), (attn.q_bias, attn.k_bias, attn.v_bias))):
+        lin.weight.copy_(attn.qkv.weight[i * C : (i + 1) * C])
+        if b is not None:
+            lin.bias.copy_(b)
+    n = attn.window_size[0] * attn.window_size[1]
+    index = attn.relative_position_index.reshape(n, n)
+    bias = ContinuousPositionBias(attn.cpb_mlp, attn.relative_coords_table, index, H)
+    return SwinSlot(with_qk_map(canonical_attention(q, k, v, attn.proj, H, 1.0), CosineQK(attn.logit_scale), bias))
+
+
 class TimmSwin(Family):
     name = "timm Swin Transformer"
 
     def owns(self, model: nn.Module) -> bool:
-        return isinstance(model, SwinTransformer)
+        return isinstance(model, (SwinTransformer, SwinTransformerV2))
 
     def owns_block(self, block: nn.Module) -> bool:
-        return isinstance(block, SwinTransformerBlock)
+        return isinstance(block, (SwinTransformerBlock, SwinTransformerV2Block))
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return [b for stage in model.layers for b in stage.blocks]
 
     def check(self, model: nn.Module) -> None:
         for i, b in enumerate(self.blocks(model)):
-            if isinstance(b.attn, WindowAttention):
+            if isinstance(b.attn, (WindowAttention, WindowAttentionV2)):
                 if b.attn.qkv.out_features != 3 * b.attn.qkv.in_features:
                     raise ComcatError(
                         f"block {i} sets its own head dimension (head_dim): use a swin_* model without it"
@@ -84,6 +125,8 @@ class TimmSwin(Family):
             for b in stage.blocks:
                 if isinstance(b.attn, WindowAttention):
                     b.attn = swin_slot(b.attn)
+                elif isinstance(b.attn, WindowAttentionV2):
+                    b.attn = swin_v2_slot(b.attn)
             first = stage.blocks[0]
             if not isinstance(stage.downsample, nn.Identity):
                 object.__setattr__(first, DOWNSAMPLE, stage.downsample)
@@ -149,6 +192,12 @@ class TimmSwin(Family):
 
     def describe(self, model: nn.Module) -> str:
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        if has_qk_map(self.attention(self.blocks(model)[0])):
+            return (
+                f"{self.name} V2 ({arch}), cosine attention: per-head W^VO_h of every block's window attention, "
+                "stage by stage; W^Q and W^K stay dense, as the cosine makes the logits no bilinear form (the "
+                "position bias and the shifted windows' mask stay as they are; the MLP linears too when asked)"
+            )
         return (
             f"{self.name} ({arch}): per-head W^QK_h and W^VO_h of every block's window attention, stage by "
             "stage (the relative position bias and the shifted windows' mask stay as they are; the MLP linears "

@@ -1,0 +1,88 @@
+"""Text data for a text encoder: a UTF-8 file with one sentence per line, tokenized by the model's
+own tokenizer (saved beside its weights) to one length (padded and cut), split as a flat image
+folder is: a seeded half to evaluate on, a fifth of the other half to validate on, the rest to
+train and fit on. There are no labels: the figures are fidelity to the dense model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ..core.errors import ComcatError
+from . import families
+from .images import NO_LABEL
+from .splits import VAL_FRACTION, Splits
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_for(model: nn.Module):
+    """The transformers tokenizer saved with the model (its folder or hub id, kept on loading)."""
+    from transformers import AutoTokenizer
+
+    where = (getattr(model, "pretrained_cfg", None) or {}).get("tokenizer")
+    if not where:
+        raise ComcatError("this text encoder was not loaded from a folder or hub id: load it with comcat.load_model")
+    missing = ComcatError(
+        f"{where} has no tokenizer comcat can load: save the model's tokenizer beside it "
+        "(tokenizer.save_pretrained(folder))"
+    )
+    if Path(where).is_dir() and not any((Path(where) / f).exists() for f in TOKENIZER_FILES):
+        raise missing  # transformers would make an empty tokenizer that reads every word as [UNK]
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+    except Exception:
+        raise missing from None
+    if len(tok) <= len(tok.all_special_tokens):  # no vocabulary: every word would be [UNK]
+        raise missing
+    return tok
+
+
+def read_sentences(path: str | Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, stripped."""
+    path = Path(path)
+    if path.is_dir():
+        raise ComcatError(f"{path} is a folder, and a text encoder reads a text file with one sentence per line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ComcatError(f"{path} does not exist: pass a text file with one sentence per line") from None
+    except UnicodeDecodeError:
+        raise ComcatError(f"{path} is not UTF-8 text: pass a text file with one sentence per line") from None
+    return [s.strip() for s in lines if s.strip()]
+
+
+def tokenize(model: nn.Module, sentences: list[str]) -> torch.Tensor:
+    """(n, N) token ids, padded and cut to the model's input length N."""
+    tok = tokenizer_for(model)
+    length = families.input_size(model)[0]
+    ids = tok(sentences, padding="max_length", truncation=True, max_length=length, return_tensors="pt")["input_ids"]
+    pad = getattr(model.hf.config, "pad_token_id", None) or 0
+    if tok.pad_token_id is not None and tok.pad_token_id != pad:
+        ids = ids.masked_fill(ids == tok.pad_token_id, pad)  # the id the model masks out
+    return ids
+
+
+def sentence_splits(path: str | Path, model: nn.Module, seed: int = 0) -> Splits:
+    """Disjoint train (= fit), validation and evaluation splits of the sentences in `path`."""
+    sentences = read_sentences(path)
+    if len(sentences) < 4:
+        raise ComcatError(
+            f"{path} has {len(sentences)} sentence(s): a compress run needs at least 4 (to train on, "
+            "to validate on and to evaluate on)"
+        )
+    ids = tokenize(model, sentences)
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    held, rest = sorted(perm[0::2]), perm[1::2]
+    n_val = max(1, round(VAL_FRACTION * len(rest)))
+    val, train = sorted(rest[:n_val]), sorted(rest[n_val:])
+
+    def part(index: list[int]) -> TensorDataset:
+        return TensorDataset(ids[index], torch.full((len(index),), NO_LABEL))
+
+    source = f"{path} ({len(sentences)} sentences; seeded halves, a fifth of the fitting half for validation)"
+    note, unit = "sentences carry no labels", "sentences"
+    return Splits(part(train), part(train), part(val), part(held), source, False, note, unit)
