@@ -132,9 +132,35 @@ def _preprocessing(where: str, hub: bool) -> dict:
     return out
 
 
-def load_transformers(source: str, where: str, hub: bool, cfg: dict):
+def sentence_pooling(folder: Path) -> tuple[str, str, bool] | None:
+    """A sentence-transformers folder's (transformer sub-path, pooling mode, normalize) from its
+    modules.json and pooling config; None for any other folder."""
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return None
+    try:
+        modules = json.loads(modules_file.read_text())
+        kinds = {m["type"].rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
+        pooling = json.loads((folder / kinds["Pooling"] / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ComcatError(
+            f"{folder} has a modules.json but no readable Transformer and Pooling modules: save it again with "
+            "sentence-transformers"
+        ) from None
+    keys = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens"}
+    modes = [m for m, k in keys.items() if pooling.get(k)]
+    others = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v and k not in keys.values()]
+    if len(modes) != 1 or others:
+        raise ComcatError(
+            f"{folder} pools by {', '.join(modes + others) or 'nothing'}: comcat follows cls, mean or max pooling"
+        )
+    return kinds.get("Transformer", ""), modes[0], "Normalize" in kinds
+
+
+def load_transformers(source: str, where: str, hub: bool, cfg: dict, pooling: tuple[str, bool] | None = None):
     """A transformers encoder from a local folder or a hub id whose config.json is `cfg`: returns
-    (model, architecture name, {"config": ...}), enough to rebuild it without the original."""
+    (model, architecture name, {"config": ...}), enough to rebuild it without the original.
+    `pooling` (mode, normalize): a sentence-transformers folder's, kept in the config."""
     import transformers
 
     name = _class_for(source, cfg)
@@ -160,6 +186,8 @@ def load_transformers(source: str, where: str, hub: bool, cfg: dict):
             f"{source}: its weights lack {len(missing)} tensors that {name} needs (e.g. {missing[0]}): the weights "
             "do not match config.json; export the model again with save_pretrained"
         )
+    if pooling is not None:
+        hf.config.comcat_pooling, hf.config.comcat_normalize = pooling  # saved with the config, rebuilt with it
     model = wrap(hf.eval())
     model.pretrained_cfg.update(_preprocessing(where, hub))
     if model.text:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..core.embedded import EMBEDDED_ARCH
 from ..core.errors import ComcatError
-from .hub import HUB_ID, load_transformers, read_config
+from .hub import HUB_ID, load_transformers, read_config, sentence_pooling
 from .models import CHECKPOINT_SUFFIXES, Loaded, load_checkpoint, load_embedded, load_timm_export, load_timm_pretrained
 
 
@@ -54,6 +54,13 @@ def _load_folder(path: Path) -> Loaded:
     config = path / "config.json"
     if (path / COMPRESSED_META).is_file():
         return load_compressed(path)
+    st = sentence_pooling(path)
+    if st is not None:  # a sentence-transformers folder: its transformer (maybe in a sub-folder) and pooling
+        sub, mode, normalize = st
+        where = str(path / sub) if sub else str(path)
+        cfg = read_config(str(path), where)
+        model, arch, kwargs = load_transformers(str(path), where, False, cfg, (mode, normalize))
+        return Loaded(model, arch, kwargs, str(path))
     if not config.is_file():
         raise ComcatError(
             f"{path} has neither {COMPRESSED_META} nor config.json: pass a compressed-model folder ('comcat compress "

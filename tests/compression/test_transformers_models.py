@@ -304,3 +304,51 @@ def test_the_clip_text_tower_is_causal_and_says_why_it_takes_no_data():
     with pytest.raises(ComcatError, match="pools each sentence at its end token") as err:
         families.output(model, torch.zeros(3, 9, 32, dtype=torch.float64))
     assert "\n" not in str(err.value)
+
+
+def sentence_transformers_folder(root, mode: str = "mean", normalize: bool = True, sub: str = ""):
+    """A sentence-transformers folder as the library saves it: modules.json, the BERT (with its
+    tokenizer) at the root or in `sub`, 1_Pooling/config.json, and a Normalize module."""
+    bert_with_tokenizer(root / sub) if sub else bert_with_tokenizer(root)
+    modules = [{"idx": 0, "name": "0", "path": sub, "type": "sentence_transformers.models.Transformer"}]
+    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (root / "2_Normalize").mkdir()
+    (root / "modules.json").write_text(json.dumps(modules))
+    (root / "1_Pooling").mkdir()
+    keys = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens"}
+    (root / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, keys[mode]: True}))
+    return root
+
+
+POOLINGS = [("mean", True, ""), ("max", False, "0_Transformer"), ("cls", True, "")]
+
+
+@pytest.mark.parametrize("mode, normalize, sub", POOLINGS)
+def test_a_sentence_transformers_folder_pools_as_it_says(tmp_path, mode, normalize, sub):
+    """The embedding is the folder's pooling (mean / max over the unpadded tokens, or the first
+    token; unit length with a Normalize module) of BERT's last hidden states, not BERT's pooler; a
+    compressed model keeps that pooling without the folder; an unsupported pooling gets one line."""
+    folder = sentence_transformers_folder(tmp_path / "st", mode, normalize, sub)
+    loaded = load_model(str(folder))
+    assert f"sentence-transformers {mode} pooling" in families.describe(loaded.model)
+    ids = torch.randint(5, 65, (3, 12), generator=torch.Generator().manual_seed(0))
+    ids[0, 7:] = 0  # padding
+    hf = loaded.model.hf
+    with torch.no_grad():
+        h, m = hf(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state, (ids != 0)[..., None]
+        want = {"mean": (h * m).sum(1) / m.sum(1), "max": h.masked_fill(~m, -1e9).amax(1), "cls": h[:, 0]}[mode]
+        want = torch.nn.functional.normalize(want, dim=-1) if normalize else want
+        assert rel_err(loaded.model(ids), want) < 1e-6
+        small = compress(loaded.model, uniform_ranks(loaded.model, "head", 0.5, mlp=True)).eval()
+    out = save_compressed(loaded.__class__(small, loaded.arch, loaded.arch_kwargs, loaded.source), tmp_path / "small")
+    shutil.rmtree(folder)
+    again = load_model(str(out))
+    with torch.no_grad():
+        assert torch.equal(again.model(ids), small(ids)) and again.model.pooling == mode
+    assert families.read_tokens(again.model) == ([0] if mode == "cls" else [])
+    weighted = sentence_transformers_folder(tmp_path / "w", "mean")
+    (weighted / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_weightedmean_tokens": True}))
+    with pytest.raises(ComcatError, match="pools by pooling_mode_weightedmean_tokens: comcat follows cls, mean or max"):
+        load_model(str(weighted))

@@ -101,7 +101,9 @@ class _Inject(nn.Module):
 class TransformersModel(nn.Module):
     """A transformers encoder as comcat runs it. x: pixel values (B, 3, H, W), or token ids (B, N)
     for a text encoder (id 0 and the pad id are masked out) -> logits (B, classes) or the pooled
-    embedding (B, C) when it has no classifier (pooler_output, else the first token)."""
+    embedding (B, C) when it has no classifier (pooler_output, else the first token). A
+    sentence-transformers encoder pools as its folder says (config.comcat_pooling: "cls", "mean" or
+    "max" over the unpadded tokens; config.comcat_normalize: then to unit length)."""
 
     def __init__(self, hf: nn.Module):
         super().__init__()
@@ -109,6 +111,8 @@ class TransformersModel(nn.Module):
         cfg = hf.config
         self.model_type = cfg.model_type
         self.text = cfg.model_type in ("bert", "clip_text_model")
+        self.pooling = getattr(cfg, "comcat_pooling", None)  # sentence-transformers pooling, if any
+        self.normalize = bool(getattr(cfg, "comcat_normalize", False))
         heads = [m for n in CLASSIFIERS if hasattr(m := getattr(hf, n, None), "out_features")]
         self.num_classes = heads[0].out_features if heads else 0
         size = getattr(cfg, "image_size", 224)
@@ -135,13 +139,29 @@ class TransformersModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.text:
             pad = getattr(self.hf.config, "pad_token_id", None) or 0
-            out = self.hf(input_ids=x, attention_mask=(x != pad).long())
+            mask = x != pad
+            out = self.hf(input_ids=x, attention_mask=mask.long())
+            if self.pooling is not None:
+                return pool(out.last_hidden_state, mask, self.pooling, self.normalize)
         else:
             out = self.hf(pixel_values=x)
         if getattr(out, "logits", None) is not None:
             return out.logits
         pooled = getattr(out, "pooler_output", None)
         return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+
+def pool(h: torch.Tensor, mask: torch.Tensor, mode: str, normalize: bool = False) -> torch.Tensor:
+    """Sentence embeddings (B, C) from token states h (B, N, C) and the tokens' mask (B, N):
+    the first token ("cls"), the mean or the max over the unmasked ones; to unit length with normalize."""
+    m = mask[..., None].to(h.dtype)
+    if mode == "cls":
+        e = h[:, 0]
+    elif mode == "mean":
+        e = (h * m).sum(1) / m.sum(1).clamp_min(1)
+    else:
+        e = h.masked_fill(m == 0, float("-inf")).amax(1)
+    return torch.nn.functional.normalize(e, dim=-1) if normalize else e
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:
@@ -252,6 +272,8 @@ class Transformers(Family):
         setattr(model.hf, name, module)
 
     def read_tokens(self, model: nn.Module) -> list[int]:
+        if model.pooling in ("mean", "max"):
+            return []  # every token counts
         arch = type(model.hf).__name__
         if arch == "DeiTForImageClassificationWithTeacher":
             return [0, 1]
@@ -283,7 +305,12 @@ class Transformers(Family):
         return torch.randint(1, vocab, (batch, tokens), device=next(model.parameters()).device)
 
     def describe(self, model: nn.Module) -> str:
+        pooled = (
+            f", sentence-transformers {model.pooling} pooling{' normalized' if model.normalize else ''}"
+            if model.pooling
+            else ""
+        )
         return (
-            f"{self.name} ({type(model.hf).__name__}, {model.model_type}): per-head W^QK_h and W^VO_h of every "
-            "layer's self-attention (the MLP linears too when asked)"
+            f"{self.name} ({type(model.hf).__name__}, {model.model_type}{pooled}): per-head W^QK_h and W^VO_h of "
+            "every layer's self-attention (the MLP linears too when asked)"
         )
