@@ -18,6 +18,7 @@ WORK = Path(tempfile.mkdtemp(prefix="comcat-app-"))  # uploads and outputs live 
 atexit.register(shutil.rmtree, WORK, True)
 MAX_UPLOAD_MB = 1024
 DATA_SOURCES = ("embedded shapes", "folder path", "uploaded zip")
+NO_DATA = "none (weights only)"  # a compress run from the weights alone (SVD ranks), any model but the embedded one
 OWNER: contextvars.ContextVar = contextvars.ContextVar("owner", default=None)  # the visitor a handler serves
 
 
@@ -131,7 +132,12 @@ def unzip(path: str | None, what: str = "zip of an image folder", kind: str = "d
 
 
 def chosen_data(source: str, path: str = "", upload: str | None = None, model: str = "embedded") -> str | None:
-    """The data of a run: None for the embedded shapes, else a folder (typed, or an unzipped upload)."""
+    """The data of a run: None for the embedded shapes or none at all (weights only: SVD ranks, for a
+    model other than the embedded one), else a folder (typed, or an unzipped upload)."""
+    if source == NO_DATA:
+        if model == "embedded":
+            raise ComcatError("the embedded model always compresses on its shapes: choose 'embedded shapes' under data")
+        return None
     if source == "folder path":
         return str(server_folder(path, "data folder", "upload a zip of your images"))
     if source == "uploaded zip":

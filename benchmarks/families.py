@@ -8,7 +8,8 @@ compressed timed alternately over --rounds rounds (median and range of the per-r
 transformers model is timed as transformers runs it ("as loaded", the baseline of its ratios), and
 with comcat's exact canonical attention in its layers ("dense"). A text encoder (BERT) runs on
 sequences of 128 tokens. timm models whose attention comcat replaces on loading (BEiT, EVA, rotary
-ViTs, Swin) are timed as timm runs them too, the baseline of their ratios.
+ViTs, Swin, Swin V2) are timed as timm runs them too, the baseline of their ratios. CLIP's text
+tower runs on its 77 tokens.
 
 --spectra: the real ViT-Tiny of ../shared/data/ loaded through timm and re-saved as a transformers
 ViT (benchmarks/timm_to_transformers.py): the largest difference of their spectra, and head-level
@@ -43,8 +44,9 @@ FAMILIES = {  # family -> (timm name, keyword arguments): base size, 224 x 224 i
     "EVA-02": ("eva02_base_patch14_224", {}),
     "rotary ViT": ("vit_base_patch16_rope_reg1_gap_256", {}),
     "Swin": ("swin_base_patch4_window7_224", {}),
+    "Swin V2": ("swinv2_base_window8_256", {}),
 }
-CONVERTED = ("BEiT", "EVA-02", "rotary ViT", "Swin")  # loading replaces their attention: timed against timm's own too
+CONVERTED = ("BEiT", "EVA-02", "rotary ViT", "Swin", "Swin V2")  # attention replaced on loading: timm's own timed too
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 VISION = dict(BASE, image_size=224, patch_size=16)
 HF_FAMILIES = {  # family -> (transformers class, its config class, config): base size
@@ -54,6 +56,11 @@ HF_FAMILIES = {  # family -> (transformers class, its config class, config): bas
     "HF CLIP vision": ("CLIPVisionModel", "CLIPVisionConfig", VISION),
     "HF SigLIP vision": ("SiglipVisionModel", "SiglipVisionConfig", VISION),
     "HF BERT": ("BertModel", "BertConfig", BASE),
+    "HF CLIP text": (
+        "CLIPTextModel",
+        "CLIPTextConfig",
+        dict(BASE, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    ),  # fmt: skip
 }
 
 

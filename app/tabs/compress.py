@@ -145,7 +145,8 @@ class Progress:
         if self.val:
             v = self.val[-1]
             top1 = f", top-1 {v['top1']:.1f}%" if "top1" in v else ""
-            parts.append(f"validation ({v['images']} held-out images): {fidelity(v, 1)} against dense{top1}")
+            unit = self.data.get("unit", "images")
+            parts.append(f"validation ({v['images']} held-out {unit}): {fidelity(v, 1)} against dense{top1}")
         eta = self.eta()
         if eta is not None and self.phase in STEPPED:
             parts.append(f"ETA {eta:.0f} s")
@@ -157,9 +158,10 @@ def result_card(report: dict) -> str:
     """The headline figures of a finished run, each saying what it is measured on."""
     d, c = report["dense"], report["compressed"]
     lines = []
+    data = report.get("data", {})
+    unit = data.get("unit", "images")
     if "agreement" in c:
-        data = report.get("data", {})
-        where = f"{c['images']} held-out images" + (
+        where = f"{c['images']} held-out {unit}" + (
             f" of {Path(data['source'].split(' (')[0]).name}" if data.get("source") else ""
         )
         lines.append(
@@ -171,8 +173,8 @@ def result_card(report: dict) -> str:
             lines.append(f"no top-1: {data['note']}")
     if "cosine" in c:
         lines.append(
-            f"**cosine {c['cosine']:.3f} to the dense model's embeddings**, the same nearest image for "
-            f"**{c['retrieval']:.1f}%** of {c['images']} held-out images (no classifier: no top-1)"
+            f"**cosine {c['cosine']:.3f} to the dense model's embeddings**, the same nearest {unit[:-1]} for "
+            f"**{c['retrieval']:.1f}%** of {c['images']} held-out {unit} (no classifier: no top-1)"
         )
     lines.append(
         f"params {c['params']:,} ({c['params'] / d['params']:.2f}× dense) · FLOPs {c['flops'] / 1e6:,.0f}M "
@@ -338,16 +340,19 @@ def compress_tab(explored):
             model_source = gr.Radio(list(MODEL_SOURCES), value="embedded", label="model", elem_id="compress-model")
             name, upload, arch = model_inputs("compress")
             data_source = gr.Radio(
-                list(common.DATA_SOURCES),
+                [*common.DATA_SOURCES, common.NO_DATA],
                 value="embedded shapes",
-                label="data (your images; labels not needed)",
+                label="data (your images, or sentences for a text encoder; labels not needed)",
                 elem_id="compress-data",
             )
             data_path = gr.Textbox(
                 label="image folder under the app's --data-root (DIR/<image>, DIR/<class>/<image>, or train/ + val/)"
             )
             data_zip = gr.File(
-                label="zip of an image folder", file_types=[".zip"], type="filepath", elem_id="compress-zip"
+                label="zip of an image folder (or of one text file, one sentence per line, for a text encoder)",
+                file_types=[".zip"],
+                type="filepath",
+                elem_id="compress-zip",
             )
             ratio = gr.Slider(
                 0.1,

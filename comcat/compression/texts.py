@@ -44,8 +44,14 @@ def tokenizer_for(model: nn.Module):
 def read_sentences(path: str | Path) -> list[str]:
     """The non-empty lines of a UTF-8 text file, stripped."""
     path = Path(path)
-    if path.is_dir():
-        raise ComcatError(f"{path} is a folder, and a text encoder reads a text file with one sentence per line")
+    if path.is_dir():  # a folder holding one text file (an unzipped upload) stands for it
+        texts = sorted(p for p in path.iterdir() if p.suffix == ".txt" and not p.name.startswith("."))
+        if len(texts) != 1:
+            raise ComcatError(
+                f"{path} is a folder, and a text encoder reads a text file with one sentence per line "
+                "(or a folder holding exactly one)"
+            )
+        path = texts[0]
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:

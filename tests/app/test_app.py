@@ -449,3 +449,27 @@ def test_explore_takes_a_zipped_transformers_folder(tmp_path):
     assert out[0] is not None, out[3]
     assert "2 layers, width 32, 4 heads of dim 8" in out[3]
     assert "Factorized: transformers encoder (ViTForImageClassification, vit): per-head W^QK_h" in out[3]
+
+
+def test_compress_a_text_encoder_on_zipped_sentences_or_on_its_weights_alone(tmp_path):
+    """A zipped BERT folder (with its tokenizer): on a zip of one sentences file, search and
+    fine-tuning run and the card speaks of held-out sentences; with no data it compresses by SVD;
+    the embedded model cannot go without its shapes."""
+    from compression.test_transformers_models import bert_with_tokenizer, sentences
+
+    folder = bert_with_tokenizer(tmp_path / "bert")
+    zips = {}
+    for name, files in (("bert", list(folder.iterdir())), ("text", [sentences(tmp_path / "s.txt", 120)])):
+        zips[name] = tmp_path / f"{name}.zip"
+        with zipfile.ZipFile(zips[name], "w") as z:
+            for f in files:
+                z.write(f, f"{name}/{f.name}" if name == "bert" else f.name)
+    model = dict(model_source="uploaded checkpoint", upload=str(zips["bert"]), arch="", device="cpu", mlp=True)
+    updates = list(compress_page.on_compress(**model, data_source="uploaded zip", data_zip=str(zips["text"]),
+                                             search=True, search_epochs=1, finetune_epochs=1))  # fmt: skip
+    head, _, _, card, _, _ = updates[-1]
+    assert head.startswith("**Done**"), head
+    assert "to the dense model's embeddings**, the same nearest sentence for" in card and "held-out sentences" in card
+    head = list(compress_page.on_compress(**model, data_source=common.NO_DATA))[-1][0]
+    assert head.startswith("**Done**"), head
+    assert "always compresses on its shapes" in next(compress_page.on_compress(data_source=common.NO_DATA))[0]
