@@ -40,6 +40,15 @@ def tiny_beit(name: str = "beit_base_patch16_224", **kwargs) -> torch.nn.Module:
     return model
 
 
+def assert_reloads_alone(loaded, small: torch.nn.Module, original, x: torch.Tensor) -> None:
+    """`small` saved by comcat reloads with the same outputs after the original folder is gone."""
+    compressed = loaded.__class__(small, loaded.arch, loaded.arch_kwargs, loaded.source)
+    out = save_compressed(compressed, original.parent / "small")
+    shutil.rmtree(original)
+    with torch.no_grad():
+        assert torch.equal(load_model(str(out)).model(x), small(x))
+
+
 @pytest.mark.parametrize("name", ["beit_base_patch16_224", "beitv2_base_patch16_224"])
 def test_beit_converts_exactly_and_keeps_its_relative_position_bias(name):
     model = tiny_beit(name)
@@ -74,10 +83,7 @@ def test_beit_calibrates_saves_and_reloads(tmp_path):
         exact = build(loaded.model, full_ranks(loaded.model, "head", mlp=True), cal)
         assert rel_err(exact(x), model(x)) < 1e-4  # the whitened factorization at full rank
         small = build(loaded.model, uniform_ranks(loaded.model, "head", 0.5, mlp=True), cal)
-    out = save_compressed(loaded.__class__(small, loaded.arch, loaded.arch_kwargs, loaded.source), tmp_path / "small")
-    shutil.rmtree(tmp_path / "beit")
-    with torch.no_grad():
-        assert torch.equal(load_model(str(out)).model(x), small(x))
+    assert_reloads_alone(loaded, small, tmp_path / "beit", x)
 
 
 @pytest.mark.parametrize(
@@ -165,10 +171,7 @@ def test_a_rotary_eva_calibrates_allocates_saves_and_reloads(tmp_path):
     search = RankSearch(compress(loaded.model, full_ranks(loaded.model, "head", mlp=True)), lambda r: 1.0)
     assert sorted(search.choices) == ["0_fc1", "0_fc2", "0_vo", "1_fc1", "1_fc2", "1_vo"]
     assert search.chosen().blocks[0]["qk"] == 16
-    out = save_compressed(loaded.__class__(small, loaded.arch, loaded.arch_kwargs, loaded.source), tmp_path / "small")
-    shutil.rmtree(tmp_path / "eva")
-    with torch.no_grad():
-        assert torch.equal(load_model(str(out)).model(x), small(x))
+    assert_reloads_alone(loaded, small, tmp_path / "eva", x)
 
 
 @pytest.mark.parametrize(
@@ -308,10 +311,7 @@ def test_a_swin_calibrates_saves_and_reloads(tmp_path):
         assert rel_err(exact(x), model(x)) < 1e-4
         ranks, _ = calibrated_ranks(loaded.model, cal, Budget(0.4, method="head", mlp=True))
         small = build(loaded.model, ranks, cal)
-    out = save_compressed(loaded.__class__(small, loaded.arch, loaded.arch_kwargs, loaded.source), tmp_path / "small")
-    shutil.rmtree(tmp_path / "swin")
-    with torch.no_grad():
-        assert torch.equal(load_model(str(out)).model(x), small(x))
+    assert_reloads_alone(loaded, small, tmp_path / "swin", x)
 
 
 @pytest.mark.slow
@@ -383,7 +383,4 @@ def test_swin_v2_converts_exactly_keeps_qk_dense_calibrates_and_reloads(tmp_path
         exact = build(loaded.model, full_ranks(loaded.model, "head", mlp=True), cal)
         assert rel_err(exact(x), loaded.model(x)) < 1e-4
         small = build(loaded.model, uniform_ranks(loaded.model, "head", 0.5, mlp=True), cal)
-    out = save_compressed(loaded.__class__(small, loaded.arch, loaded.arch_kwargs, loaded.source), tmp_path / "small")
-    shutil.rmtree(tmp_path / "v2")
-    with torch.no_grad():
-        assert torch.equal(load_model(str(out)).model(x), small(x))
+    assert_reloads_alone(loaded, small, tmp_path / "v2", x)
