@@ -233,7 +233,7 @@ def qk_factors(hw, st: AttentionStats | None, ridge: float = RIDGE):
     """(A (H, C+1, d) with the query-bias row last (or (H, C, d) without a query bias), B (H, C, d), s (H, d))."""
     wq = hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)
     if hw.dense_qk:  # kept as they are (families/qk_maps.py); no spectrum
-        return *dense_qk_factors(hw, hw.head_dim), None
+        return *dense_qk_factors(wq, hw.wk, hw.head_dim), None
     if st is None:
         u, s, v = product_svd(wq, hw.wk)
         root = s[:, None].sqrt()

@@ -28,7 +28,7 @@ def head_lowrank_attention(attn: nn.Module, rank_qk: int, rank_vo: int) -> HeadL
     hw = head_weights(attn)
     wq = hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)  # (H, C (+1), d)
     if hw.dense_qk:
-        a, b = dense_qk_factors(hw, rank_qk)
+        a, b = dense_qk_factors(wq, hw.wk, rank_qk)
     else:
         u, s, v = product_svd(wq, hw.wk)
         root = s[:, None, :rank_qk].sqrt()
@@ -39,12 +39,12 @@ def head_lowrank_attention(attn: nn.Module, rank_qk: int, rank_vo: int) -> HeadL
     return head_module(attn, hw, a, b, p, r)
 
 
-def dense_qk_factors(hw, rank_qk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_qk_factors(wq: torch.Tensor, wk: torch.Tensor, rank_qk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The QK factors of a rotary or cosine attention, [W^Q_h; b^Q_h] and W^K_h (H, C (+1), d) as they are:
     its map of q and k acts on exactly these d channels, so the QK path stays dense (families/qk_maps.py)."""
-    if rank_qk != hw.head_dim:
-        raise ValueError(f"a rotary / cosine attention keeps W^Q, W^K dense: QK rank {hw.head_dim}, not {rank_qk}")
-    return (hw.wq if hw.bq is None else torch.cat([hw.wq, hw.bq[:, None]], 1)), hw.wk
+    if rank_qk != wk.shape[-1]:
+        raise ValueError(f"a rotary / cosine attention keeps W^Q, W^K dense: QK rank {wk.shape[-1]}, not {rank_qk}")
+    return wq, wk
 
 
 def head_module(attn: nn.Module, hw, a, b, p, r) -> HeadLowRankAttention:

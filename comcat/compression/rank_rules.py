@@ -115,8 +115,7 @@ def below_floor(model: nn.Module, method: str, ratio: float, mlp: bool) -> Comca
     """The one-line refusal of a parameter ratio below rank 1 everywhere, with that floor."""
     from .cost import site_params
 
-    ones = pin(RankConfig(method, [{k: 1 for k in site_limits(b, method) if k not in MLP_SITES or mlp}
-                                   for b in families.blocks(model)]), model)  # fmt: skip
+    ones = uniform_ranks(model, method, 1e-9, mlp)  # rank 1 everywhere (fixed ranks pinned)
     floor = site_params(model, ones, method, mlp) / site_params(model, None, method, mlp)
     dense_qk = any(fixed_ranks(b, method) for b in families.blocks(model))
     return ComcatError(

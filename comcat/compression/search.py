@@ -82,7 +82,7 @@ def _sites(model: nn.Module):
     for i, b in enumerate(families.blocks(model)):
         a = families.attention(b)
         if isinstance(a, HeadLowRankAttention):
-            if a.qk_map is None:  # a rotary layer's QK path stays dense (families/qk_maps.py)
+            if "qk" not in fixed_ranks(b, "head"):  # a rotary / cosine layer's QK path stays dense
                 yield f"{i}_qk", a, "rank_mask_qk", a.rank_qk
             yield f"{i}_vo", a, "rank_mask_vo", a.rank_vo
         elif isinstance(a, MatrixLowRankAttention):

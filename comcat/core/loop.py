@@ -50,10 +50,7 @@ class SeededItems(Dataset):
 def loader(ds: Dataset, batches: list[list[int]], num_workers: int = 0, seed: int = 0, first_step: int = 0):
     """The batches of ds in order; the n-th batch's image i is augmented under the seed
     (seed, first_step + n, i) (SeededItems), so a run and its resume see the same views."""
-    keyed = [
-        [(i, ((seed * 1_000_003 + first_step + n) * 64 + dist.rank()) * 1_000_033 + i) for i in b]
-        for n, b in enumerate(batches)
-    ]
+    keyed = [[(i, step_seed(seed, first_step + n) * 1_000_033 + i) for i in b] for n, b in enumerate(batches)]
     return DataLoader(SeededItems(ds), batch_sampler=keyed, num_workers=num_workers)
 
 
@@ -68,9 +65,14 @@ def train_mode(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one training step in this process: a function of (seed, step, process) only."""
+    return (seed * 1_000_003 + step) * 64 + dist.rank()
+
+
 def seed_step(seed: int, step: int) -> None:
     """Reseed torch before every step, so sampling noise depends only on (seed, step, process)."""
-    torch.manual_seed((seed * 1_000_003 + step) * 64 + dist.rank())
+    torch.manual_seed(step_seed(seed, step))
 
 
 class StopFlag:

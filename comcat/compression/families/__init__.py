@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ComcatError
-from .base import Family, HeadWeights, canonical_attention, check_attention, head_weights, matrix_weights
+from .base import Family, HeadWeights, arch_name, canonical_attention, check_attention, head_weights, matrix_weights
 from .hf_encoders import SUPPORTED as HF_SUPPORTED
 from .hf_encoders import Transformers
 from .timm_eva import TimmEva
@@ -36,8 +36,7 @@ def family_of(model: nn.Module) -> Family:
     for f in FAMILIES:
         if f.owns(model):
             return f
-    name = (getattr(model, "default_cfg", None) or {}).get("architecture") or type(model).__name__
-    raise ComcatError(f"{name} is not a model family comcat supports: use {SUPPORTED}")
+    raise ComcatError(f"{arch_name(model)} is not a model family comcat supports: use {SUPPORTED}")
 
 
 def _block_family(block: nn.Module) -> Family:

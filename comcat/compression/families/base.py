@@ -132,6 +132,35 @@ class BiasedAttention(Attention):
         return super().forward(x, attn_mask=logit_bias_mask(self, attn_mask), is_causal=is_causal)
 
 
+def fused_attention(
+    qkv_weight: torch.Tensor,
+    biases: tuple,
+    o: nn.Linear,
+    num_heads: int,
+    scale: float,
+    logit_bias: nn.Module | None = None,
+) -> Attention:
+    """The canonical attention holding copies of a fused (3C, C) q, k, v weight, its biases
+    (b_Q, b_K, b_V), the output projection o (and a logit bias). A missing bias among present ones
+    becomes zeros, which is exact (a key bias cancels in the softmax; BEiT, EVA and Swin V2 have none)."""
+    C = qkv_weight.shape[1]
+    bias = any(b is not None for b in biases)
+    if logit_bias is None:
+        attn = Attention(C, num_heads=num_heads, qkv_bias=bias, proj_bias=o.bias is not None)
+    else:
+        attn = BiasedAttention(C, num_heads, qkv_bias=bias, proj_bias=o.bias is not None, logit_bias=logit_bias)
+    attn.to(device=qkv_weight.device, dtype=qkv_weight.dtype)
+    attn.scale = scale
+    with torch.no_grad():
+        attn.qkv.weight.copy_(qkv_weight)
+        if bias:
+            attn.qkv.bias.copy_(torch.cat([qkv_weight.new_zeros(C) if b is None else b for b in biases]))
+        attn.proj.weight.copy_(o.weight)
+        if o.bias is not None:
+            attn.proj.bias.copy_(o.bias)
+    return attn.eval()
+
+
 def canonical_attention(
     q: nn.Linear,
     k: nn.Linear,
@@ -141,25 +170,14 @@ def canonical_attention(
     scale: float,
     logit_bias: nn.Module | None = None,
 ) -> Attention:
-    """The canonical attention holding copies of separate q, k, v, o projections (and a logit bias);
-    a missing key (or query / value) bias becomes zeros, which is exact."""
-    C = q.in_features
-    bias = any(lin.bias is not None for lin in (q, k, v))
-    if logit_bias is None:
-        attn = Attention(C, num_heads=num_heads, qkv_bias=bias, proj_bias=o.bias is not None)
-    else:
-        attn = BiasedAttention(C, num_heads, qkv_bias=bias, proj_bias=o.bias is not None, logit_bias=logit_bias)
-    attn.to(device=q.weight.device, dtype=q.weight.dtype)
-    attn.scale = scale
-    with torch.no_grad():
-        attn.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
-        if bias:
-            zero = q.weight.new_zeros(C)
-            attn.qkv.bias.copy_(torch.cat([zero if lin.bias is None else lin.bias for lin in (q, k, v)]))
-        attn.proj.weight.copy_(o.weight)
-        if o.bias is not None:
-            attn.proj.bias.copy_(o.bias)
-    return attn.eval()
+    """The canonical attention holding copies of separate q, k, v, o projections (fused_attention)."""
+    qkv = torch.cat([q.weight, k.weight, v.weight]).detach()
+    return fused_attention(qkv, (q.bias, k.bias, v.bias), o, num_heads, scale, logit_bias)
+
+
+def arch_name(model: nn.Module) -> str:
+    """The model's architecture name: its pretrained config's, else its class name."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
 
 
 class Family:

@@ -16,7 +16,7 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import nn
 
 from ...core.errors import ComcatError
-from .base import canonical_attention
+from .base import arch_name, canonical_attention, fused_attention
 from .qk_maps import Rotary, has_qk_map, with_qk_map
 from .timm_vit import TimmViT
 
@@ -51,16 +51,11 @@ def _rope_embed(model: Eva) -> torch.Tensor | None:
 @torch.no_grad()
 def eva_slot(attn: EvaAttention, embed: torch.Tensor | None) -> EvaSlot:
     """An EvaSlot equal to `attn`: q, k, v from the fused qkv (with q_bias, v_bias) or q_proj, k_proj, v_proj."""
-    C, H = attn.proj.out_features, attn.num_heads
-    if attn.qkv is not None:
-        q, k, v = (nn.Linear(C, C, bias=attn.q_bias is not None).to(attn.qkv.weight) for _ in range(3))
-        for i, (lin, b) in enumerate(zip((q, k, v), (attn.q_bias, attn.k_bias, attn.v_bias))):
-            lin.weight.copy_(attn.qkv.weight[i * C : (i + 1) * C])
-            if b is not None:
-                lin.bias.copy_(b)
+    H, scale = attn.num_heads, float(attn.scale)
+    if attn.qkv is not None:  # k_bias is a zero buffer
+        dense = fused_attention(attn.qkv.weight, (attn.q_bias, attn.k_bias, attn.v_bias), attn.proj, H, scale)
     else:
-        q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-    dense = canonical_attention(q, k, v, attn.proj, H, float(attn.scale))
+        dense = canonical_attention(attn.q_proj, attn.k_proj, attn.v_proj, attn.proj, H, scale)
     if embed is None:
         return EvaSlot(dense)
     rotary = Rotary(embed.to(dense.qkv.weight), attn.num_prefix_tokens, half=bool(getattr(attn, "rotate_half", False)))
@@ -115,7 +110,7 @@ class TimmEva(TimmViT):
         return isinstance(block, (EvaBlock, EvaBlockPostNorm))
 
     def check(self, model: nn.Module) -> None:
-        arch = _arch(model)
+        arch = arch_name(model)
         if getattr(model, "rope_mixed", False):
             raise ComcatError(
                 f"{arch} learns its rotary frequencies per layer (mixed RoPE): use eva02_* or vit_*_rope_*"
@@ -148,10 +143,6 @@ class TimmEva(TimmViT):
         if not rotary:
             return super().describe(model)
         return (
-            f"{self.name} ({_arch(model)}), rotary attention: per-head W^VO_h of every block; W^Q and W^K stay dense, "
-            "as rotary positions make W^QK_h depend on the token distance (the MLP linears too when asked)"
+            f"{self.name} ({arch_name(model)}), rotary attention: per-head W^VO_h of every block; W^Q and W^K stay "
+            "dense, as rotary positions make W^QK_h depend on the token distance (the MLP linears too when asked)"
         )
-
-
-def _arch(model: nn.Module) -> str:
-    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__

@@ -26,7 +26,7 @@ from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
 from torch import nn
 
 from ...core.errors import ComcatError
-from .base import Family, RelativePositionBias, canonical_attention, check_attention
+from .base import Family, RelativePositionBias, arch_name, check_attention, fused_attention
 from .qk_maps import CosineQK, has_qk_map, with_qk_map
 
 DOWNSAMPLE = "_comcat_downsample"  # a plain attribute (no submodule: the weights stay the stage's)
@@ -50,17 +50,10 @@ class SwinSlot(nn.Module):
 @torch.no_grad()
 def swin_slot(attn: WindowAttention) -> SwinSlot:
     """A SwinSlot equal to a timm WindowAttention (fused qkv with bias, its relative position bias)."""
-    C, H = attn.qkv.in_features, attn.num_heads
-    if attn.qkv.out_features != 3 * C:
-        raise ComcatError("this Swin sets its own head dimension (head_dim): use a swin_* model without it")
-    q, k, v = (nn.Linear(C, C, bias=attn.qkv.bias is not None).to(attn.qkv.weight) for _ in range(3))
-    for i, lin in enumerate((q, k, v)):
-        lin.weight.copy_(attn.qkv.weight[i * C : (i + 1) * C])
-        if attn.qkv.bias is not None:
-            lin.bias.copy_(attn.qkv.bias[i * C : (i + 1) * C])
     n = attn.window_area
     bias = RelativePositionBias(attn.relative_position_bias_table, attn.relative_position_index.reshape(n, n))
-    return SwinSlot(canonical_attention(q, k, v, attn.proj, H, float(attn.scale), bias))
+    biases = attn.qkv.bias.chunk(3) if attn.qkv.bias is not None else (None,) * 3
+    return SwinSlot(fused_attention(attn.qkv.weight, biases, attn.proj, attn.num_heads, float(attn.scale), bias))
 
 
 class ContinuousPositionBias(nn.Module):
@@ -83,16 +76,11 @@ class ContinuousPositionBias(nn.Module):
 def swin_v2_slot(attn: WindowAttentionV2) -> SwinSlot:
     """A SwinSlot equal to a timm Swin V2 WindowAttention: bias [b_q, 0, b_v], cosine attention
     (scale 1 after CosineQK), the continuous position bias."""
-    C, H = attn.qkv.in_features, attn.num_heads
-    q, k, v = (nn.Linear(C, C, bias=attn.q_bias is not None).to(attn.qkv.weight) for _ in range(3))
-    for i, (lin, b) in enumerate(zip((q, k, v), (attn.q_bias, attn.k_bias, attn.v_bias))):
-        lin.weight.copy_(attn.qkv.weight[i * C : (i + 1) * C])
-        if b is not None:
-            lin.bias.copy_(b)
-    n = attn.window_size[0] * attn.window_size[1]
+    H, n = attn.num_heads, attn.window_size[0] * attn.window_size[1]
     index = attn.relative_position_index.reshape(n, n)
     bias = ContinuousPositionBias(attn.cpb_mlp, attn.relative_coords_table, index, H)
-    return SwinSlot(with_qk_map(canonical_attention(q, k, v, attn.proj, H, 1.0), CosineQK(attn.logit_scale), bias))
+    dense = fused_attention(attn.qkv.weight, (attn.q_bias, attn.k_bias, attn.v_bias), attn.proj, H, 1.0)
+    return SwinSlot(with_qk_map(dense, CosineQK(attn.logit_scale), bias))
 
 
 class TimmSwin(Family):
@@ -191,7 +179,7 @@ class TimmSwin(Family):
         return (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
 
     def describe(self, model: nn.Module) -> str:
-        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        arch = arch_name(model)
         if has_qk_map(self.attention(self.blocks(model)[0])):
             return (
                 f"{self.name} V2 ({arch}), cosine attention: per-head W^VO_h of every block's window attention, "

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ComcatError
-from .base import Family, RelativePositionBias, canonical_attention, check_attention
+from .base import Family, RelativePositionBias, arch_name, check_attention, fused_attention
 
 
 def _is_beit_attention(attn: nn.Module) -> bool:
@@ -36,16 +36,10 @@ def beit_slot(attn: nn.Module) -> BeitSlot:
     C, H = attn.qkv.in_features, attn.num_heads
     if attn.qkv.out_features != 3 * C:
         raise ComcatError("this BEiT sets its own head dimension (attn_head_dim): use a beit_* model without it")
-    q, k, v = (nn.Linear(C, C, bias=attn.q_bias is not None).to(attn.qkv.weight) for _ in range(3))
-    for i, lin in enumerate((q, k, v)):
-        lin.weight.copy_(attn.qkv.weight[i * C : (i + 1) * C])
-    if attn.q_bias is not None:
-        q.bias.copy_(attn.q_bias)
-        k.bias.zero_()  # BEiT has no key bias (it would cancel in the softmax anyway)
-        v.bias.copy_(attn.v_bias)
     table = attn.relative_position_bias_table
     bias = None if table is None else RelativePositionBias(table, attn.relative_position_index)
-    return BeitSlot(canonical_attention(q, k, v, attn.proj, H, float(attn.scale), bias))
+    biases = (attn.q_bias, None, attn.v_bias)  # no key bias: zeros
+    return BeitSlot(fused_attention(attn.qkv.weight, biases, attn.proj, H, float(attn.scale), bias))
 
 
 class TimmViT(Family):
@@ -59,7 +53,7 @@ class TimmViT(Family):
         return hasattr(block, "attn") and hasattr(block, "mlp") and hasattr(block, "norm1")
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        name = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
+        name = arch_name(model)
         for i, block in enumerate(model.blocks):
             if not self.owns_block(block):
                 raise ComcatError(f"{name} block {i} has no attention and MLP: use a vit_*, deit_* or deit3_* model")
@@ -121,6 +115,6 @@ class TimmViT(Family):
         return (model.patch_embed.proj.in_channels, *size)
 
     def describe(self, model: nn.Module) -> str:
-        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        arch = arch_name(model)
         what = "per-head W^QK_h and W^VO_h of every block's attention (the MLP linears too when asked)"
         return f"{self.name} ({arch}): {what}"
