@@ -91,6 +91,7 @@ def test_beit_calibrates_saves_and_reloads(tmp_path):
     [
         ("convit_tiny", r"block 0 attention is GPSA, not a multi-head attention comcat factorizes \(gated positional"),
         ("levit_128", "levit_128 is not a model family comcat supports"),
+        ("swinv2_cr_tiny_ns_224", r"swinv2_cr_tiny_ns_224 is not a model .* swinv2_\* \(not swinv2_cr_\*\)"),
     ],
 )
 def test_unsupported_timm_families_are_refused_in_one_line(name, message):

@@ -16,8 +16,8 @@ from .timm_vit import TimmViT
 
 FAMILIES: list[Family] = [TimmEva(), TimmSwin(), TimmViT(), Transformers()]  # first match owns
 SUPPORTED = (
-    "timm vit_*, deit_*, deit3_*, beit_*, eva02_*, vit_*_rope_*, swin_*, swinv2_* models and the timm DINOv2 / "
-    "CLIP / SigLIP ViTs, "
+    "timm vit_*, deit_*, deit3_*, beit_*, eva02_*, vit_*_rope_*, swin_*, swinv2_* (not swinv2_cr_*) models and the "
+    "timm DINOv2 / CLIP / SigLIP ViTs, "
     f"e.g. deit_small_patch16_224; {HF_SUPPORTED}"
 )
 

@@ -55,8 +55,8 @@ def check_attention(attn: nn.Module, where: str) -> None:
         raise ComcatError(
             f"{where} is {type(attn).__name__}, not a multi-head attention comcat factorizes (gated positional "
             "and pooling attentions are not supported yet): use a vit_*, deit_*, deit3_*, beit_*, eva02_*, "
-            "vit_*_rope_*, swin_* or swinv2_* model, or a transformers ViT / DeiT / DINOv2 / CLIP / SigLIP / BERT "
-            "encoder"
+            "vit_*_rope_*, swin_* or swinv2_* (not swinv2_cr_*) model, or a transformers ViT / DeiT / DINOv2 / "
+            "CLIP / SigLIP / BERT encoder"
         )
     plain = all(isinstance(getattr(attn, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
     if not plain or getattr(attn, "gate", None) is not None or attn.proj.out_features != attn.qkv.in_features:
