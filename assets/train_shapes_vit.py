@@ -1,6 +1,13 @@
-"""Train the embedded shapes ViT and write assets/shapes_vit.safetensors + shapes_vit.json.
+"""Train a vision transformer on the shapes world.
 
     python assets/train_shapes_vit.py [--steps 9000] [--device cpu|cuda]
+    python assets/train_shapes_vit.py --family swin --steps 4000     # -> assets/shapes_swin/
+    python assets/train_shapes_vit.py --family swinv2 --steps 4000   # -> assets/shapes_swinv2/
+
+The default (`vit`) writes the embedded model, assets/shapes_vit.safetensors + shapes_vit.json.
+`swin` and `swinv2` write small timm Swin / Swin V2 folders (config.json + model.safetensors, the
+layout of timm's save_for_hf, plus training.json): trained teachers for the Swin families' tests,
+which random weights cannot stand in for.
 
 Data are regenerated from seeds (train seed 0, held-out seed 1); the dihedral group
 (flips, 90-degree turns) is a label-preserving augmentation for every shape class.
@@ -12,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,10 +27,60 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from comcat.core.embedded import EMBEDDED_KWARGS, EMBEDDED_RECORD, EMBEDDED_WEIGHTS, build_shapes_vit, shapes_tensor
-from comcat.core.shapes import make_shapes
+from comcat.core.embedded import (
+    ASSETS,
+    EMBEDDED_DATA_CFG,
+    EMBEDDED_KWARGS,
+    EMBEDDED_RECORD,
+    EMBEDDED_WEIGHTS,
+    build_shapes_vit,
+    shapes_tensor,
+)
+from comcat.core.shapes import SHAPES, make_shapes
 
 TRAIN_SEED, HELDOUT_SEED = 0, 1
+# two stages: 8 x 8 tokens in 4 x 4 windows (every second block shifted), then 4 x 4 tokens;
+# widths 48 and 96, 3 and 6 heads of dim 16
+SWIN_KWARGS = dict(
+    img_size=32, patch_size=4, window_size=4, embed_dim=48, depths=(2, 2), num_heads=(3, 6), num_classes=len(SHAPES)
+)
+TIMM_FAMILIES = {"swin": "swin_tiny_patch4_window7_224", "swinv2": "swinv2_tiny_window8_256"}
+
+
+def build(family: str) -> torch.nn.Module:
+    """The family's shapes model, randomly initialised, with the shapes data config."""
+    if family == "vit":
+        return build_shapes_vit()
+    import timm
+
+    model = timm.create_model(TIMM_FAMILIES[family], pretrained=False, **SWIN_KWARGS)
+    model.pretrained_cfg = dict(EMBEDDED_DATA_CFG, architecture=TIMM_FAMILIES[family])
+    return model
+
+
+def save(family: str, state: dict, out: Path, record: dict) -> None:
+    """Write the weights (and the training record) without leaving a half-written file or folder."""
+    if family == "vit":
+        tmp = out.with_suffix(".tmp")
+        save_file(state, str(tmp), metadata={"arch": "comcat_shapes_vit"})
+        os.replace(tmp, out)
+        rec_path = out.with_suffix(".json") if out != EMBEDDED_WEIGHTS else EMBEDDED_RECORD
+        rec_path.with_suffix(".tmp").write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(rec_path.with_suffix(".tmp"), rec_path)
+        return
+    from timm.models._hub import save_for_hf
+
+    model = build(family)
+    model.load_state_dict(state)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_for_hf(
+        model, str(tmp), model_config={"label_names": list(SHAPES)}, model_args=SWIN_KWARGS, safe_serialization=True
+    )
+    (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,7 +106,8 @@ def main():
     ap.add_argument("--heldout-images", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=str(EMBEDDED_WEIGHTS))
+    ap.add_argument("--family", choices=["vit", *TIMM_FAMILIES], default="vit")
+    ap.add_argument("--out", default=None, help="default: the family's file or folder in assets/")
     ap.add_argument("--init", default=None, help="start from these weights (a second, shorter cosine cycle)")
     args = ap.parse_args()
 
@@ -60,13 +119,18 @@ def main():
     xh, yh = shapes_tensor(xh).to(args.device), torch.from_numpy(yh).to(args.device)
     print(f"data ready in {time.time() - t0:.0f}s", flush=True)
 
-    model = build_shapes_vit().to(args.device)
+    out = Path(args.out) if args.out else EMBEDDED_WEIGHTS if args.family == "vit" else ASSETS / f"shapes_{args.family}"
+    model = build(args.family).to(args.device)
     if args.init:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(args.init))
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
+
+    def decays(name: str, p: torch.Tensor) -> bool:  # weight matrices, not positions, biases, norms or temperatures
+        return p.ndim > 1 and not any(k in name for k in ("pos_embed", "relative_position", "logit_scale"))
+
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
     )
@@ -100,13 +164,9 @@ def main():
                 flush=True,
             )
 
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    save_file(best_state, str(tmp), metadata={"arch": "comcat_shapes_vit"})
-    os.replace(tmp, out)
     record = {
-        "arch": "comcat_shapes_vit",
-        "kwargs": EMBEDDED_KWARGS,
+        "arch": "comcat_shapes_vit" if args.family == "vit" else TIMM_FAMILIES[args.family],
+        "kwargs": EMBEDDED_KWARGS if args.family == "vit" else SWIN_KWARGS,
         "seed": args.seed,
         "train_seed": TRAIN_SEED,
         "heldout_seed": HELDOUT_SEED,
@@ -122,9 +182,7 @@ def main():
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    rec_path = Path(args.out).with_suffix(".json") if args.out != str(EMBEDDED_WEIGHTS) else EMBEDDED_RECORD
-    rec_path.with_suffix(".tmp").write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(rec_path.with_suffix(".tmp"), rec_path)
+    save(args.family, best_state, out, record)
     print(json.dumps(record, indent=2))
 
 

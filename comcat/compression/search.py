@@ -125,16 +125,29 @@ class RankSearch(nn.Module):
         units = [cost_fn(self.config({**{n: 1 for n in choices}, name: 2})) - base for name in choices]
         self.register_buffer("units", torch.tensor(units, dtype=torch.float64), persistent=False)
         self.const = float(base - sum(units))
+        self.start_scale = {name: 1.0 for name in choices}  # see start_at
         if init_ranks is not None:
             self.start_at(init_ranks)
 
     @torch.no_grad()
-    def start_at(self, ranks: RankConfig, margin: float = 1.0) -> None:
-        """Tilt the logits towards the candidate nearest each site's rank in `ranks` (a warm start)."""
+    def start_at(self, ranks: RankConfig, confidence: float = 0.9) -> None:
+        """A warm start at `ranks`: softmax(alpha) puts (1 - confidence) / K on every candidate and
+        `confidence` on the two around r' = (r - (1 - confidence) mean(candidates)) / confidence, split
+        so that E[r] = r, each site's rank in `ranks`. Where r' falls outside the candidates' range it
+        is clipped, and expected_ranks() is scaled by r / E_start[r] for that site, so a search that
+        learns nothing decodes to `ranks`."""
         for name, c in self.choices.items():
-            r = self._get(ranks, name)
-            c.alpha.zero_()
-            c.alpha[(c.ranks - r).abs().argmin()] = margin
+            cand = c.ranks.to(torch.float64)
+            r = float(self._get(ranks, name))
+            mid = min(max((r - (1 - confidence) * float(cand.mean())) / confidence, float(cand[0])), float(cand[-1]))
+            hi = int(torch.searchsorted(cand, torch.tensor(mid, dtype=cand.dtype)))
+            lo = max(0, hi - 1) if float(cand[hi]) > mid else hi
+            t = 1.0 if hi == lo else (mid - float(cand[lo])) / float(cand[hi] - cand[lo])
+            p = torch.full_like(cand, (1 - confidence) / len(cand))
+            p[lo] += confidence * (1 - t)
+            p[hi] += confidence * t
+            c.alpha.copy_(p.log())
+            self.start_scale[name] = r / float(p @ cand)
 
     def _get(self, ranks: RankConfig, name: str) -> int:
         if name == "classifier":
@@ -172,8 +185,12 @@ class RankSearch(nn.Module):
 
     @torch.no_grad()
     def expected_ranks(self) -> dict[str, float]:
-        """Per site, the expected rank under the learned distribution: E[r] = sum_i softmax(alpha)_i r_i."""
-        return {name: float(c.alpha.softmax(-1) @ c.ranks.to(c.alpha.dtype)) for name, c in self.choices.items()}
+        """Per site, the expected rank under the learned distribution, E[r] = sum_i softmax(alpha)_i r_i,
+        times the site's start_scale (1 unless the warm start could not centre E[r] on its rank)."""
+        return {
+            name: self.start_scale[name] * float(c.alpha.softmax(-1) @ c.ranks.to(c.alpha.dtype))
+            for name, c in self.choices.items()
+        }
 
     def current(self, decode: str = "expected") -> RankConfig:
         """The ranks the logits point at now, before the budget fit: each site's rounded expected rank,

@@ -111,6 +111,30 @@ def test_expected_rank_decoding_follows_the_logits_within_budget(embedded):
     assert not reduced and roomy.blocks[0]["qk"] == dense.blocks[0].attn.head_dim
 
 
+def test_a_warm_started_search_that_learns_nothing_decodes_to_its_start(embedded):
+    """The logits start at a distribution whose expected rank is each site's start rank, even where
+    that rank lies below the candidates' spread (rank 1, with MLP candidates 16, 32, ...), so
+    before any step the budget fit returns the start ranks.
+    (Tilting towards the nearest candidate pulled every expected rank towards the candidates' mean,
+    and a short search then lost the calibrated allocation: docs/method.md.)"""
+    from comcat.compression.cost import model_params
+    from comcat.compression.search import RankSearch
+
+    dense = embedded.model
+    cost_fn = lambda c: model_params(dense, c)  # noqa: E731
+    start = uniform_ranks(dense, "head", 0.3, mlp=True)
+    start.blocks[0].update(qk=29, vo=3, fc1=1, fc2=120)
+    start.blocks[5].update(qk=2, fc1=90)
+    search = RankSearch(compress(dense, full_ranks(dense, "head", mlp=True)), cost_fn)
+    search.start_at(start)
+    for name, want in search.expected_ranks().items():
+        i, key = name.split("_", 1)
+        assert want == pytest.approx(start.blocks[int(i)][key]), name
+    assert search.choices["0_fc1"].alpha.softmax(-1).min() > 0.01  # every candidate stays reachable
+    ranks, reduced = search.fit_expected(cost_fn, cost_fn(start))
+    assert ranks.blocks == start.blocks and not reduced
+
+
 def test_search_then_finetune_beats_no_finetuning(embedded):
     from comcat.compression.distill import finetune
     from comcat.compression.evaluate import evaluate
