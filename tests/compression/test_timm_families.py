@@ -411,7 +411,7 @@ def test_search_and_fine_tuning_improve_a_trained_swin(tmp_path, name, ratio):
     calibrated allocation alone."""
     from comcat.core.embedded import ASSETS
 
-    data = png_folder(tmp_path / "photos", 200, 5)
+    data = png_folder(tmp_path / "photos", 120, 5)
     common = ["--model", str(ASSETS / name), "--data", str(data), "--params-ratio", ratio, "--mlp"]
     common += ["--distill-steps", "0", "--no-latency", "--workers", "0"]
     scores = {}
