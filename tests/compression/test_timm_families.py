@@ -202,21 +202,12 @@ def test_a_prepared_eva_refuses_another_image_size():
         model(torch.randn(1, 3, 64, 64, dtype=torch.float64))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
-def test_search_and_fine_tuning_improve_a_timm_family_model(tmp_path, name):
-    """A random EVA / BEiT teacher (its classifier x10, so its predictions are sharp) at 20% of its
-    parameters with the MLPs: a rank search and three fine-tuning epochs agree better with it on
-    held-out images than the calibrated ranks alone. (A random Swin is no such teacher: its pooled
-    output hardly depends on the image, KL 1e-4 at 20% before any training; see the next test.)"""
-    from timm.models._hub import save_for_hf
-
-    teacher = tiny_beit(name).float()
-    with torch.no_grad():
-        teacher.head.weight.mul_(10)
-    save_for_hf(teacher, str(tmp_path / "dense"), model_args=TINY, safe_serialization=True)
-    data = png_folder(tmp_path / "photos", 200, 5)
-    common = ["--model", str(tmp_path / "dense"), "--data", str(data), "--params-ratio", "0.2", "--mlp"]
+def plain_and_tuned_kl(tmp_path, model, images: int, ratio: str) -> dict:
+    """Held-out KL to the dense model of two `comcat compress` runs of `model` at `ratio` with the
+    MLPs on `images` generated shapes: the calibrated ranks alone ("plain"), and a two-epoch rank
+    search from them plus three fine-tuning epochs ("tuned")."""
+    data = png_folder(tmp_path / "photos", images, 5)
+    common = ["--model", str(model), "--data", str(data), "--params-ratio", ratio, "--mlp"]
     common += ["--distill-steps", "0", "--no-latency", "--workers", "0"]
     scores = {}
     for label, extra in (
@@ -226,6 +217,23 @@ def test_search_and_fine_tuning_improve_a_timm_family_model(tmp_path, name):
         r = run_cli("-m", "comcat", "compress", *common, *extra, "--out", str(tmp_path / label))
         assert r.returncode == 0, r.stderr[-2000:]
         scores[label] = json.loads((tmp_path / label / "comcat.json").read_text())["report"]["compressed"]["kl"]
+    return scores
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
+def test_search_and_fine_tuning_improve_a_timm_family_model(tmp_path, name):
+    """A random EVA / BEiT teacher (its classifier x10, so its predictions are sharp) at 20% of its
+    parameters with the MLPs: a rank search and three fine-tuning epochs agree better with it on
+    held-out images than the calibrated ranks alone. (A random Swin is no such teacher: its pooled
+    output hardly depends on the image: the trained shapes Swins below are.)"""
+    from timm.models._hub import save_for_hf
+
+    teacher = tiny_beit(name).float()
+    with torch.no_grad():
+        teacher.head.weight.mul_(10)
+    save_for_hf(teacher, str(tmp_path / "dense"), model_args=TINY, safe_serialization=True)
+    scores = plain_and_tuned_kl(tmp_path, tmp_path / "dense", 200, "0.2")
     assert scores["tuned"] < scores["plain"], scores
 
 
@@ -411,15 +419,5 @@ def test_search_and_fine_tuning_improve_a_trained_swin(tmp_path, name, ratio):
     calibrated allocation alone."""
     from comcat.core.embedded import ASSETS
 
-    data = png_folder(tmp_path / "photos", 120, 5)
-    common = ["--model", str(ASSETS / name), "--data", str(data), "--params-ratio", ratio, "--mlp"]
-    common += ["--distill-steps", "0", "--no-latency", "--workers", "0"]
-    scores = {}
-    for label, extra in (
-        ("plain", ["--finetune-epochs", "0"]),
-        ("tuned", ["--search", "--search-epochs", "2", "--finetune-epochs", "3", "--lr", "1e-4"]),
-    ):
-        r = run_cli("-m", "comcat", "compress", *common, *extra, "--out", str(tmp_path / label))
-        assert r.returncode == 0, r.stderr[-2000:]
-        scores[label] = json.loads((tmp_path / label / "comcat.json").read_text())["report"]["compressed"]["kl"]
+    scores = plain_and_tuned_kl(tmp_path, ASSETS / name, 120, ratio)
     assert scores["tuned"] < scores["plain"], scores
