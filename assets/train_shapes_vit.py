@@ -36,6 +36,7 @@ from comcat.core.embedded import (
     build_shapes_vit,
     shapes_tensor,
 )
+from comcat.core.files import atomic_write, atomic_write_text
 from comcat.core.shapes import SHAPES, make_shapes
 
 TRAIN_SEED, HELDOUT_SEED = 0, 1
@@ -61,12 +62,9 @@ def build(family: str) -> torch.nn.Module:
 def save(family: str, state: dict, out: Path, record: dict) -> None:
     """Write the weights (and the training record) without leaving a half-written file or folder."""
     if family == "vit":
-        tmp = out.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"arch": "comcat_shapes_vit"})
-        os.replace(tmp, out)
+        atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"arch": "comcat_shapes_vit"}))
         rec_path = out.with_suffix(".json") if out != EMBEDDED_WEIGHTS else EMBEDDED_RECORD
-        rec_path.with_suffix(".tmp").write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(rec_path.with_suffix(".tmp"), rec_path)
+        atomic_write_text(rec_path, json.dumps(record, indent=2) + "\n")
         return
     from timm.models._hub import save_for_hf
 
