@@ -1,5 +1,6 @@
-"""python -m comcat {analyze,compress,evaluate,customize,generate,demo} -- headless jobs; errors are one
-line, exit 2."""
+"""python -m comcat {analyze,compress,evaluate,customize,generate,demo} -- headless jobs. Exit codes:
+0 done, 2 an error (one line), 3 stopped by Ctrl-C / SIGTERM with the run saved (--resume continues),
+130 aborted by a second Ctrl-C."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ import sys
 from pathlib import Path
 
 from .core.errors import ComcatError
+
+EXIT_ERROR, EXIT_STOPPED, EXIT_ABORTED = 2, 3, 130
+EXIT_HELP = (
+    "exit codes: 0 finished, 2 an error (one line on stderr), 3 stopped by Ctrl-C or SIGTERM with the run "
+    "saved (--resume continues it), 130 aborted by a second Ctrl-C"
+)
 
 MODEL_HELP = (
     "model SPEC: 'embedded' (default, the bundled shapes ViT), a timm name with pretrained weights "
@@ -37,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             "COMCAT: head-level low-rank compression of vision transformers. Without a command, runs the "
             "demo: analyze and compress the embedded model and print a result table."
         ),
+        epilog=EXIT_HELP,
     )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -97,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         "  # the embedded model, rank search with MLPs, no data needed\n"
         "  python -m comcat compress --search --mlp --params-ratio 0.5 --out tiny/\n"
         "  # plain SVD at ranks keeping 90% of the spectral energy\n"
-        "  python -m comcat compress --energy 0.9 --out energy/",
+        "  python -m comcat compress --energy 0.9 --out energy/\n\n"
+        "--out must be a new or empty folder, or an earlier compress run's (then --resume or --overwrite):\n"
+        "a folder holding anything else is refused and nothing in it is touched. A finished run keeps\n"
+        "model.safetensors, comcat.json, report.md and ranks.png; a stopped one also keeps job.json and\n"
+        "state/ for --resume.\n" + EXIT_HELP,
     )
     _model_args(c)
     c.add_argument(
@@ -253,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     cu = sub.add_parser(
         "customize",
         help="teach a text-to-image pipeline a concept with a COMCAT adapter",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="--out must be a new or empty folder, or an earlier customize run's (then --resume or\n"
+        "--overwrite): a folder holding anything else is refused and nothing in it is touched. A finished\n"
+        "run keeps adapter.safetensors, customize.json (its record) and previews/; a stopped or killed\n"
+        "one also keeps state.json + state.*.safetensors, which --resume continues from.\n" + EXIT_HELP,
         description="Train per-head rank-r updates of W^QK and W^VO in every attention of the "
         "UNet on a few images of a concept; the model stays frozen. Ctrl-C stops "
         "cleanly; --resume continues.",
@@ -584,8 +601,9 @@ def cmd_compress(args) -> None:
                 f"stopped during {result['stopped']}: saved the best valid model so far to {result['out']}; "
                 f"continue with: python -m comcat compress --resume {result['out']}"
             )
-        else:
-            print(f"saved {result['out']}")
+            return EXIT_STOPPED
+        print(f"saved {result['out']}")
+    return EXIT_STOPPED if result["stopped"] else 0
 
 
 def cmd_evaluate(args) -> None:
@@ -699,6 +717,7 @@ def cmd_customize(args) -> None:
             f"stopped at step {result['steps_done']}: saved {result['adapter']}; continue with: "
             f"python -m comcat customize --resume {args.resume or args.out}"
         )
+        return EXIT_STOPPED
     else:
         print(
             f"saved {result['adapter']} ({os.path.getsize(result['adapter']) / 1e3:.1f} kB) "
@@ -737,11 +756,10 @@ def main(argv=None) -> int:
         from .core.dist import check_device
 
         check_device(getattr(args, "device", None))
-        handler(args)
+        return handler(args) or 0
     except ComcatError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return EXIT_ABORTED

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import ComcatError
-from ..core.files import atomic_write, atomic_write_text, usual_mode
+from ..core.files import usual_mode
 from . import families
 from .convert import compress
 from .cost import count_params, counted_flops
@@ -29,6 +29,7 @@ COMPRESSED_WEIGHTS = "model.safetensors"
 
 
 def read_meta(directory: Path) -> dict:
+    settle(directory)
     meta_path = directory / COMPRESSED_META
     if not meta_path.is_file():
         raise ComcatError(
@@ -76,25 +77,45 @@ def save_compressed(loaded: Loaded, out_dir: str | Path, extra: dict | None = No
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
     def write(folder: Path) -> None:
-        atomic_write(
-            folder / COMPRESSED_WEIGHTS,
-            lambda tmp: save_file(state, tmp, metadata={"format": FORMAT, "pair": meta["pair"]}),
-        )
-        atomic_write_text(folder / COMPRESSED_META, json.dumps(meta, indent=2) + "\n")
+        save_file(state, str(folder / COMPRESSED_WEIGHTS), metadata={"format": FORMAT, "pair": meta["pair"]})
+        (folder / COMPRESSED_META).write_text(json.dumps(meta, indent=2) + "\n")
+        for name in (COMPRESSED_WEIGHTS, COMPRESSED_META):
+            usual_mode(folder / name)
 
-    if out.is_dir() and any(out.iterdir()):  # a run's folder (job.json, state/): the pair id guards it
-        write(out)
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)  # a new folder: written beside it, renamed into place whole
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    into_run = out.is_dir() and any(out.iterdir())  # a run's folder (job.json, state/): a journaled save
+    tmp = Path(tempfile.mkdtemp(dir=out if into_run else out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         write(tmp)
         usual_mode(tmp, folder=True)
-        os.replace(tmp, out)
+        os.replace(tmp, out / f"{JOURNAL}{meta['pair']}" if into_run else out)  # the commit point
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if into_run:
+        settle(out)
     return out
+
+
+JOURNAL = ".save."  # out/.save.<pair>/: a committed save whose two files are still being moved into place
+
+
+def settle(folder: str | Path) -> None:
+    """Finish a committed save that a kill interrupted: move the weights, then comcat.json, out of
+    every journal folder into place, oldest first. A kill at any instant of a save leaves the old
+    pair, or a journal that completes the new one; readers and the writer may both settle (each
+    file is moved once). Nothing is done where the folder cannot be written."""
+    folder = Path(folder)
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        return
+    journals = [p for p in folder.glob(f"{JOURNAL}*") if p.is_dir() and not p.name.endswith(".tmp")]
+    for journal in sorted(journals, key=lambda p: p.stat().st_mtime):
+        for name in (COMPRESSED_WEIGHTS, COMPRESSED_META):  # comcat.json last: it names the pair
+            try:
+                os.replace(journal / name, folder / name)
+            except FileNotFoundError:  # moved already (by another reader, or before the kill)
+                pass
+        shutil.rmtree(journal, ignore_errors=True)
 
 
 def _check_arch(meta: dict, weights: Path) -> None:

@@ -247,7 +247,7 @@ def start_job(spec: JobSpec, out: str | Path, overwrite: bool = False) -> dict:
     """Validate the spec cheaply and claim `out` for a new run: a foreign folder is refused, and a
     folder holding an earlier run is refused unless `overwrite`, which removes that run's files."""
     out = Path(out)
-    claim_out(out, ("comcat.json", JOB_FILE), "comcat model")
+    claim_out(out, ("comcat.json", JOB_FILE), "comcat model", inputs=(spec.model,), data=spec.data)
     if not overwrite and (out / JOB_FILE).is_file():
         finished = _read_job(out).get("phase") == "done"
         raise ComcatError(

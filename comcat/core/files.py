@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,9 +26,23 @@ def usual_mode(path: str | Path, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~umask)
 
 
+SPECIAL_ROOTS = ("/proc", "/sys", "/dev")  # kernel filesystems: never a place for a run's folder
+
+
 def atomic_write(path: str | Path, write) -> Path:
-    """Call write(tmp) on a temp file in path's folder, then rename it to path: never half-written."""
+    """Call write(tmp) on a temp file in path's folder, then rename it to path: never half-written.
+    A symlink is followed. A character device or named pipe (/dev/stdout, a FIFO) is written into
+    in place, as a shell redirection would; a folder or any other special file is refused."""
     path = Path(path)
+    try:
+        mode = os.stat(path).st_mode  # what the path (or the symlink's target) is
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+            return _write_in_place(path, write)
+        raise ComcatError(f"{path} is {'a folder' if stat.S_ISDIR(mode) else 'not a regular file'}: give a file name")
+    path = Path(os.path.realpath(path)) if path.is_symlink() else path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     os.close(fd)
@@ -38,6 +53,19 @@ def atomic_write(path: str | Path, write) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def _write_in_place(path: Path, write) -> Path:
+    """write() to a temp file, then its bytes copied into the device or pipe `path` (never replaced)."""
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d) / ("out" + path.suffix)
+        write(str(tmp))
+        try:
+            with open(path, "wb") as dst, open(tmp, "rb") as src:
+                shutil.copyfileobj(src, dst)
+        except OSError as e:
+            raise ComcatError(f"could not write to {path} ({e.strerror}): give another file") from None
     return path
 
 
@@ -114,15 +142,33 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def claim_out(out: Path, ours: tuple[str, ...], what: str) -> None:
-    """Refuse an --out that is a file, a non-empty folder holding none of the files `ours` (someone
-    else's), or a place this process cannot write to; one line each."""
+def check_out_place(out: Path, inputs: tuple = (), data: str | None = None) -> None:
+    """Refuse an --out that is a file, lies in a kernel filesystem (/proc, /sys, /dev), is one of
+    the run's `inputs` (the model, the pipeline) or is, or lies inside, its `data` folder; one line
+    each, before any work."""
     if out.exists() and not out.is_dir():
         raise ComcatError(f"--out {out} is a file: choose a folder")
+    real = Path(os.path.realpath(out))
+    if any(real == Path(r) or Path(r) in real.parents for r in SPECIAL_ROOTS):
+        raise ComcatError(f"--out {out} is in a kernel filesystem ({real}): choose a folder on a disk")
+    for given in (*inputs, data):
+        if not given or not Path(given).exists():
+            continue
+        src = Path(os.path.realpath(given))
+        if real == src or (given == data and src in real.parents):
+            raise ComcatError(f"--out {out} is your input {given}: choose a new folder for the output")
+
+
+def claim_out(out: Path, markers: tuple[str, ...], what: str, inputs: tuple = (), data: str | None = None) -> None:
+    """Refuse an --out that check_out_place refuses, a non-empty folder holding none of the run
+    markers `markers` (someone else's files: nothing in it is ever replaced, --overwrite or not),
+    or a place this process cannot write to; one line each."""
+    check_out_place(out, inputs, data)
     check_unlocked(out)
-    others = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
-    if others and not any((out / name).is_file() for name in ours):
-        raise ComcatError(f"{out} exists and is not a {what} folder: choose an empty or new --out")
+    present = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+    if present and not any((out / name).is_file() for name in markers):
+        shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+        raise ComcatError(f"{out} exists and is not a {what} folder (it holds {shown}): choose an empty or new --out")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ComcatError(f"cannot write to {out}: choose a folder you can write to")

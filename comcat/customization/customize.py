@@ -6,7 +6,9 @@ A run lives in its output folder (one process at a time writes it: .comcat.lock)
   customize.json            the spec and how far the run got (written first: the folder is a run)
   adapter.safetensors       the adapter at the last checkpoint (fp16 by default)
   state.json + state.*.safetensors   adapter, optimizer and step, every `checkpoint_every` steps
-                            and at a stop, for --resume (also after the process was killed)
+                            and at a stop, for --resume (also after the process was killed);
+                            removed when the run finishes, which leaves the adapter, its record
+                            and the previews
   previews/step_NNNNN.png   a fixed-seed preview every `preview_every` steps
 """
 
@@ -190,9 +192,12 @@ def customize(
     """
     out = Path(out)
     if resume:
-        spec = CustomizeSpec.from_dict(read_run(out)["spec"])
+        record = read_run(out)
+        if record.get("done"):
+            raise ComcatError(f"the run in {out} is already finished: its adapter is {out / 'adapter.safetensors'}")
+        spec = CustomizeSpec.from_dict(record["spec"])
     else:
-        claim_out(out, (RUN_FILE, "adapter.safetensors"), "customize run")
+        claim_out(out, (RUN_FILE,), "customize run", inputs=(spec.pipeline,), data=spec.images)
         if (out / RUN_FILE).is_file() and not overwrite:
             raise ComcatError(
                 f"{out} holds an earlier customize run: continue it with --resume {out}, start over "
@@ -248,14 +253,14 @@ def _train(spec: CustomizeSpec, out: Path, pipe, control: RunControl, resume: bo
         else {c: encode_text(pipe, [c]).detach() for c in set(captions) | ({spec.class_prompt} if prior else set())}
     )
 
-    start, losses = 0, []
+    start, losses, before = 0, [], 0.0  # before: seconds of the earlier sessions of a resumed run
     state = load_tree(out / "state") if resume else None
     if state is not None:
         with torch.no_grad():
             for p, saved in zip(train, state["params"]):
                 p.copy_(saved)
         opt.load_state_dict(state["optimizer"])
-        start, losses = state["step"], state["losses"]
+        start, losses, before = state["step"], state["losses"], state.get("seconds", 0.0)
 
     if not resume:
         _write_run(out, spec, step=0, steps=spec.steps)  # from here on the folder is a resumable run
@@ -263,7 +268,7 @@ def _train(spec: CustomizeSpec, out: Path, pipe, control: RunControl, resume: bo
     control.emit(dict(kind="start", step=start, steps=spec.steps, losses=list(losses), images=files))
 
     # loop: denoising steps on the concept (and the class images), checkpoints and previews
-    t0, stopped, step = time.time(), False, start
+    t0, stopped, step = time.time() - before, False, start
     bf16 = resolve_precision(spec.precision, device) == "bf16"
     amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     for step in range(start + 1, spec.steps + 1):
@@ -294,13 +299,14 @@ def _train(spec: CustomizeSpec, out: Path, pipe, control: RunControl, resume: bo
         losses.append(round(loss.item(), 5))
         control.emit(dict(kind="step", step=step, steps=spec.steps, loss=losses[-1]))
         if spec.checkpoint_every > 0 and step % spec.checkpoint_every == 0 and step < spec.steps:
-            _save(pipe, config, spec, out, train, opt, step, losses)
+            _save(pipe, config, spec, out, train, opt, step, losses, time.time() - t0)
         if spec.preview_every > 0 and step % spec.preview_every == 0 and step < spec.steps:
             _preview(pipe, spec, out, step, control)
 
-    # finish: the adapter and the state as they are, a last preview
-    _save(pipe, config, spec, out, train, opt, step, losses)
+    # finish: the adapter and the state as they are, a last preview; a finished run keeps no state
+    _save(pipe, config, spec, out, train, opt, step, losses, time.time() - t0, done=not stopped)
     if not stopped:
+        clear_run(out, ("state.json", "state.*.safetensors", "class_images.pt"))
         _preview(pipe, spec, out, step, control)
     if spec.learn_token:
         embedding.requires_grad_(False)
@@ -319,12 +325,26 @@ def _context(pipe, fixed: dict | None, captions: list[str]) -> torch.Tensor:
     return torch.cat([fixed[c] for c in captions]) if fixed is not None else encode_text(pipe, captions)
 
 
-def _save(pipe, config: AdapterConfig, spec: CustomizeSpec, out: Path, train: list, opt, step: int, losses: list):
-    """The adapter, the resumable state (trained tensors, optimizer, step, losses) and customize.json."""
+def _save(
+    pipe,
+    config: AdapterConfig,
+    spec: CustomizeSpec,
+    out: Path,
+    train: list,
+    opt,
+    step: int,
+    losses: list,
+    seconds: float,
+    done: bool = False,
+):
+    """The adapter, the resumable state (trained tensors, optimizer, step, losses, seconds of training
+    so far) and customize.json (`done`: the run finished, its record says so and its state is no
+    longer needed)."""
     save_adapter(pipe, config, out, dtype=getattr(torch, spec.save_dtype))
-    state = {"params": [p.detach().cpu() for p in train], "optimizer": opt.state_dict(), "step": step, "losses": losses}
-    save_tree(out / "state", state)
-    _write_run(out, spec, step=step, steps=spec.steps, fingerprint=fingerprint(pipe.unet))
+    if not done:
+        state = {"params": [p.detach().cpu() for p in train], "optimizer": opt.state_dict(), "step": step}
+        save_tree(out / "state", {**state, "losses": losses, "seconds": seconds})
+    _write_run(out, spec, step=step, steps=spec.steps, fingerprint=fingerprint(pipe.unet), done=done)
 
 
 def _preview(pipe, spec: CustomizeSpec, out: Path, step: int, control: RunControl) -> None:

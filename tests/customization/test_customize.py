@@ -113,8 +113,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_resu
     ):
         for k in a.keys():
             torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k), rtol=1e-3, atol=1e-4)
-    names = {p.name for p in part.iterdir()}
-    assert {"adapter.safetensors", "customize.json", "state.json"} < names and len(names) == 4, names
+    names = {p.name for p in part.iterdir()}  # a finished run keeps the adapter and its record, no state
+    assert names == {"adapter.safetensors", "customize.json"}, names
 
 
 def test_overwrite_starts_a_run_over_in_the_same_folder(tmp_path):
