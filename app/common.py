@@ -11,6 +11,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
+from comcat.compression.hub import HUB_ID, HUB_ID_RULE
 from comcat.compression.models import CHECKPOINT_SUFFIXES
 from comcat.core.errors import ComcatError
 
@@ -48,7 +49,6 @@ def forget(owner: str | None) -> None:
 
 
 DATA_ROOT: Path | None = None  # server folders a visitor may name (python app.py --data-root DIR); None: none
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def server_folder(path: str, what: str, instead: str = "upload your files") -> Path:
@@ -221,6 +221,7 @@ STOP_REPLIES = {
 
 
 SOURCES = ("embedded", "timm name", "uploaded checkpoint")
+MAX_NAME = 200  # characters of a timm name or hub id typed in the page
 
 
 def model_spec(source: str, name: str = "", upload: str | None = None, arch: str = "") -> tuple[str, str | None]:
@@ -230,10 +231,14 @@ def model_spec(source: str, name: str = "", upload: str | None = None, arch: str
         return "embedded", None
     if source == "timm name":
         name = name.strip() or "deit_small_patch16_224"
+        if len(name) > MAX_NAME:
+            raise ComcatError(f"that name is {len(name)} characters long: a timm name or hub id has at most {MAX_NAME}")
         if name.startswith("hf-hub:") and HUB_ID.fullmatch(name.removeprefix("hf-hub:")):
             return name, None  # a timm model on the Hugging Face hub: the hub only, never a path
         if HUB_ID.fullmatch(name):
             return "hf:" + name, None  # a model on the Hugging Face hub, never a server path
+        if "/" in name:
+            raise ComcatError(f"{name!r} is not a hub id: {HUB_ID_RULE}")
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
             raise ComcatError(
                 f"{name!r} is not a timm model name: type one like vit_tiny_patch16_224, a hub id like "

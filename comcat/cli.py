@@ -607,12 +607,29 @@ def cmd_compress(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from .compression import families
     from .compression.evaluate import evaluate
     from .compression.load import load_model
     from .compression.models import has_classifier
+    from .core.records import MAX_BATCH, check_count
 
+    check_count(args.batch_size, "--batch-size", 1, MAX_BATCH)
     loaded = load_model(args.model, args.arch)
+    size = families.input_size(loaded.model)
+    if args.data is None and tuple(size) != (3, 32, 32):
+        shown = f"{size[-1]}-px images" if len(size) == 3 else "sentences"
+        raise ComcatError(
+            f"{loaded.source} takes {shown}, and without --data evaluate scores the 32-px embedded shapes: "
+            "pass --data DIR with images of your own (class folders for top-1)"
+        )
     metrics = {"model": loaded.source, **evaluate(loaded.model, args.data, batch_size=args.batch_size)}
+    trained_on = (loaded.meta or {}).get("report", {}).get("data", {}) if loaded.compressed else {}
+    given = (str(Path(args.data)), str(Path(args.data).resolve())) if args.data else ()
+    if given and str(trained_on.get("source", "")).startswith(given):
+        print(
+            f"note: these figures count all {metrics['images']} images of {args.data}, including the ones its compress "
+            "run fitted and validated on; its report.md has the figures on the held-out images alone"
+        )
     if not has_classifier(loaded.model):
         print(
             f"{loaded.source} has no classifier, so no top-1 on {metrics['images']} images: the fidelity of a "
@@ -730,10 +747,12 @@ MAX_GENERATE = 64  # images per generate call
 
 def cmd_generate(args) -> None:
     from .core import dist
+    from .core.records import MAX_SEED, check_count
     from .customization.diffusion.concept import grid
     from .customization.diffusion.pipeline import load_pipeline
     from .customization.generate import generate, parse_adapter_arg, save_image, with_adapters
 
+    check_count(args.seed, "--seed", 0, MAX_SEED)
     if not 1 <= args.n <= MAX_GENERATE or not 1 <= args.steps <= 1000:
         raise ComcatError(f"--n must be in 1..{MAX_GENERATE} and --steps in 1..1000, got {args.n} and {args.steps}")
     pipe = load_pipeline(args.pipeline, device=dist.device(args.device))

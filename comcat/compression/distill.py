@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..core import dist
 from ..core.errors import ComcatError, is_int, is_positive, require
 from ..core.loop import RunControl, epoch_batches, loader, seed_step, train_mode
+from ..core.records import MAX_BATCH, MAX_EPOCHS, MAX_SEED, check_count
 from . import families
 from .evaluate import distance, predict, scores
 from .models import has_classifier
@@ -159,6 +160,9 @@ class FinetuneConfig:
             self.weight_decay >= 0 and self.align_weight >= 0 and 0 <= self.warmup < 1,
             "weight decay and align weight must be >= 0 and warmup in [0, 1)",
         )
+        check_count(self.epochs, "fine-tuning epochs", 1, MAX_EPOCHS)
+        check_count(self.batch_size, "the batch size", 1, MAX_BATCH)
+        check_count(self.seed, "the seed", 0, MAX_SEED)
 
 
 def finetune(

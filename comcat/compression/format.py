@@ -4,6 +4,7 @@ source, report), written as one unit and validated before anything is allocated.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.errors import ComcatError
 from ..core.files import usual_mode
+from ..core.records import read_json
 from . import families
 from .convert import compress
 from .cost import count_params, counted_flops
@@ -36,10 +38,7 @@ def read_meta(directory: Path) -> dict:
             f"{directory} is not a compressed model: it has no {COMPRESSED_META} "
             "(make one with 'comcat compress ... --out DIR')"
         )
-    try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ComcatError(f"{meta_path} is corrupt ({e.msg}): re-export the compressed model") from None
+    return read_json(meta_path, "a compressed model's record", "re-export the compressed model")
 
 
 FORMAT = "comcat-compressed/3"  # /3: ranks name the classifier "classifier" (was "head")
@@ -149,6 +148,13 @@ def _check_arch(meta: dict, weights: Path) -> None:
             f"{weights.parent / 'comcat.json'} describes no buildable model ({type(e).__name__}): "
             "re-export the compressed model"
         ) from None
+    described = sum(p.numel() for p in dense.state_dict().values())
+    held = sum(math.prod(shape) for shape in stored.values())
+    if described > 4 * held + 2**20:  # compression never more than doubles a linear's parameters
+        raise ComcatError(
+            f"{weights.parent / 'comcat.json'} describes a model of {described:,} parameters, and {weights.name} "
+            f"holds {held:,}: re-export the compressed model"
+        )
     names = set(families.block_names(dense))  # "blocks.3.", "layers.1.blocks.0."...
     lists = {n[: n.rstrip(".").rfind(".") + 1] for n in names}  # the containers: "blocks.", "layers.1.blocks."
     stored_blocks = {

@@ -14,7 +14,12 @@ from torch import nn
 from ..core.errors import ComcatError, first_line
 from .families.hf_encoders import CLASSES, LAYOUTS, SUPPORTED, wrap
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name on the Hugging Face hub
+_PART = r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?"  # the hub's rule for an owner or a repository name
+HUB_ID = re.compile(rf"(?!.*(?:--|\.\.)){_PART}/{_PART}")  # org/name on the Hugging Face hub
+HUB_ID_RULE = (
+    "a hub id is org/name: letters, digits, '-', '_' and '.', each part at most 96 characters, "
+    "not starting or ending with '-' or '.', without '--' or '..'"
+)
 TRANSFORMERS = "transformers:"  # architecture names of transformers models: transformers:ViTForImageClassification
 TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}  # two-tower checkpoints load as their vision tower
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
@@ -66,9 +71,23 @@ def build_transformers(class_name: str, config: dict | None = None) -> nn.Module
     return wrap(cls(cfg).eval())
 
 
-def read_config(source: str, where: str) -> dict:
-    """config.json of a local folder or a hub repository (from the cache, or downloaded)."""
-    if Path(where).is_dir():
+def hub_snapshot(hub_id: str) -> str:
+    """The local folder of a hub repository's config, weights and tokenizer files (from the hub cache,
+    or downloaded into it): a hub id is never read as a path on this machine."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        if not any(Path(folder).glob("*.safetensors")):
+            folder = snapshot_download(hub_id, allow_patterns=["*.json", "pytorch_model.bin", "*.txt", "*.model"])
+    except Exception as e:
+        raise ComcatError(f"could not get {hub_id} from the hub ({first_line(e)}): check the hub id") from None
+    return folder
+
+
+def read_config(source: str, where: str, hub: bool = False) -> dict:
+    """config.json of a local folder or (hub=True) a hub repository (from the cache, or downloaded)."""
+    if not hub and Path(where).is_dir():
         path = Path(where) / "config.json"
         if not path.is_file():
             raise ComcatError(f"{where} has no config.json: pass a folder written by save_pretrained, or a file")
@@ -104,17 +123,11 @@ def _class_for(source: str, cfg: dict) -> str:
     )
 
 
-def _preprocessing(where: str, hub: bool) -> dict:
+def _preprocessing(folder: str) -> dict:
     """timm-style data settings (mean, std, interpolation, crop) from preprocessor_config.json, if any."""
     try:
-        if hub:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(where, "preprocessor_config.json")
-            path = Path(found) if isinstance(found, str) else None
-        else:
-            path = Path(where) / "preprocessor_config.json"
-        pre = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        path = Path(folder) / "preprocessor_config.json"
+        pre = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         pre = {}
     out = {}
@@ -166,12 +179,13 @@ def load_transformers(source: str, where: str, hub: bool, cfg: dict, pooling: tu
     name = _class_for(source, cfg)
     if hub:
         check_reachable(source, where, ("model.safetensors", "pytorch_model.bin"))
+    folder = hub_snapshot(where) if hub else where
     from transformers.utils import logging
 
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # comcat says in one line what is wrong, below
     try:
-        hf, info = getattr(transformers, name).from_pretrained(where, output_loading_info=True)
+        hf, info = getattr(transformers, name).from_pretrained(folder, output_loading_info=True)
     except Exception as e:
         why = "tensor shapes differ from config.json" if "mismatched" in str(e) else first_line(e)
         raise ComcatError(
@@ -189,7 +203,7 @@ def load_transformers(source: str, where: str, hub: bool, cfg: dict, pooling: tu
     if pooling is not None:
         hf.config.comcat_pooling, hf.config.comcat_normalize = pooling  # saved with the config, rebuilt with it
     model = wrap(hf.eval())
-    model.pretrained_cfg.update(_preprocessing(where, hub))
+    model.pretrained_cfg.update(_preprocessing(folder))
     if model.text:
         model.pretrained_cfg["tokenizer"] = where  # its tokenizer, for sentence data (texts.py)
     return model, TRANSFORMERS + name, {"config": json.loads(hf.config.to_json_string(use_diff=False))}

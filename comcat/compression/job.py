@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..core import dist
@@ -39,6 +39,7 @@ from ..core.files import (
     save_tree,
 )
 from ..core.loop import RunControl
+from ..core.records import MAX_GENERATED_IMAGES, MAX_SEED, build, check_count
 from . import families
 from .cost import Budget
 from .distill import FinetuneConfig
@@ -130,6 +131,12 @@ class JobSpec:
             "the numbers of training, fit and calibration images must be >= 1",
         )
         require(is_int(self.workers) and is_int(self.seed), "workers and seed must be integers >= 0")
+        check_count(self.seed, "--seed", 0, MAX_SEED)
+        check_count(self.workers, "--workers", 0, 64)
+        for flag, n in (("--train-images", self.train_images), ("--fit-images", self.fit_images)):
+            check_count(n, flag, 1, MAX_GENERATED_IMAGES)
+        check_count(self.calibration_images, "--calibration-images", 1, MAX_GENERATED_IMAGES)
+        require(isinstance(self.extra, dict), "extra must be a JSON object")
         require(
             self.classifier_rank is None or is_int(self.classifier_rank, 1),
             f"the classifier rank must be an integer >= 1, got {self.classifier_rank!r}",
@@ -137,12 +144,18 @@ class JobSpec:
         dist.check_device(self.device)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "JobSpec":
-        """From job.json's spec (format /3), or the flat spec of format /2."""
+    def from_dict(cls, d: dict, where: str = "the run's spec") -> "JobSpec":
+        """From job.json's spec (format /3), or the flat spec of format /2; every setting checked."""
+        fix = "start the run again with a new --out"
+        if not isinstance(d, dict):
+            raise ComcatError(f"{where} is not a JSON object: {fix}")
         if "search_epochs" in d:
             d = _nested(d)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = dict(d)
+        for name, config in (("distill", DistillConfig), ("search", SearchConfig), ("finetune", FinetuneConfig)):
+            if isinstance(d.get(name), dict):
+                d[name] = build(config, d[name], f"{where}'s {name} settings", fix)
+        return build(cls, d, where, fix)
 
     def budget_of(self) -> Budget:
         return Budget(self.ratio, self.budget, self.method, self.mlp)
@@ -215,8 +228,32 @@ def _nested(d: dict) -> dict:
     return d
 
 
+PHASES = ("search", "ranks", "distill", "finetune", "report", "done")
+
+
 def _read_job(out: Path) -> dict:
-    return read_run_record(out, JOB_FILE, READABLE, "compress")
+    """job.json of an earlier run, checked: its spec, and a phase that its spec runs."""
+    job, path = read_run_record(out, JOB_FILE, READABLE, "compress"), out / JOB_FILE
+    fix = "start the run again with a new --out"
+    if not isinstance(job.get("spec"), dict):
+        raise ComcatError(f"{path} has no spec: {fix}")
+    spec = JobSpec.from_dict(job["spec"], str(path))
+    phase = job.get("phase")
+    if phase not in PHASES:
+        raise ComcatError(f"{path} names an unknown phase {phase!r}: {fix}")
+    if (
+        (phase == "search" and spec.search is None)
+        or (phase == "finetune" and spec.finetune is None)
+        or (phase == "distill" and not spec.distill.steps)
+    ):
+        raise ComcatError(f"{path} is in phase {phase!r}, which its spec does not run: {fix}")
+    if phase in ("distill", "finetune", "report") and not (out / "comcat.json").is_file():
+        from .format import settle
+
+        settle(out)  # a save that a kill interrupted
+        if not (out / "comcat.json").is_file():
+            raise ComcatError(f"{path} is in phase {phase!r} but {out} holds no saved model: {fix}")
+    return job
 
 
 def _write_job(out: Path, job: dict) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..core.embedded import EMBEDDED_ARCH
 from ..core.errors import ComcatError
-from .hub import HUB_ID, load_transformers, read_config, sentence_pooling
+from .hub import HUB_ID, HUB_ID_RULE, load_transformers, read_config, sentence_pooling
 from .models import CHECKPOINT_SUFFIXES, Loaded, load_checkpoint, load_embedded, load_timm_export, load_timm_pretrained
 
 
@@ -17,6 +17,8 @@ def load_model(spec: str = "embedded", arch: str | None = None) -> Loaded:
     folder (config.json + weights) | a transformers model in a folder (save_pretrained) or on the hub
     (org/name; hf:org/name is never read as a path)."""
     spec = str(spec).strip()
+    if len(spec) > 4096:
+        raise ComcatError(f"the model spec is {len(spec):,} characters long: give a path, a timm name or a hub id")
     if spec in ("", "embedded", EMBEDDED_ARCH):
         return load_embedded()
     if spec.startswith("timm:"):
@@ -32,6 +34,8 @@ def load_model(spec: str = "embedded", arch: str | None = None) -> Loaded:
         return load_checkpoint(path, arch)
     if HUB_ID.fullmatch(spec):
         return _load_hub(spec)
+    if spec.count("/") == 1 and not path.exists():
+        raise ComcatError(f"{spec!r} is neither a file nor a hub id: {HUB_ID_RULE}")
     if os.sep in spec:
         return load_checkpoint(path, arch)
     import timm
@@ -78,8 +82,8 @@ def _load_folder(path: Path) -> Loaded:
 def _load_hub(hub_id: str) -> Loaded:
     """A Hugging Face hub id: a transformers model, or a timm export."""
     if not HUB_ID.fullmatch(hub_id):
-        raise ComcatError(f"{hub_id!r} is not a hub id: write org/name, e.g. google/vit-base-patch16-224")
-    cfg = read_config(hub_id, hub_id)
+        raise ComcatError(f"{hub_id[:100]!r} is not a hub id: {HUB_ID_RULE}, e.g. google/vit-base-patch16-224")
+    cfg = read_config(hub_id, hub_id, hub=True)
     if "model_type" not in cfg and "architecture" in cfg:
         return load_timm_export(f"hf-hub:{hub_id}")
     return _transformers(hub_id, hub_id, True, cfg)

@@ -196,7 +196,8 @@ def load_timm_export(source: str) -> Loaded:
     if kind == "hf-hub":
         if not HUB_ID.fullmatch(where):
             raise ComcatError(
-                f"{source} is not a hub id: write hf-hub:org/name, e.g. hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"
+                f"{source[:100]} is not a hub id: write hf-hub:org/name, e.g. hf-hub:timm/vit_tiny_patch16_224."
+                "augreg_in21k (org and name: letters, digits, '-', '_', '.', no '..')"
             )
         check_reachable(source, where, ("config.json",))
     try:

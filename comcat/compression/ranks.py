@@ -8,7 +8,6 @@ plus an optional rank for the classifier head. None always means "keep dense".
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,14 +56,10 @@ class RankConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "RankConfig":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise ComcatError(
-                f"rank file {path} does not exist: pass a JSON file written by 'comcat compress' or by hand"
-            )
-        except json.JSONDecodeError as e:
-            raise ComcatError(f"rank file {path} is not valid JSON ({e.msg} at line {e.lineno}): fix or regenerate it")
+        from ..core.records import read_json
+
+        fix = "pass a JSON rank file written by 'comcat compress' (its comcat.json 'ranks') or by hand"
+        return cls.from_dict(read_json(path, "a rank file", fix))
 
     def validate(self, model: nn.Module) -> "RankConfig":
         """Check every rank against the model's shapes; raises ComcatError with what to change."""

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core.errors import ComcatError, is_int, is_positive, require
 from ..core.loop import RunControl, train_mode
+from ..core.records import MAX_BATCH, MAX_SEED, MAX_STEPS, check_count
 from . import families
 from .calibrate import block_inputs
 
@@ -110,6 +111,10 @@ class DistillConfig:
             f"the class-token weight must be a number >= 0, got {self.cls_weight}",
         )
         require(self.scope in ("all", "compressed"), f"scope must be 'all' or 'compressed', got {self.scope!r}")
+        check_count(self.steps, "distillation steps", 0, MAX_STEPS)
+        check_count(self.views, "distillation views", 0, 64)
+        check_count(self.batch_size, "the distillation batch size", 1, MAX_BATCH)
+        check_count(self.seed, "the seed", 0, MAX_SEED)
 
 
 def distill_blocks(

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..core import dist
 from ..core.errors import ComcatError, is_int, is_positive, require
 from ..core.loop import RunControl, epoch_batches, loader, seed_step, train_mode
+from ..core.records import MAX_BATCH, MAX_EPOCHS, MAX_SEED, check_count
 from . import families
 from .convert import compress, truncate
 from .cost import Budget, check_budget
@@ -306,6 +307,10 @@ class SearchConfig:
             "tau must be two positive temperatures and beta a positive number",
         )
         require(self.decode in ("expected", "argmax"), f"decode must be 'expected' or 'argmax', got {self.decode!r}")
+        check_count(self.epochs, "search epochs", 1, MAX_EPOCHS)
+        check_count(self.batch_size, "the batch size", 1, MAX_BATCH)
+        check_count(self.candidates, "candidate ranks", 2, 256)
+        check_count(self.seed, "the seed", 0, MAX_SEED)
 
 
 def search_ranks(

@@ -38,7 +38,10 @@ def tokenizer_for(model: nn.Module):
 
 
 def read_sentences(path: str | Path) -> list[str]:
-    """The non-empty lines of a UTF-8 text file, stripped."""
+    """The non-empty lines of a UTF-8 text file, stripped, each cut to MAX_LINE_CHARS characters (a
+    text encoder reads a few hundred tokens of a sentence; the tokenizer never sees a huge line)."""
+    from ..core.records import MAX_LINE_CHARS, MAX_TEXT_BYTES
+
     path = Path(path)
     if path.is_dir():  # a folder holding one text file (an unzipped upload) stands for it
         texts = sorted(p for p in path.iterdir() if p.suffix == ".txt" and not p.name.startswith("."))
@@ -48,13 +51,19 @@ def read_sentences(path: str | Path) -> list[str]:
                 "(or a folder holding exactly one)"
             )
         path = texts[0]
+    size = path.stat().st_size if path.is_file() else 0
+    if size > MAX_TEXT_BYTES:
+        raise ComcatError(
+            f"{path} is {size / 2**20:,.0f} MB, over the {MAX_TEXT_BYTES / 2**20:,.0f} MB limit of a sentence file: "
+            "use fewer sentences"
+        )
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise ComcatError(f"{path} does not exist: pass a text file with one sentence per line") from None
     except UnicodeDecodeError:
         raise ComcatError(f"{path} is not UTF-8 text: pass a text file with one sentence per line") from None
-    return [s.strip() for s in lines if s.strip()]
+    return [s.strip()[:MAX_LINE_CHARS] for s in lines if s.strip()]
 
 
 def tokenize(model: nn.Module, sentences: list[str]) -> torch.Tensor:

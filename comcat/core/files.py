@@ -176,13 +176,12 @@ def claim_out(out: Path, markers: tuple[str, ...], what: str, inputs: tuple = ()
 
 def read_run_record(out: Path, name: str, fmt: str | tuple[str, ...], command: str) -> dict:
     """The JSON record `out/name` of a resumable run, checked to be of format `fmt` (or one of them)."""
+    from .records import read_json
+
     check_unlocked(out)
-    try:
-        record = json.loads((out / name).read_text())
-    except FileNotFoundError:
-        raise ComcatError(f"{out} has no {name}: --resume takes the --out folder of an earlier {command} run") from None
-    except json.JSONDecodeError:
-        raise ComcatError(f"{out / name} is corrupt: start the run again with a new --out") from None
+    if not (out / name).exists():
+        raise ComcatError(f"{out} has no {name}: --resume takes the --out folder of an earlier {command} run")
+    record = read_json(out / name, f"a comcat {command} record", "start the run again with a new --out")
     if record.get("format") not in ((fmt,) if isinstance(fmt, str) else fmt):
         raise ComcatError(f"{out / name} is not a comcat {command} run ({record.get('format')!r}): start a new run")
     return record

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +37,7 @@ from ..core.files import (
     save_tree,
 )
 from ..core.loop import RunControl, seed_step
+from ..core.records import MAX_SEED, MAX_STEPS, build, check_count
 from .adapter import AdapterConfig, add_adapter, save_adapter
 from .adapter.model import add_token, fingerprint, train_token_row
 from .diffusion.concept import (
@@ -61,6 +62,7 @@ RUN_FILES = (
     "class_images.pt",
 )  # what --overwrite removes
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_CUSTOMIZE_BATCH = 64  # images per step (a concept has at most 10, flipped: 20)
 FORMAT = "comcat-customize/1"
 
 
@@ -106,11 +108,18 @@ class CustomizeSpec:
             "preview and checkpoint intervals must be >= 0 and class images >= 1",
         )
         check_prompt(self.prompt, self.token)
+        check_count(self.steps, "--steps", 1, MAX_STEPS)
+        check_count(self.batch_size, "--batch-size", 1, MAX_CUSTOMIZE_BATCH)
+        check_count(self.class_images, "--class-images", 1, 64)
+        check_count(self.seed, "--seed", 0, MAX_SEED)
+        check_count(self.preview_steps, "preview sampling steps", 1, 1000)
+        for flag, n in (("--preview-every", self.preview_every), ("--checkpoint-every", self.checkpoint_every)):
+            check_count(n, flag, 0, MAX_STEPS)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CustomizeSpec":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: dict, where: str = "the run's spec") -> "CustomizeSpec":
+        """From customize.json's spec; every setting checked."""
+        return build(cls, d, where, "start the run again with a new --out")
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -195,7 +204,7 @@ def customize(
         record = read_run(out)
         if record.get("done"):
             raise ComcatError(f"the run in {out} is already finished: its adapter is {out / 'adapter.safetensors'}")
-        spec = CustomizeSpec.from_dict(record["spec"])
+        spec = CustomizeSpec.from_dict(record.get("spec"), str(out / RUN_FILE))
     else:
         claim_out(out, (RUN_FILE,), "customize run", inputs=(spec.pipeline,), data=spec.images)
         if (out / RUN_FILE).is_file() and not overwrite:

@@ -64,7 +64,7 @@ def read_concept(folder: str | Path, prompt: str, token: str, size: int) -> tupl
         img = square(load_rgb(str(p)), size)
         pixels.append(torch.from_numpy(np.asarray(img, np.float32) / 127.5 - 1.0).permute(2, 0, 1))
         side = p.with_suffix(".txt")
-        caption = side.read_text().strip() if side.is_file() else prompt
+        caption = read_caption(side) if side.is_file() else prompt
         check_prompt(caption, token, str(side) if side.is_file() else "the prompt")
         captions.append(caption)
     return torch.stack(pixels), captions
@@ -114,3 +114,15 @@ def denoising_loss(unet, noise_sched, z0: torch.Tensor, context: torch.Tensor) -
     target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
     pred = unet(zt, t, context).sample
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(tuple(range(1, z0.ndim)))
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text: UTF-8, at most MAX_CAPTION_BYTES; one line naming the file otherwise."""
+    from ...core.records import MAX_CAPTION_BYTES
+
+    if path.stat().st_size > MAX_CAPTION_BYTES:
+        raise ComcatError(f"the caption {path.name} is over {MAX_CAPTION_BYTES // 1024} kB: write one short sentence")
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise ComcatError(f"the caption {path.name} is not UTF-8 text: write one short sentence") from None
