@@ -78,7 +78,7 @@ CASES = [
     (["analyze", "--energy", "nan"], "--energy must be in (0, 1]"),
     (["analyze", "--energy", "1.5"], "--energy must be in (0, 1]"),
     (["analyze", "--energy", "0"], "--energy must be in (0, 1]"),
-    (["evaluate", "--batch-size", "0"], "batch size must be >= 1"),
+    (["evaluate", "--batch-size", "0"], "--batch-size must be an integer in 1.."),
     (
         ["compress", "--params-ratio", "0.5", "--finetune-epochs", "1", "--lr", "nan", "--out", "OUT"],
         "the fine-tuning learning rate must be a positive number",

@@ -93,7 +93,7 @@ def test_save_refuses_dense_model_and_foreign_dir(embedded, tmp_path):
     [
         ({"depth": 2000}, "depth / width"),
         ({"embed_dim": 200000}, "depth / width"),
-        ({"mlp_ratio": 1000.0}, "mlp.fc1"),
+        ({"mlp_ratio": 1000.0}, "describes a model of"),
         ({"num_heads": 7}, "no buildable model"),
         ({"evil": 1}, "invalid arch"),
         ({"depth": "6"}, "depth / width"),
