@@ -238,7 +238,7 @@ def model_spec(source: str, name: str = "", upload: str | None = None, arch: str
         if HUB_ID.fullmatch(name):
             return "hf:" + name, None  # a model on the Hugging Face hub, never a server path
         if "/" in name:
-            raise ComcatError(f"{name!r} is not a hub id: {HUB_ID_RULE}")
+            raise ComcatError(f"{name!r} is not a timm model name or a hub id: {HUB_ID_RULE}")
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
             raise ComcatError(
                 f"{name!r} is not a timm model name: type one like vit_tiny_patch16_224, a hub id like "

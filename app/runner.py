@@ -1,7 +1,10 @@
-"""One heavy job per kind at a time, run in a thread and streamed to the page.
+"""One heavy job per kind at a time, run in a thread and streamed to the page of the visitor who
+started it.
 
-A Runner owns the thread, a queue of the library's callback events and the library's StopFlag,
-which the training loops poll every step (should_stop). The page's generator drains the queue every `interval` seconds.
+Runner.start returns a Job: the thread, its own queue of the library's callback events, its own
+StopFlag (the training loops poll it every step) and its own result or error. A page holds on to
+its Job, so what it shows is always its own run, even when another visitor's run starts the moment
+it ends. The page's generator drains the job's queue every `interval` seconds.
 """
 
 from __future__ import annotations
@@ -17,65 +20,28 @@ class Busy(Exception):
     """Another job of this kind is running."""
 
 
-class Runner:
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._lock = threading.Lock()
-        self._stop = StopFlag()
-        self._events: queue.Queue = queue.Queue()
+class Job:
+    """One run: fn(callback, should_stop) in a thread, for the session `owner`."""
+
+    def __init__(self, kind: str, owner: str | None):
+        self.kind, self.owner = kind, owner
+        self.stop_flag = StopFlag()
+        self.events: queue.Queue = queue.Queue()
         self.result = None
         self.error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self.owner: str | None = None  # the session that started the running job
+        self.thread: threading.Thread | None = None
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self, fn, owner: str | None = None) -> None:
-        """Run fn(callback, should_stop) in a thread for session `owner`; raises Busy when one is
-        already running."""
-        if not self._lock.acquire(blocking=False):
-            whose = "your" if owner == self.owner else "another visitor's"
-            raise Busy(
-                f"{whose} {self.kind} job is already running: wait for it to finish"
-                + (" or press Stop" if owner == self.owner else "")
-            )
-        self.owner = owner
-        self._stop.clear()
-        self._events = queue.Queue()
-        self.result, self.error = None, None
-
-        def work():
-            try:
-                self.result = fn(self._events.put, self._stop)
-            except BaseException as e:  # reported to the page by stream()
-                self.error = e
-            finally:
-                self._lock.release()
-
-        self._thread = threading.Thread(target=work, name=f"comcat-{self.kind}", daemon=True)
-        self._thread.start()
-
-    def stop(self, owner: str | None = None) -> str:
-        """Ask the running job to stop at its next step, if `owner` started it: 'stopping',
-        'idle' (nothing runs) or 'other' (another session's job: left running)."""
-        if not self.running:
-            return "idle"
-        if owner != self.owner:
-            return "other"
-        self._stop.set()
-        return "stopping"
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Until the running job (if any) ends, at most `timeout` seconds."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+        return self.thread is not None and self.thread.is_alive()
 
     @property
     def stopping(self) -> bool:
-        return self._stop()
+        return self.stop_flag()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
 
     def stream(self, interval: float = 0.5):
         """Yield lists of new events (possibly empty) until the job ends, then one last list."""
@@ -85,9 +51,63 @@ class Runner:
             batch = []
             while True:
                 try:
-                    batch.append(self._events.get_nowait())
+                    batch.append(self.events.get_nowait())
                 except queue.Empty:
                     break
             yield batch
             if not alive:
                 return
+
+
+class Runner:
+    """At most one Job of this kind at a time, for all visitors."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._lock = threading.Lock()
+        self.current: Job | None = None  # the job running now, or the last one
+
+    @property
+    def running(self) -> bool:
+        return self.current is not None and self.current.running
+
+    def start(self, fn, owner: str | None = None) -> Job:
+        """Run fn(callback, should_stop) in a thread for session `owner` and return its Job; raises
+        Busy when a job of this kind is already running."""
+        if not self._lock.acquire(blocking=False):
+            mine = self.current is not None and owner == self.current.owner
+            whose = "your" if mine else "another visitor's"
+            raise Busy(
+                f"{whose} {self.kind} job is already running: "
+                "wait for it to finish" + (" or press Stop" if mine else "")
+            )
+        job = Job(self.kind, owner)
+
+        def work():
+            try:
+                job.result = fn(job.events.put, job.stop_flag)
+            except BaseException as e:  # reported to the page by its stream
+                job.error = e
+            finally:
+                self._lock.release()
+
+        job.thread = threading.Thread(target=work, name=f"comcat-{self.kind}", daemon=True)
+        self.current = job
+        job.thread.start()
+        return job
+
+    def stop(self, owner: str | None = None) -> str:
+        """Ask the running job to stop at its next step, if `owner` started it: 'stopping',
+        'idle' (nothing runs) or 'other' (another session's job: left running)."""
+        job = self.current
+        if job is None or not job.running:
+            return "idle"
+        if owner != job.owner:
+            return "other"
+        job.stop_flag.set()
+        return "stopping"
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the running job (if any) ends, at most `timeout` seconds."""
+        if self.current is not None:
+            self.current.wait(timeout)

@@ -273,7 +273,7 @@ def on_compress(
                 fit_images,
             ).spec(model, arch_name, data)
             out = workdir("compress") / "model"
-        COMPRESS.start(
+        job = COMPRESS.start(
             lambda cb, stop: run_job(spec, out, resume=spec is None, callback=cb, should_stop=stop), owner=owner
         )
     except (Busy, Exception) as e:  # noqa: BLE001 - shown in the page
@@ -282,7 +282,7 @@ def on_compress(
     yield ("**starting** · loading the model and data", *nothing[:-1], str(out))
     p = Progress()
     dense = None
-    for events in COMPRESS.stream(0.5):
+    for events in job.stream(0.5):
         for e in events:
             p.update(e)
         ranks = gr.skip()
@@ -290,12 +290,12 @@ def on_compress(
             if dense is None:
                 dense = _run_model(out)
             ranks, p.ranks_changed = ranks_heatmap_plotly(p.ranks, dense), False
-        status = public_text(p.status()) + (" · stopping…" if COMPRESS.stopping and p.phase != "done" else "")
+        status = public_text(p.status()) + (" · stopping…" if job.stopping and p.phase != "done" else "")
         yield status, ranks, loss_figure(p), gr.skip(), gr.skip(), gr.skip()
-    if COMPRESS.error is not None:
-        yield message(COMPRESS.error), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    if job.error is not None:
+        yield message(job.error), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
-    result = COMPRESS.result
+    result = job.result
     small = result["loaded"].model
     head = (
         f"**Stopped** during {result['stopped']}: the best valid model so far is kept; press Resume to go on."

@@ -140,7 +140,7 @@ def on_customize(
         else:
             spec = customize_spec(pipeline, uploads, prompt, token, rank, steps, lr, preview_every)
             out = workdir("customize") / "run"
-        CUSTOMIZE.start(
+        job = CUSTOMIZE.start(
             lambda cb, stop: customize(
                 spec or CustomizeSpec(), out, callback=cb, should_stop=stop, resume=spec is None
             ),
@@ -151,16 +151,16 @@ def on_customize(
         return
     p = Progress()
     yield p.status(), gr.skip(), gr.skip(), gr.skip(), str(out)
-    for events in CUSTOMIZE.stream(0.5):
+    for events in job.stream(0.5):
         fresh = any(e["kind"] in ("preview", "start") for e in events)
         for e in events:
             p.update(e)
-        status = p.status() + (" · stopping…" if CUSTOMIZE.stopping else "")
+        status = p.status() + (" · stopping…" if job.stopping else "")
         yield status, customize_loss_figure(p), p.gallery() if fresh else gr.skip(), gr.skip(), gr.skip()
-    if CUSTOMIZE.error is not None:
-        yield message(CUSTOMIZE.error), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    if job.error is not None:
+        yield message(job.error), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
-    r = CUSTOMIZE.result
+    r = job.result
     size = Path(r["adapter"]).stat().st_size / 1e3
     head = (
         f"**Stopped** at step {r['steps_done']}: the adapter so far is saved; press Resume to go on."

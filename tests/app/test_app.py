@@ -70,14 +70,14 @@ def test_explore_refuses_a_non_checkpoint_upload(tmp_path):
 def test_stop_stops_only_the_visitors_own_run():
     r = Runner("test")
     gate = threading.Event()
-    r.start(lambda cb, stop: gate.wait(5) and not stop(), owner="alice")
+    job = r.start(lambda cb, stop: gate.wait(5) and not stop(), owner="alice")
     with pytest.raises(Busy, match="another visitor's test job is already running: wait for it to finish$"):
         r.start(lambda cb, stop: None, owner="bob")
-    assert r.stop("bob") == "other" and not r.stopping
-    assert r.stop("alice") == "stopping" and r.stopping
+    assert r.stop("bob") == "other" and not job.stopping
+    assert r.stop("alice") == "stopping" and job.stopping
     gate.set()
-    list(r.stream(0.01))
-    assert r.result is False
+    list(job.stream(0.01))
+    assert job.result is False
 
 
 def test_runner_runs_one_job_at_a_time_and_stops():
@@ -93,20 +93,21 @@ def test_runner_runs_one_job_at_a_time_and_stops():
             time.sleep(0.005)
         return "done"
 
-    r.start(job)
+    first = r.start(job)
     with pytest.raises(Busy, match="already running"):
         r.start(job)
     seen, stopped = [], False
-    for events in r.stream(0.02):
+    for events in first.stream(0.02):
         seen += events
         if len(seen) > 5 and not stopped:
             stopped = r.stop()
-            assert stopped == "stopping" and r.stopping
-    assert r.result == "stopped" and seen == steps and len(steps) < 1000
+            assert stopped == "stopping" and first.stopping
+    assert first.result == "stopped" and seen == steps and len(steps) < 1000
     assert r.stop() == "idle"
-    r.start(lambda cb, stop: 1 / 0)  # errors are kept for the page, and the lock is freed
-    list(r.stream(0.01))
-    assert isinstance(r.error, ZeroDivisionError) and not r.running
+    failed = r.start(lambda cb, stop: 1 / 0)  # errors are kept for the page, and the lock is freed
+    list(failed.stream(0.01))
+    assert isinstance(failed.error, ZeroDivisionError) and not r.running
+    assert first.result == "stopped"  # a later job never changes an earlier job's result
 
 
 TINY = dict(
