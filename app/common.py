@@ -1,12 +1,16 @@
-"""What every tab shares: the app's private temp folder, upload checks, readable errors."""
+"""What every tab shares: the app's private temp folder (a folder per visitor, with disk quotas and
+expiry by age), upload checks, readable errors."""
 
 from __future__ import annotations
 
 import atexit
 import contextvars
+import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -15,9 +19,47 @@ from comcat.compression.hub import HUB_ID, HUB_ID_RULE
 from comcat.compression.models import CHECKPOINT_SUFFIXES
 from comcat.core.errors import ComcatError
 
-WORK = Path(tempfile.mkdtemp(prefix="comcat-app-"))  # uploads and outputs live here only, removed at exit
+WORK_PREFIX = "comcat-app-"
+PID_FILE = ".pid"  # the server process that owns a WORK folder
+
+
+def remove_stale_work(temp: str | Path | None = None) -> list[Path]:
+    """Remove the temp folders of earlier app processes that are gone (a killed server leaves its
+    folder behind); returns what was removed."""
+    removed = []
+    for folder in Path(temp or tempfile.gettempdir()).glob(WORK_PREFIX + "*"):
+        try:
+            pid = int((folder / PID_FILE).read_text())
+        except (OSError, ValueError):
+            pid = None
+        if pid is None:  # an older app's folder: removed once it is a day old
+            stale = folder.is_dir() and time.time() - folder.stat().st_mtime > 86400
+        else:
+            stale = pid != os.getpid() and not _alive(pid)
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+remove_stale_work()
+WORK = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))  # uploads and outputs live here only, removed at exit
+(WORK / PID_FILE).write_text(str(os.getpid()))
 atexit.register(shutil.rmtree, WORK, True)
 MAX_UPLOAD_MB = 1024
+VISITOR_QUOTA_MB = 2048  # what one visitor's folder may hold (unpacked zips counted before unpacking)
+DISK_QUOTA_MB = 8192  # what all visitors' folders may hold together
+SESSION_TTL_S = 3600  # a visitor's folder idle this long is removed (no run of theirs going)
 DATA_SOURCES = ("embedded shapes", "folder path", "uploaded zip")
 NO_DATA = "none (weights only)"  # a compress run from the weights alone (SVD ranks), any model but the embedded one
 OWNER: contextvars.ContextVar = contextvars.ContextVar("owner", default=None)  # the visitor a handler serves
@@ -25,14 +67,75 @@ OWNER: contextvars.ContextVar = contextvars.ContextVar("owner", default=None)  #
 
 def visitor(request) -> str | None:
     """The visitor's session id (gradio's session hash) for `request`, and the owner of the folders
-    this handler makes (workdir)."""
+    this handler makes (workdir). Marks the visitor active, and expires idle visitors' folders."""
     owner = getattr(request, "session_hash", None)
     OWNER.set(owner)
+    folder = _folder(owner)
+    if folder.is_dir():
+        os.utime(folder)  # the folder's mtime: the visitor's last request
+    expire_idle()
     return owner
 
 
 def _folder(owner: str | None) -> Path:
-    return WORK / (re.sub(r"[^A-Za-z0-9_-]", "", owner) or "shared" if owner else "shared")
+    return WORK / ((re.sub(r"[^A-Za-z0-9_-]", "", owner)[:64] or "shared") if owner else "shared")
+
+
+BUSY: set = set()  # folders of visitors with a run going: they never expire (runner.py adds and removes them)
+
+
+def busy_name(owner: str | None) -> str:
+    return _folder(owner).name
+
+
+_EXPIRY = threading.Lock()
+
+
+def expire_idle(now: float | None = None) -> list[str]:
+    """Remove the folders of visitors idle for SESSION_TTL_S (their last request), unless a run of
+    theirs is going; returns the folder names removed. Needs no heartbeat: API clients never send one."""
+    if not _EXPIRY.acquire(blocking=False):
+        return []
+    try:
+        now = time.time() if now is None else now
+        gone = []
+        for folder in WORK.iterdir() if WORK.is_dir() else ():
+            if not folder.is_dir() or folder.name == "gradio" or folder.name in BUSY:
+                continue
+            if now - folder.stat().st_mtime > SESSION_TTL_S:
+                shutil.rmtree(folder, ignore_errors=True)
+                gone.append(folder.name)
+        return gone
+    finally:
+        _EXPIRY.release()
+
+
+def used_mb(folder: Path) -> float:
+    """Bytes of the files under `folder`, in MB."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total / 2**20
+
+
+def check_quota(adding_mb: float, what: str) -> None:
+    """Refuse `adding_mb` more in the visitor's folder when it would pass the visitor's or the
+    server's disk quota; one line that says which."""
+    mine = used_mb(_folder(OWNER.get())) if _folder(OWNER.get()).is_dir() else 0.0
+    if mine + adding_mb > VISITOR_QUOTA_MB:
+        raise ComcatError(
+            f"{what} needs {adding_mb:,.0f} MB, and your files here already take {mine:,.0f} MB of the "
+            f"{VISITOR_QUOTA_MB:,} MB each visitor may use: upload less, or reload the page later"
+        )
+    everyone = used_mb(WORK)
+    if everyone + adding_mb > DISK_QUOTA_MB:
+        raise ComcatError(
+            f"{what} needs {adding_mb:,.0f} MB, and this server's disk space for visitors is full: try again later"
+        )
 
 
 def workdir(kind: str) -> Path:
@@ -40,12 +143,6 @@ def workdir(kind: str) -> Path:
     d = _folder(OWNER.get()) / kind / uuid.uuid4().hex[:10]
     d.mkdir(parents=True)
     return d
-
-
-def forget(owner: str | None) -> None:
-    """Remove a visitor's folders (their session ended)."""
-    if owner:
-        shutil.rmtree(_folder(owner), ignore_errors=True)
 
 
 DATA_ROOT: Path | None = None  # server folders a visitor may name (python app.py --data-root DIR); None: none
@@ -87,7 +184,8 @@ def pipeline_spec(text: str) -> str:
 
 
 def take_upload(path: str | None, suffixes: tuple[str, ...], what: str, max_mb: float = MAX_UPLOAD_MB) -> Path:
-    """Copy an uploaded file into the app's temp folder after checking its type and size."""
+    """An uploaded file, after checking its type and size, linked into the visitor's folder (a hard
+    link: no second copy on disk, and it outlives gradio's upload cache)."""
     if not path:
         raise ComcatError(f"upload a {what} first")
     src = Path(path)
@@ -97,12 +195,16 @@ def take_upload(path: str | None, suffixes: tuple[str, ...], what: str, max_mb: 
     if size > max_mb:
         raise ComcatError(f"{src.name} is {size:.0f} MB, over the {max_mb:.0f} MB limit of the app")
     dst = workdir("uploads") / src.name
-    shutil.copyfile(src, dst)
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem: a copy, counted against the quota
+        check_quota(size, src.name)
+        shutil.copyfile(src, dst)
     return dst
 
 
 MAX_ZIP_FILES = 200_000
-MAX_UNZIPPED_MB = 4096  # what a zip may unpack to (its entries' declared sizes; zipfile holds them to it)
+MAX_UNZIPPED_MB = 1024  # what a zip may unpack to (its entries' declared sizes; zipfile holds them to it)
 
 
 def unzip(path: str | None, what: str = "zip of an image folder", kind: str = "data") -> Path:
@@ -121,6 +223,7 @@ def unzip(path: str | None, what: str = "zip of an image folder", kind: str = "d
                     f"{src.name} unpacks to {unpacked:,.0f} MB, over the app's limit of "
                     f"{MAX_UNZIPPED_MB:,} MB: zip fewer or smaller files"
                 )
+            check_quota(unpacked, f"unpacking {src.name}")
             for n in names:
                 if n.startswith(("/", "\\")) or ".." in Path(n).parts:
                     raise ComcatError(f"{src.name} has an unsafe path {n!r}: zip the image folder itself")

@@ -15,6 +15,8 @@ import time
 
 from comcat.core.loop import StopFlag
 
+from . import common
+
 
 class Busy(Exception):
     """Another job of this kind is running."""
@@ -82,6 +84,8 @@ class Runner:
                 "wait for it to finish" + (" or press Stop" if mine else "")
             )
         job = Job(self.kind, owner)
+        busy = common.busy_name(owner)
+        common.BUSY.add(busy)  # the visitor's folder does not expire while the run goes
 
         def work():
             try:
@@ -89,6 +93,7 @@ class Runner:
             except BaseException as e:  # reported to the page by its stream
                 job.error = e
             finally:
+                common.BUSY.discard(busy)
                 self._lock.release()
 
         job.thread = threading.Thread(target=work, name=f"comcat-{self.kind}", daemon=True)

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import gradio as gr
 
 from . import common
-from .common import forget, visitor
-from .tabs.compress import COMPRESS, compress_tab
-from .tabs.customize import CUSTOMIZE, customize_tab
+from .tabs.compress import compress_tab
+from .tabs.customize import customize_tab
 from .tabs.explore import explore_tab
 from .tabs.generate import generate_tab
 
-
-def on_leave(request: gr.Request = None):
-    """The visitor closed the page: stop their runs, then remove their folders once the runs end."""
-    owner = visitor(request)
-    if owner is None:
-        return
-    stopped = [r for r in (COMPRESS, CUSTOMIZE) if r.stop(owner) == "stopping"]
-
-    def clean():
-        for r in stopped:
-            r.wait(600)
-        forget(owner)
-
-    threading.Thread(target=clean, name="comcat-forget", daemon=True).start()
+# A visitor's folder goes when it has been idle for common.SESSION_TTL_S (common.expire_idle, run on
+# every request), not when the page's heartbeat closes: API clients never open one, and anyone who
+# knows a session hash could close it.
 
 
 def build_demo(data_root: str | None = None) -> gr.Blocks:
@@ -62,5 +49,4 @@ def build_demo(data_root: str | None = None) -> gr.Blocks:
             [compress_source, ratio, tabs],
             queue=False,
         )
-        demo.unload(on_leave)
     return demo

@@ -400,7 +400,7 @@ def compress_tab(explored):
             losses = gr.Plot(label="loss", elem_id="compress-losses")
             card = gr.Markdown(elem_id="compress-result")
             download = gr.File(label="compressed model (zip)")
-    run_dir = gr.State()
+    run_dir = gr.State(time_to_live=common.SESSION_TTL_S)
     outputs = [status, ranks, losses, card, download, run_dir]
     start.click(
         on_compress,

@@ -15,6 +15,7 @@ from comcat.core.images import IMAGE_SUFFIXES
 from comcat.customization.customize import CustomizeSpec, customize
 from comcat.customization.diffusion.concept import check_prompt
 
+from .. import common
 from ..common import STOP_REPLIES, message, pipeline_spec, take_upload, visitor, workdir
 from ..runner import Busy, Runner
 
@@ -213,7 +214,7 @@ def customize_tab():
                 label="your images, then every preview", columns=4, height=360, elem_id="customize-previews"
             )
             adapter = gr.File(label="adapter (.safetensors)", elem_id="customize-adapter")
-    run_dir = gr.State()
+    run_dir = gr.State(time_to_live=common.SESSION_TTL_S)
     outputs = [status, losses, previews, adapter, run_dir]
     start.click(
         on_customize,

@@ -315,7 +315,7 @@ def explore_tab():
                     elem_id="explore-adapter-table",
                 )
                 a_csv = gr.File(label="export (CSV)")
-    state = gr.State()
+    state = gr.State(time_to_live=common.SESSION_TTL_S)
     explored = go.click(
         on_explore,
         [source, name, upload, arch, shown, layer, budget],

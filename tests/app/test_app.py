@@ -1,6 +1,7 @@
 """The app's handlers called directly (no server, no browser)."""
 
 import json
+import os
 import threading
 import time
 import zipfile
@@ -10,7 +11,7 @@ import pytest
 
 gr = pytest.importorskip("gradio")
 
-from app import common, pipelines, ui  # noqa: E402
+from app import common, pipelines  # noqa: E402
 from app.runner import Busy, Runner  # noqa: E402
 from app.tabs import compress as compress_page  # noqa: E402
 from app.tabs import explore as explore_page  # noqa: E402
@@ -358,20 +359,79 @@ def test_text_fields_never_reach_server_paths(tmp_path, monkeypatch):
     assert "type 'embedded' or a hub ID" in status
 
 
-def test_a_visitors_folders_go_when_they_leave(tmp_path):
+def test_idle_visitor_folders_expire_without_a_heartbeat_and_busy_ones_stay(monkeypatch):
+    """Folders go by age (no heartbeat needed, so API clients are cleaned up too); a visitor whose
+    run is going keeps theirs."""
+
     class Visitor:
-        session_hash = "visitor42"
+        def __init__(self, name):
+            self.session_hash = name
+
+    common.visitor(Visitor("idle42"))
+    idle = common.workdir("explore")
+    common.visitor(Visitor("busy42"))
+    busy = common.workdir("compress")
+    common.visitor(Visitor("fresh42"))
+    fresh = common.workdir("explore")
+    old = time.time() - common.SESSION_TTL_S - 10
+    for name in ("idle42", "busy42"):
+        os.utime(common.WORK / name, (old, old))
+    common.BUSY.add("busy42")
+    try:
+        gone = common.expire_idle()
+    finally:
+        common.BUSY.discard("busy42")
+    assert "idle42" in gone and not idle.exists()
+    assert busy.exists() and fresh.exists()
+    assert common.expire_idle(now=time.time() + common.SESSION_TTL_S + 10) and not busy.exists()
+
+
+def test_a_dead_servers_temp_folder_is_removed_at_start(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    theirs = tmp_path / f"{common.WORK_PREFIX}dead"
+    (theirs / "visitor" / "uploads").mkdir(parents=True)
+    (theirs / common.PID_FILE).write_text(dead.stdout.strip())
+    alive = tmp_path / f"{common.WORK_PREFIX}alive"
+    alive.mkdir()
+    (alive / common.PID_FILE).write_text(str(os.getppid()))
+    other = tmp_path / "not-ours"
+    other.mkdir()
+    assert common.remove_stale_work(tmp_path) == [theirs]
+    assert not theirs.exists() and alive.exists() and other.exists()
+
+
+def test_a_small_zip_bomb_is_refused_by_the_visitors_quota(tmp_path, monkeypatch):
+    """A zip of a few kB that unpacks to more than the visitor may hold: refused before unpacking."""
+    import zipfile
+
+    from comcat.core.errors import ComcatError
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(4):
+            z.writestr(f"photos/{i}.png", b"\0" * (3 * 2**20))
+    assert bomb.stat().st_size < 100_000
+    monkeypatch.setattr(common, "VISITOR_QUOTA_MB", 10)
+
+    class Visitor:
+        session_hash = "bomber42"
 
     common.visitor(Visitor())
-    folder = common.workdir("explore")
-    assert folder.is_relative_to(common.WORK / "visitor42")
-    common.OWNER.set(None)
-    ui.on_leave(Visitor())
-    for _ in range(50):  # removed in the background: wait for the visitor's whole folder, not a child first
-        if not (common.WORK / "visitor42").exists():
-            break
-        time.sleep(0.1)
-    assert not (common.WORK / "visitor42").exists() and not folder.exists()
+    with pytest.raises(ComcatError, match="12 MB, and your files here already take .* of the 10 MB each visitor"):
+        common.unzip(str(bomb))
+    assert common.used_mb(common.WORK / "bomber42") < 0.1  # nothing unpacked: only the (linked) upload
+    monkeypatch.setattr(common, "VISITOR_QUOTA_MB", 100)
+    monkeypatch.setattr(common, "DISK_QUOTA_MB", common.used_mb(common.WORK) + 5)
+    with pytest.raises(ComcatError, match="this server's disk space for visitors is full"):
+        common.unzip(str(bomb))
+    monkeypatch.setattr(common, "DISK_QUOTA_MB", 10**6)
+    folder = common.unzip(str(bomb))
+    assert len(list(folder.iterdir())) == 4
+    linked = common.take_upload(str(bomb), (".zip",), "zip")
+    assert os.stat(linked).st_ino == os.stat(bomb).st_ino  # the upload is not stored twice
 
 
 def test_generate_keeps_at_most_two_pipelines_keyed_by_what_they_are(tmp_path, monkeypatch):
