@@ -4,6 +4,8 @@ model and an adapter against their base; plots, tables and exports."""
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -41,6 +43,36 @@ from ..common import SOURCES, follow_typing, message, model_inputs, model_spec, 
 from ..pipelines import EXAMPLE_ADAPTER, PIPELINES, adapter_file
 
 
+class DenseModels:
+    """The `keep` most recently explored dense models, shared by all visitors: a visitor's state
+    holds how to load a model, not the model, so the server's memory does not grow with visitors."""
+
+    def __init__(self, keep: int = 2):
+        self.cache: OrderedDict = OrderedDict()
+        self.keep = keep
+        self.lock = threading.Lock()
+
+    def put(self, key: tuple, model) -> None:
+        with self.lock:
+            self.cache[key] = model
+            self.cache.move_to_end(key)
+            while len(self.cache) > self.keep:
+                self.cache.popitem(last=False)
+
+    def get(self, key: tuple):
+        with self.lock:
+            model = self.cache.get(key)
+            if model is not None:
+                self.cache.move_to_end(key)
+        if model is None:
+            model = load_model(*key).model
+            self.put(key, model)
+        return model
+
+
+DENSE = DenseModels()
+
+
 @dataclass
 class Exploration:
     source: str
@@ -48,9 +80,13 @@ class Exploration:
     spec: str = "embedded"  # what load_model(spec, arch) takes to load the model again
     arch: str | None = None
     table: list = field(default_factory=list)  # diagnose.layer_table rows
-    model: object = None  # the dense model (for recommendations at other budgets)
     arch_name: str = ""  # its architecture, as a compressed model's comcat.json names it
     arch_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def model(self):
+        """The dense model (for recommendations at other budgets): from DENSE, loaded again if gone."""
+        return DENSE.get((self.spec, self.arch))
 
     def recommendation(self, ratio: float) -> str:
         return recommendation_text(recommend(self.model, float(ratio), self.spectra))
@@ -141,13 +177,13 @@ def explore(source: str, name: str = "", upload: str | None = None, arch: str = 
             f"{loaded.source} is already compressed: explore the dense model it came from, then "
             "compare the compressed one with it under 'a compressed model against this one'"
         )
+    DENSE.put((spec, arch_name), loaded.model)
     return Exploration(
         public_text(loaded.source),
         analyze(loaded.model),
         spec,
         arch_name,
         layer_table(loaded.model),
-        loaded.model,
         loaded.arch,
         loaded.arch_kwargs,
     )
