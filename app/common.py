@@ -211,7 +211,7 @@ def unzip(path: str | None, what: str = "zip of an image folder", kind: str = "d
     """Extract an uploaded zip under the app's temp folder, refusing paths that leave it and bombs;
     returns its one top folder, or the folder of its contents."""
     src = take_upload(path, (".zip",), what)
-    out = workdir(kind)
+    out = workdir(kind) / (re.sub(r"[^\w.-]", "_", Path(src.name).stem)[:64] or "upload")  # named as the visitor's zip
     try:
         with zipfile.ZipFile(src) as z:
             names = z.namelist()
@@ -257,6 +257,7 @@ CLI_TO_PAGE = [  # the library's advice names command-line flags; the page names
     (r"also pass its architecture, e\.g\. --arch (\S+)", r"type its architecture in the 'architecture' box, e.g. \1"),
     (r"pass the right --arch", "type the right architecture in the 'architecture' box"),
     (r"continue it with --resume \S+", "press Resume"),
+    (r"`--resume` continues the run", "Resume continues the run"),
     (r"--lr\b", "the learning rate"),
 ]
 
@@ -305,7 +306,8 @@ def model_inputs(elem_prefix: str | None = None) -> tuple:
         elem_id=eid("name"),
     )
     upload = gr.File(
-        label="checkpoint (.safetensors / .pth), or a zipped model folder (save_pretrained, comcat)",
+        label="checkpoint (.safetensors / .pth), or a zipped model folder (save_pretrained, timm); Explore "
+        "compares a comcat zip under 'a compressed model against this one'",
         file_types=[*CHECKPOINT_SUFFIXES, ".zip"],
         type="filepath",
         elem_id=eid("upload"),

@@ -16,7 +16,7 @@ from comcat.compression.job import JobSpec, run_job
 from comcat.compression.load import load_model
 from comcat.compression.plots import ranks_heatmap_plotly
 from comcat.compression.reconstruct import DistillConfig
-from comcat.compression.report import report_markdown
+from comcat.compression.report import FEW_VALIDATION, noise_note, report_markdown
 from comcat.compression.search import SearchConfig
 from comcat.core.errors import ComcatError
 
@@ -158,6 +158,9 @@ def result_card(report: dict) -> str:
     """The headline figures of a finished run, each saying what it is measured on."""
     d, c = report["dense"], report["compressed"]
     lines = []
+    val = next(iter(report.get("validation", {}).values()), {})
+    if val and val.get("images", FEW_VALIDATION) < FEW_VALIDATION and ("finetune" in report or "distill" in report):
+        lines.append(noise_note(val["images"]))
     data = report.get("data", {})
     unit = data.get("unit", "images")
     if "agreement" in c:
@@ -197,14 +200,22 @@ def result_card(report: dict) -> str:
     return "\n\n".join(lines)
 
 
+ZIPPED = ("model.safetensors", "comcat.json", "report.md", "ranks.png")  # what the visitor downloads
+PUBLIC = ("comcat.json", "report.md")  # written with the server's paths cut to what the visitor knows
+
+
 def zip_model(out: Path) -> Path:
-    """out/ (model, comcat.json, report) as a zip next to it, written to a temp name then renamed."""
+    """The model of out/ (weights, comcat.json, report) as a zip next to it, written to a temp name
+    then renamed; no run state, and no server path: an uploaded file is named by its file name."""
     target = out.parent / f"{out.name}-compressed.zip"
     tmp = target.with_name(f".{target.name}.tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-        for p in sorted(out.rglob("*")):
-            if p.is_file() and "state" not in p.relative_to(out).parts:
-                z.write(p, p.relative_to(out))  # at the root: the unzipped folder loads
+        for name in ZIPPED:
+            if (out / name).is_file():  # at the root: the unzipped folder loads
+                if name in PUBLIC:
+                    z.writestr(name, public_text((out / name).read_text()))
+                else:
+                    z.write(out / name, name)
     os.replace(tmp, target)
     return target
 

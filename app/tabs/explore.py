@@ -322,9 +322,7 @@ def explore_tab():
                 c_zip = gr.File(label="zip of an image folder", file_types=[".zip"], type="filepath")
                 c_go = gr.Button("Recommend with my images", elem_id="explore-calibrate-go")
                 c_advice = gr.Markdown(elem_id="explore-calibrated")
-                c_files = gr.File(
-                    label="export (JSON; ranks.json is a rank file for compress --ranks)", file_count="multiple"
-                )
+                c_files = gr.File(label="export (JSON; ranks.json holds the recommended ranks)", file_count="multiple")
             with gr.Accordion("a compressed model against this one", open=False, elem_id="explore-compare"):
                 k_zip = gr.File(
                     label="compressed model (the zip Compress gives)",

@@ -597,7 +597,7 @@ def _distill(run: Run, small):
     if distance(after) > distance(before_scores):
         small = copy.deepcopy(small) if res["stopped"] else small  # a stopped run resumes from its state
         small.load_state_dict(before)
-        run.job["distill"]["kept"] = "the model before it (the distilled one scored worse on the validation split)"
+        run.job["distill"]["kept"] = "before"  # the distilled model scored worse on the validation split
     return small, ("distill" if res["stopped"] else None)
 
 

@@ -152,6 +152,17 @@ def format_report(report: dict) -> str:
     )
 
 
+FEW_VALIDATION = 100  # validation images below which choosing the best model is within noise
+
+
+def noise_note(n: int) -> str:
+    """What choosing the best model on `n` validation images is worth."""
+    return (
+        f"The best model was chosen by KL on {n} validation images: with so few, models a point or two "
+        "apart are within noise (give more images for a surer choice)."
+    )
+
+
 def report_markdown(report: dict, source: str, heatmap: str | None = None) -> str:
     """The report.md of a compressed model: the table, then how the ranks were found and trained."""
     lines = ["# comcat compression report", "", f"Model: `{source}`", "", "```", format_report(report), "```", ""]
@@ -179,19 +190,24 @@ def report_markdown(report: dict, source: str, heatmap: str | None = None) -> st
     if dd:
         lines += [
             f"Block-wise distillation: {dd['steps']}/{dd['total']} steps"
-            + (f"; {dd['kept']}" if dd.get("kept") else "")
+            + (
+                ". It scored worse on the validation split than the model before it, which was kept instead"
+                if dd.get("kept")
+                else ""
+            )
             + ".",
             "",
         ]
     v = report.get("validation", {})
     if v:
         parts = [f"after {k}: {fidelity(x, 1)}" for k, x in v.items() if "distance" in x or "kl" in x]
+        n = next(iter(v.values()))["images"]
         lines += [
-            f"Validation split (held out from training, {next(iter(v.values()))['images']} images): "
-            + "; ".join(parts)
-            + ".",
+            f"Validation split (held out from training, {n} images): " + "; ".join(parts) + ".",
             "",
         ]
+        if n < FEW_VALIDATION:
+            lines += [noise_note(n), ""]
     f = report.get("finetune")
     if f:
         b = f["best"]

@@ -237,6 +237,19 @@ def test_compress_an_uploaded_checkpoint_on_a_flat_folder(tmp_path):
     assert (
         "top-1 **" not in card and "heads that lost most (relative weight error of the per-head product): layer" in card
     )
+    assert "of photos" in card and "comcat-app" not in card
+    # the download names the visitor's file, holds no server path, reloads anywhere, and analyze says what to pass
+    from comcat.cli import main
+    from comcat.compression.format import load_compressed
+
+    unpacked = tmp_path / "downloaded"
+    with zipfile.ZipFile(download) as z:
+        assert sorted(z.namelist()) == ["comcat.json", "model.safetensors", "ranks.png", "report.md"]
+        assert not any(b"comcat-app" in z.read(n) for n in ("comcat.json", "report.md"))
+        z.extractall(unpacked)
+    assert load_compressed(unpacked).meta["source"] == "mine.safetensors"
+    assert main(["analyze", "--model", str(unpacked)]) == 2
+    assert main(["analyze", "--model", str(unpacked), "--dense", str(ckpt)]) == 0
 
 
 def test_explore_recommends_with_images_and_compares_a_compressed_model(tmp_path):
