@@ -313,9 +313,24 @@ def model_inputs(elem_prefix: str | None = None) -> tuple:
         elem_id=eid("upload"),
     )
     arch = gr.Textbox(
-        label="architecture of the checkpoint (timm name)", placeholder="vit_tiny_patch16_224", elem_id=eid("arch")
+        label="architecture of the checkpoint (timm name; guessed from an uploaded checkpoint's shapes when it can be)",
+        placeholder="vit_tiny_patch16_224",
+        elem_id=eid("arch"),
     )
+    upload.upload(guess_arch_box, [upload, arch], arch, queue=False)
     return name, upload, arch
+
+
+def guess_arch_box(upload: str | None, typed: str = ""):
+    """The architecture box after an upload: what the checkpoint's shapes fit, unless the visitor
+    typed one (an unknown shape leaves the box as it is)."""
+    import gradio as gr
+
+    from comcat.compression.models import guess_checkpoint_arch
+
+    if typed.strip() or not upload or not str(upload).lower().endswith(CHECKPOINT_SUFFIXES):
+        return gr.skip()
+    return guess_checkpoint_arch(upload) or gr.skip()
 
 
 STOP_REPLIES = {

@@ -93,7 +93,10 @@ class Progress:
 
     phase: str = "starting"
     started: float = field(default_factory=time.perf_counter)
+    spent: float = 0.0  # seconds of the run's earlier sessions (before a Stop), carried across a resume
     phase_started: float = field(default_factory=time.perf_counter)
+    first_step: int | None = None  # steps of this phase done before this session (a resumed phase starts midway)
+    resuming: bool = False  # the next stepped phase is the one a Stop interrupted
     step: int = 0
     total: int = 0
     last: dict = field(default_factory=dict)
@@ -107,9 +110,13 @@ class Progress:
         kind = e.get("kind")
         if kind == "phase":
             self.phase, self.phase_started, self.step, self.total = e["phase"], time.perf_counter(), 0, 0
+            self.first_step = None
             if e["phase"] == "data":
                 self.data = e
         elif kind in STEPPED:
+            if self.first_step is None:
+                self.first_step = e["step"] - 1 if self.resuming else 0
+                self.resuming = False
             self.step, self.total, self.last = e["step"], e["total"], e
             if "loss" in e:
                 self.losses[e.get("phase", "search") if kind == "search" else kind].append((self.elapsed, e["loss"]))
@@ -122,13 +129,21 @@ class Progress:
 
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        """Seconds of work on the run: its earlier sessions and this one."""
+        return self.spent + time.perf_counter() - self.started
+
+    def resumed(self) -> "Progress":
+        """This progress continued in a new session (after a Stop): time and loss curves carry on."""
+        self.spent, self.started = self.elapsed, time.perf_counter()
+        self.phase, self.first_step, self.step, self.total, self.resuming = "resuming", None, 0, 0, True
+        return self
 
     def eta(self) -> float | None:
-        """Seconds left in this phase at the rate so far."""
-        if self.step <= 0 or self.total <= 0:
+        """Seconds left in this phase at the rate of this session's steps."""
+        done = self.step - (self.first_step or 0)
+        if done <= 0 or self.total <= 0:
             return None
-        return (time.perf_counter() - self.phase_started) / self.step * (self.total - self.step)
+        return (time.perf_counter() - self.phase_started) / done * (self.total - self.step)
 
     def status(self) -> str:
         """One markdown line: phase, step, loss, cost vs budget, temperature, validation, ETA."""
@@ -142,11 +157,14 @@ class Progress:
             parts += [f"block {e['block'] + 1}/{e['blocks']}", f"loss {e['loss']:.4f}"]
         elif self.phase == "finetune" and e.get("kind") == "finetune":
             parts.append(f"loss {e['loss']:.3f}")
-        if self.val:
+        if self.phase == "report":
+            parts.append("measuring the held-out figures and the latency (no steps to show)")
+        elif self.val:
             v = self.val[-1]
             top1 = f", top-1 {v['top1']:.1f}%" if "top1" in v else ""
             unit = self.data.get("unit", "images")
-            parts.append(f"validation ({v['images']} held-out {unit}): {fidelity(v, 1)} against dense{top1}")
+            after = f" after {v['after']}" if v.get("after") else ""
+            parts.append(f"validation{after} ({v['images']} held-out {unit}): {fidelity(v, 1)} against dense{top1}")
         eta = self.eta()
         if eta is not None and self.phase in STEPPED:
             parts.append(f"ETA {eta:.0f} s")
@@ -221,6 +239,26 @@ def zip_model(out: Path) -> Path:
 
 
 COMPRESS = Runner("compress")
+PROGRESS: dict = {}  # run folder -> its Progress, so a resumed run's page carries time and losses on
+
+
+def progress_of(out: Path, resume: bool) -> Progress:
+    """A new run's Progress, or a resumed run's own continued (or, after a server restart, started
+    at the time its job.json records)."""
+    import json
+
+    if resume and str(out) in PROGRESS:
+        return PROGRESS[str(out)].resumed()
+    p = Progress()
+    if resume:
+        try:
+            p.spent = sum(json.loads((out / "job.json").read_text()).get("time_s", {}).values())
+        except (OSError, ValueError, AttributeError):
+            pass
+    while len(PROGRESS) >= 64:  # the most recent runs only
+        PROGRESS.pop(next(iter(PROGRESS)))
+    PROGRESS[str(out)] = p
+    return p
 
 
 def loss_figure(p: Progress):
@@ -291,7 +329,7 @@ def on_compress(
         yield (message(e), *nothing)
         return
     yield ("**starting** · loading the model and data", *nothing[:-1], str(out))
-    p = Progress()
+    p = progress_of(out, resume_dir is not None)
     dense = None
     for events in job.stream(0.5):
         for e in events:
@@ -301,7 +339,8 @@ def on_compress(
             if dense is None:
                 dense = _run_model(out)
             ranks, p.ranks_changed = ranks_heatmap_plotly(p.ranks, dense), False
-        status = public_text(p.status()) + (" · stopping…" if job.stopping and p.phase != "done" else "")
+        stopping = job.stopping and p.phase not in ("done", "report")  # the report is written whatever happens
+        status = public_text(p.status()) + (" · stopping…" if stopping else "")
         yield status, ranks, loss_figure(p), gr.skip(), gr.skip(), gr.skip()
     if job.error is not None:
         yield message(job.error), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()

@@ -144,6 +144,21 @@ def guess_arch(sd: dict) -> str | None:
     return name
 
 
+def guess_checkpoint_arch(path: str | Path) -> str | None:
+    """The architecture a checkpoint file's shapes fit (a timm ViT / DeiT name, or the embedded
+    model's), or None when it cannot tell or cannot read the file."""
+    try:
+        sd = read_state_dict(Path(path))
+    except ComcatError:
+        return None
+    guess = guess_arch(sd)
+    if guess is None:
+        embedded = load_embedded().model.state_dict()
+        if sd.keys() == embedded.keys() and all(sd[k].shape == embedded[k].shape for k in sd):
+            guess = EMBEDDED_ARCH
+    return guess
+
+
 def check_finite(sd: dict, where: str) -> None:
     """A one-line error when a floating-point tensor of `sd` holds NaN or inf."""
     broken = next((k for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)

@@ -547,3 +547,15 @@ def test_compress_a_text_encoder_on_zipped_sentences_or_on_its_weights_alone(tmp
     head = list(compress_page.on_compress(**model, data_source=common.NO_DATA))[-1][0]
     assert head.startswith("**Done**"), head
     assert "always compresses on its shapes" in next(compress_page.on_compress(data_source=common.NO_DATA))[0]
+
+
+def test_an_uploaded_checkpoint_fills_the_architecture_box_with_its_guess(tmp_path):
+    from conftest import checkpoint_and_photos
+
+    ckpt, _ = checkpoint_and_photos(tmp_path)
+    assert common.guess_arch_box(str(ckpt), "") == "comcat_shapes_vit"
+    assert common.guess_arch_box(str(ckpt), "vit_tiny_patch16_224") is not None  # typed: left alone (a skip)
+    assert common.guess_arch_box(str(ckpt), "vit_tiny_patch16_224") != "comcat_shapes_vit"
+    garbage = tmp_path / "x.safetensors"
+    garbage.write_bytes(b"garbage")
+    assert common.guess_arch_box(str(garbage), "") != "comcat_shapes_vit"

@@ -181,17 +181,44 @@ def test_tiny_compress_runs_to_completion(page, shots):
 
 
 def test_stop_then_resume_finishes_the_run(page, shots):
+    """Stopped in the search and resumed: the total time counts both sessions, the ETA of the resumed
+    phase is not fooled by the steps done before the Stop, and the loss curve keeps its start."""
+    import re
+    import time
+
     set_number(page, "compress-search-epochs", 4)
     set_number(page, "compress-train-images", 256)
     set_number(page, "compress-fit-images", 256)
+    started = time.time()
     page.find_element(By.ID, "compress-go").click()
-    wait(page, 120).until(lambda d: "step" in text_of(d, "compress-status"))
+    wait(page, 120).until(
+        lambda d: "search" in text_of(d, "compress-status") and "step" in text_of(d, "compress-status")
+    )
+    time.sleep(8)
     page.find_element(By.ID, "compress-stop").click()
     wait(page, 300).until(lambda d: "Stopped" in text_of(d, "compress-status"))
-    assert "Stopped" in text_of(page, "compress-result")
+    first_session = time.time() - started
+    assert "Stopped" in text_of(page, "compress-result") and "--resume" not in text_of(page, "compress-result")
     page.save_screenshot(str(shots / "compress_stopped.png"))
+    resumed = time.time()
     page.find_element(By.ID, "compress-resume").click()
-    wait(page, 600).until(lambda d: "Done" in text_of(d, "compress-status"))
+    seen = []  # (seconds since Resume, phase, ETA shown)
+    while "Done" not in (status := text_of(page, "compress-status")) and time.time() - resumed < 600:
+        phase = re.match(r"(\w+)", status)
+        eta = re.search(r"ETA (\d+) s", status)
+        seen.append((time.time() - resumed, phase and phase.group(1), int(eta.group(1)) if eta else None))
+        time.sleep(0.3)
+    second_session = time.time() - resumed
+    done = float(re.search(r"Done in (\d+) s", text_of(page, "compress-status")).group(1))
+    assert done >= 0.9 * (first_session + second_session) - 3, (done, first_session, second_session)
+    first = next((t, ph, eta) for t, ph, eta in seen if eta is not None)
+    ended = next((t for t, ph, _ in seen if t > first[0] and ph != first[1]), second_session)
+    assert first[2] >= 0.3 * (ended - first[0]) - 2, (first, ended)
+    xs = page.execute_script(
+        "const p = document.querySelector('#compress-losses .js-plotly-plot');"
+        "return p ? p.data.flatMap(t => Array.from(t.x)) : [];"
+    )
+    assert xs and min(xs) < first_session, (min(xs) if xs else None, first_session)  # the curve keeps its start
     assert "agreement with the dense model" in text_of(page, "compress-result")
 
 
