@@ -182,6 +182,9 @@ def on_customize_stop(request: gr.Request = None):
     return STOP_REPLIES[CUSTOMIZE.stop(visitor(request))]
 
 
+DEFAULT_STEPS = CustomizeSpec.steps  # the library's (and the CLI's) default: 500
+
+
 def customize_tab():
     with gr.Row():
         with gr.Column(scale=1):
@@ -196,10 +199,23 @@ def customize_tab():
             prompt = gr.Textbox("a V*", label="instance prompt (for images without a caption)")
             token = gr.Textbox("V*", label="concept token")
             rank = gr.Slider(1, 8, value=2, step=1, label="rank per head")
-            steps = gr.Slider(10, 1000, value=300, step=10, label="steps", elem_id="customize-steps")
+            steps = gr.Slider(
+                10,
+                1000,
+                value=DEFAULT_STEPS,
+                step=10,
+                label="steps (on the embedded model the concept usually shows from about step 400; "
+                "the previews before look nearly blank)",
+                elem_id="customize-steps",
+            )
             lr = gr.Number(2.5e-3, label="learning rate")
             preview_every = gr.Slider(
-                0, 200, value=50, step=10, label="preview every N steps (fixed seed)", elem_id="customize-preview-every"
+                0,
+                500,
+                value=100,
+                step=10,
+                label="preview every N steps (fixed seed)",
+                elem_id="customize-preview-every",
             )
             with gr.Row():
                 start = gr.Button("Customize", variant="primary", elem_id="customize-go")

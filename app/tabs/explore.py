@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ import gradio as gr
 from comcat.compression import families
 from comcat.compression.analysis import Spectra, analyze
 from comcat.compression.diagnose import (
+    COLUMN_HELP,
     COLUMNS,
     calibrate_on,
     comparison_text,
@@ -189,6 +191,11 @@ def explore(source: str, name: str = "", upload: str | None = None, arch: str = 
     )
 
 
+SHORT = {  # the table's headers: short enough to fit without scrolling
+    "stable_rank": "stable",
+    "effective_rank": "effective",
+    "random_effective_rank": "shuffled eff.",
+}
 PLOT_NAMES = {"W^Q": "q", "W^K": "k", "W^V": "v", "W^O": "o", "W^QK per head": "qk", "W^VO per head": "vo"}
 
 
@@ -243,16 +250,53 @@ def on_inspect_adapter(pipeline, upload, request: gr.Request = None):
         return message(e), None, None
 
 
-def on_calibrated(ex, budget, data_source, data_path, data_zip, request: gr.Request = None, progress=gr.Progress()):
-    """-> (the recommendation at `budget` calibrated on the chosen images, its exports)."""
+def on_calibrated(ex, budget, data_source, data_path, data_zip, request: gr.Request = None):
+    """Stream (status, None) while it works: phase, step and ETA; then (the recommendation at `budget`
+    calibrated on the chosen images, its exports)."""
+    import queue
+
     visitor(request)
     try:
         if ex is None:
             raise ComcatError("press Explore first: the recommendation is for the explored model")
         data = common.chosen_data(data_source, data_path, data_zip, ex.spec)
-        return ex.calibrated_recommendation(budget, data, lambda i, n, what: progress((i, n), desc=what))
     except Exception as e:  # noqa: BLE001 - shown in the page
-        return message(e), None
+        yield message(e), None
+        return
+    events, box = queue.Queue(), {}
+    owner = common.OWNER.get()
+
+    def work():
+        common.OWNER.set(owner)  # the exports go to the visitor's folder
+        try:
+            box["result"] = ex.calibrated_recommendation(budget, data, lambda i, n, what: events.put((what, i, n)))
+        except Exception as e:  # noqa: BLE001 - shown in the page
+            box["error"] = e
+
+    thread = threading.Thread(target=work, name="comcat-recommend", daemon=True)
+    thread.start()
+    started, phase, phase_started = time.perf_counter(), None, time.perf_counter()
+    yield "**loading the images**", None
+    while thread.is_alive():
+        thread.join(0.5)
+        latest = None
+        while not events.empty():
+            latest = events.get_nowait()
+        if latest is None:
+            continue
+        what, i, n = latest
+        if what != phase:
+            phase, phase_started = what, time.perf_counter()
+        rate = (time.perf_counter() - phase_started) / (i + 1)
+        yield (
+            f"**{what}** · step {i + 1}/{n} · ETA {rate * (n - i - 1):.0f} s · "
+            f"{time.perf_counter() - started:.0f} s elapsed",
+            None,
+        )
+    if "error" in box:
+        yield message(box["error"]), None
+    else:
+        yield box["result"]
 
 
 def on_compare(ex, upload, request: gr.Request = None):
@@ -304,12 +348,15 @@ def explore_tab():
             curves = gr.Plot(label="head vs matrix level")
             heads = gr.Plot(label="per-head spectra")
             table = gr.Dataframe(
-                headers=list(COLUMNS),
+                headers=[SHORT.get(c, c) for c in COLUMNS],
                 label="per layer: spectral metrics against shuffled weights (structure: how far from noise)",
                 elem_id="explore-table",
                 interactive=False,
                 max_height=400,
+                wrap=True,
             )
+            with gr.Accordion("what the columns mean", open=False, elem_id="explore-legend"):
+                gr.Markdown("\n".join(f"- **{SHORT.get(c, c)}**: {COLUMN_HELP[c]}" for c in COLUMNS))
             files = gr.File(label="export (JSON, CSV, PNG)", file_count="multiple")
             with gr.Accordion("calibrate the recommendation on your images", open=False, elem_id="explore-calibrate"):
                 c_source = gr.Radio(

@@ -1,19 +1,20 @@
 """Per-layer spectral diagnosis of a model's attention, after WeightWatcher's layer table, and the
 ranks comcat would choose at a budget (`recommend`).
 
-For the singular values s_1 >= ... >= s_n of a matrix (or of all heads' per-head products of a
-layer, pooled), with eigenvalues lambda_i = s_i^2:
+For the singular values s_1 >= ... >= s_n of a matrix (W^Q, W^K, W^V, W^O: one value per layer), or
+of each head's product W^QK_h, W^VO_h (then the mean over the layer's heads, so every figure is per
+head and at most the head dim), with eigenvalues lambda_i = s_i^2:
 
   stable rank       sum_i s_i^2 / s_1^2
   effective rank    exp(H(p)),  p_i = s_i / sum_j s_j   (Roy & Vetterli, 2007)
-  r90, r95, r99     the smallest rank keeping 90 / 95 / 99% of sum_i s_i^2 (per head for products: mean)
+  r90, r95, r99     the smallest rank keeping 90 / 95 / 99% of sum_i s_i^2
   alpha             the Hill estimate of the power-law tail exponent of the eigenvalues,
                     1 + k / sum_{i<=k} ln(lambda_i / lambda_k), k = n / 2 (heavier tail: smaller alpha)
 
 and the same effective rank for a randomized copy of the weights (their entries shuffled, which
 keeps the scale and destroys learned structure). `structure` = 1 - effective rank / randomized
 effective rank: near 0, the layer looks like noise; the larger, the more low-rank structure it has
-learned, and the more it compresses.
+learned, and the more it compresses; below 0, its spectrum is flatter than noise's (nothing to gain).
 """
 
 from __future__ import annotations
@@ -80,29 +81,46 @@ def _site_spectra(block: nn.Module, g: torch.Generator | None = None) -> dict[st
     return out
 
 
+COLUMN_HELP = {
+    "layer": "the block",
+    "site": "q, k, v, o: the whole matrix; qk, vo: every figure is the mean over the layer's heads of "
+    "that head's W^QK_h or W^VO_h (so at most the head dim)",
+    "stable_rank": "sum of s_i^2 / s_1^2: how many directions carry the energy",
+    "effective_rank": "exp of the entropy of s_i / sum s_j (Roy & Vetterli)",
+    "r90": "the smallest rank keeping 90% of the energy (sum of s_i^2)",
+    "r95": "the same for 95%",
+    "r99": "the same for 99%",
+    "alpha": "tail exponent of the eigenvalues s_i^2 (Hill): smaller, heavier tail, more learned",
+    "random_effective_rank": "effective rank of the same weights with their entries shuffled",
+    "structure": "1 - effective rank / shuffled effective rank: 0 looks like noise, larger compresses "
+    "better, below 0 flatter than noise",
+}
+
+
+def _metrics(s: np.ndarray, r: np.ndarray) -> dict:
+    """The row's figures of one spectrum `s` (and of its shuffled copy `r`), 1-D."""
+    eff, eff_r = effective_rank(s), effective_rank(r)
+    return {
+        "stable_rank": stable_rank(s),
+        "effective_rank": eff,
+        **{f"r{int(e * 100)}": float(rank_for_energy(s, e)) for e in (0.9, 0.95, 0.99)},
+        "alpha": hill_alpha(s),
+        "random_effective_rank": eff_r,
+        "structure": 1 - eff / eff_r,
+    }
+
+
 def layer_table(model: nn.Module, seed: int = 0) -> list[dict]:
-    """One row per block and site (q, k, v, o, qk, vo) with the metrics of the module docstring."""
+    """One row per block and site (q, k, v, o, qk, vo) with the metrics of the module docstring:
+    of the matrix for q, k, v, o, and the mean over heads of the per-head figures for qk, vo."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i, block in enumerate(families.blocks(model)):
         real, rand = _site_spectra(block), _site_spectra(block, g)
         for site in MATRICES + PRODUCTS:
             s, r = real[site], rand[site]
-            pooled, pooled_r = np.sort(s.ravel())[::-1], np.sort(r.ravel())[::-1]
-            ranks = {f"r{int(e * 100)}": float(np.mean(rank_for_energy(s, e))) for e in (0.9, 0.95, 0.99)}
-            eff, eff_r = effective_rank(pooled), effective_rank(pooled_r)
-            rows.append(
-                {
-                    "layer": i,
-                    "site": site,
-                    "stable_rank": stable_rank(pooled),
-                    "effective_rank": eff,
-                    **ranks,
-                    "alpha": hill_alpha(pooled),
-                    "random_effective_rank": eff_r,
-                    "structure": 1 - eff / eff_r,
-                }
-            )
+            per = [_metrics(a, b) for a, b in zip(s, r)] if s.ndim == 2 else [_metrics(s, r)]
+            rows.append({"layer": i, "site": site, **{k: float(np.mean([m[k] for m in per])) for k in per[0]}})
     return rows
 
 
@@ -214,8 +232,8 @@ def recommendation_text(rec: dict) -> str:
         "head-level ranks (QK / VO per layer: "
         + ", ".join(f"{l['qk']}/{l['vo']}" for l in rec["layers"])
         + f") give **{sp:,}** parameters ({sp / dp:.2f}× dense) and **{sf / 1e6:,.0f}M** FLOPs "
-        f"({sf / df:.2f}×). Least energy kept: layer {worst['layer']} (QK {worst['kept_qk']:.1%}, VO "
-        f"{worst['kept_vo']:.1%}); heads that lose most: "
+        f"({sf / df:.2f}×). The layer keeping least energy, pooled over its heads: layer {worst['layer']} "
+        f"(QK {worst['kept_qk']:.1%}, VO {worst['kept_vo']:.1%}); single heads keeping least: "
         + ", ".join(f"layer {i} head {h} {p} ({kept:.1%} kept)" for kept, i, h, p in heads)
         + ". "
     )

@@ -263,9 +263,12 @@ def test_explore_recommends_with_images_and_compares_a_compressed_model(tmp_path
     from comcat.compression.rank_rules import uniform_ranks
     from comcat.compression.ranks import RankConfig
 
-    assert "press Explore first" in explore_page.on_calibrated(None, 0.5, "embedded shapes", "", None)[0]
+    assert "press Explore first" in list(explore_page.on_calibrated(None, 0.5, "embedded shapes", "", None))[-1][0]
     ex = explore_page.on_explore("embedded", "", None, "", [], 0)[-1]
-    text, files = explore_page.on_calibrated(ex, 0.5, "embedded shapes", "", None, progress=lambda *a, **k: None)
+    updates = list(explore_page.on_calibrated(ex, 0.5, "embedded shapes", "", None))
+    assert updates[0][0] == "**loading the images**"
+    assert any(u[0].startswith(("**calibrate**", "**allocate**")) and "ETA" in u[0] for u in updates[1:-1]), updates
+    text, files = updates[-1]
     assert "calibrated head-level ranks" in text and "of your images" in text and "Predicted KL" in text
     rec = json.loads(Path(files[0]).read_text())
     ranks = RankConfig.load(files[1]).validate(ex.model)  # what compress --ranks takes

@@ -140,7 +140,7 @@ def test_recommendation_is_the_budget_rule_with_its_savings(embedded):
         assert len(layer["heads_qk"]) == embedded.model.blocks[0].attn.num_heads
         assert all(0 < k <= 1 + 1e-12 for k in layer["heads_qk"] + layer["heads_vo"])
     text = recommendation_text(rec)
-    assert "heads that lose most: layer" in text and f"{rec['params'][1]:,}" in text
+    assert "single heads keeping least: layer" in text and f"{rec['params'][1]:,}" in text
     assert recommend(embedded.model, 0.3)["params"][1] < rec["params"][1]
 
 
@@ -211,3 +211,15 @@ def test_cli_recommends_and_compares_a_compressed_model(embedded, tmp_path, caps
     assert "against embedded" in out and "heads that lost most: layer" in out
     assert main(["analyze", "--model", str(folder), "--recommend", "0.5"]) == 2
     assert "is a compressed model: analyze its dense source" in capsys.readouterr().err
+
+
+def test_per_head_rows_are_per_head_figures_within_the_head_dim(embedded):
+    """qk / vo rows are means over heads of each head's figures: none exceeds the head dim."""
+    from comcat.compression.diagnose import COLUMN_HELP, COLUMNS, layer_table
+
+    rows = layer_table(embedded.model)
+    head_dim = 32
+    for r in (r for r in rows if r["site"] in ("qk", "vo")):
+        assert all(r[c] <= head_dim for c in ("stable_rank", "effective_rank", "r90", "r95", "r99")), r
+        assert r["random_effective_rank"] <= head_dim and r["r90"] <= r["r95"] <= r["r99"]
+    assert set(COLUMN_HELP) == set(COLUMNS)
