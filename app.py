@@ -1,4 +1,5 @@
-"""Start the comcat app: python app.py [--host 127.0.0.1] [--port 7860] [--share] [--data-root DIR]."""
+"""Start the comcat app: python app.py [--host 127.0.0.1] [--port 7860] [--share] [--data-root DIR]
+[--visitor-quota-mb MB] [--disk-quota-mb MB] [--idle-minutes M]."""
 
 import argparse
 import os
@@ -19,9 +20,20 @@ def main() -> None:
         metavar="DIR",
         help="let visitors compress on image folders inside DIR (default: uploads only)",
     )
+    ap.add_argument("--visitor-quota-mb", type=int, default=2048, help="disk space one visitor's files may take")
+    ap.add_argument("--disk-quota-mb", type=int, default=8192, help="disk space all visitors' files may take")
+    ap.add_argument(
+        "--idle-minutes", type=int, default=60, help="a visitor's files go after this long without a request"
+    )
     args = ap.parse_args()
+    if min(args.visitor_quota_mb, args.disk_quota_mb, args.idle_minutes) < 1:
+        ap.error("the quotas and --idle-minutes must be at least 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the temp folder goes at exit (atexit)
+    from app import common
     from app.common import MAX_UPLOAD_MB, WORK
+
+    common.VISITOR_QUOTA_MB, common.DISK_QUOTA_MB = args.visitor_quota_mb, args.disk_quota_mb
+    common.SESSION_TTL_S = args.idle_minutes * 60
 
     os.environ.setdefault("GRADIO_TEMP_DIR", str(WORK / "gradio"))  # gradio's upload cache goes at exit too
     from app.ui import build_demo

@@ -28,7 +28,7 @@ def build_demo(data_root: str | None = None) -> gr.Blocks:
         )
         with gr.Tabs() as tabs:
             with gr.Tab("Explore", id="explore"):
-                explored, explore_done, to_compress, budget = explore_tab()
+                explored, explore_done, to_compress, budget = explore_tab(demo)
             with gr.Tab("Compress", id="compress"):
                 compress_source, ratio = compress_tab(explored)
             with gr.Tab("Customize", id="customize"):

@@ -737,7 +737,7 @@ def cmd_customize(args) -> None:
         return EXIT_STOPPED
     else:
         print(
-            f"saved {result['adapter']} ({os.path.getsize(result['adapter']) / 1e3:.1f} kB) "
+            f"saved {result['adapter']} ({os.path.getsize(result['adapter']) / 1024:.1f} KB) "
             f"after {result['steps_done']} steps in {result['seconds']:.0f}s"
         )
 

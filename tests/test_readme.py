@@ -1,4 +1,4 @@
-"""The README's Python examples run as written (from the repository root, as a user would)."""
+"""The README's Python examples run as written, from any folder (not only the repository root)."""
 
 import os
 import re
@@ -19,7 +19,7 @@ def test_the_readme_python_examples_run(tmp_path):
     code = "\n".join(blocks).replace('"small/"', repr(str(tmp_path / "small")))  # write under tmp, not the repo
     out = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=ROOT,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,

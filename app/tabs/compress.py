@@ -272,6 +272,7 @@ def loss_figure(p: Progress):
     fig.update_layout(
         height=300, xaxis_title="seconds", yaxis_title="loss", yaxis_type="log", margin=dict(t=30, l=50, r=20, b=40)
     )
+    fig.update_yaxes(dtick=1, tickformat=".0e", minor=dict(showgrid=False))
     return fig
 
 

@@ -162,13 +162,13 @@ def on_customize(
         yield message(job.error), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
     r = job.result
-    size = Path(r["adapter"]).stat().st_size / 1e3
+    size = Path(r["adapter"]).stat().st_size / 1024  # KB as the download box shows it
     head = (
         f"**Stopped** at step {r['steps_done']}: the adapter so far is saved; press Resume to go on."
         if r["stopped"]
         else f"**Done**: {r['steps_done']} steps in {r['seconds']:.0f} s."
     )
-    yield (f"{head} Adapter: {size:.0f} kB.", customize_loss_figure(p), p.gallery(), r["adapter"], str(out))
+    yield (f"{head} Adapter: {size:.1f} KB.", customize_loss_figure(p), p.gallery(), r["adapter"], str(out))
 
 
 def on_resume(run_dir, request: gr.Request = None):

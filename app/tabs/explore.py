@@ -324,7 +324,8 @@ def on_replot(ex, shown, layer):
     return heat, heads
 
 
-def explore_tab():
+def explore_tab(page: gr.Blocks | None = None):
+    """The tab; with `page`, the embedded model is explored when the page opens (never empty)."""
     with gr.Row():
         with gr.Column(scale=1):
             source = gr.Radio(list(SOURCES), value="embedded", label="model")
@@ -408,7 +409,16 @@ def explore_tab():
         control.change(on_replot, [state, shown, layer], [heat, heads], concurrency_id="explore")
     follow_typing(name, upload, source, "timm name", "uploaded checkpoint")
     budget.release(on_budget, [state, budget], advice, concurrency_id="explore")
+    budget.input(on_budget, [state, budget], advice, concurrency_id="explore", trigger_mode="always_last")  # typed
     follow_typing(c_path, c_zip, c_source, "folder path", "uploaded zip")
+    if page is not None:
+        page.load(
+            on_explore,
+            [source, name, upload, arch, shown, layer, budget],
+            [heat, heads, curves, summary, files, table, advice, layer, state],
+            concurrency_id="explore",
+            api_visibility="private",
+        )
     c_go.click(on_calibrated, [state, budget, c_source, c_path, c_zip], [c_advice, c_files], concurrency_id="explore")
     k_go.click(on_compare, [state, k_zip], [k_text, k_plot, k_files], concurrency_id="explore")
     a_go.click(on_inspect_adapter, [a_pipeline, a_file], [a_summary, a_table, a_csv], concurrency_id="generate")

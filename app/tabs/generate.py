@@ -50,8 +50,20 @@ def generate_tab(trained_adapter):
         with gr.Column(scale=2):
             status = gr.Markdown(elem_id="generate-status")
             with gr.Row():
-                adapted = gr.Gallery(label="with the adapters", columns=3, elem_id="generate-adapted")  # 4 clip
-                plain = gr.Gallery(label="without (same seeds)", columns=3, elem_id="generate-plain")
+                adapted = gr.Gallery(
+                    label="with the adapters",
+                    columns=3,
+                    height="auto",
+                    object_fit="contain",
+                    elem_id="generate-adapted",
+                )
+                plain = gr.Gallery(
+                    label="without (same seeds)",
+                    columns=3,
+                    height="auto",
+                    object_fit="contain",
+                    elem_id="generate-plain",
+                )
     go.click(
         on_generate,
         [pipeline, prompt, adapter1, scale1, adapter2, scale2, seed, steps, guidance, n],

@@ -296,7 +296,7 @@ def comparison_text(rows: list[dict], ranks: dict | None = None) -> str:
         return "No attention of this model is head-level compressed: nothing to compare per head."
     mean = {p: np.mean([r["error"] for r in rows if r["product"] == p]) for p in PRODUCTS}
     text = (
-        "Against its dense source, relative weight error ||W_h - W'_h|| / ||W_h|| of the per-head products: "
+        "Against its dense source, relative weight error ‖W_h − W′_h‖ / ‖W_h‖ of the per-head products: "
         f"mean QK {mean['qk']:.1%}, VO {mean['vo']:.1%}; heads that lost most: "
         + ", ".join(f"layer {r['layer']} head {r['head']} {r['product'].upper()} ({r['error']:.1%})" for r in rows[:5])
         + "."

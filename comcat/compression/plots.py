@@ -90,7 +90,7 @@ def head_spectra_plotly(spectra: Spectra, layer: int):
                 go.Scatter(x=np.arange(1, len(s) + 1), y=s / s[0], name=f"{p} head {h}", mode="lines"), row=1, col=j + 1
             )
     fig.update_xaxes(title_text="index i")
-    fig.update_yaxes(title_text="s_i / s_1", type="log")
+    fig.update_yaxes(title_text="sᵢ / s₁", type="log", dtick=1, minor=dict(showgrid=False), tickformat=".0e")
     fig.update_layout(height=380, title="Per-head singular values")
     return fig
 

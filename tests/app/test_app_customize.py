@@ -20,7 +20,7 @@ def test_customize_streams_loss_and_previews_then_offers_the_adapter():
     updates = list(customize_page.on_customize(**TINY))
     assert any("step" in str(u[0]) and "loss" in str(u[0]) for u in updates)
     status, losses, gallery, adapter, run_dir = updates[-1]
-    assert status.startswith("**Done**") and "6 steps" in status and "kB" in status
+    assert status.startswith("**Done**") and "6 steps" in status and "KB" in status
     assert len(losses.data[0].x) == 6
     hearts = sorted(HEARTS.glob("*.png"))  # the bundled concept, shown first, then every preview
     assert [c for _, c in gallery] == [f"concept image: {h.name}" for h in hearts] + ["step 3 · a V*"] * 4 + [

@@ -146,7 +146,7 @@ def _restore_text(pipe) -> None:
         return
     tokenizer, table = kept
     pipe.tokenizer = tokenizer
-    pipe.text_encoder.resize_token_embeddings(len(tokenizer))
+    pipe.text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
         _token_embeddings(pipe).weight.copy_(table)
     pipe._comcat_text = None
@@ -204,7 +204,7 @@ def add_token(pipe, token: str, init: torch.Tensor | None = None) -> int:
         tok_id = tokenizer.convert_tokens_to_ids(token)
     else:
         tokenizer.add_tokens([token])
-        pipe.text_encoder.resize_token_embeddings(len(tokenizer))
+        pipe.text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         tok_id = tokenizer.convert_tokens_to_ids(token)
         emb = _token_embeddings(pipe).weight
         with torch.no_grad():
