@@ -306,8 +306,7 @@ def model_inputs(elem_prefix: str | None = None) -> tuple:
         elem_id=eid("name"),
     )
     upload = gr.File(
-        label="checkpoint (.safetensors / .pth), or a zipped model folder (save_pretrained, timm); Explore "
-        "compares a comcat zip under 'a compressed model against this one'",
+        label="checkpoint (.safetensors, .pth) or zipped model folder",
         file_types=[*CHECKPOINT_SUFFIXES, ".zip"],
         type="filepath",
         elem_id=eid("upload"),

@@ -562,3 +562,21 @@ def test_an_uploaded_checkpoint_fills_the_architecture_box_with_its_guess(tmp_pa
     garbage = tmp_path / "x.safetensors"
     garbage.write_bytes(b"garbage")
     assert common.guess_arch_box(str(garbage), "") != "comcat_shapes_vit"
+
+
+def test_the_name_box_never_reads_server_folders_and_bad_names_are_one_line(monkeypatch):
+    """A name that is also a folder under the app's working directory is looked up on the hub alone
+    (same answer as a name that is no folder); hub ids by the hub's rule; overlong names refused."""
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    assert (ROOT / "assets" / "shapes_swin" / "config.json").is_file()
+    answers = []
+    for typed in ("assets/shapes_swin", "assets/no_such_folder"):
+        out = explore_page.on_explore("timm name", typed, None, "", [], 0)
+        assert out[0] is None and out[3].startswith("**Error:**") and "\n" not in out[3]
+        answers.append(out[3].replace(typed, "NAME"))
+    assert answers[0] == answers[1] and "config.json" not in answers[0]
+    for typed, said in (("a/..", "hub id"), ("x" * 300, "at most 200"), ("a" * 120 + "/b", "hub id")):
+        out = explore_page.on_explore("timm name", typed, None, "", [], 0)[3]
+        assert out.startswith("**Error:**") and said in out and "\n" not in out and "/tmp" not in out, out

@@ -71,6 +71,10 @@ def test_json_output_is_written_into_pipes_and_devices_never_replacing_them(tmp_
             "error: could not write to /dev/full (No space left on device): give another file"
         ]
         assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    link = tmp_path / "to_stdout"
+    link.symlink_to("/proc/self/fd/1")
+    r = run_cli("-m", "comcat", "analyze", "--json", str(link))
+    assert r.returncode == 0 and '"summary"' in r.stdout and link.is_symlink(), r.stderr
     folder = tmp_path / "a_folder"
     folder.mkdir()
     assert main(["analyze", "--json", str(folder)]) == 2 and folder.is_dir()
@@ -150,3 +154,29 @@ def test_ctrl_c_stops_a_run_with_exit_code_3_and_it_resumes(tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 3 and "stopped at step" in stdout, stderr[-2000:]
     assert (out / "state.json").is_file() and json.loads((out / "customize.json").read_text()).get("done") is False
+
+
+def test_a_huge_sentence_line_is_cut_before_the_tokenizer_sees_it(tmp_path):
+    from comcat.compression.texts import read_sentences
+    from comcat.core.records import MAX_LINE_CHARS
+
+    text = tmp_path / "sentences.txt"
+    text.write_text("a short one\n" + "word " * 2_000_000 + "\n\nlast\n")
+    lines = read_sentences(text)
+    assert [len(x) for x in lines] == [11, MAX_LINE_CHARS, 4]
+
+
+def test_evaluate_says_when_it_scores_the_images_a_run_trained_on(tmp_path, capsys):
+    from conftest import png_folder
+
+    data = png_folder(tmp_path / "shapes", 24, 5)
+    out = tmp_path / "small"
+    args = ["compress", "--params-ratio", "0.5", "--distill-steps", "0", "--no-latency", "--data", str(data)]
+    assert main([*args, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--data", str(data)]) == 0
+    said = capsys.readouterr().out
+    assert "including the ones its compress run fitted and validated on" in said and "report.md" in said
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--data", str(png_folder(tmp_path / "other", 8, 9))]) == 0
+    assert "including the ones" not in capsys.readouterr().out
