@@ -11,6 +11,7 @@ LAYERS = [
     # core: shared by both sides
     "comcat.core",
     "comcat.core.errors",
+    "comcat.core.records",
     "comcat.core.shapes",
     "comcat.core.linalg",
     "comcat.core.images",
@@ -70,6 +71,7 @@ LAYERS = [
     "comcat.cli",
     "comcat.__main__",
     "app",
+    "app.serve",
     "app.common",
     "app.runner",
     "app.pipelines",

@@ -400,7 +400,7 @@ def compress_tab(explored):
                 label="image folder under the app's --data-root (DIR/<image>, DIR/<class>/<image>, or train/ + val/)"
             )
             data_zip = gr.File(
-                label="zip of an image folder (or of one text file, one sentence per line, for a text encoder)",
+                label="zip of your images (or of a text file of sentences)",
                 file_types=[".zip"],
                 type="filepath",
                 elem_id="compress-zip",

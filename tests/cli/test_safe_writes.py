@@ -105,7 +105,7 @@ SMALL_RUN = ["--params-ratio", "0.5", "--train-images", "64", "--fit-images", "6
 SMALL_RUN += ["--distill-views", "0", "--no-latency"]
 
 
-@pytest.mark.parametrize("step", [1, pytest.param(2, marks=pytest.mark.slow), 3])
+@pytest.mark.parametrize("step", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
 def test_a_save_killed_at_each_step_leaves_a_pair_that_loads(tmp_path, step):
     """The second save of a run (the folder already holds a pair) killed before its commit (1), after
     it (2: the weights not yet moved; 3: comcat.json not yet moved): the folder loads as one pair."""
