@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from compress_embedded import fix_pruned_attention, head_dim_pruner
-from search_vit_tiny import attn_ratio, tensors
+from search_vit_tiny import attn_ratio, real_vit_tiny, tensors
 from torch.utils.data import DataLoader
 
 from comcat.compression.allocate import FISHER_IMAGES, PROBE_IMAGES, calibrated_ranks
@@ -41,7 +41,6 @@ from comcat.compression.calibrate import build, calibrate
 from comcat.compression.convert import compress
 from comcat.compression.cost import Budget, compare_latency, count_params
 from comcat.compression.evaluate import predict, scores
-from comcat.compression.load import load_model
 from comcat.compression.rank_rules import uniform_ranks
 from comcat.compression.reconstruct import AugmentedViews, DistillConfig, distill_blocks
 from comcat.compression.search import SearchConfig, search_ranks
@@ -102,12 +101,10 @@ def main() -> None:
     ap.add_argument("--distill-cls", type=float, default=1.0, help="class-token weight in block distillation")
     ap.add_argument("--out", default=None, help="write OUT.json, OUT.md, OUT.png")
     args = ap.parse_args()
-    weights, images = SHARED / "vit_tiny_patch16_224.safetensors", SHARED / "imagenet-sample"
-    if not (weights.is_file() and images.is_dir()):
-        print(f"skipped: {SHARED} with the ViT-Tiny weights and imagenet-sample is absent")
+    found = real_vit_tiny()
+    if found is None:
         return
-    torch.set_num_threads(2)
-    dense = load_model(str(weights), "vit_tiny_patch16_224").model.eval()
+    dense, images = found
     splits = folder_splits(images, dense, seed=args.seed)
     t = time.perf_counter()
     train, evaluation = tensors(splits.fit), tensors(splits.eval)

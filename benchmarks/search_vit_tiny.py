@@ -37,6 +37,17 @@ def tensors(ds) -> TensorDataset:
     return TensorDataset(torch.stack(xs), torch.tensor(ys))
 
 
+def real_vit_tiny():
+    """(the real ViT-Tiny of ../shared/data in eval mode, its imagenet-sample folder), or None with a
+    line saying why when they are absent; 2 CPU threads, as measured."""
+    weights, images = SHARED / "vit_tiny_patch16_224.safetensors", SHARED / "imagenet-sample"
+    if not (weights.is_file() and images.is_dir()):
+        print(f"skipped: {SHARED} with the ViT-Tiny weights and imagenet-sample is absent")
+        return None
+    torch.set_num_threads(2)
+    return load_model(str(weights), "vit_tiny_patch16_224").model.eval(), images
+
+
 def attn_ratio(dense, cfg) -> float:
     return sum(l["attn"] for l in layer_params(dense, cfg)) / sum(l["attn"] for l in layer_params(dense))
 
@@ -51,12 +62,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
     args = ap.parse_args()
-    weights, images = SHARED / "vit_tiny_patch16_224.safetensors", SHARED / "imagenet-sample"
-    if not (weights.is_file() and images.is_dir()):
-        print(f"skipped: {SHARED} with the ViT-Tiny weights and imagenet-sample is absent")
+    found = real_vit_tiny()
+    if found is None:
         return
-    torch.set_num_threads(2)
-    dense = load_model(str(weights), "vit_tiny_patch16_224").model.eval()
+    dense, images = found
     folder = image_folder(images, dense, limit=args.images)
     t = time.perf_counter()
     search_half = tensors(Subset(folder, range(1, len(folder), 2)))

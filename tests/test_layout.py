@@ -33,6 +33,7 @@ LAYERS = [
     "comcat.compression.analysis",
     "comcat.compression.ranks",
     "comcat.compression.lowrank",
+    "comcat.compression.neurons",
     "comcat.compression.convert",
     "comcat.compression.cost",
     "comcat.compression.rank_rules",

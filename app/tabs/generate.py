@@ -50,19 +50,9 @@ def generate_tab(trained_adapter):
         with gr.Column(scale=2):
             status = gr.Markdown(elem_id="generate-status")
             with gr.Row():
-                adapted = gr.Gallery(
-                    label="with the adapters",
-                    columns=3,
-                    height="auto",
-                    object_fit="contain",
-                    elem_id="generate-adapted",
-                )
-                plain = gr.Gallery(
-                    label="without (same seeds)",
-                    columns=3,
-                    height="auto",
-                    object_fit="contain",
-                    elem_id="generate-plain",
+                adapted, plain = (
+                    gr.Gallery(label=label, columns=3, height="auto", object_fit="contain", elem_id=f"generate-{key}")
+                    for key, label in (("adapted", "with the adapters"), ("plain", "without (same seeds)"))
                 )
     go.click(
         on_generate,
