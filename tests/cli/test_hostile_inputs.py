@@ -47,6 +47,9 @@ def hostile(tmp_path_factory):
     from comcat.compression.rank_rules import uniform_ranks
 
     root = tmp_path_factory.mktemp("hostile")
+    import timm
+
+    save_file(timm.create_model("vit_tiny_patch16_224").state_dict(), str(root / "vit224.safetensors"))
     dense = load_model("embedded")
     save_compressed(Loaded(compress(dense.model, uniform_ranks(dense.model, "head", 0.5)), dense.arch), root / "small")
     _lying_model(root, "lying_classes", {"num_classes": 100_000_000}, "head.")
@@ -103,6 +106,7 @@ CASES = [
     (CUSTOMIZE + [str(HEARTS), "--batch-size", "100000"], "--batch-size must be an integer in 1..64"),
     (CUSTOMIZE + ["captioned"], "is over 64 kB: write one short sentence"),
     (["evaluate", "--batch-size", "100000000"], "--batch-size must be"),
+    (["evaluate", "--model", "vit224.safetensors", "--arch", "vit_tiny_patch16_224"], "takes 224-px images"),
 ]
 
 
