@@ -306,7 +306,7 @@ def model_inputs(elem_prefix: str | None = None) -> tuple:
         elem_id=eid("name"),
     )
     upload = gr.File(
-        label="checkpoint (.safetensors, .pth) or zipped model folder",
+        label="checkpoint (.safetensors, .pth) or zipped dense model folder",
         file_types=[*CHECKPOINT_SUFFIXES, ".zip"],
         type="filepath",
         elem_id=eid("upload"),

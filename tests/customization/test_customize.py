@@ -78,6 +78,8 @@ def test_stop_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert (tmp_path / "part" / "adapter.safetensors").is_file()
     resumed = customize(CustomizeSpec(), tmp_path / "part", resume=True)
     assert resumed["steps_done"] == 8 and resumed["losses"] == full["losses"]
+    # the time counts both sessions' steps: about the uninterrupted run's, not only the last 5 of 8
+    assert resumed["seconds"] >= part["seconds"] and resumed["seconds"] > 0.8 * full["seconds"], (resumed, full)
     with (
         safe_open(str(tmp_path / "full" / "adapter.safetensors"), "pt") as a,
         safe_open(str(tmp_path / "part" / "adapter.safetensors"), "pt") as b,
