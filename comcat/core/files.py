@@ -149,7 +149,8 @@ def check_out_place(out: Path, inputs: tuple = (), data: str | None = None) -> N
     if out.exists() and not out.is_dir():
         raise ComcatError(f"--out {out} is a file: choose a folder")
     real = Path(os.path.realpath(out))
-    if any(real == Path(r) or Path(r) in real.parents for r in SPECIAL_ROOTS):
+    within = lambda root: real == Path(root) or Path(root) in real.parents  # noqa: E731
+    if any(within(r) for r in SPECIAL_ROOTS) and not within("/dev/shm"):  # shm: a memory filesystem, allowed
         raise ComcatError(f"--out {out} is in a kernel filesystem ({real}): choose a folder on a disk")
     for given in (*inputs, data):
         if not given or not Path(given).exists():
