@@ -86,6 +86,7 @@ def sentence_splits(path: str | Path, model: nn.Module, seed: int = 0) -> Splits
             "to validate on and to evaluate on)"
         )
     ids = tokenize(model, sentences)
+    cut = int((ids[:, -1] != (getattr(model.hf.config, "pad_token_id", None) or 0)).sum())  # filled to the end
     perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     held, rest = sorted(perm[0::2]), perm[1::2]
     n_val = max(1, round(VAL_FRACTION * len(rest)))
@@ -96,4 +97,6 @@ def sentence_splits(path: str | Path, model: nn.Module, seed: int = 0) -> Splits
 
     source = f"{path} ({len(sentences)} sentences; seeded halves, a fifth of the fitting half for validation)"
     note, unit = "sentences carry no labels", "sentences"
+    if cut:
+        note += f"; {cut} sentence(s) reach the model's {ids.shape[1]} tokens and are cut there"
     return Splits(part(train), part(train), part(val), part(held), source, False, note, unit)

@@ -279,6 +279,10 @@ def test_sentences_split_disjointly_and_fine_tuning_brings_a_text_encoder_closer
     assert len(splits.eval) == 150 and len(splits.val) == 30 and len(splits.train) == 120 and splits.unit == "sentences"
     assert not (rows["train"] & rows["eval"]) and not (rows["val"] & rows["eval"]) and not (rows["train"] & rows["val"])
     assert splits.eval.tensors[0].shape[1] == 64 and (splits.eval.tensors[0][:, 0] == 2).all()  # [CLS] first
+    assert "cut" not in splits.note
+    long = tmp_path / "long.txt"
+    long.write_text(text.read_text() + " ".join(["word"] * 500) + "\n")  # one sentence past the 64 tokens
+    assert "1 sentence(s) reach the model's 64 tokens and are cut there" in sentence_splits(long, loaded.model).note
     common = dict(model=str(folder), data=str(text), ratio=0.3, mlp=True, latency=False)
     plain = run_job(JobSpec(**common), tmp_path / "plain")["report"]
     tuned = run_job(
