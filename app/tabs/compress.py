@@ -94,6 +94,7 @@ class Progress:
     phase: str = "starting"
     started: float = field(default_factory=time.perf_counter)
     spent: float = 0.0  # seconds of the run's earlier sessions (before a Stop), carried across a resume
+    ended: float | None = None  # when this session ended (the time a run sits stopped does not count)
     phase_started: float = field(default_factory=time.perf_counter)
     first_step: int | None = None  # steps of this phase done before this session (a resumed phase starts midway)
     resuming: bool = False  # the next stepped phase is the one a Stop interrupted
@@ -130,11 +131,15 @@ class Progress:
     @property
     def elapsed(self) -> float:
         """Seconds of work on the run: its earlier sessions and this one."""
-        return self.spent + time.perf_counter() - self.started
+        return self.spent + (self.ended or time.perf_counter()) - self.started
+
+    def end(self) -> None:
+        """This session is over (done, stopped or failed): the clock stops."""
+        self.ended = self.ended or time.perf_counter()
 
     def resumed(self) -> "Progress":
         """This progress continued in a new session (after a Stop): time and loss curves carry on."""
-        self.spent, self.started = self.elapsed, time.perf_counter()
+        self.spent, self.started, self.ended = self.elapsed, time.perf_counter(), None
         self.phase, self.first_step, self.step, self.total, self.resuming = "resuming", None, 0, 0, True
         return self
 
@@ -343,6 +348,7 @@ def on_compress(
         stopping = job.stopping and p.phase not in ("done", "report")  # the report is written whatever happens
         status = public_text(p.status()) + (" · stopping…" if stopping else "")
         yield status, ranks, loss_figure(p), gr.skip(), gr.skip(), gr.skip()
+    p.end()
     if job.error is not None:
         yield message(job.error), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return

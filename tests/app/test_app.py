@@ -580,3 +580,25 @@ def test_the_name_box_never_reads_server_folders_and_bad_names_are_one_line(monk
     for typed, said in (("a/..", "hub id"), ("x" * 300, "at most 200"), ("a" * 120 + "/b", "hub id")):
         out = explore_page.on_explore("timm name", typed, None, "", [], 0)[3]
         assert out.startswith("**Error:**") and said in out and "\n" not in out and "/tmp" not in out, out
+
+
+def test_a_resumed_runs_clock_counts_its_sessions_not_the_time_it_sat_stopped():
+    p = compress_page.Progress()
+    p.update({"kind": "phase", "phase": "search"})
+    p.update(
+        {"kind": "search", "phase": "search", "step": 4, "total": 8, "loss": 1.0, "cost": 1, "target": 1, "tau": 1}
+    )
+    time.sleep(0.2)
+    p.end()
+    first = p.elapsed
+    time.sleep(0.3)  # stopped: the clock does not run
+    assert p.elapsed == first
+    p.resumed()
+    p.update({"kind": "phase", "phase": "search"})
+    time.sleep(0.1)
+    p.update(
+        {"kind": "search", "phase": "search", "step": 5, "total": 8, "loss": 0.9, "cost": 1, "target": 1, "tau": 1}
+    )
+    assert first + 0.1 <= p.elapsed < first + 0.3
+    assert p.first_step == 4 and p.eta() is not None and p.eta() < 1.0  # 3 steps left at this session's rate
+    assert [len(p.losses["search"])] == [2]  # the curve keeps the point from before the Stop
