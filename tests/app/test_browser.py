@@ -232,8 +232,7 @@ def test_compress_an_uploaded_checkpoint_on_unlabeled_images(page, tmp_path):
     set_number(page, "compress-distill-steps", 10)
     upload(page, "compress-upload", ckpt)  # uploading picks the source: no radio click
     box = page.find_element(By.CSS_SELECTOR, "#compress-arch textarea, #compress-arch input")
-    box.clear()
-    box.send_keys("comcat_shapes_vit")
+    wait(page).until(lambda d: box.get_attribute("value") == "comcat_shapes_vit")  # guessed from its shapes
     upload(page, "compress-zip", zpath)
     wait(page).until(lambda d: checked(d, "compress-model") == "uploaded checkpoint")
     wait(page).until(lambda d: checked(d, "compress-data") == "uploaded zip")
