@@ -8,7 +8,11 @@ greedily by the refit error itself ("greedy"); fc2 dropped as is ("no refit") or
 Top-1, agreement and KL to the dense model on the evaluation images, and the paired 95% bootstrap
 interval of greedy minus magnitude (both refit).
 
-    python benchmarks/mlp_neurons.py [--keep 0.75 0.5] [--json F]
+--attention R starts instead from the attention compressed to R of its parameters as a compress run
+starts (calibrated factors at calibrated ranks, no distillation), and chooses the neurons from that
+model's own MLP statistics on the fitting images.
+
+    python benchmarks/mlp_neurons.py [--keep 0.75 0.5] [--attention 0.5] [--json F]
 """
 
 from __future__ import annotations
@@ -25,17 +29,36 @@ from search_vit_tiny import real_vit_tiny, tensors
 from torch.utils.data import DataLoader
 
 from comcat.compression import families
-from comcat.compression.calibrate import calibrate
-from comcat.compression.cost import count_params
+from comcat.compression.allocate import FISHER_IMAGES, PROBE_IMAGES, calibrated_ranks
+from comcat.compression.calibrate import Moments, build, calibrate
+from comcat.compression.cost import Budget, count_params
 from comcat.compression.evaluate import predict, scores
 from comcat.compression.neurons import prune_mlp, select_neurons
 from comcat.compression.splits import folder_splits
 
 
-def pruned(dense, cal, frac: float, rule: str, refit: bool):
-    model = copy.deepcopy(dense)
-    for block, stats in zip(families.blocks(model), cal.stats):
-        mlp, g = families.mlp(block), stats.mlp["fc2"].second()
+@torch.no_grad()
+def mlp_moments(model, loader) -> list[torch.Tensor]:
+    """Per block, the augmented second moment of fc2's input on the images of `loader`."""
+    moments, hooks = [], []
+    for block in families.blocks(model):
+        fc2 = families.mlp(block)["fc2"]
+        moments.append(Moments(fc2.in_features))
+        add = lambda m, a, s=moments[-1]: s.add(a[0].reshape(-1, a[0].shape[-1]))  # noqa: E731
+        hooks.append(fc2.register_forward_pre_hook(add))
+    try:
+        for x, _ in loader:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [m.second() for m in moments]
+
+
+def pruned(start, moments, frac: float, rule: str, refit: bool):
+    model = copy.deepcopy(start)
+    for block, g in zip(families.blocks(model), moments):
+        mlp = families.mlp(block)
         k = max(1, round(frac * mlp["fc2"].in_features))
         if refit:
             prune_mlp(block.mlp, g, k, rule)
@@ -53,6 +76,7 @@ def pruned(dense, cal, frac: float, rule: str, refit: bool):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5])
+    ap.add_argument("--attention", type=float, default=None, help="start from the attention at this budget")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     found = real_vit_tiny()
@@ -64,7 +88,20 @@ def main() -> None:
     ref, labels = predict(dense, evaluation, progress=False)
     base = scores(ref, labels)
     t = time.perf_counter()
-    cal = calibrate(dense, DataLoader(fit, batch_size=32), mlp=True)
+    loader = DataLoader(fit, batch_size=32)
+    start = dense
+    if args.attention is not None:  # the calibrated, allocated attention a compress run starts from
+        cal = calibrate(dense, loader, probe=PROBE_IMAGES, fisher=FISHER_IMAGES)
+        cfg, _ = calibrated_ranks(dense, cal, Budget(args.attention, "params", "head", False))
+        start = build(dense, cfg, cal).eval()
+        logits, _ = predict(start, evaluation, progress=False)
+        s = scores(logits, labels, ref)
+        print(
+            f"attention at {args.attention:.0%}: params {count_params(start) / count_params(dense):.3f}×, "
+            f"top-1 {s['top1']:.1f}, agreement {s['agreement']:.1f}, KL {s['kl']:.3f}",
+            flush=True,
+        )
+    moments = mlp_moments(start, loader)
     print(
         f"{len(fit)} fitting images, {len(evaluation)} evaluation; dense top-1 {base['top1']:.1f}%; "
         f"statistics in {time.perf_counter() - t:.0f} s",
@@ -76,7 +113,7 @@ def main() -> None:
         for rule in ("magnitude", "greedy"):
             for refit in (False, True):
                 t = time.perf_counter()
-                model = pruned(dense, cal, frac, rule, refit)
+                model = pruned(start, moments, frac, rule, refit)
                 logits, _ = predict(model, evaluation, progress=False)
                 s = scores(logits, labels, ref, per_image=True)
                 right[(frac, rule, refit)] = s.pop("right")
