@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 from comcat.compression.hub import HUB_ID, HUB_ID_RULE
@@ -82,6 +83,35 @@ def _folder(owner: str | None) -> Path:
 
 
 BUSY: set = set()  # folders of visitors with a run going: they never expire (runner.py adds and removes them)
+
+
+class Recent:
+    """The `keep` most recently used values by key, shared by all visitors; a miss calls load()."""
+
+    def __init__(self, keep: int = 2):
+        self.cache: OrderedDict = OrderedDict()
+        self.keep = keep
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def put(self, key, value) -> None:
+        with self.lock:
+            self.cache[key] = value
+            self.cache.move_to_end(key)
+            while len(self.cache) > self.keep:
+                self.cache.popitem(last=False)
+
+    def get(self, key, load):
+        with self.lock:
+            value = self.cache.get(key)
+            if value is not None:
+                self.cache.move_to_end(key)
+        if value is None:
+            value = load()
+            self.put(key, value)
+        return value
 
 
 def busy_name(owner: str | None) -> str:

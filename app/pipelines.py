@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 from comcat.core import dist
@@ -10,7 +9,7 @@ from comcat.core.embedded import ASSETS
 from comcat.customization.adapter import adapter_names, unload_adapter
 from comcat.customization.diffusion.pipeline import load_pipeline
 
-from .common import pipeline_spec, take_upload
+from .common import Recent, pipeline_spec, take_upload
 
 EXAMPLE_ADAPTER = ASSETS / "examples" / "heart_adapter.safetensors"
 
@@ -20,17 +19,11 @@ class Pipelines:
     folder by its resolved path, so two spellings of one folder share one entry)."""
 
     def __init__(self, keep: int = 2):
-        self.cache: OrderedDict = OrderedDict()
-        self.keep = keep
+        self.cache = Recent(keep)
 
     def get(self, text: str):
         key = pipeline_spec(text)  # a folder resolved, a hub ID marked as one
-        if key not in self.cache:
-            self.cache[key] = load_pipeline(key, device=dist.device("auto"))
-            while len(self.cache) > self.keep:
-                self.cache.popitem(last=False)
-        self.cache.move_to_end(key)
-        pipe = self.cache[key]
+        pipe = self.cache.get(key, lambda: load_pipeline(key, device=dist.device("auto")))
         if adapter_names(pipe):
             unload_adapter(pipe)
         return pipe

@@ -9,6 +9,7 @@ it ends. The page's generator drains the job's queue every `interval` seconds.
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 import time
@@ -96,7 +97,8 @@ class Runner:
                 common.BUSY.discard(busy)
                 self._lock.release()
 
-        job.thread = threading.Thread(target=work, name=f"comcat-{self.kind}", daemon=True)
+        context = contextvars.copy_context()  # the job runs as its visitor (common.OWNER: their folders)
+        job.thread = threading.Thread(target=context.run, args=(work,), name=f"comcat-{self.kind}", daemon=True)
         self.current = job
         job.thread.start()
         return job

@@ -4,9 +4,7 @@ model and an adapter against their base; plots, tables and exports."""
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -43,36 +41,12 @@ from comcat.core.errors import ComcatError
 from .. import common
 from ..common import SOURCES, follow_typing, message, model_inputs, model_spec, public_text, unzip, visitor, workdir
 from ..pipelines import EXAMPLE_ADAPTER, PIPELINES, adapter_file
+from ..runner import Runner
 
-
-class DenseModels:
-    """The `keep` most recently explored dense models, shared by all visitors: a visitor's state
-    holds how to load a model, not the model, so the server's memory does not grow with visitors."""
-
-    def __init__(self, keep: int = 2):
-        self.cache: OrderedDict = OrderedDict()
-        self.keep = keep
-        self.lock = threading.Lock()
-
-    def put(self, key: tuple, model) -> None:
-        with self.lock:
-            self.cache[key] = model
-            self.cache.move_to_end(key)
-            while len(self.cache) > self.keep:
-                self.cache.popitem(last=False)
-
-    def get(self, key: tuple):
-        with self.lock:
-            model = self.cache.get(key)
-            if model is not None:
-                self.cache.move_to_end(key)
-        if model is None:
-            model = load_model(*key).model
-            self.put(key, model)
-        return model
-
-
-DENSE = DenseModels()
+# the two most recently explored dense models, shared by all visitors: a visitor's state holds how
+# to load a model, not the model, so the server's memory does not grow with visitors
+DENSE = common.Recent(keep=2)
+RECOMMEND = Runner("recommendation")  # one calibrated recommendation at a time, streamed to its page
 
 
 @dataclass
@@ -88,7 +62,7 @@ class Exploration:
     @property
     def model(self):
         """The dense model (for recommendations at other budgets): from DENSE, loaded again if gone."""
-        return DENSE.get((self.spec, self.arch))
+        return DENSE.get((self.spec, self.arch), lambda: load_model(self.spec, self.arch).model)
 
     def recommendation(self, ratio: float) -> str:
         return recommendation_text(recommend(self.model, float(ratio), self.spectra))
@@ -253,38 +227,23 @@ def on_inspect_adapter(pipeline, upload, request: gr.Request = None):
 def on_calibrated(ex, budget, data_source, data_path, data_zip, request: gr.Request = None):
     """Stream (status, None) while it works: phase, step and ETA; then (the recommendation at `budget`
     calibrated on the chosen images, its exports)."""
-    import queue
-
-    visitor(request)
+    owner = visitor(request)
     try:
         if ex is None:
             raise ComcatError("press Explore first: the recommendation is for the explored model")
         data = common.chosen_data(data_source, data_path, data_zip, ex.spec)
+        job = RECOMMEND.start(
+            lambda cb, stop: ex.calibrated_recommendation(budget, data, lambda i, n, what: cb((what, i, n))), owner
+        )
     except Exception as e:  # noqa: BLE001 - shown in the page
         yield message(e), None
         return
-    events, box = queue.Queue(), {}
-    owner = common.OWNER.get()
-
-    def work():
-        common.OWNER.set(owner)  # the exports go to the visitor's folder
-        try:
-            box["result"] = ex.calibrated_recommendation(budget, data, lambda i, n, what: events.put((what, i, n)))
-        except Exception as e:  # noqa: BLE001 - shown in the page
-            box["error"] = e
-
-    thread = threading.Thread(target=work, name="comcat-recommend", daemon=True)
-    thread.start()
     started, phase, phase_started = time.perf_counter(), None, time.perf_counter()
     yield "**loading the images**", None
-    while thread.is_alive():
-        thread.join(0.5)
-        latest = None
-        while not events.empty():
-            latest = events.get_nowait()
-        if latest is None:
+    for events in job.stream(0.5):
+        if not events:
             continue
-        what, i, n = latest
+        what, i, n = events[-1]
         if what != phase:
             phase, phase_started = what, time.perf_counter()
         rate = (time.perf_counter() - phase_started) / (i + 1)
@@ -293,10 +252,7 @@ def on_calibrated(ex, budget, data_source, data_path, data_zip, request: gr.Requ
             f"{time.perf_counter() - started:.0f} s elapsed",
             None,
         )
-    if "error" in box:
-        yield message(box["error"]), None
-    else:
-        yield box["result"]
+    yield (message(job.error), None) if job.error is not None else job.result
 
 
 def on_compare(ex, upload, request: gr.Request = None):
