@@ -4,6 +4,7 @@ each visitor sees only their own results, hostile uploads are one line, memory s
 import json
 import shutil
 import threading
+import time
 import zipfile
 
 import pytest
@@ -29,12 +30,21 @@ def _compress(client, ratio):
     return client.submit(*args, api_name="/on_compress")
 
 
+def _wait_until_streaming(job, timeout=120):
+    """Block until `job` has streamed its first update (its run holds the runner), or has ended."""
+    deadline = time.monotonic() + timeout
+    while not job.outputs() and not job.done():
+        assert time.monotonic() < deadline, "the first run never started"
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_two_visitors_compressing_at_once_each_see_only_their_own_card_and_file(server, tmp_path):
     """A's run goes; B presses Compress again and again (refused while A's runs, then B's own run
     starts the moment A's ends): A's card and A's zip are A's, B's are B's."""
     alice, bob = Client(server.url, verbose=False), Client(server.url, verbose=False)
     first = _compress(alice, 0.5)
+    _wait_until_streaming(first)
     bobs, stop = [], threading.Event()
 
     def press():
