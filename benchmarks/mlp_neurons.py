@@ -33,7 +33,7 @@ from comcat.compression.allocate import FISHER_IMAGES, PROBE_IMAGES, calibrated_
 from comcat.compression.calibrate import Moments, build, calibrate
 from comcat.compression.cost import Budget, count_params
 from comcat.compression.evaluate import predict, scores
-from comcat.compression.neurons import prune_mlp, select_neurons
+from comcat.compression.neurons import narrowed, prune_mlp, select_neurons
 from comcat.compression.splits import folder_splits
 
 
@@ -61,15 +61,11 @@ def pruned(start, moments, frac: float, rule: str, refit: bool):
         mlp = families.mlp(block)
         k = max(1, round(frac * mlp["fc2"].in_features))
         if refit:
-            prune_mlp(block.mlp, g, k, rule)
+            fc1, fc2 = prune_mlp(mlp["fc1"], mlp["fc2"], g, k, rule)
         else:  # the same neurons, fc2's columns as they were
-            keep = select_neurons(g, mlp["fc2"], k, rule)
-            fc1, fc2 = block.mlp.fc1, block.mlp.fc2
-            with torch.no_grad():
-                new1, new2 = torch.nn.Linear(fc1.in_features, k), torch.nn.Linear(k, fc2.out_features)
-                new1.weight.copy_(fc1.weight[keep]), new1.bias.copy_(fc1.bias[keep])
-                new2.weight.copy_(fc2.weight[:, keep]), new2.bias.copy_(fc2.bias)
-            block.mlp.fc1, block.mlp.fc2 = new1, new2
+            fc1, fc2 = narrowed(mlp["fc1"], mlp["fc2"], select_neurons(g, mlp["fc2"], k, rule))
+        families.set_mlp(block, "fc1", fc1)
+        families.set_mlp(block, "fc2", fc2)
     return model.eval()
 
 

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Runs under torchrun --nproc_per_node N too. Ctrl-C stops cleanly; "
         "--resume continues.",
         epilog="examples:\n"
-        "  # your checkpoint, half the attention parameters, your images (one click)\n"
+        "  # your checkpoint at half its parameters, your images (one click)\n"
         "  python -m comcat compress --model vit_tiny.safetensors --arch vit_tiny_patch16_224 \\\n"
         "      --params-ratio 0.5 --data my_images/ --out small/\n"
         "  python -m comcat compress --resume small/           # after Ctrl-C or a crash\n"
@@ -124,7 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--params-ratio",
         type=float,
         metavar="R",
-        help="budget: keep this fraction of the compressed sites' params (FLOPs with --budget flops)",
+        help="budget: keep this fraction of the whole model's params (FLOPs with --budget flops); with "
+        "--scope attention, of the compressed sites' (attention, and the MLPs with --mlp)",
+    )
+    c.add_argument(
+        "--scope",
+        choices=("model", "attention"),
+        default="model",
+        help="model (default): --params-ratio is a fraction of the whole model, and the MLPs are compressed "
+        "too (--mlp none: attention only); attention: a fraction of the attention (plus the MLPs with --mlp)",
     )
     c.add_argument(
         "--search",
@@ -206,7 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train on the images' labels (class folders of the model's classes only)",
     )
     c.add_argument("--no-mix", action="store_true", help="end-to-end distillation without mixup / cutmix")
-    c.add_argument("--mlp", action="store_true", help="also factorize MLP fc1/fc2 (searched, or by the same rule)")
+    c.add_argument(
+        "--mlp",
+        nargs="?",
+        const="auto",
+        choices=("auto", "neurons", "lowrank", "none"),
+        default=None,
+        help="how the MLPs are compressed: neurons (kept by their calibrated refit error, fc2 refit in closed "
+        "form; the default with images), lowrank (fc1 / fc2 factorized; the default without images, and "
+        "with --search), none (kept dense). Default: compressed with --scope model, dense with --scope attention",
+    )
+    c.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="int8: save the model with int8 linears (torchao's dynamic int8; its float32 form in OUT/float/), "
+        "and report its size, scores and CPU latency beside the dense model in float32 and int8",
+    )
     c.add_argument(
         "--classifier-rank",
         type=int,
@@ -257,6 +281,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", metavar="DIR", help="ImageFolder (DIR/<class>/<image>); default: embedded held-out shapes")
     e.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
     e.add_argument("--json", metavar="F", help="write the metrics to this JSON file")
+
+    x = sub.add_parser(
+        "export",
+        help="write a model (dense or compressed) as ONNX, checked against PyTorch",
+        description="Write the model as an ONNX graph with a dynamic batch dimension (torch's exporter), run it "
+        "in ONNX Runtime on real inputs, and print its largest error relative to PyTorch's outputs and both "
+        "latencies measured side by side.",
+        epilog="example:\n  python -m comcat export small/ --onnx small.onnx --int8 --data my_images/\n\n" + EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    x.add_argument("source", nargs="?", default=None, metavar="MODEL", help="the model (as --model takes it)")
+    _model_args(x)
+    x.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write (.onnx)")
+    x.add_argument("--int8", action="store_true", help="int8 weights by ONNX Runtime's dynamic quantization")
+    x.add_argument(
+        "--data",
+        metavar="DIR",
+        help="images to check the graph on (default: the embedded shapes for the embedded models, else random inputs)",
+    )
+    x.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
+    x.add_argument("--json", metavar="F", help="write the figures to this JSON file")
 
     PIPE_HELP = (
         "text-to-image pipeline: 'embedded' (default, the bundled shapes model), a hub ID "
@@ -547,7 +592,8 @@ def job_spec(args):
         method=args.method,
         ratio=args.params_ratio,
         budget=args.budget,
-        mlp=args.mlp,
+        scope=args.scope,
+        mlp={None: None, "auto": True, "none": False}.get(args.mlp, args.mlp),
         ranks_file=args.ranks,
         energy=args.energy,
         classifier_rank=None if args.search else args.classifier_rank,
@@ -565,6 +611,7 @@ def job_spec(args):
         workers=args.workers,
         evaluate=not args.no_eval,
         latency=not args.no_latency,
+        quantize=args.quantize,
     )
 
 
@@ -646,6 +693,39 @@ def cmd_evaluate(args) -> None:
         )
     if args.json:
         _write_json(args.json, metrics)
+
+
+def cmd_export(args) -> None:
+    import torch
+
+    from .compression import families
+    from .compression.evaluate import resolve_data
+    from .compression.export import check_onnx_out, export_onnx
+    from .compression.load import load_model
+
+    model = args.source or args.model
+    path = Path(args.onnx)
+    check_onnx_out(path, model, args.overwrite)
+    loaded = load_model(model, args.arch)
+    size = tuple(families.input_size(loaded.model))
+    if args.data or size == (3, 32, 32):
+        data = resolve_data(args.data, loaded.model)
+        inputs, what = torch.stack([data[i][0] for i in range(min(32, len(data)))]), "images"
+    else:
+        inputs, what = families.example_input(loaded.model, 8), "random inputs (pass --data for your images)"
+    r = export_onnx(loaded.model, path, inputs, int8=args.int8)
+    print(
+        f"wrote {path} ({r['bytes'] / 2**20:.1f} MB{', int8' if args.int8 else ''}): largest error "
+        f"{r['max_rel_error']:.1e} of the output's scale on {r['inputs']} {what}"
+    )
+    for b, t in r["latency"].items():
+        lo, hi = t["ratio_range"]
+        print(
+            f"  batch {b[1:]:>3}: ONNX Runtime {t['onnx_ms']:.1f} ms, PyTorch {t['torch_ms']:.1f} ms "
+            f"(ratio {t['ratio']:.2f}, {lo:.2f}-{hi:.2f} over 5 alternating rounds; the machine's load moves it)"
+        )
+    if args.json:
+        _write_json(args.json, r)
 
 
 def cmd_demo(args) -> None:
@@ -768,6 +848,7 @@ def main(argv=None) -> int:
         "analyze": cmd_analyze,
         "compress": cmd_compress,
         "evaluate": cmd_evaluate,
+        "export": cmd_export,
         "customize": cmd_customize,
         "generate": cmd_generate,
     }.get(args.command, cmd_demo)

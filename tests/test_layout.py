@@ -37,6 +37,7 @@ LAYERS = [
     "comcat.compression.convert",
     "comcat.compression.cost",
     "comcat.compression.rank_rules",
+    "comcat.compression.quantize",
     "comcat.compression.format",
     "comcat.compression.load",
     "comcat.compression.images",
@@ -52,6 +53,7 @@ LAYERS = [
     "comcat.compression.report",
     "comcat.compression.plots",
     "comcat.compression.job",
+    "comcat.compression.export",
     # the customization side
     "comcat.customization",
     "comcat.customization.adapter.config",

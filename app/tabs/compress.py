@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+import torch
 
+from comcat.compression import families
 from comcat.compression.distill import FinetuneConfig
 from comcat.compression.evaluate import fidelity
 from comcat.compression.job import JobSpec, run_job
@@ -40,6 +42,9 @@ def chosen_model(
     return model_spec(source, name, upload, arch)
 
 
+SCOPES = {"whole model": "model", "attention only": "attention"}  # the page's words -> JobSpec.scope
+
+
 @dataclass
 class Settings:
     """The page's compression settings (what a JobSpec takes besides the model and the data)."""
@@ -55,6 +60,8 @@ class Settings:
     device: str = "auto"
     train_images: int = 4096
     fit_images: int = 1024
+    scope: str = "whole model"  # or "attention only"
+    int8: bool = False
 
     def spec(self, model: str, arch: str | None, data: str | None) -> JobSpec:
         """The JobSpec of these settings (which checks them, as for the CLI)."""
@@ -68,7 +75,9 @@ class Settings:
             method=self.method,
             ratio=float(self.ratio),
             budget=self.budget,
-            mlp=bool(self.mlp),
+            scope=SCOPES.get(self.scope, self.scope),
+            mlp=None if SCOPES.get(self.scope) == "model" else bool(self.mlp),
+            quantize="int8" if self.int8 else None,
             distill=DistillConfig(steps=whole(self.distill_steps)),
             search=search,
             finetune=finetune,
@@ -202,10 +211,31 @@ def result_card(report: dict) -> str:
             f"**cosine {c['cosine']:.3f} to the dense model's embeddings**, the same nearest {unit[:-1]} for "
             f"**{c['retrieval']:.1f}%** of {c['images']} held-out {unit} (no classifier: no top-1)"
         )
+    mlp = report.get("mlp_params_ratio")
     lines.append(
-        f"params {c['params']:,} ({c['params'] / d['params']:.2f}× dense) · FLOPs {c['flops'] / 1e6:,.0f}M "
+        f"**model at {c['params'] / d['params']:.2f}× of its parameters** ({c['params']:,}, "
+        f"{c['params'] * 4 / 2**20:.1f} MB in float32) · FLOPs {c['flops'] / 1e6:,.0f}M "
         f"({c['flops'] / d['flops']:.2f}×) · attention at {report['attn_params_ratio']:.0%} of its params"
+        + ("" if mlp is None else f", MLPs at {mlp:.0%}")
     )
+    q = report.get("int8")
+    if q:
+        ci, di = q["compressed int8"], q["dense int8"]
+        fig = (
+            f", top-1 {ci['top1']:.1f}% (dense int8 {di['top1']:.1f}%)"
+            if "top1" in ci and "top1" in di
+            else (f", agreement {ci['agreement']:.1f}%" if "agreement" in ci else "")
+        )
+        lines.append(
+            f"**int8: {ci['mb']:.1f} MB on disk** (float32 {q['compressed']['mb']:.1f} MB; dense "
+            f"{q['dense']['mb']:.1f} MB, dense int8 {di['mb']:.1f} MB){fig}"
+            + (
+                f"; CPU batch 32 {ci['cpu_b32_ms']:.0f} ms vs dense float32 {q['dense']['cpu_b32_ms']:.0f} ms "
+                "(torchao's int8 kernels: the ONNX file runs int8 faster on a CPU)"
+                if "cpu_b32_ms" in ci
+                else ""
+            )
+        )
     if report.get("heads_lost_most"):
         lines.append(
             "heads that lost most (relative weight error of the per-head product): "
@@ -301,12 +331,16 @@ def on_compress(
     device="auto",
     train_images=4096,
     fit_images=1024,
+    scope="whole model",
+    int8=False,
+    onnx=False,
     resume_dir=None,
     request: gr.Request = None,
 ):
-    """Stream (status, ranks heatmap, loss curve, result card, download, run folder) while the run goes;
-    with resume_dir, continue the run stopped there. `request`: the visitor's session (Stop is theirs)."""
-    nothing = (gr.skip(),) * 5
+    """Stream (status, ranks heatmap, loss curve, result card, download, run folder, ONNX file) while the
+    run goes; with resume_dir, continue the run stopped there. `request`: the visitor's session (Stop is
+    theirs). `onnx`: also export the finished model as ONNX (int8 by ONNX Runtime with `int8`)."""
+    nothing = (gr.skip(),) * 6
     owner = visitor(request)
     try:
         if resume_dir:
@@ -326,6 +360,8 @@ def on_compress(
                 device,
                 train_images,
                 fit_images,
+                scope,
+                int8,
             ).spec(model, arch_name, data)
             out = workdir("compress") / "model"
         job = COMPRESS.start(
@@ -334,7 +370,7 @@ def on_compress(
     except (Busy, Exception) as e:  # noqa: BLE001 - shown in the page
         yield (message(e), *nothing)
         return
-    yield ("**starting** · loading the model and data", *nothing[:-1], str(out))
+    yield ("**starting** · loading the model and data", *nothing[:-2], str(out), gr.skip())
     p = progress_of(out, resume_dir is not None)
     dense = None
     for events in job.stream(0.5):
@@ -347,10 +383,10 @@ def on_compress(
             ranks, p.ranks_changed = ranks_heatmap_plotly(p.ranks, dense), False
         stopping = job.stopping and p.phase not in ("done", "report")  # the report is written whatever happens
         status = public_text(p.status()) + (" · stopping…" if stopping else "")
-        yield status, ranks, loss_figure(p), gr.skip(), gr.skip(), gr.skip()
+        yield status, ranks, loss_figure(p), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     p.end()
     if job.error is not None:
-        yield message(job.error), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        yield message(job.error), *nothing
         return
     result = job.result
     small = result["loaded"].model
@@ -362,6 +398,13 @@ def on_compress(
     card = public_text(
         result_card(result["report"]) + "\n\n---\n\n" + report_markdown(result["report"], result["loaded"].source)
     )
+    onnx_file = gr.skip()
+    if onnx and not result["stopped"]:
+        try:
+            onnx_file, note = export_for_page(out, result, int8)
+            card += "\n\n" + note
+        except Exception as e:  # noqa: BLE001 - shown in the page
+            card += "\n\n" + message(e)
     yield (
         head,
         ranks_heatmap_plotly(small.comcat_ranks, _run_model(out)),
@@ -369,6 +412,28 @@ def on_compress(
         card,
         str(zip_model(out)),
         str(out),
+        onnx_file,
+    )
+
+
+def export_for_page(out: Path, result: dict, int8: bool) -> tuple[str, str]:
+    """(the ONNX file of the run's float32 model beside its zip, a line on its error and latency)."""
+    from comcat.compression.evaluate import resolve_data
+    from comcat.compression.export import export_onnx
+    from comcat.compression.format import load_compressed
+
+    floating = out / "float"
+    model = load_compressed(floating if (floating / "comcat.json").is_file() else out).model
+    data = resolve_data(None, model) if tuple(families.input_size(model)) == (3, 32, 32) else None
+    inputs = torch.stack([data[i][0] for i in range(16)]) if data is not None else families.example_input(model, 8)
+    target = out.parent / f"{out.name}{'-int8' if int8 else ''}.onnx"
+    r = export_onnx(model, target, inputs, int8=int8)
+    b32 = r["latency"]["b32"]
+    return str(target), (
+        f"ONNX{' (int8, ONNX Runtime)' if int8 else ''}: {r['bytes'] / 2**20:.1f} MB, largest error "
+        f"{r['max_rel_error']:.1e} of the output's scale against PyTorch; batch 32 in ONNX Runtime "
+        f"{b32['onnx_ms']:.0f} ms vs PyTorch {b32['torch_ms']:.0f} ms "
+        "(5 alternating rounds; the server's load moves it)"
     )
 
 
@@ -382,7 +447,7 @@ def _run_model(out: Path):
 
 def on_compress_resume(run_dir, request: gr.Request = None):
     if not run_dir or not (Path(run_dir) / "job.json").is_file():
-        yield "nothing to resume: start a run first", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        yield "nothing to resume: start a run first", *(gr.skip(),) * 6
         return
     yield from on_compress(resume_dir=run_dir, request=request)
 
@@ -416,11 +481,22 @@ def compress_tab(explored):
                 1.0,
                 value=0.5,
                 step=0.05,
-                label="budget: keep this fraction of the compressed sites' parameters (attention, + MLPs if ticked)",
+                label="budget: keep this fraction of the parameters (of the whole model, or of the attention)",
+            )
+            scope = gr.Radio(
+                list(SCOPES),
+                value="whole model",
+                label="the budget is a fraction of (whole model: MLPs keep their most useful neurons)",
+                elem_id="compress-scope",
             )
             budget = gr.Radio(["params", "flops"], value="params", label="budget counts")
             method = gr.Radio(["head", "matrix"], value="head", label="factorization")
-            mlp = gr.Checkbox(value=False, label="also compress the MLPs (small models' MLPs are far from low-rank)")
+            mlp = gr.Checkbox(value=False, label="attention only: also compress the MLPs")
+            with gr.Row():
+                int8 = gr.Checkbox(
+                    value=False, label="int8 (the saved model's linears; its size and speed beside float32)"
+                )
+                onnx = gr.Checkbox(value=False, label="also an ONNX file")
             distill_steps = gr.Slider(
                 0, 300, value=100, step=10, label="block distillation steps per block", elem_id="compress-distill-steps"
             )
@@ -457,8 +533,9 @@ def compress_tab(explored):
             losses = gr.Plot(label="loss", elem_id="compress-losses")
             card = gr.Markdown(elem_id="compress-result")
             download = gr.File(label="compressed model (zip)")
+            onnx_file = gr.File(label="ONNX file (runs without comcat, in ONNX Runtime)")
     run_dir = gr.State(time_to_live=common.SESSION_TTL_S)
-    outputs = [status, ranks, losses, card, download, run_dir]
+    outputs = [status, ranks, losses, card, download, run_dir, onnx_file]
     start.click(
         on_compress,
         [
@@ -481,6 +558,9 @@ def compress_tab(explored):
             device,
             train_images,
             fit_images,
+            scope,
+            int8,
+            onnx,
         ],
         outputs,
         concurrency_id="compress",

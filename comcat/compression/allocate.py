@@ -11,7 +11,9 @@ gives every site's predicted KL at every rank:
 
 One probe per site, the KL measured with only that site truncated at the budget's uniform rank,
 rescales each curve (KL_s(r) ~ kappa_s F_s(r)), which corrects what the second-order prediction
-misses. Ranks then go where the predicted KL falls most per parameter (or FLOP), along each curve's
+misses. An MLP that keeps k of its neurons (neurons.py) has the curve of its greedy refit error e(k),
+rescaled by its probe the same way, so head ranks and MLP widths are traded in the same unit. Ranks
+then go where the predicted KL falls most per parameter (or FLOP), along each curve's
 lower convex hull, until the budget is spent; leftover budget buys single rank steps.
 """
 
@@ -31,7 +33,7 @@ from .families import head_weights, matrix_weights
 from .families.base import logit_bias_mask
 from .families.qk_maps import has_qk_map, map_qk
 from .rank_rules import uniform_ranks
-from .ranks import MATRICES, MLP_SITES, RankConfig, pin, site_limits
+from .ranks import MATRICES, MLP_SITES, NEURONS, RankConfig, mlp_mode, pin, site_limits
 
 PROBE_IMAGES = 64
 FISHER_IMAGES = 128
@@ -261,10 +263,15 @@ def calibrated_ranks(
     `progress(i, n)` after every probe. Returns (ranks, sites)."""
     from ..core.errors import ComcatError
 
+    budget = budget.on_sites(model)
     method, mlp, ratio = budget.method, budget.mlp, budget.ratio
     cost_fn, target = budget.target(model)
     blocks = families.blocks(model)
-    curves = fisher_curves(model, cal, method, mlp)
+    neurons = mlp_mode(mlp) == NEURONS
+    curves = fisher_curves(model, cal, method, False if neurons else mlp)
+    if neurons:  # the refit error of the greedy path, in the MLP output's squared units (the probe rescales it)
+        for i, (b, bs) in enumerate(zip(blocks, cal.stats)):
+            curves[(i, NEURONS)] = bs.neuron_path(families.mlp(b)["fc2"])[1].numpy()
     probe_at = uniform_ranks(model, method, ratio, mlp=mlp)
     sites = [Site(i, key, curve) for (i, key), curve in sorted(curves.items())]
     keys = [s.key for s in sites if s.block == 0]

@@ -33,12 +33,13 @@ from torch import nn
 from ..core.errors import ComcatError
 from ..core.linalg import product_svd
 from . import families
-from .convert import compress_classifiers, dense_qk_factors, head_module, keep_positions
+from .convert import compress_classifiers, dense_qk_factors, head_module, keep_positions, set_neurons
 from .families import head_weights, matrix_weights
 from .families.base import logit_bias_mask
 from .families.qk_maps import map_qk
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
-from .ranks import MATRICES, MLP_SITES, RankConfig
+from .neurons import neuron_path, prune_mlp
+from .ranks import MATRICES, MLP_SITES, NEURONS, RankConfig
 
 MIN_IMAGES = 8
 RIDGE = 1e-6  # of the mean diagonal, added before the Cholesky factorization
@@ -168,6 +169,19 @@ class AttentionStats:
 class BlockStats:
     attn: AttentionStats
     mlp: dict = field(default_factory=dict)  # fc1 / fc2 -> Moments of their inputs
+    path: tuple | None = None  # the greedy neuron order and its refit errors (neuron_path), once computed
+
+    def neuron_path(self, fc2: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.path is None:
+            self.path = neuron_path(self.mlp["fc2"].second(), fc2)
+        return self.path
+
+
+def pruned_mlp(block: nn.Module, k: int, stats: Moments | None, order=None, ridge: float = RIDGE):
+    """(fc1, fc2) of the block's MLP kept at k neurons, fc2 refit on its input statistics (neurons.py)."""
+    lins = families.mlp(block)
+    g = stats.second() if stats is not None else None
+    return prune_mlp(lins["fc1"], lins["fc2"], g, k, ridge=ridge, order=order)
 
 
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -464,6 +478,10 @@ def compressed_block(
         if r.get(fc) is not None:
             m = bs.mlp.get(fc) if bs is not None else None
             families.set_mlp(new, fc, low_rank_linear(lin, m, r[fc], ridge, f"{where} {fc} input"))
+    if r.get(NEURONS) is not None:
+        stats = bs.mlp.get("fc2") if bs is not None else None
+        order = bs.neuron_path(families.mlp(block)["fc2"])[0] if stats is not None else None
+        set_neurons(new, pruned_mlp(block, r[NEURONS], stats, order, ridge))
     return new
 
 
@@ -521,6 +539,8 @@ def calibrate_sequential(
                 stats = _site_stats(run, h, fc, batch_size)
                 fitted = low_rank_linear(lin, stats, r[fc], ridge, f"block {i} {fc} input")
                 families.set_mlp(run, fc, fitted)
+        if r.get(NEURONS) is not None:  # the hidden units after the new attention
+            set_neurons(run, pruned_mlp(block, r[NEURONS], _site_stats(run, h, "fc2", batch_size), ridge=ridge))
         h = torch.cat([families.run_block(run, x) for x in _batches(h, batch_size)])
     compress_classifiers(small, ranks)
     small.comcat_ranks = ranks

@@ -12,7 +12,8 @@ from ..core.linalg import product_svd
 from . import families
 from .families import head_weights, matrix_weights
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
-from .ranks import ATTN_SITES, MATRICES, MLP_SITES, RankConfig
+from .neurons import prune_mlp
+from .ranks import ATTN_SITES, MATRICES, MLP_SITES, NEURONS, RankConfig
 
 
 def _to_rows(f: torch.Tensor) -> torch.Tensor:
@@ -125,9 +126,17 @@ def compress(model: nn.Module, ranks: RankConfig, inplace: bool = False) -> nn.M
         for fc, lin in families.mlp(b).items():
             if r.get(fc) is not None:
                 families.set_mlp(b, fc, LowRankLinear.from_linear(lin, r[fc]))
+        if r.get(NEURONS) is not None:  # without statistics: by weight norms, fc2 as it is (calibrate.py refits)
+            set_neurons(b, prune_mlp(*families.mlp(b).values(), None, r[NEURONS]))
     compress_classifiers(model, ranks)
     model.comcat_ranks = ranks
     return model
+
+
+def set_neurons(block: nn.Module, pair: tuple[nn.Module, nn.Module]) -> None:
+    """Put a narrowed (fc1, fc2) into the block's MLP."""
+    for fc, lin in zip(MLP_SITES, pair):
+        families.set_mlp(block, fc, lin)
 
 
 @torch.no_grad()

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ..core.errors import ComcatError, require
 from . import families
-from .ranks import MATRICES, METHODS, RankConfig
+from .ranks import MATRICES, METHODS, NEURONS, RankConfig, mlp_mode
 
 
 def count_params(model: nn.Module) -> int:
@@ -53,10 +53,18 @@ def layer_params(model: nn.Module, ranks: RankConfig | None = None) -> list[dict
     for i, b in enumerate(families.blocks(model)):
         r = _block_ranks(ranks, i)
         attn = attention_params(families.attention(b), ranks.method if ranks else None, r)
-        mlp = sum(
-            _linear_cost(lin.in_features, lin.out_features, r.get(fc), lin.bias is not None)
-            for fc, lin in families.mlp(b).items()
-        )
+        lins = families.mlp(b)
+        if r.get(NEURONS) is not None:  # k hidden units: fc1 (C_in + 1) k, fc2 k C_out + C_out
+            fc1, fc2 = lins["fc1"], lins["fc2"]
+            k = r[NEURONS]
+            mlp = k * (fc1.in_features + (fc1.bias is not None) + fc2.out_features) + (
+                fc2.out_features if fc2.bias is not None else 0
+            )
+        else:
+            mlp = sum(
+                _linear_cost(lin.in_features, lin.out_features, r.get(fc), lin.bias is not None)
+                for fc, lin in lins.items()
+            )
         out.append({"attn": attn, "mlp": mlp})
     return out
 
@@ -95,15 +103,19 @@ def layer_flops(model: nn.Module, ranks: RankConfig | None = None) -> list[dict[
             macs = N * C * H * (2 * rq + rv) + N * H * rv * C + H * N * K * (rq + rv)
         else:
             macs = sum(N * (C * C if r.get(m) is None else r[m] * 2 * C) for m in MATRICES) + 2 * H * N * K * d
-        mlp = sum(
-            N
-            * (
-                lin.in_features * lin.out_features
-                if r.get(fc) is None
-                else r[fc] * (lin.in_features + lin.out_features)
+        lins = families.mlp(b)
+        if r.get(NEURONS) is not None:
+            mlp = N * r[NEURONS] * (lins["fc1"].in_features + lins["fc2"].out_features)
+        else:
+            mlp = sum(
+                N
+                * (
+                    lin.in_features * lin.out_features
+                    if r.get(fc) is None
+                    else r[fc] * (lin.in_features + lin.out_features)
+                )
+                for fc, lin in lins.items()
             )
-            for fc, lin in families.mlp(b).items()
-        )
         out.append({"attn": 2 * macs, "mlp": 2 * mlp})
     return out
 
@@ -194,16 +206,21 @@ def compare_latency(
     return out
 
 
+SCOPES = ("model", "attention")
+
+
 @dataclass
 class Budget:
-    """What a rank rule may spend: every attention (at `method` level) and with `mlp` the MLPs are
-    the compressed sites, and together they may cost `ratio` x their dense params (or FLOPs with
-    unit="flops")."""
+    """What a rank rule may spend. The compressed sites are every attention (at `method` level) and,
+    with `mlp` ("neurons", "lowrank"; True: "lowrank"), the MLPs. scope "model": the whole model may cost
+    `ratio` x its dense params (or FLOPs with unit="flops"), everything that is not compressed counted
+    as it is; scope "attention": the compressed sites together may cost `ratio` x their dense cost."""
 
     ratio: float = 0.5
     unit: str = "params"
     method: str = "head"
-    mlp: bool = False
+    mlp: bool | str = False
+    scope: str = "attention"
 
     def __post_init__(self):
         require(
@@ -212,14 +229,35 @@ class Budget:
         )
         require(self.unit in ("params", "flops"), f"the budget counts 'params' or 'flops', got {self.unit!r}")
         require(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        require(self.scope in SCOPES, f"the budget's scope is one of {SCOPES}, got {self.scope!r}")
+        mlp_mode(self.mlp)
 
     def target(self, dense: nn.Module):
         """(cost_fn, target) of this budget for `dense` (budget_target)."""
-        return budget_target(dense, self.ratio, self.unit, self.mlp)
+        return budget_target(dense, self.on_sites(dense).ratio, self.unit, self.mlp)
+
+    def on_sites(self, dense: nn.Module) -> "Budget":
+        """The same budget as a fraction of the compressed sites' dense cost (scope "attention"): a
+        whole-model ratio R is (R total - fixed) / sites, where fixed = total - sites is what stays dense."""
+        if self.scope == "attention":
+            return self
+        layers = layer_params(dense) if self.unit == "params" else layer_flops(dense)
+        total = model_params(dense) if self.unit == "params" else model_flops(dense)
+        sites = sum(l["attn"] + (l["mlp"] if self.mlp else 0) for l in layers)
+        fixed = total - sites
+        if self.ratio * total <= fixed:
+            raise ComcatError(
+                f"{self.ratio:.0%} of the model's {self.unit} is below what stays dense "
+                f"({fixed / total:.0%}: embeddings, norms, classifier"
+                + ("" if self.mlp else ", MLPs")
+                + ")"
+                + (": raise the ratio" if self.mlp else ": compress the MLPs too (--mlp), or raise the ratio")
+            )
+        return replace(self, ratio=min(1.0, (self.ratio * total - fixed) / sites), scope="attention")
 
 
-def budget_target(dense: nn.Module, ratio: float, budget: str, mlp: bool):
-    """(cost_fn, target): the searched sites (attention, plus the MLPs when `mlp`) may cost at most
+def budget_target(dense: nn.Module, ratio: float, budget: str, mlp):
+    """(cost_fn, target): the compressed sites (attention, plus the MLPs when `mlp`) may cost at most
     `ratio` x their dense params or FLOPs; everything else is counted at its fixed cost."""
     if budget not in ("params", "flops"):
         raise ComcatError(f"budget must be 'params' or 'flops', got {budget!r}")

@@ -22,6 +22,7 @@ from .convert import compress
 from .cost import count_params, counted_flops
 from .hub import TRANSFORMERS
 from .models import Loaded, build_arch, check_finite, load_state
+from .quantize import QUANTIZATIONS, dequantized_state, int8_state, load_int8
 from .ranks import RankConfig
 
 COMPRESSED_META = "comcat.json"
@@ -64,7 +65,7 @@ def save_compressed(loaded: Loaded, out_dir: str | Path, extra: dict | None = No
         "method": ranks.method,
         "ranks": ranks.to_dict(),
         "params": count_params(model),
-        "flops": counted_flops(model),
+        "flops": None if getattr(model, "comcat_quantized", None) else counted_flops(model),
         "pretrained_cfg": {
             k: v
             for k, v in (getattr(model, "pretrained_cfg", None) or {}).items()
@@ -72,8 +73,12 @@ def save_compressed(loaded: Loaded, out_dir: str | Path, extra: dict | None = No
         },
         **(extra or {}),
     }
+    quantized = getattr(model, "comcat_quantized", None)
+    if quantized:
+        meta["quantized"] = quantized
+        meta["flops"] = None  # torchao's int8 products are not float FLOPs; the float model's are in the report
     meta["pair"] = uuid.uuid4().hex  # the weights carry it too: a pair from two saves is detected
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = int8_state(model)
 
     def write(folder: Path) -> None:
         save_file(state, str(folder / COMPRESSED_WEIGHTS), metadata={"format": FORMAT, "pair": meta["pair"]})
@@ -160,12 +165,19 @@ def _check_arch(meta: dict, weights: Path) -> None:
     stored_blocks = {
         f"{c}{i}." for k in stored for c in lists if k.startswith(c) and (i := k[len(c) :].split(".")[0]).isdigit()
     }
+    for k in [k for k in stored if k.endswith(".qdata")]:  # an int8 weight: its shape is the weight's
+        stored.setdefault(k[: -len(".qdata")], stored[k])
     for k in [k for k in stored if k.endswith(".up.bias")]:  # a low-rank MLP linear keeps its bias
         stored.setdefault(k.replace(".up.bias", ".bias"), stored[k])
+    mlps = tuple(  # the MLP linears, which keeping neurons narrows
+        f"{name}."
+        for name, m in dense.named_modules()
+        if any(m is lin for b in families.blocks(dense) for lin in families.mlp(b).values())
+    )
     wrong = [
         k
         for k, p in dense.state_dict().items()  # attention is what compression reshapes
-        if k in stored and ".attn." not in k and list(p.shape) != stored[k]
+        if k in stored and ".attn." not in k and not k.startswith(mlps) and list(p.shape) != stored[k]
     ]
     wrong += [
         k
@@ -230,6 +242,14 @@ def load_compressed(directory: str | Path) -> Loaded:
         state = load_file(str(weights))
     except Exception as e:
         raise ComcatError(f"could not read {weights} ({type(e).__name__}): re-export the compressed model") from None
+    quantized = meta.get("quantized")
+    if quantized not in (None, *QUANTIZATIONS):
+        raise ComcatError(f"{directory / COMPRESSED_META} names an unknown quantization {quantized!r}: re-export it")
+    stored = state
+    if quantized:
+        state = dequantized_state(state, str(weights))
     check_finite(state, str(weights))
     load_state(model, state, f"{weights} does not match comcat.json", "re-export the compressed model")
+    if quantized:
+        load_int8(model, stored, str(weights))
     return Loaded(model.eval(), meta["arch"], meta.get("arch_kwargs", {}), str(directory), meta)

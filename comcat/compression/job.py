@@ -41,14 +41,15 @@ from ..core.files import (
 from ..core.loop import RunControl
 from ..core.records import MAX_GENERATED_IMAGES, MAX_SEED, build, check_count
 from . import families
-from .cost import Budget
+from .cost import SCOPES, Budget
 from .distill import FinetuneConfig
 from .evaluate import distance
 from .families.hf_encoders import CAUSAL
 from .format import JOB_FILE, load_compressed, save_compressed
 from .load import load_model
 from .models import EMBEDDED_ARCH, Loaded, has_classifier
-from .ranks import METHODS
+from .quantize import check_quantize
+from .ranks import METHODS, MLP_MODES
 from .reconstruct import DistillConfig
 from .search import SearchConfig
 
@@ -68,7 +69,12 @@ class JobSpec:
     budget (`ratio` of the compressed sites' params, or FLOPs with budget="flops") by `allocate`
     ("auto": calibrated when calibrating, else uniform). With images the dense model calibrates
     the factors ("auto": "data" when the run has images), then every block is distilled
-    (`distill`, steps 0: not), then with `finetune` the whole model is fine-tuned."""
+    (`distill`, steps 0: not), then with `finetune` the whole model is fine-tuned.
+
+    scope "model": `ratio` is a fraction of the whole model (embeddings, norms and classifier counted as
+    they are), and the MLPs are compressed too unless mlp=False; scope "attention": a fraction of the
+    compressed sites (attention, plus the MLPs with `mlp`). The MLPs keep neurons ("neurons", refit in
+    closed form on the calibration statistics) when the run calibrates, else they are factorized ("lowrank")."""
 
     model: str = "embedded"
     arch: str | None = None
@@ -76,7 +82,8 @@ class JobSpec:
     method: str = "head"
     ratio: float | None = 0.5
     budget: str = "params"
-    mlp: bool = False
+    scope: str = "model"  # what `ratio` is a fraction of: the whole model, or the compressed sites
+    mlp: bool | str | None = None  # None: with scope "model"; True: "neurons" with images, else "lowrank"
     ranks_file: str | None = None
     energy: float | None = None
     classifier_rank: int | None = None  # factorize the classifier at this rank (without search)
@@ -94,6 +101,7 @@ class JobSpec:
     workers: int = 0
     evaluate: bool = True
     latency: bool = True
+    quantize: str | None = None  # "int8": the saved model's linears int8 (torchao), its float32 form in float/
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -110,6 +118,11 @@ class JobSpec:
             "the rank search chooses the ranks itself under a budget: give a ratio, not a rank file or energy",
         )
         require(rules == 1 or self.ratio is not None, "give a budget ratio, a rank file or an energy threshold")
+        require(self.scope in SCOPES, f"the budget's scope is one of {SCOPES}, got {self.scope!r}")
+        require(
+            self.mlp in (None, True, False, *MLP_MODES),
+            f"mlp is true, false or one of {MLP_MODES}, got {self.mlp!r}",
+        )
         if self.ratio is not None:
             self.budget_of()  # checks the ratio, the unit and the method
         require(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
@@ -141,6 +154,7 @@ class JobSpec:
             self.classifier_rank is None or is_int(self.classifier_rank, 1),
             f"the classifier rank must be an integer >= 1, got {self.classifier_rank!r}",
         )
+        check_quantize(self.quantize, self.device)
         dist.check_device(self.device)
 
     @classmethod
@@ -152,13 +166,15 @@ class JobSpec:
         if "search_epochs" in d:
             d = _nested(d)
         d = dict(d)
+        d.setdefault("scope", "attention")  # records before the whole-model budget: the attention's ratio
         for name, config in (("distill", DistillConfig), ("search", SearchConfig), ("finetune", FinetuneConfig)):
             if isinstance(d.get(name), dict):
                 d[name] = build(config, d[name], f"{where}'s {name} settings", fix)
         return build(cls, d, where, fix)
 
     def budget_of(self) -> Budget:
-        return Budget(self.ratio, self.budget, self.method, self.mlp)
+        mlp = self.mlp if self.mlp in (False, *MLP_MODES) else self.mlp is True or self.scope == "model"
+        return Budget(self.ratio, self.budget, self.method, mlp, self.scope)
 
     def has_images(self, arch: str) -> bool:
         return self.data is not None or arch == EMBEDDED_ARCH
@@ -182,6 +198,16 @@ class JobSpec:
             out.calibration = "data" if self.has_images(arch) else "none"
         if out.allocate == "auto":
             out.allocate = "calibrated" if out.calibration != "none" else "uniform"
+        if out.mlp is None:
+            out.mlp = out.scope == "model" and out.ranks_file is None
+        if out.mlp is True:
+            calibrated = out.calibration != "none" and out.search is None and out.ranks_file is None
+            out.mlp = "neurons" if calibrated and out.energy is None else "lowrank"
+        require(
+            out.mlp != "neurons" or out.calibration != "none",
+            "MLP neurons are chosen and refit on calibration images: pass --data (or drop --calibration none), "
+            "or use --mlp lowrank",
+        )
         if not self.has_images(arch):
             out.distill = replace(out.distill, steps=0)
         out.distill = replace(out.distill, seed=out.seed)
@@ -277,7 +303,9 @@ RUN_FILES = (
     "state",
     "ranks.png",
     "report.md",
+    "float",
 )  # what --overwrite removes
+FLOAT_DIR = "float"  # with --quantize: the float32 form of the saved model
 
 
 def start_job(spec: JobSpec, out: str | Path, overwrite: bool = False) -> dict:
@@ -434,8 +462,9 @@ def _phases(run: Run) -> dict:
             return _finish(run, small, stopped="search")
         job["phase"] = _next(spec)
         run.save(small, {k: job[k] for k in ("search",) if k in job})
-    else:  # resuming after the ranks were fixed
-        small = load_compressed(run.out).model.to(run.device)
+    else:  # resuming after the ranks were fixed (the float32 form, where an int8 one was saved)
+        floating = run.out / FLOAT_DIR
+        small = load_compressed(floating if (floating / "comcat.json").is_file() else run.out).model.to(run.device)
     if job["phase"] == "distill":
         small, stopped = _distill(run, small)
         if stopped:
@@ -508,7 +537,7 @@ def _ranks(run: Run):
             spec.method,
             spec.ranks_file,
             spec.energy,
-            None if (spec.ranks_file or spec.energy) else spec.ratio,
+            None if (spec.ranks_file or spec.energy) else spec.budget_of().on_sites(run.dense).ratio,
             spec.allocate,
             spec.mlp,
             spec.classifier_rank,
@@ -622,6 +651,27 @@ def _finetune(run: Run, small):
     return res["model"], ("finetune" if res["stopped"] else None)
 
 
+def _quantized(run: Run, small, report: dict):
+    """The int8 form of `small` (quantize.py), its float32 form saved in float/, and report["int8"]: size,
+    scores and CPU latency against the dense model in float32 and int8, measured side by side."""
+    import copy
+
+    from .quantize import quantize_int8
+    from .report import measure_int8
+
+    run.emit({"kind": "phase", "phase": "quantize"})
+    t = time.perf_counter()
+    save_compressed(replace(run.loaded, model=small), run.out / FLOAT_DIR, {"report": report})
+    small_int8 = quantize_int8(copy.deepcopy(small).cpu())
+    data = run.splits.eval if (run.spec.evaluate and run.splits is not None) else None
+    report["int8"] = measure_int8(run.dense, small, small_int8, data, latency=run.spec.latency)
+    run.dense.to(run.device)
+    small.to(run.device)
+    run.timed("quantize", t)
+    report["time_s"] = run.job["time_s"]
+    return small_int8
+
+
 def _finish(run: Run, small, stopped: str | None = None) -> dict:
     from .plots import ranks_heatmap_mpl, save_png
     from .report import measure_report, report_markdown
@@ -652,11 +702,10 @@ def _finish(run: Run, small, stopped: str | None = None) -> dict:
                 **run.splits.sizes(),
             }
         metrics = {k: {m: report[k][m] for m in FIGURES if m in report[k]} for k in ("dense", "compressed")}
-        save_compressed(
-            replace(loaded, model=small),
-            run.out,
-            {"metrics": metrics, "report": report},
-        )
+        saved = small
+        if spec.quantize and not stopped:
+            saved = _quantized(run, small, report)
+        save_compressed(replace(loaded, model=saved), run.out, {"metrics": metrics, "report": report})
         save_png(ranks_heatmap_mpl(small.comcat_ranks, run.dense), run.out / "ranks.png")
         atomic_write_text(run.out / "report.md", report_markdown(report, loaded.source, "ranks.png"))
     if not stopped:

@@ -73,6 +73,7 @@ class HeadLowRankAttention(nn.Module):
     """
 
     pad_heads = True  # False on an instance: no zero padding (counted_flops counts the factorized arithmetic)
+    fused = True  # False on an instance: q, k, v and proj run as their own modules (int8 linears, quantize.py)
 
     def __init__(
         self,
@@ -107,13 +108,16 @@ class HeadLowRankAttention(nn.Module):
         attn_mask = logit_bias_mask(self, attn_mask)
         # SDPA's fused kernels need one head dim for q, k and v (else the math path, about 2x slower on
         # the CPU): when r_qk != r_vo the smaller side gets zero rows per head up to max(r_qk, r_vo) (exact)
-        dq, dv = (max(rq, rv),) * 2 if self.pad_heads else (rq, rv)
-        weight, bias, proj, proj_bias = self._weights(dq, dv)
-        qkv = F.linear(x, weight, bias)
-        if dq == dv:
-            q, k, v = qkv.view(B, N, 3, H, dq).permute(2, 0, 3, 1, 4).unbind(0)
+        dq, dv = (max(rq, rv),) * 2 if self.pad_heads and self.fused else (rq, rv)
+        if not self.fused:  # each factor through its own module (quantize.py: int8 linears)
+            q, k, v = _heads(self.q(x), H), _heads(self.k(x), H), _heads(self.v(x), H)
         else:
-            q, k, v = (_heads(t, H) for t in qkv.split([H * dq, H * dq, H * dv], dim=-1))
+            weight, bias, proj, proj_bias = self._weights(dq, dv)
+            qkv = F.linear(x, weight, bias)
+            if dq == dv:
+                q, k, v = qkv.view(B, N, 3, H, dq).permute(2, 0, 3, 1, 4).unbind(0)
+            else:
+                q, k, v = (_heads(t, H) for t in qkv.split([H * dq, H * dq, H * dv], dim=-1))
         if self.rank_mask_qk is not None:
             q = q * F.pad(self.rank_mask_qk, (0, dq - rq))
         if self.rank_mask_vo is not None:
@@ -128,7 +132,8 @@ class HeadLowRankAttention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
             scale=self.scale,
         )
-        out = F.linear(o.transpose(1, 2).reshape(B, N, H * dv), proj, proj_bias)
+        o = o.transpose(1, 2).reshape(B, N, H * dv)
+        out = self.proj(o) if not self.fused else F.linear(o, proj, proj_bias)
         return self.proj_drop(out) if self.training else out  # dropout is the identity in eval
 
     def _weights(self, dq: int, dv: int) -> tuple:

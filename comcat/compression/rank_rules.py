@@ -14,7 +14,7 @@ from ..core.linalg import rank_for_energy
 from . import families
 from .analysis import MATRICES, analyze
 from .models import Loaded
-from .ranks import METHODS, MLP_SITES, RankConfig, fixed_ranks, pin, site_limits
+from .ranks import METHODS, MLP_SITES, NEURONS, RankConfig, fixed_ranks, hidden_width, mlp_mode, pin, site_limits
 
 
 def _mlp_rank_for_ratio(lin: nn.Linear, ratio: float) -> int:
@@ -42,10 +42,20 @@ def uniform_ranks(model: nn.Module, method: str, ratio: float, mlp: bool = False
         else:
             r = int(max(1, min(C, round(ratio * C / 2))))
             ranks = {m: r for m in MATRICES}
-        if mlp:
+        if mlp_mode(mlp) == NEURONS:  # a neuron costs the same everywhere in a block: k = ratio F
+            width = _neuron_width(b, i=len(blocks))
+            ranks[NEURONS] = int(max(1, min(width, round(ratio * width))))
+        elif mlp:
             ranks.update({fc: _mlp_rank_for_ratio(lin, ratio) for fc, lin in families.mlp(b).items()})
         blocks.append(ranks)
     return pin(RankConfig(method, blocks, note={"rule": "uniform", "ratio": ratio}), model)
+
+
+def _neuron_width(block: nn.Module, i: int) -> int:
+    width = hidden_width(block)
+    if width is None:
+        raise ComcatError(f"block {i}'s MLP is gated or normed inside, so it cannot drop neurons: use --mlp lowrank")
+    return width
 
 
 def full_ranks(model: nn.Module, method: str, mlp: bool = False) -> RankConfig:
@@ -209,6 +219,11 @@ def choose_ranks(
     if loaded.compressed:
         raise ComcatError(f"{loaded.source} is already compressed: compress the dense model instead")
     model = loaded.model
+    if mlp_mode(mlp) == NEURONS and (energy is not None or allocate in ("energy", "greedy")):
+        raise ComcatError(
+            "MLP neurons are shared out by the calibrated allocation or uniformly: use --allocate calibrated "
+            "or uniform, or --mlp lowrank"
+        )
     if ranks is not None:
         cfg = RankConfig.load(ranks)
         if cfg.method != method:

@@ -3,7 +3,8 @@
 A RankConfig holds, per block, the ranks of the low-rank sites of one method:
   head:   {"qk": r, "vo": r, "fc1": r|None, "fc2": r|None}   (r <= head_dim for qk/vo)
   matrix: {"q": r, "k": r, "v": r, "o": r, "fc1": ..., "fc2": ...}  (r <= C; None keeps dense)
-plus an optional rank for the classifier head. None always means "keep dense".
+plus an optional rank for the classifier head. None always means "keep dense". Instead of fc1 /
+fc2 ranks a block may keep {"neurons": k} of its MLP's hidden units (neurons.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ from .families.qk_maps import has_qk_map
 METHODS = ("head", "matrix")
 ATTN_SITES = {"head": ("qk", "vo"), "matrix": MATRICES}
 MLP_SITES = ("fc1", "fc2")
+NEURONS = "neurons"  # the number of MLP hidden units a block keeps
+MLP_MODES = ("neurons", "lowrank")
+
+
+def mlp_mode(mlp) -> str | None:
+    """What `mlp` asks of the MLPs: None (kept dense), "lowrank" (True: fc1 / fc2 factorized) or "neurons"."""
+    if mlp in (None, False):
+        return None
+    if mlp is True:
+        return "lowrank"
+    if mlp not in MLP_MODES:
+        raise ComcatError(f"the MLPs are compressed by one of {MLP_MODES}, not {mlp!r}")
+    return mlp
 
 
 @dataclass
@@ -68,14 +82,18 @@ class RankConfig:
             raise ComcatError(
                 f"rank config has {len(self.blocks)} blocks but the model has {len(blocks)}: write one entry per block"
             )
-        sites = ATTN_SITES[self.method] + MLP_SITES
+        sites = ATTN_SITES[self.method] + MLP_SITES + (NEURONS,)
         for i, (b, ranks) in enumerate(zip(blocks, self.blocks)):
+            if ranks.get(NEURONS) is not None and any(ranks.get(fc) is not None for fc in MLP_SITES):
+                raise ComcatError(f"block {i}: an MLP keeps neurons or has fc1 / fc2 ranks, not both")
+            if ranks.get(NEURONS) is not None and hidden_width(b) is None:
+                raise ComcatError(f"block {i}: its MLP is not two linears around an activation: drop 'neurons'")
             unknown = set(ranks) - set(sites)
             if unknown:
                 raise ComcatError(
                     f"block {i}: unknown rank keys {sorted(unknown)} for method {self.method!r}; allowed: {list(sites)}"
                 )
-            limits = site_limits(b, self.method)
+            limits = {**site_limits(b, self.method), NEURONS: hidden_width(b)}
             for site, r in fixed_ranks(b, self.method).items():
                 if ranks.get(site) != r:
                     raise ComcatError(
@@ -129,3 +147,16 @@ def site_limits(block: nn.Module, method: str) -> dict[str, int]:
     for fc, lin in families.mlp(block).items():
         lim[fc] = min(lin.in_features, lin.out_features)
     return lim
+
+
+def hidden_width(block: nn.Module) -> int | None:
+    """The hidden units of a block's MLP when it is fc2(act(fc1(x))) with an element-wise act, so that
+    neurons can be dropped (None for a gated or hidden-normed MLP)."""
+    lins = families.mlp(block)
+    fc1, fc2 = lins.get("fc1"), lins.get("fc2")
+    if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)) or fc1.out_features != fc2.in_features:
+        return None
+    parent = getattr(block, "mlp", None)
+    if parent is not None and not isinstance(getattr(parent, "norm", nn.Identity()), nn.Identity):
+        return None
+    return fc1.out_features

@@ -56,6 +56,8 @@ def measure_report(
         raise AssertionError("analytic and counted parameters disagree")
     dense_attn = sum(l["attn"] for l in report["layers"]["dense"])
     report["attn_params_ratio"] = sum(l["attn"] for l in report["layers"]["compressed"]) / dense_attn
+    dense_mlp = sum(l["mlp"] for l in report["layers"]["dense"])
+    report["mlp_params_ratio"] = sum(l["mlp"] for l in report["layers"]["compressed"]) / max(dense_mlp, 1)
     report["params_ratio"] = report["compressed"]["params"] / report["dense"]["params"]
     report["flops_ratio"] = report["compressed"]["flops"] / report["dense"]["flops"]
     if cfg.method == "head":
@@ -95,6 +97,73 @@ def measure_report(
         dense.to(device)
         small.to(device)
     return report
+
+
+def weights_mb(model) -> float:
+    """The size of the model's model.safetensors in MB (2^20 bytes), int8 weights as comcat stores them."""
+    from safetensors.torch import save
+
+    from .quantize import int8_state
+
+    return len(save(int8_state(model))) / 2**20
+
+
+@torch.no_grad()
+def measure_int8(dense, small, small_int8, data=None, ref=None, labels=None, latency: bool = True) -> dict:
+    """int8 beside float32, all measured in one run: the dense model and `small`, each as float32 and
+    int8 (torchao, quantize.py). Per model: MB on disk, and on `data` its scores against the dense
+    float32 logits `ref`; CPU latency of the four timed in alternating rounds (ratios to dense float32)."""
+    import copy
+
+    from .quantize import quantize_int8
+
+    dense, small = dense.cpu().eval(), small.cpu().eval()
+    models = {
+        "dense": dense,
+        "dense int8": quantize_int8(copy.deepcopy(dense)),
+        "compressed": small,
+        "compressed int8": small_int8.cpu().eval(),
+    }
+    out = {name: {"mb": weights_mb(m)} for name, m in models.items()}
+    if data is not None:
+        embeddings = not has_classifier(dense)
+        if ref is None:
+            ref, labels = predict(dense, data, device="cpu", progress=False)
+        out["dense"].update({k: v for k, v in scores(ref, labels, embeddings=embeddings).items() if k == "top1"})
+        for name in ("dense int8", "compressed", "compressed int8"):
+            logits, _ = predict(models[name], data, device="cpu", progress=False)
+            out[name].update(scores(logits, labels, ref, embeddings=embeddings))
+    if latency:
+        for b in (1, 32):
+            t = compare_latency(models, b, device="cpu")
+            for name in models:
+                out[name][f"cpu_b{b}_ms"] = round(t[name]["ms"], 3)
+                if name != "dense":
+                    out[name][f"cpu_b{b}_ratio"] = [round(t[name][k], 4) for k in ("ratio", "ratio_min", "ratio_max")]
+    return out
+
+
+def format_int8(table: dict) -> str:
+    """The int8 comparison as a fixed-width table."""
+    cols = list(table)
+    rows = [("", *cols), ("MB on disk", *(f"{table[c]['mb']:.2f}" for c in cols))]
+    if all("top1" in table[c] for c in cols):
+        rows.append(("top-1 %", *(f"{table[c]['top1']:.2f}" for c in cols)))
+    if "agreement" in table[cols[-1]]:
+        rows.append(("agrees w/ dense %", "100", *(f"{table[c]['agreement']:.2f}" for c in cols[1:])))
+        rows.append(("KL to dense", "0", *(f"{table[c]['kl']:.4f}" for c in cols[1:])))
+    for b in (1, 32):
+        if f"cpu_b{b}_ms" in table["dense"]:
+            rows.append((f"ms cpu_b{b}", *(f"{table[c][f'cpu_b{b}_ms']:.2f}" for c in cols)))
+            rows.append(
+                (
+                    "  ratio (range)",
+                    "1",
+                    *(f"{r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f})" for r in (table[c][f"cpu_b{b}_ratio"] for c in cols[1:])),
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols) + 1)]
+    return "\n".join(r[0].ljust(widths[0]) + "".join(f"  {v:>{w}}" for v, w in zip(r[1:], widths[1:])) for r in rows)
 
 
 def format_report(report: dict) -> str:
@@ -144,8 +213,19 @@ def format_report(report: dict) -> str:
         if d.get("latency_ms")
         else ""
     )
+    mlp = report.get("mlp_params_ratio")
+    if report.get("int8"):
+        where += (
+            "\n\nint8 (torchao dynamic int8 linears) beside float32, measured in the same run"
+            + (" on the same held-out images" if "agreement" in report["int8"].get("compressed int8", {}) else "")
+            + ":\n"
+            + format_int8(report["int8"])
+        )
     return (
-        f"method {report['method']}, attention params {report['attn_params_ratio']:.1%} of dense\n"
+        f"model params {report['params_ratio']:.1%} of dense (method {report['method']}: attention "
+        f"{report['attn_params_ratio']:.1%}"
+        + ("" if mlp is None else f", MLPs {mlp:.1%}")
+        + ")\n"
         + "\n".join(lines)
         + where
         + timing

@@ -29,7 +29,7 @@ from .distill import match_loss
 from .lowrank import HeadLowRankAttention, LowRankLinear, MatrixLowRankAttention
 from .models import has_classifier
 from .rank_rules import full_ranks, site_gains, uniform_ranks
-from .ranks import MATRICES, RankConfig, fixed_ranks
+from .ranks import MATRICES, NEURONS, RankConfig, fixed_ranks, mlp_mode
 
 
 def candidate_ranks(full: int, count: int = 8, smallest: int = 1) -> list[int]:
@@ -349,6 +349,9 @@ def search_ranks(
     from .calibrate import build
 
     control = control or RunControl()
+    if mlp_mode(budget.mlp) == NEURONS:
+        raise ComcatError("the rank search does not choose MLP widths: drop --search, or use --mlp lowrank")
+    budget = budget.on_sites(dense)
     cost_fn, target = budget.target(dense)
     # setup: the full-rank model, its rank choices, the optimizers, and where a resumed run was
     full = full_ranks(dense, budget.method, budget.mlp)

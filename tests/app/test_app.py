@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 gr = pytest.importorskip("gradio")
 
@@ -130,13 +131,34 @@ TINY = dict(
 
 
 @pytest.mark.slow
+def test_whole_model_int8_and_onnx_from_the_page(tmp_path):
+    """The default whole-model budget with int8 and an ONNX file: the card gives the model's share of the
+    parameters first, its MB in int8 beside float32 and dense int8; the zip reloads as int8; the ONNX
+    file runs in ONNX Runtime."""
+    pytest.importorskip("onnxruntime")
+    from comcat.compression.export import onnx_outputs
+    from comcat.compression.format import load_compressed
+
+    settings = {**TINY, "search": False, "finetune_epochs": 0, "mlp": False, "int8": True, "onnx": True}
+    head, _, _, card, download, _, onnx_file = list(compress_page.on_compress(**settings))[-1]
+    assert head.startswith("**Done**"), head
+    assert "**model at 0.50× of its parameters**" in card and "MLPs at" in card and "**int8:" in card
+    assert "dense int8" in card and "ONNX (int8, ONNX Runtime)" in card
+    with zipfile.ZipFile(download) as z:
+        z.extractall(tmp_path / "unzipped")
+    small = load_compressed(tmp_path / "unzipped")
+    assert small.meta["quantized"] == "int8" and small.meta["ranks"]["blocks"][0]["neurons"] >= 1
+    assert onnx_outputs(onnx_file, torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+@pytest.mark.slow
 def test_compress_streams_progress_and_exports_a_reloadable_zip(tmp_path):
     from comcat.compression.format import load_compressed
 
     updates = list(compress_page.on_compress(**TINY))
     statuses = [u[0] for u in updates if isinstance(u[0], str)]
     assert statuses[0].startswith("**starting**")  # phase lines depend on poll timing: see the next test
-    head, ranks, losses, card, download, run_dir = updates[-1]
+    head, ranks, losses, card, download, run_dir, _ = updates[-1]
     assert head.startswith("**Done**") and "agreement with the dense model" in card and "top-1" in card
     assert "held-out images" in card and "params" in card
     assert len(ranks.data) == 1 and {t.name for t in losses.data} >= {
@@ -231,7 +253,7 @@ def test_compress_an_uploaded_checkpoint_on_a_flat_folder(tmp_path):
             device="cpu",
         )
     )
-    head, _, _, card, download, _ = updates[-1]
+    head, _, _, card, download, _, _ = updates[-1]
     assert head.startswith("**Done**"), head
     assert "agreement with the dense model" in card and "no top-1: labels not used: a flat folder has no labels" in card
     assert (

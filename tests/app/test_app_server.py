@@ -61,10 +61,13 @@ def test_tiny_compress_through_the_api(client):
         "cpu",
         64,
         64,
+        "attention only",
+        False,
+        False,
         api_name="/on_compress",
     )
     outputs = job.result()
-    status, _, _, card, download = outputs
+    status, _, _, card, download, _ = outputs
     assert status.startswith("**Done**") and "top-1" in card and "agreement" in card and download.endswith(".zip")
     assert client.predict(api_name="/on_stop") == "nothing is running"
 

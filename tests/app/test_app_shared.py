@@ -26,7 +26,7 @@ def server():
 def _compress(client, ratio):
     """A tiny compress run of the embedded model at `ratio` of the attention parameters."""
     args = ["embedded", "", None, "", ratio, "params", "head", False, False, 1, 2, 0]
-    args += ["embedded shapes", "", None, "cpu", 64, 64]
+    args += ["embedded shapes", "", None, "cpu", 64, 64, "attention only", False, False]
     return client.submit(*args, api_name="/on_compress")
 
 
@@ -54,7 +54,7 @@ def test_two_visitors_compressing_at_once_each_see_only_their_own_card_and_file(
 
     presser = threading.Thread(target=press)
     presser.start()
-    status, _, _, card, download = first.result()
+    status, _, _, card, download, _ = first.result()
     stop.set()
     presser.join(300)
     assert status.startswith("**Done**") and "attention at 50%" in card and "90%" not in card, card
@@ -64,7 +64,7 @@ def test_two_visitors_compressing_at_once_each_see_only_their_own_card_and_file(
     finished = [b.result() for b in bobs if b.result()[0].startswith("**Done**")]
     busy = [b.result() for b in bobs if "already running" in b.result()[0]]
     assert busy, "B was never refused while A's run went"
-    for status, _, _, card, download in finished:
+    for status, _, _, card, download, _ in finished:
         assert "attention at 90%" in card
         with zipfile.ZipFile(download) as z:
             assert json.loads(z.read("comcat.json"))["report"]["attn_params_ratio"] == pytest.approx(0.9, abs=0.03)

@@ -5,7 +5,7 @@ import torch
 from timm.layers import Mlp
 
 from comcat.compression.calibrate import Moments
-from comcat.compression.neurons import prune_mlp, refit, refit_error, select_neurons
+from comcat.compression.neurons import neuron_path, prune_mlp, refit, refit_error, select_neurons
 from comcat.core.errors import ComcatError
 
 
@@ -25,7 +25,10 @@ def _mlp_and_stats(seed=0, c=16, f=48, n=2000):
 def test_keeping_every_neuron_reproduces_the_dense_mlp_exactly():
     mlp, x, _, g = _mlp_and_stats()
     before = mlp(x)
-    assert torch.equal(prune_mlp(mlp, g, 48)(x), before)
+    fc1, fc2 = prune_mlp(mlp.fc1, mlp.fc2, g, 48)
+    assert torch.equal(fc2(mlp.act(fc1(x))), before)
+    order, errors = neuron_path(g, mlp.fc2)
+    assert sorted(order.tolist()) == list(range(48)) and errors[-1] < 1e-9 * errors[0]
     w2, b2 = refit(g, mlp.fc2, torch.arange(48), ridge=0.0)  # the refit itself is exact on every neuron
     torch.testing.assert_close(w2, mlp.fc2.weight, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(b2, mlp.fc2.bias, rtol=1e-8, atol=1e-8)
@@ -53,11 +56,21 @@ def test_greedy_selection_leaves_less_error_than_the_magnitude_score():
         assert refit_error(g, w, greedy) < refit_error(g, w, magnitude)
 
 
+def test_the_greedy_path_is_nested_and_its_errors_are_the_refit_errors():
+    mlp, _, _, g = _mlp_and_stats(4)
+    w = torch.cat([mlp.fc2.weight, mlp.fc2.bias[:, None]], 1)
+    order, errors = neuron_path(g, mlp.fc2, 20)
+    assert len(order) == 20 and len(errors) == 21 and (errors[1:] <= errors[:-1] + 1e-9).all()
+    for k in (1, 7, 20):
+        assert torch.equal(select_neurons(g, mlp.fc2, k), order[:k].sort().values)
+        assert float(errors[k]) == pytest.approx(refit_error(g, w, order[:k]), rel=1e-6)
+
+
 def test_pruned_mlp_is_narrower_and_bad_counts_are_one_line():
     mlp, x, _, g = _mlp_and_stats(3)
-    small = prune_mlp(mlp, g, 12)
-    assert small.fc1.out_features == 12 and small.fc2.in_features == 12 and small(x).shape == (2000, 16)
+    fc1, fc2 = prune_mlp(mlp.fc1, mlp.fc2, g, 12)
+    assert fc1.out_features == 12 and fc2.in_features == 12 and fc2(mlp.act(fc1(x))).shape == (2000, 16)
     with pytest.raises(ComcatError, match="keeps 1..12 of them, not 0"):
-        select_neurons(g[:13, :13], small.fc2, 0)
+        select_neurons(g[:13, :13], fc2, 0)
     with pytest.raises(ComcatError, match="neuron selection must be one of"):
-        select_neurons(g[:13, :13], small.fc2, 3, "random")
+        select_neurons(g[:13, :13], fc2, 3, "random")

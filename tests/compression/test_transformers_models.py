@@ -199,7 +199,16 @@ def test_search_and_fine_tuning_of_a_transformers_copy_of_the_embedded_model(tmp
     a, b = analyze(dense.model), analyze(loaded.model)
     assert all(abs(a.head[p] - b.head[p]).max() < 1e-5 * a.head[p].max() for p in a.head)
     data = png_folder(tmp_path / "photos", 200, 5)
-    common = ["--model", str(tmp_path / "shapes-hf"), "--data", str(data), "--params-ratio", "0.15"]
+    common = [
+        "--model",
+        str(tmp_path / "shapes-hf"),
+        "--data",
+        str(data),
+        "--params-ratio",
+        "0.15",
+        "--scope",
+        "attention",
+    ]
     common += ["--mlp", "--allocate", "uniform", "--distill-steps", "0", "--no-latency", "--workers", "0"]
     scores = {}
     for label, extra in (
@@ -246,7 +255,7 @@ def test_a_text_encoder_compresses_by_svd_and_refuses_data_it_cannot_read(tmp_pa
     from comcat.compression.job import JobSpec, run_job
 
     folder = _save(tmp_path, "BertModel")
-    spec = JobSpec(model=str(folder), ratio=0.5, mlp=True, latency=False)
+    spec = JobSpec(model=str(folder), ratio=0.5, scope="attention", mlp=True, latency=False)
     res = run_job(spec, tmp_path / "small")
     assert res["report"]["params_ratio"] < 0.8 and load_model(str(tmp_path / "small")).compressed
     text = sentences(tmp_path / "s.txt", 20)
@@ -283,7 +292,7 @@ def test_sentences_split_disjointly_and_fine_tuning_brings_a_text_encoder_closer
     long = tmp_path / "long.txt"
     long.write_text(text.read_text() + " ".join(["word"] * 500) + "\n")  # one sentence past the 64 tokens
     assert "1 sentence(s) reach the model's 64 tokens and are cut there" in sentence_splits(long, loaded.model).note
-    common = dict(model=str(folder), data=str(text), ratio=0.3, mlp=True, latency=False)
+    common = dict(model=str(folder), data=str(text), ratio=0.3, scope="attention", mlp=True, latency=False)
     plain = run_job(JobSpec(**common), tmp_path / "plain")["report"]
     tuned = run_job(
         JobSpec(**common, search=SearchConfig(epochs=2), finetune=FinetuneConfig(epochs=5, lr=1e-3)),
