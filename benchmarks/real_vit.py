@@ -73,12 +73,14 @@ def latency(dense, small) -> dict:
     return out
 
 
-def prune(dense, train, ratio: float, mlp: bool):
+def prune(dense, train, ratio: float, mlp: bool, global_pruning: bool = False):
     """Torch-Pruning: remove (1 - ratio) of every head's q/k/v dims (and of the MLP hidden units with
-    mlp), Taylor importance from the cross-entropy with the dense model's own top-1 (no labels)."""
+    mlp; with global_pruning of all of them together, ranked across layers), Taylor importance from the
+    cross-entropy with the dense model's own top-1 (no labels)."""
 
     model = copy.deepcopy(dense).train()
     pruner = head_dim_pruner(model, ratio, mlp)
+    pruner.global_pruning = global_pruning
     model.zero_grad()
     for x, _ in DataLoader(train, batch_size=50):
         with torch.no_grad():

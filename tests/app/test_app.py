@@ -566,7 +566,7 @@ def test_compress_a_text_encoder_on_zipped_sentences_or_on_its_weights_alone(tmp
     model = dict(model_source="uploaded checkpoint", upload=str(zips["bert"]), arch="", device="cpu", mlp=True)
     updates = list(compress_page.on_compress(**model, data_source="uploaded zip", data_zip=str(zips["text"]),
                                              search=True, search_epochs=1, finetune_epochs=1))  # fmt: skip
-    head, _, _, card, _, _ = updates[-1]
+    head, _, _, card, *_ = updates[-1]
     assert head.startswith("**Done**"), head
     assert "to the dense model's embeddings**, the same nearest sentence for" in card and "held-out sentences" in card
     head = list(compress_page.on_compress(**model, data_source=common.NO_DATA))[-1][0]
