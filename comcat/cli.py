@@ -130,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--scope",
         choices=("model", "attention"),
-        default="model",
-        help="model (default): --params-ratio is a fraction of the whole model, and the MLPs are compressed "
-        "too (--mlp none: attention only); attention: a fraction of the attention (plus the MLPs with --mlp)",
+        default="attention",
+        help="model: --params-ratio is a fraction of the whole model, and the MLPs are compressed "
+        "too (--mlp none: attention only); attention (default): a fraction of the attention (plus the MLPs with --mlp)",
     )
     c.add_argument(
         "--search",

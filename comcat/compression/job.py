@@ -82,7 +82,7 @@ class JobSpec:
     method: str = "head"
     ratio: float | None = 0.5
     budget: str = "params"
-    scope: str = "model"  # what `ratio` is a fraction of: the whole model, or the compressed sites
+    scope: str = "attention"  # what `ratio` is a fraction of: the whole model, or the compressed sites
     mlp: bool | str | None = None  # None: with scope "model"; True: "neurons" with images, else "lowrank"
     ranks_file: str | None = None
     energy: float | None = None
@@ -202,7 +202,8 @@ class JobSpec:
             out.mlp = out.scope == "model" and out.ranks_file is None
         if out.mlp is True:
             calibrated = out.calibration != "none" and out.search is None and out.ranks_file is None
-            out.mlp = "neurons" if calibrated and out.energy is None else "lowrank"
+            calibrated = calibrated and out.energy is None and out.allocate in ("calibrated", "uniform")
+            out.mlp = "neurons" if calibrated else "lowrank"
         require(
             out.mlp != "neurons" or out.calibration != "none",
             "MLP neurons are chosen and refit on calibration images: pass --data (or drop --calibration none), "
