@@ -415,7 +415,17 @@ def test_search_and_fine_tuning_of_a_backbone_bring_its_embeddings_closer(tmp_pa
     save_file(state, str(tmp_path / "backbone.safetensors"))
     data = png_folder(tmp_path / "photos", 200, 6)
     common = ["--model", str(tmp_path / "backbone.safetensors"), "--arch", "comcat_shapes_vit", "--data", str(data)]
-    common += ["--params-ratio", "0.15", "--mlp", "--allocate", "uniform", "--distill-steps", "0", "--no-latency"]
+    common += [
+        "--params-ratio",
+        "0.15",
+        "--mlp",
+        "lowrank",
+        "--allocate",
+        "uniform",
+        "--distill-steps",
+        "0",
+        "--no-latency",
+    ]
     runs = {"plain": [], "tuned": ["--search", "--search-epochs", "1", "--finetune-epochs", "3"]}
     cosine = {}
     for label, extra in runs.items():

@@ -207,7 +207,7 @@ def plain_and_tuned_kl(tmp_path, model, images: int, ratio: str) -> dict:
     MLPs on `images` generated shapes: the calibrated ranks alone ("plain"), and a two-epoch rank
     search from them plus three fine-tuning epochs ("tuned")."""
     data = png_folder(tmp_path / "photos", images, 5)
-    common = ["--model", str(model), "--data", str(data), "--params-ratio", ratio, "--mlp"]
+    common = ["--model", str(model), "--data", str(data), "--params-ratio", ratio, "--mlp", "lowrank"]
     common += ["--distill-steps", "0", "--no-latency", "--workers", "0"]
     scores = {}
     for label, extra in (
@@ -337,7 +337,7 @@ def test_a_swin_runs_the_whole_one_click_pipeline(tmp_path):
     data = png_folder(tmp_path / "photos", 120, 5)
     r = run_cli(
         "-m", "comcat", "compress", "--model", str(tmp_path / "dense"), "--data", str(data), "--params-ratio", "0.3",
-        "--mlp", "--distill-steps", "5", "--search", "--search-epochs", "1", "--finetune-epochs", "1",
+        "--mlp", "lowrank", "--distill-steps", "5", "--search", "--search-epochs", "1", "--finetune-epochs", "1",
         "--no-latency", "--workers", "0", "--out", str(tmp_path / "small"),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
