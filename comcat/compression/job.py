@@ -399,6 +399,11 @@ def _start(job: dict, out: Path, resume: bool, callback, should_stop, progress: 
         raise ComcatError(f"{loaded.source} is already compressed: compress the dense model instead")
     text = len(families.input_size(loaded.model)) == 1
     spec = JobSpec.from_dict(job["spec"]).resolved(loaded.arch, text)
+    if spec.mlp == "neurons" and job["spec"].get("mlp") in (None, True):  # chosen for the user: gated MLPs factorize
+        from .ranks import hidden_width
+
+        if any(hidden_width(b) is None for b in families.blocks(loaded.model)):
+            spec.mlp = "lowrank"
     dense = loaded.model.to(device).eval()
     if text and spec.data is not None and getattr(dense, "model_type", "") in CAUSAL:
         raise ComcatError(
