@@ -19,6 +19,7 @@ from pathlib import Path
 from comcat.compression.hub import HUB_ID, HUB_ID_RULE
 from comcat.compression.models import CHECKPOINT_SUFFIXES
 from comcat.core.errors import ComcatError
+from comcat.core.records import MAX_TEXT_BYTES
 
 WORK_PREFIX = "comcat-app-"
 PID_FILE = ".pid"  # the server process that owns a WORK folder
@@ -266,7 +267,8 @@ def unzip(path: str | None, what: str = "zip of an image folder", kind: str = "d
 
 def chosen_data(source: str, path: str = "", upload: str | None = None, model: str = "embedded") -> str | None:
     """The data of a run: None for the embedded shapes or none at all (weights only: SVD ranks, for a
-    model other than the embedded one), else a folder (typed, or an unzipped upload)."""
+    model other than the embedded one), else a folder (typed, or an unzipped upload) or an uploaded
+    text file of sentences."""
     if source == NO_DATA:
         if model == "embedded":
             raise ComcatError("the embedded model always compresses on its shapes: choose 'embedded shapes' under data")
@@ -274,6 +276,10 @@ def chosen_data(source: str, path: str = "", upload: str | None = None, model: s
     if source == "folder path":
         return str(server_folder(path, "data folder", "upload a zip of your images"))
     if source == "uploaded zip":
+        if upload and Path(upload).suffix.lower() == ".txt":  # sentences for a text encoder, not zipped
+            return str(
+                take_upload(upload, (".txt",), "text file of sentences", min(MAX_UPLOAD_MB, MAX_TEXT_BYTES / 2**20))
+            )
         return str(unzip(upload))
     if model != "embedded":
         raise ComcatError(

@@ -73,23 +73,47 @@ def latency(dense, small) -> dict:
     return out
 
 
-def prune(dense, train, ratio: float, mlp: bool, global_pruning: bool = False):
-    """Torch-Pruning: remove (1 - ratio) of every head's q/k/v dims (and of the MLP hidden units with
-    mlp; with global_pruning of all of them together, ranked across layers), Taylor importance from the
-    cross-entropy with the dense model's own top-1 (no labels)."""
-
+def taylor_grads(dense, train) -> list:
+    """Gradients of the cross-entropy with the dense model's own top-1 (no labels) over `train`."""
     model = copy.deepcopy(dense).train()
-    pruner = head_dim_pruner(model, ratio, mlp)
-    pruner.global_pruning = global_pruning
     model.zero_grad()
     for x, _ in DataLoader(train, batch_size=50):
         with torch.no_grad():
             target = dense(x).argmax(1)
         torch.nn.functional.cross_entropy(model(x), target).backward()
+    return [p.grad for p in model.parameters()]
+
+
+def prune(dense, train, ratio: float, mlp: bool, global_pruning: bool = False, grads=None):
+    """Torch-Pruning: remove (1 - ratio) of every head's q/k/v dims (and of the MLP hidden units with
+    mlp; with global_pruning of all of them together, ranked across layers), Taylor importance from the
+    cross-entropy with the dense model's own top-1 (no labels; `grads` of taylor_grads, if computed)."""
+
+    grads = grads or taylor_grads(dense, train)
+    model = copy.deepcopy(dense).train()
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    pruner = head_dim_pruner(model, ratio, mlp)
+    pruner.global_pruning = global_pruning
     pruner.step()
     fix_pruned_attention(model)
     model.zero_grad()
     return model.eval().requires_grad_(True)
+
+
+def prune_to(dense, train, params: int, mlp: bool = True, steps: int = 10):
+    """Torch-Pruning's global pruning at the largest keep ratio (bisection) whose model has at most
+    `params` parameters: the same parameter count as the model it is compared with."""
+    grads = taylor_grads(dense, train)
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        model = prune(dense, train, mid, mlp, global_pruning=True, grads=grads)
+        if count_params(model) <= params:
+            lo, best = mid, model
+        else:
+            hi = mid
+    return best if best is not None else prune(dense, train, lo, mlp, global_pruning=True, grads=grads)
 
 
 def main() -> None:

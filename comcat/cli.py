@@ -215,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--no-mix", action="store_true", help="end-to-end distillation without mixup / cutmix")
     c.add_argument(
+        "--similarity",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="a model without a classifier: end-to-end distillation also matches the batch's cosine-similarity "
+        "matrix of the embeddings, weighted W (default 0)",
+    )
+    c.add_argument(
         "--mlp",
         nargs="?",
         const="auto",
@@ -515,6 +523,11 @@ class TqdmProgress:
         if not dist.is_main():
             return
         kind = e["kind"]
+        if kind == "plan":
+            from .compression.report import plan_lines
+
+            print("phases:\n" + "\n".join(plan_lines(e["phases"])))
+            return
         if kind == "phase":
             self.close()
             if e["phase"] == "data":
@@ -581,7 +594,13 @@ def job_spec(args):
         else None
     )
     finetune = (
-        FinetuneConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size, mix=not args.no_mix)
+        FinetuneConfig(
+            epochs=args.finetune_epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            mix=not args.no_mix,
+            similarity=args.similarity,
+        )
         if args.finetune_epochs
         else None
     )

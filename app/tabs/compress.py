@@ -244,6 +244,13 @@ def result_card(report: dict) -> str:
                 for h in report["heads_lost_most"][:3]
             )
         )
+    if report.get("plan"):
+        lines.append(
+            "phases: "
+            + "; ".join(
+                f"{p['phase']} {p['how']}" if p["runs"] else f"~~{p['phase']}~~ ({p['how']})" for p in report["plan"]
+            )
+        )
     for key, r in report.get("latency_ratio", {}).items():
         lines.append(
             f"latency {key.replace('_b', ' batch ')}: {c['latency_ms'][key]:.1f} ms vs {d['latency_ms'][key]:.1f} ms "
@@ -471,8 +478,8 @@ def compress_tab(explored):
                 label="image folder under the app's --data-root (DIR/<image>, DIR/<class>/<image>, or train/ + val/)"
             )
             data_zip = gr.File(
-                label="zip of your images (or of a text file of sentences)",
-                file_types=[".zip"],
+                label="zip of your images (or, for a text encoder, a text file of sentences, one per line)",
+                file_types=[".zip", ".txt"],
                 type="filepath",
                 elem_id="compress-zip",
             )

@@ -319,11 +319,15 @@ def explore_tab(page: gr.Blocks | None = None):
                 c_source = gr.Radio(
                     list(common.DATA_SOURCES),
                     value="embedded shapes",
-                    label="images (labels not needed)",
+                    label="images, or sentences for a text encoder (labels not needed)",
                     elem_id="explore-data",
                 )
                 c_path = gr.Textbox(label="image folder under the app's --data-root")
-                c_zip = gr.File(label="zip of an image folder", file_types=[".zip"], type="filepath")
+                c_zip = gr.File(
+                    label="zip of an image folder (a text encoder: a text file of sentences)",
+                    file_types=[".zip", ".txt"],
+                    type="filepath",
+                )
                 c_go = gr.Button("Recommend with my images", elem_id="explore-calibrate-go")
                 c_advice = gr.Markdown(elem_id="explore-calibrated")
                 c_files = gr.File(label="export (JSON; ranks.json holds the recommended ranks)", file_count="multiple")

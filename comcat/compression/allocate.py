@@ -32,6 +32,7 @@ from .cost import Budget
 from .families import head_weights, matrix_weights
 from .families.base import logit_bias_mask
 from .families.qk_maps import has_qk_map, map_qk
+from .models import has_classifier
 from .rank_rules import uniform_ranks
 from .ranks import MATRICES, MLP_SITES, NEURONS, RankConfig, mlp_mode, pin, site_limits
 
@@ -52,8 +53,11 @@ class Site:
     kl: float = 0.0  # measured KL with this site alone at the probe rank
 
 
-def kl_to(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """mean over images of KL(softmax(reference) || softmax(logits))."""
+def kl_to(reference: torch.Tensor, logits: torch.Tensor, embeddings: bool = False) -> float:
+    """mean over images of KL(softmax(reference) || softmax(logits)); for `embeddings` (a model
+    without a classifier) the relative squared error sum ||e - e_ref||^2 / sum ||e_ref||^2."""
+    if embeddings:
+        return ((logits.float() - reference.float()).square().sum() / reference.float().square().sum()).item()
     return F.kl_div(
         logits.float().log_softmax(-1), reference.float().log_softmax(-1), log_target=True, reduction="batchmean"
     ).item()
@@ -122,7 +126,9 @@ class TappedAttention(nn.Module):
         return out
 
 
-def _tapped_block(block: nn.Module, h: torch.Tensor, method: str, mlp: bool, tape: dict) -> torch.Tensor:
+def _tapped_block(
+    block: nn.Module, h: torch.Tensor, method: str, mlp: bool, tape: dict, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """The block's forward with its attention tapped (TappedAttention) and, with `mlp`, the MLP
     linears' inputs and outputs kept in `tape` too."""
     attn = families.attention(block)
@@ -137,7 +143,7 @@ def _tapped_block(block: nn.Module, h: torch.Tensor, method: str, mlp: bool, tap
     hooks = [lin.register_forward_hook(keep(fc)) for fc, lin in families.mlp(block).items()] if mlp else []
     families.set_attention(block, TappedAttention(attn, method, tape))
     try:
-        return families.run_block(block, h)
+        return families.run_block(block, h, valid)
     finally:
         families.set_attention(block, attn)
         for hk in hooks:
@@ -165,29 +171,39 @@ def _components(key: str, entry: tuple, factors: tuple, C: int) -> torch.Tensor:
 def fisher_curves(
     model: nn.Module, cal: Calibration, method: str, mlp: bool, samples: int = FISHER_SAMPLES, seed: int = 0
 ) -> dict[tuple[int, str], np.ndarray]:
-    """Per site (block, key): F_s(r) for r = 0..full (module docstring), on cal.first's images."""
+    """Per site (block, key): F_s(r) for r = 0..full (module docstring), on cal.first's images. For a
+    model without a classifier the output is an embedding e, taken as the mean of a unit Gaussian:
+    g_y = grad of u . e with u ~ N(0, I), so that F_s(r) = 1/2 E||delta_r e||^2."""
     blocks = families.blocks(model)
     factors = [_factors(b, bs, method, mlp) for b, bs in zip(blocks, cal.stats)]
     C = families.attention(blocks[0]).qkv.in_features
     comps: dict[tuple[int, str], list] = {}
     g = torch.Generator().manual_seed(seed)
+    embeddings = not has_classifier(model)
+    valid = cal.valid_of(len(cal.first))
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(cal.first), 32):
             h = cal.first[start : start + 32]
+            v = None if valid is None else valid[start : start + 32]
             tapes = []
             with torch.enable_grad():
                 for block in blocks:
                     tapes.append({})
-                    h = _tapped_block(block, h, method, mlp, tapes[-1])
-                logp = head_logits(model, h).log_softmax(-1)
+                    h = _tapped_block(block, h, method, mlp, tapes[-1], v)
+                out = head_logits(model, h, v)
+                logp = out if embeddings else out.log_softmax(-1)
                 for n in range(samples):
-                    y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=g)[:, 0].to(logp.device)
                     for tape in tapes:
-                        for _, out, _ in tape.values():
-                            out.grad = None
-                    logp.gather(1, y[:, None]).sum().backward(retain_graph=n + 1 < samples)
+                        for _, t, _ in tape.values():
+                            t.grad = None
+                    if embeddings:
+                        picked = logp * torch.randn(logp.shape, generator=g).to(logp.device)
+                    else:
+                        y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=g)[:, 0].to(logp.device)
+                        picked = logp.gather(1, y[:, None])
+                    picked.sum().backward(retain_graph=n + 1 < samples)
                     for i, tape in enumerate(tapes):
                         for key, entry in tape.items():
                             comps.setdefault((i, key), []).append(_components(key, entry, factors[i][key], C))
@@ -208,10 +224,11 @@ def fisher_curves(
 def probe_kl(model: nn.Module, cal: Calibration, block: int, ranks: dict, method: str) -> float:
     """KL to the dense model on the probe images with only block `block` changed to `ranks`."""
     blocks = families.blocks(model)
-    h = families.run_block(compressed_block(blocks[block], ranks, method, cal.stats[block]), cal.inputs[block])
+    valid = cal.valid_of(len(cal.inputs[block]))
+    h = families.run_block(compressed_block(blocks[block], ranks, method, cal.stats[block]), cal.inputs[block], valid)
     for b in blocks[block + 1 :]:
-        h = families.run_block(b, h)
-    return kl_to(cal.logits, head_logits(model, h))
+        h = families.run_block(b, h, valid)
+    return kl_to(cal.logits, head_logits(model, h, valid), embeddings=not has_classifier(model))
 
 
 def _attention_full(block: nn.Module, method: str) -> dict:

@@ -55,9 +55,11 @@ class Moments:
         self.sum = torch.zeros(*batch, dim, dtype=torch.float64, device=device)
         self.outer = torch.zeros(*batch, dim, dim, dtype=torch.float64, device=device)
 
-    def add(self, x: torch.Tensor) -> None:
-        """x: (*batch, T, C) rows to add (T tokens)."""
+    def add(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """x: (*batch, T, C) rows to add (T tokens); valid (T,) bool: only those rows (not padding)."""
         x = x.detach()
+        if valid is not None:
+            x = x[..., valid.reshape(-1), :]
         self.n += x.shape[-2]
         self.sum += x.sum(-2).double()
         self.outer += (x.mT @ x).double()
@@ -211,12 +213,16 @@ def add_attention_stats(
     x: torch.Tensor,
     outputs_of: nn.Module | None = None,
     mask: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> AttentionStats:
     """Add a batch of attention inputs x (B, N, C) to st, under the attention weights of `mixer`
     with the attention mask the block gave it; `outputs_of`: also the moments of that attention's
-    output before W^O."""
+    output before W^O. `valid` (B, N): the queries that count (a text encoder's unpadded tokens;
+    the mask keeps padded keys out of the weights)."""
     B, N, C = x.shape
     probs = attention_probs(mixer, x, mask)  # (B, H, N, N)
+    if valid is not None:
+        probs = probs * valid[:, None, :, None]  # a padded query adds nothing
     H = probs.shape[1]
     if st is None:
         st = AttentionStats(
@@ -224,12 +230,12 @@ def add_attention_stats(
             torch.zeros(H, C, C, dtype=torch.float64, device=x.device),
             Moments(C, (H,), device=x.device),
         )
-    st.inputs.add(x.reshape(-1, C))
+    st.inputs.add(x.reshape(-1, C), valid)
     z = (probs @ x[:, None]).transpose(0, 1).reshape(H, -1, C)  # (H, B N, C)
     weighted = (x[:, None] * probs.sum(-2)[..., None]).transpose(0, 1).reshape(H, -1, C)
     flat = x.reshape(1, -1, C)
     st.keys += (weighted.mT @ flat - z.mT @ z).double()
-    st.mixed.add(z)
+    st.mixed.add(z, valid)
     if outputs_of is not None:
         captured = []
         hook = outputs_of.proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
@@ -238,7 +244,7 @@ def add_attention_stats(
         finally:
             hook.remove()
         st.outputs = st.outputs or Moments(captured[0].shape[-1], device=x.device)
-        st.outputs.add(captured[0].reshape(-1, captured[0].shape[-1]))
+        st.outputs.add(captured[0].reshape(-1, captured[0].shape[-1]), valid)
     return st
 
 
@@ -311,7 +317,7 @@ def matrix_attention(
     attn: nn.Module, ranks: dict, st: AttentionStats | None = None, x_batches=(), ridge: float = RIDGE
 ) -> MatrixLowRankAttention:
     """MatrixLowRankAttention: W^Q, W^K, W^V fitted on the attention inputs (st.inputs), W^O on the
-    attention outputs: those of the factorized q, k, v on x_batches ((x, mask) pairs) when given,
+    attention outputs: those of the factorized q, k, v on x_batches ((x, mask[, valid])) when given,
     else st.outputs (the dense attention's). None keeps a matrix dense; st None: plain SVD."""
     ws = matrix_weights(attn)
     C = attn.qkv.in_features
@@ -331,8 +337,8 @@ def matrix_attention(
         out_stats = None if st is None else st.outputs
         if st is not None and x_batches:
             part = None
-            for x, mask in x_batches:
-                part = add_attention_stats(part, new, x, outputs_of=new, mask=mask)
+            for x, mask, *valid in x_batches:  # (x, mask[, valid]) of each batch
+                part = add_attention_stats(part, new, x, outputs_of=new, mask=mask, valid=valid[0] if valid else None)
             out_stats = part.outputs
         new.proj = low_rank_linear(proj, out_stats, ranks["o"], ridge, "an attention output")
     return new
@@ -340,10 +346,11 @@ def matrix_attention(
 
 # ----------------------------------------------------------------------------- the walk over the blocks
 @torch.no_grad()
-def block_inputs(model: nn.Module, loader) -> torch.Tensor:
-    """The first block's input tokens (n, N, C) for every image of `loader` ((x, y) batches)."""
+def block_inputs(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first block's input tokens (n, N, C) for every input of `loader` ((x, y) batches), and
+    which of them are not padding ((n, N) bool; None for images)."""
     first = families.blocks(model)[0]
-    out = []
+    out, valid = [], []
 
     def grab(module, args):
         out.append(args[0].detach())
@@ -352,33 +359,48 @@ def block_inputs(model: nn.Module, loader) -> torch.Tensor:
     hook = first.register_forward_pre_hook(grab)
     try:
         for x, _ in loader:
+            x = x.to(next(model.parameters()).device)
+            valid.append(families.token_mask(model, x))
             try:
-                model(x.to(next(model.parameters()).device))
+                model(x)
             except families.StopPass:
                 pass
     finally:
         hook.remove()
-    return torch.cat(out)
+    return torch.cat(out), (torch.cat(valid) if valid and valid[0] is not None else None)
 
 
-def head_logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def head_logits(model: nn.Module, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """The model's output (logits, or the pooled embedding) from the last block's output tokens."""
-    return families.output(model, h)
+    return families.output(model, h, valid)
 
 
-def _batches(h: torch.Tensor, size: int):
-    return (h[i : i + size] for i in range(0, len(h), size))
+def _batches(h: torch.Tensor | None, size: int):
+    """Consecutive slices of `size` rows of h (None: Nones, as many as the slices of its partner)."""
+    if h is None:
+        while True:
+            yield None
+    yield from (h[i : i + size] for i in range(0, len(h), size))
 
 
-def attention_inputs(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def run_blocks(blocks, h: torch.Tensor, valid: torch.Tensor | None = None, size: int = 32) -> torch.Tensor:
+    """The tokens h (n, N, C) passed through `blocks` in turn, `size` rows at a time."""
+    for b in blocks:
+        h = torch.cat([families.run_block(b, x, v) for x, v in zip(_batches(h, size), _batches(valid, size))])
+    return h
+
+
+def attention_inputs(
+    block: nn.Module, h: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The tokens the block's attention sees (after its norm) for block inputs h, and its mask."""
-    kept = families.run_capturing(block, h, {"x": families.attention(block)}, stop=True)[0]
+    kept = families.run_capturing(block, h, {"x": families.attention(block)}, stop=True, valid=valid)[0]
     return kept["x"], kept.get("x.mask")
 
 
-def _mlp_inputs(block: nn.Module, h: torch.Tensor, fc: str) -> torch.Tensor:
+def _mlp_inputs(block: nn.Module, h: torch.Tensor, fc: str, valid: torch.Tensor | None = None) -> torch.Tensor:
     """The input of the block's MLP linear `fc` (fc1: the normed residual stream; fc2: after the activation)."""
-    return families.run_capturing(block, h, {fc: families.mlp(block)[fc]}, stop=True)[0][fc]
+    return families.run_capturing(block, h, {fc: families.mlp(block)[fc]}, stop=True, valid=valid)[0][fc]
 
 
 @dataclass
@@ -392,14 +414,18 @@ class Calibration:
     first: torch.Tensor | None = None  # (fisher, N, C)
     inputs: list[torch.Tensor] = field(default_factory=list)  # per block: (probe, N, C)
     logits: torch.Tensor | None = None  # (probe, classes)
+    valid: torch.Tensor | None = None  # (max(fisher, probe), N): the unpadded tokens of a text encoder's
+
+    def valid_of(self, n: int) -> torch.Tensor | None:
+        return None if self.valid is None else self.valid[:n]
 
 
-def _site_stats(run: nn.Module, h: torch.Tensor, fc: str, batch_size: int) -> Moments:
+def _site_stats(run: nn.Module, h: torch.Tensor, fc: str, batch_size: int, valid=None) -> Moments:
     m = None
-    for x in _batches(h, batch_size):
-        inp = _mlp_inputs(run, x, fc)
+    for x, v in zip(_batches(h, batch_size), _batches(valid, batch_size)):
+        inp = _mlp_inputs(run, x, fc, v)
         m = m or Moments(inp.shape[-1], device=inp.device)
-        m.add(inp.reshape(-1, inp.shape[-1]))
+        m.add(inp.reshape(-1, inp.shape[-1]), v)
     return m
 
 
@@ -408,13 +434,13 @@ def _check(model: nn.Module) -> list[nn.Module]:
     return families.blocks(model)
 
 
-def _first_inputs(model: nn.Module, loader) -> torch.Tensor:
-    h = block_inputs(model, loader)
+def _first_inputs(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor | None]:
+    h, valid = block_inputs(model, loader)
     if len(h) < MIN_IMAGES:
         raise ComcatError(
             f"calibration needs at least {MIN_IMAGES} images, got {len(h)}: add images, or pass --calibration none"
         )
-    return h
+    return h, valid
 
 
 @torch.no_grad()
@@ -433,8 +459,9 @@ def calibrate(
     `matrix`). Keeps the first block's inputs of `fisher` images, and every block's inputs and the
     logits of `probe` images."""
     blocks = _check(model)
-    h = _first_inputs(model, loader)
+    h, valid = _first_inputs(model, loader)
     cal = Calibration([], len(h), first=h[:fisher].clone() if fisher else None)
+    cal.valid = None if valid is None or not max(fisher, probe) else valid[: max(fisher, probe)].clone()
     for i, block in enumerate(blocks):
         if progress:
             progress(i, len(blocks))
@@ -445,18 +472,18 @@ def calibrate(
         if mlp:
             sites.update(families.mlp(block))
         st, outs, bs = None, [], BlockStats(None)
-        for x in _batches(h, batch_size):  # one pass per batch: the block's output and its sites' inputs
-            kept, out = families.run_capturing(block, x, sites)
+        for x, v in zip(_batches(h, batch_size), _batches(valid, batch_size)):  # the output and the sites' inputs
+            kept, out = families.run_capturing(block, x, sites, valid=v)
             outs.append(out)
-            st = add_attention_stats(st, attn, kept["x"], attn if matrix else None, kept.get("x.mask"))
+            st = add_attention_stats(st, attn, kept["x"], attn if matrix else None, kept.get("x.mask"), v)
             for fc in MLP_SITES if mlp else ():
                 u = kept[fc].reshape(-1, kept[fc].shape[-1])
-                bs.mlp.setdefault(fc, Moments(u.shape[-1], device=x.device)).add(u)
+                bs.mlp.setdefault(fc, Moments(u.shape[-1], device=x.device)).add(u, v)
         bs.attn = st
         cal.stats.append(bs)
         h = torch.cat(outs)
     if probe:
-        cal.logits = head_logits(model, h[:probe])
+        cal.logits = head_logits(model, h[:probe], cal.valid_of(probe))
     return cal
 
 
@@ -514,34 +541,36 @@ def calibrate_sequential(
     blocks = _check(model)
     ranks.validate(model)
     small = copy.deepcopy(model).eval()
-    h = _first_inputs(model, loader)
+    h, valid = _first_inputs(model, loader)
+    vs = [v for _, v in zip(range(0, len(h), batch_size), _batches(valid, batch_size))]
     for i, (block, r) in enumerate(zip(blocks, ranks.blocks)):
         if progress:
             progress(i, len(blocks))
-        xs = [attention_inputs(block, x) for x in _batches(h, batch_size)]
+        xs = [attention_inputs(block, x, v) for x, v in zip(_batches(h, batch_size), vs)]
         run, attn = families.blocks(small)[i], families.attention(block)
         st = None
-        for x, mask in xs:
-            st = add_attention_stats(st, attn, x, mask=mask)
+        for (x, mask), v in zip(xs, vs):
+            st = add_attention_stats(st, attn, x, mask=mask, valid=v)
         if ranks.method == "head":  # the VO path on the mixing of the factorized QK path
             hw = head_weights(attn)
             qk = qk_factors(hw, st, ridge)
             mixer = head_attention(attn, r["qk"], 1, None, ridge, qk=qk)
             st.mixed = Moments(st.mixed.sum.shape[-1], tuple(st.mixed.sum.shape[:-1]), device=h.device)
-            for x, mask in xs:
+            for (x, mask), v in zip(xs, vs):
                 probs = attention_probs(mixer, x, mask)
-                st.mixed.add((probs @ x[:, None]).transpose(0, 1).reshape(hw.num_heads, -1, x.shape[-1]))
+                st.mixed.add((probs @ x[:, None]).transpose(0, 1).reshape(hw.num_heads, -1, x.shape[-1]), v)
             families.set_attention(run, head_attention(attn, r["qk"], r["vo"], st, ridge, qk=qk))
         else:
-            families.set_attention(run, matrix_attention(attn, {m: r.get(m) for m in MATRICES}, st, xs, ridge))
+            batches = [(x, mask, v) for (x, mask), v in zip(xs, vs)]
+            families.set_attention(run, matrix_attention(attn, {m: r.get(m) for m in MATRICES}, st, batches, ridge))
         for fc, lin in families.mlp(block).items():  # fc1 after the new attention, fc2 after the new fc1
             if r.get(fc) is not None:
-                stats = _site_stats(run, h, fc, batch_size)
+                stats = _site_stats(run, h, fc, batch_size, valid)
                 fitted = low_rank_linear(lin, stats, r[fc], ridge, f"block {i} {fc} input")
                 families.set_mlp(run, fc, fitted)
         if r.get(NEURONS) is not None:  # the hidden units after the new attention
-            set_neurons(run, pruned_mlp(block, r[NEURONS], _site_stats(run, h, "fc2", batch_size), ridge=ridge))
-        h = torch.cat([families.run_block(run, x) for x in _batches(h, batch_size)])
+            set_neurons(run, pruned_mlp(block, r[NEURONS], _site_stats(run, h, "fc2", batch_size, valid), ridge=ridge))
+        h = run_blocks([run], h, valid, batch_size)
     compress_classifiers(small, ranks)
     small.comcat_ranks = ranks
     return small

@@ -197,16 +197,22 @@ def recommend(model: nn.Module, ratio: float, spectra=None, cal=None, progress=N
 
 def calibrate_on(model: nn.Module, data, images: int = 512, seed: int = 0, progress=None):
     """The calibration (calibrate.Calibration, with the allocation's probes) of `model` on the fit
-    images of `data` (a folder, or None for the embedded shapes): the split and the subset a compress
-    run with the same data, seed and calibration images uses."""
+    images of `data` (a folder, or None for the embedded shapes; a text encoder's file of sentences):
+    the split and the subset a compress run with the same data, seed and calibration images uses."""
     from torch.utils.data import DataLoader
 
+    from . import families
     from .allocate import FISHER_IMAGES, PROBE_IMAGES
     from .calibrate import calibrate
     from .splits import embedded_splits, make_splits, subset
+    from .texts import sentence_splits
 
-    embedded = data in (None, "", "embedded")
-    fit = embedded_splits(train=0, val=0, evaluate=0).fit if embedded else make_splits(data, model, seed).fit
+    if data in (None, "", "embedded"):
+        fit = embedded_splits(train=0, val=0, evaluate=0).fit
+    elif len(families.input_size(model)) == 1:  # a text encoder: a file of sentences
+        fit = sentence_splits(data, model, seed).fit
+    else:
+        fit = make_splits(data, model, seed).fit
     return calibrate(
         model,
         DataLoader(subset(fit, images, seed), batch_size=32),

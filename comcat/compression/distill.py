@@ -8,7 +8,8 @@ loss = KL(softmax(z_t(x~)) || softmax(z_s(x~)))                           (the t
      [+ lam CE(z_s, y) + (1 - lam) CE(z_s, y[perm])   only with labels of the model's classes]
 
 For a model without a classifier the first term matches the pooled embeddings e instead (match_loss):
-1 - cos(e_s, e_t) + MSE(e_s, e_t) / Var(e_t), averaged over the batch.
+1 - cos(e_s, e_t) + MSE(e_s, e_t) / Var(e_t), averaged over the batch, + w_sim MSE(S_s, S_t) with
+S = ê ê^T the batch's cosine-similarity matrix (what retrieval ranks by).
 
 AdamW with a cosine learning rate (linear warm-up); bf16 autocast on CUDA and on CPUs with bf16
 units; after every epoch the model is scored on the validation split (held out from training) by
@@ -85,13 +86,20 @@ def mix_views(x: torch.Tensor, alpha: float = 1.0) -> tuple[torch.Tensor, float,
     return x, 1 - (y1 - y0) * (x1 - x0) / (H * W), perm
 
 
-def match_loss(out: torch.Tensor, teacher_out: torch.Tensor, embeddings: bool = False) -> torch.Tensor:
+def match_loss(
+    out: torch.Tensor, teacher_out: torch.Tensor, embeddings: bool = False, similarity: float = 0.0
+) -> torch.Tensor:
     """How far the student's outputs (B, K) are from the teacher's: KL(softmax(z_t) || softmax(z_s))
-    for logits; for embeddings 1 - cos(e_s, e_t) + MSE(e_s, e_t) / Var(e_t), batch means."""
+    for logits; for embeddings 1 - cos(e_s, e_t) + MSE(e_s, e_t) / Var(e_t), batch means, plus
+    `similarity` x MSE of the batch's cosine-similarity matrices."""
     out, teacher_out = out.float(), teacher_out.float()
     if embeddings:
         cos = F.cosine_similarity(out, teacher_out, dim=-1).mean()
-        return 1 - cos + F.mse_loss(out, teacher_out) / teacher_out.var().clamp_min(1e-12)
+        loss = 1 - cos + F.mse_loss(out, teacher_out) / teacher_out.var().clamp_min(1e-12)
+        if similarity:
+            s, t = F.normalize(out, dim=-1), F.normalize(teacher_out, dim=-1)
+            loss = loss + similarity * F.mse_loss(s @ s.T, t @ t.T)
+        return loss
     return F.kl_div(out.log_softmax(-1), teacher_out.log_softmax(-1), log_target=True, reduction="batchmean")
 
 
@@ -105,9 +113,10 @@ def distill_loss(
     lam: float = 1.0,
     perm=None,
     embeddings: bool = False,
+    similarity: float = 0.0,
 ) -> torch.Tensor:
     """match_loss to the teacher + decaying block alignment [+ mixed cross-entropy with labels]."""
-    loss = match_loss(logits, teacher_logits, embeddings)
+    loss = match_loss(logits, teacher_logits, embeddings, similarity)
     if labels is not None:
         other = labels if perm is None else labels[perm]
         loss = loss + lam * F.cross_entropy(logits.float(), labels) + (1 - lam) * F.cross_entropy(logits.float(), other)
@@ -138,7 +147,8 @@ def validation_scores(model: nn.Module, data, reference: torch.Tensor, device: s
 class FinetuneConfig:
     """End-to-end fine-tuning (module docstring): `epochs` of AdamW at `lr` (cosine, `warmup` of
     the steps linear), the block-output alignment weighted `align_weight` (decaying to 0) at blocks
-    `align`, mixup / cutmix views with `mix`, the images' labels with `labels`, bf16 with `amp`."""
+    `align`, mixup / cutmix views with `mix`, the images' labels with `labels`, bf16 with `amp`;
+    for embeddings the similarity-matrix term weighted `similarity`."""
 
     epochs: int = 2
     lr: float = 5e-5
@@ -151,14 +161,15 @@ class FinetuneConfig:
     mix: bool = True
     amp: bool = True
     seed: int = 0
+    similarity: float = 0.0
 
     def __post_init__(self):
         self.align = tuple(self.align)
         require(is_int(self.epochs, 1) and is_int(self.batch_size, 1), "fine-tuning epochs and batch size must be >= 1")
         require(is_positive(self.lr), f"the fine-tuning learning rate must be a positive number, got {self.lr}")
         require(
-            self.weight_decay >= 0 and self.align_weight >= 0 and 0 <= self.warmup < 1,
-            "weight decay and align weight must be >= 0 and warmup in [0, 1)",
+            self.weight_decay >= 0 and self.align_weight >= 0 and self.similarity >= 0 and 0 <= self.warmup < 1,
+            "weight decay, align and similarity weights must be >= 0 and warmup in [0, 1)",
         )
         check_count(self.epochs, "fine-tuning epochs", 1, MAX_EPOCHS)
         check_count(self.batch_size, "the batch size", 1, MAX_BATCH)
@@ -229,7 +240,9 @@ def finetune(
                     logits = net(x)
                     labels = y if cfg.labels and not embeddings else None
                     feats, t_feats = taps.take(), teacher_taps.take()
-                    loss = distill_loss(logits, t_logits, feats, t_feats, w, labels, lam, perm, embeddings)
+                    loss = distill_loss(
+                        logits, t_logits, feats, t_feats, w, labels, lam, perm, embeddings, cfg.similarity
+                    )
                 if not torch.isfinite(loss):
                     raise ComcatError("the fine-tuning loss became NaN/inf: lower the learning rate (--lr)")
                 opt.zero_grad(set_to_none=True)

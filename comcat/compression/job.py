@@ -181,17 +181,11 @@ class JobSpec:
 
     def resolved(self, arch: str, text: bool = False) -> "JobSpec":
         """The spec with 'auto' settings decided for a model of architecture `arch` (`text`: a text
-        encoder, whose sentences go through whole-model passes only: no calibration or block
-        distillation, no mixup, no block alignment, as its blocks would run without the padding mask)."""
+        encoder: its sentences are calibrated on and distilled block by block with their padding
+        masked, without the image views (crops, flips, mixup) and, end to end, without block alignment)."""
         out = JobSpec.from_dict(asdict(self))
         if text and self.data is not None:
-            require(
-                out.calibration in ("auto", "none") and out.allocate != "calibrated",
-                "a text encoder is not calibrated on sentences yet (its blocks would run without the padding "
-                "mask): drop --calibration / --allocate calibrated",
-            )
-            out.calibration = "none"
-            out.distill = replace(out.distill, steps=0)
+            out.distill = replace(out.distill, views=0, mix=False)
             if out.finetune is not None:
                 out.finetune = replace(out.finetune, mix=False, align_weight=0.0)
         if out.calibration == "auto":
@@ -448,12 +442,58 @@ def _start(job: dict, out: Path, resume: bool, callback, should_stop, progress: 
                 "unit": splits.unit,
             }
         )
+    job["plan"] = plan(spec, splits.unit if splits else None)
+    emit({"kind": "plan", "phases": job["plan"]})
     run = Run(
         job, spec, out, loaded, dense, splits, device, emit, lambda: bool(should_stop and should_stop()), progress
     )
     if not resume:
         _write_job(out, job)
     return _phases(run)
+
+
+def plan(spec: JobSpec, unit: str | None) -> list[dict]:
+    """What the run does, phase by phase, for a resolved spec and data of `unit` ("images",
+    "sentences"; None: no data): {"phase", "runs", "how"} where `how` says how it runs or why not."""
+    data = "no data: pass --data" if unit is None else None
+    rules = {"ranks_file": "ranks from the file", "energy": "ranks from --energy", "search": "ranks searched"}
+    rule = next((v for k, v in rules.items() if getattr(spec, k) is not None), None)
+    cal = spec.calibration != "none"
+    steps = spec.distill.steps
+    rows = [
+        (
+            "calibration",
+            cal,
+            f"{spec.calibration}: factors fitted to the layers' inputs on the {unit}"
+            if cal
+            else (data or "--calibration none: plain SVD of the weights"),
+        ),
+        (
+            "allocation",
+            rule is None,
+            f"{spec.allocate}: ranks shared out under the budget" if rule is None else f"not needed: {rule}",
+        ),
+        (
+            "search",
+            spec.search is not None,
+            f"{spec.search.epochs} epoch(s)" if spec.search else "not asked for (--search)",
+        ),
+        (
+            "distillation",
+            bool(steps),
+            f"block by block, {steps} steps per block" + (", padding masked" if unit == "sentences" else "")
+            if steps
+            else (data or "--distill-steps 0"),
+        ),
+        (
+            "fine-tuning",
+            spec.finetune is not None,
+            f"end to end, {spec.finetune.epochs} epoch(s)" if spec.finetune else "not asked for (--finetune-epochs N)",
+        ),
+    ]
+    if spec.quantize:
+        rows.append(("int8", True, spec.quantize))
+    return [{"phase": k, "runs": bool(r), "how": h} for k, r, h in rows]
 
 
 def _next(spec: JobSpec) -> str:
@@ -695,7 +735,9 @@ def _finish(run: Run, small, stopped: str | None = None) -> dict:
             run.device,
             run.progress,
         )
-        report.update({k: job[k] for k in ("search", "distill", "finetune", "time_s", "validation") if k in job})
+        report.update(
+            {k: job[k] for k in ("search", "distill", "finetune", "time_s", "validation", "plan") if k in job}
+        )
         report["stopped"] = stopped
         report["processes"] = dist.world()
         report["calibration"] = spec.calibration

@@ -1,7 +1,8 @@
 """Block-wise distillation: each compressed block learns to reproduce its dense block's output.
 
 For block i, on the student's own input tokens h_s (what its compressed blocks 0..i-1 produce) and
-the dense block's output t_i = B_i(h_t) on the dense model's tokens h_t:
+the dense block's output t_i = B_i(h_t) on the dense model's tokens h_t (a text encoder's padded
+tokens run masked, as in the model, and count in no mean):
 
     min_theta  mean ||B_i^theta(h_s) - t_i||^2 / Var(t_i)  +  w_cls mean ||B_i^theta(h_s)[0] - t_i[0]||^2 / Var(t_i[0])
 
@@ -27,7 +28,7 @@ from ..core.errors import ComcatError, is_int, is_positive, require
 from ..core.loop import RunControl, train_mode
 from ..core.records import MAX_BATCH, MAX_SEED, MAX_STEPS, check_count
 from . import families
-from .calibrate import block_inputs
+from .calibrate import block_inputs, run_blocks
 
 
 class AugmentedViews:
@@ -56,10 +57,19 @@ class AugmentedViews:
 
 
 @torch.no_grad()
-def _run(blocks, h: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    for b in blocks:
-        h = torch.cat([families.run_block(b, h[i : i + batch]) for i in range(0, len(h), batch)])
-    return h
+def _run(blocks, h: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    return run_blocks(blocks, h, valid)
+
+
+def token_mse(out: torch.Tensor, want: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """mean ||out - want||^2 / C over the tokens (B, N, C) that are `valid` ((B, N); None: all)."""
+    se = (out - want).square().mean(-1)
+    return se.mean() if valid is None else (se * valid).sum() / valid.sum().clamp_min(1)
+
+
+def token_var(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Var of the entries of the valid tokens of t (B, N, C)."""
+    return (t if valid is None else t[valid]).float().var().clamp_min(1e-12)
 
 
 def _lr(step: int, total: int, lr: float) -> float:
@@ -138,20 +148,20 @@ def distill_blocks(
     s_blocks, t_blocks = families.blocks(student), families.blocks(teacher)
     read = read_tokens(teacher) if cfg.cls_weight else []
     depth, total = len(t_blocks), len(t_blocks) * steps
-    h_t = block_inputs(teacher, loader)
+    h_t, valid = block_inputs(teacher, loader)
     if len(h_t) == 0:
         raise ComcatError("block distillation got no images: give it a folder with images")
     first, step, history = 0, 0, []
     if resume:
         student.load_state_dict(resume["weights"])
         first, step, history = resume["block"], resume["step"], list(resume["history"])
-    h_s = _run(s_blocks[:first], h_t)
-    h_t = _run(t_blocks[:first], h_t)
+    h_s = _run(s_blocks[:first], h_t, valid)
+    h_t = _run(t_blocks[:first], h_t, valid)
     stopped = False
     for i in range(first, depth):
         block = s_blocks[i]
-        target = _run([t_blocks[i]], h_t)
-        scale = target.float().var().clamp_min(1e-12)
+        target = _run([t_blocks[i]], h_t, valid)
+        scale = token_var(target, valid)
         cls_scale = target[:, read].float().var().clamp_min(1e-12) if read else None
         opt = torch.optim.AdamW(trainable(block, cfg.scope), lr=cfg.lr, weight_decay=0.0)
         if resume and i == first and "opt" in resume:
@@ -162,8 +172,9 @@ def distill_blocks(
             idx = torch.randint(len(h_s), (min(cfg.batch_size, len(h_s)),), generator=g).to(h_s.device)
             for group in opt.param_groups:
                 group["lr"] = _lr(k, steps, cfg.lr)
-            out, want = families.run_block(block, h_s[idx]).float(), target[idx].float()
-            loss = F.mse_loss(out, want) / scale
+            v = None if valid is None else valid[idx]
+            out, want = families.run_block(block, h_s[idx], v).float(), target[idx].float()
+            loss = token_mse(out, want, v) / scale
             if read:
                 loss = loss + cfg.cls_weight * F.mse_loss(out[:, read], want[:, read]) / cls_scale
             if not torch.isfinite(loss):
@@ -192,6 +203,6 @@ def distill_blocks(
             )
         if stopped:
             break
-        h_s, h_t = _run([block], h_s), target
+        h_s, h_t = _run([block], h_s, valid), target
     student.requires_grad_(True)
     return {"model": student.eval(), "stopped": stopped, "steps": step, "total": total, "history": history}

@@ -232,6 +232,11 @@ def format_report(report: dict) -> str:
     )
 
 
+def plan_lines(phases: list[dict]) -> list[str]:
+    """One line per phase of a run's plan (job.plan): what runs and how, or why it does not."""
+    return [f"{p['phase']:>12}: " + (p["how"] if p["runs"] else f"skipped ({p['how']})") for p in phases]
+
+
 FEW_VALIDATION = 100  # validation images below which choosing the best model is within noise
 
 
@@ -252,6 +257,8 @@ def report_markdown(report: dict, source: str, heatmap: str | None = None) -> st
             "(`--resume` continues the run).",
             "",
         ]
+    if report.get("plan"):
+        lines += ["Phases:", "", "```", *plan_lines(report["plan"]), "```", ""]
     if report.get("calibration") and report["calibration"] != "none":
         lines += [
             f"Factors fitted to the layers' inputs on the training images ({report['calibration']} calibration).",

@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 
 from ..core.errors import ComcatError
 from . import families
+from .families.hf_encoders import pad_id
 from .images import NO_LABEL
 from .splits import VAL_FRACTION, Splits
 
@@ -71,7 +72,7 @@ def tokenize(model: nn.Module, sentences: list[str]) -> torch.Tensor:
     tok = tokenizer_for(model)
     length = families.input_size(model)[0]
     ids = tok(sentences, padding="max_length", truncation=True, max_length=length, return_tensors="pt")["input_ids"]
-    pad = getattr(model.hf.config, "pad_token_id", None) or 0
+    pad = pad_id(model)
     if tok.pad_token_id is not None and tok.pad_token_id != pad:
         ids = ids.masked_fill(ids == tok.pad_token_id, pad)  # the id the model masks out
     return ids
@@ -86,7 +87,7 @@ def sentence_splits(path: str | Path, model: nn.Module, seed: int = 0) -> Splits
             "to validate on and to evaluate on)"
         )
     ids = tokenize(model, sentences)
-    cut = int((ids[:, -1] != (getattr(model.hf.config, "pad_token_id", None) or 0)).sum())  # filled to the end
+    cut = int((ids[:, -1] != pad_id(model)).sum())  # filled to the end
     perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     held, rest = sorted(perm[0::2]), perm[1::2]
     n_val = max(1, round(VAL_FRACTION * len(rest)))

@@ -572,6 +572,17 @@ def test_compress_a_text_encoder_on_zipped_sentences_or_on_its_weights_alone(tmp
     head = list(compress_page.on_compress(**model, data_source=common.NO_DATA))[-1][0]
     assert head.startswith("**Done**"), head
     assert "always compresses on its shapes" in next(compress_page.on_compress(data_source=common.NO_DATA))[0]
+    # the sentences file itself, not zipped: calibrated and distilled with the padding masked, said on the card
+    text = tmp_path / "s.txt"
+    head, _, _, card, *_ = list(
+        compress_page.on_compress(**model, data_source="uploaded zip", data_zip=str(text), distill_steps=5)
+    )[-1]
+    assert head.startswith("**Done**"), head
+    assert "phases: calibration data" in card and "padding masked" in card and "~~search~~" in card, card
+    # Explore's recommendation calibrated on the same sentences
+    ex = explore_page.explore("uploaded checkpoint", "", str(zips["bert"]), "")
+    advice, files = list(explore_page.on_calibrated(ex, 0.5, "uploaded zip", "", str(text)))[-1]
+    assert files and "ranks.json" in " ".join(files) and not advice.startswith("**Error"), advice
 
 
 def test_an_uploaded_checkpoint_fills_the_architecture_box_with_its_guess(tmp_path):

@@ -92,14 +92,16 @@ def test_transformers_encoders_are_exact_at_full_rank(name, impl):
 @pytest.mark.parametrize("name", ["DeiTForImageClassificationWithTeacher", "CLIPVisionModel", "BertModel"])
 def test_the_blocks_and_output_of_the_interface_rebuild_the_forward_pass(name):
     """First block input -> run_block over the blocks -> output(model, h) equals model(x): what
-    calibration, allocation and block distillation rely on (blocks run unmasked: text without padding)."""
+    calibration, allocation and block distillation rely on (text: padded rows too, masked)."""
     model, x = wrap(tiny(name)), inputs(name)
-    x = x[1:] if name == "BertModel" else x  # the rows without padding
     with torch.no_grad():
-        h = block_inputs(model, [(x, None)])
+        h, valid = block_inputs(model, [(x, None)])
+        assert (valid is None) == (name != "BertModel")
+        if valid is not None:
+            assert not valid.all() and valid.any(1).all()  # some rows padded
         for b in families.blocks(model):
-            h = families.run_block(b, h)
-        assert rel_err(families.output(model, h), model(x)) < 1e-12
+            h = families.run_block(b, h, valid)
+        assert rel_err(families.output(model, h, valid), model(x)) < 1e-12
 
 
 @pytest.mark.parametrize("name", ["ViTForImageClassification", "BertModel"])
@@ -277,6 +279,7 @@ def test_sentences_split_disjointly_and_fine_tuning_brings_a_text_encoder_closer
     nearest sentence) than the SVD ranks alone, within the same budget."""
     from comcat.compression.distill import FinetuneConfig
     from comcat.compression.job import JobSpec, run_job
+    from comcat.compression.reconstruct import DistillConfig
     from comcat.compression.search import SearchConfig
     from comcat.compression.texts import sentence_splits
 
@@ -293,12 +296,13 @@ def test_sentences_split_disjointly_and_fine_tuning_brings_a_text_encoder_closer
     long.write_text(text.read_text() + " ".join(["word"] * 500) + "\n")  # one sentence past the 64 tokens
     assert "1 sentence(s) reach the model's 64 tokens and are cut there" in sentence_splits(long, loaded.model).note
     common = dict(model=str(folder), data=str(text), ratio=0.3, scope="attention", mlp=True, latency=False)
+    common.update(calibration="none", distill=DistillConfig(steps=0))  # SVD ranks: what search and fine-tuning add
     plain = run_job(JobSpec(**common), tmp_path / "plain")["report"]
     tuned = run_job(
         JobSpec(**common, search=SearchConfig(epochs=2), finetune=FinetuneConfig(epochs=5, lr=1e-3)),
         tmp_path / "tuned",
     )["report"]
-    assert plain["data"]["unit"] == "sentences" and plain["calibration"] == "none"
+    assert plain["data"]["unit"] == "sentences" and plain["calibration"] == "none"  # --calibration none below
     assert tuned["compressed"]["cosine"] > plain["compressed"]["cosine"] + 0.1, (plain, tuned)
     assert tuned["params_ratio"] <= plain["params_ratio"] + 0.05
 

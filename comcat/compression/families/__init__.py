@@ -81,12 +81,18 @@ def set_mlp(block: nn.Module, name: str, module: nn.Module) -> None:
     _block_family(block).set_mlp(block, name, module)
 
 
-def run_block(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return _block_family(block).run_block(block, h)
+def run_block(block: nn.Module, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The block's output tokens for input tokens h; `valid` (B, N) bool: the tokens that are not padding."""
+    return _block_family(block).run_block(block, h, valid)
 
 
-def output(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return family_of(model).output(model, h)
+def output(model: nn.Module, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    return family_of(model).output(model, h, valid)
+
+
+def token_mask(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """(B, N) bool, True where a token of input x is not padding (a text encoder's); None: no padding."""
+    return family_of(model).token_mask(model, x)
 
 
 def classifiers(model: nn.Module) -> dict[str, nn.Module]:
@@ -130,7 +136,11 @@ class StopPass(Exception):
 
 
 def run_capturing(
-    block: nn.Module, h: torch.Tensor, modules: dict[str, nn.Module], stop: bool = False
+    block: nn.Module,
+    h: torch.Tensor,
+    modules: dict[str, nn.Module],
+    stop: bool = False,
+    valid: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Run `block` on tokens h, keeping the input (first positional argument) of each module in
     `modules` by name, and as "<name>.mask" the attention mask it was called with, if any (Swin's
@@ -149,7 +159,7 @@ def run_capturing(
 
     hooks = [m.register_forward_pre_hook(keep(n), with_kwargs=True) for n, m in modules.items()]
     try:
-        out = run_block(block, h)
+        out = run_block(block, h, valid)
     except StopPass:
         out = None
     finally:

@@ -223,12 +223,17 @@ class Family:
     def set_mlp(self, block: nn.Module, name: str, module: nn.Module) -> None:
         raise NotImplementedError
 
-    def run_block(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def run_block(self, block: nn.Module, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens h -> the block's output; `valid` marks a text encoder's unpadded tokens (images: None)."""
         return block(h)
 
-    def output(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def output(self, model: nn.Module, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The model's output (classifier logits, or the pooled embedding) from the last block's tokens."""
         raise NotImplementedError
+
+    def token_mask(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """(B, N) bool of the tokens of input x that are not padding; None for inputs without padding."""
+        return None
 
     def classifiers(self, model: nn.Module) -> dict[str, nn.Module]:
         """The classifier linears by attribute name (empty for a model without a classifier)."""

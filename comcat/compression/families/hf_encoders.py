@@ -138,8 +138,7 @@ class TransformersModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.text:
-            pad = getattr(self.hf.config, "pad_token_id", None) or 0
-            mask = x != pad
+            mask = x != pad_id(self)
             out = self.hf(input_ids=x, attention_mask=mask.long())
             if self.pooling is not None:
                 return pool(out.last_hidden_state, mask, self.pooling, self.normalize)
@@ -149,6 +148,11 @@ class TransformersModel(nn.Module):
             return out.logits
         pooled = getattr(out, "pooler_output", None)
         return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+
+def pad_id(model: nn.Module) -> int:
+    """The token id a text encoder masks out (its config's pad id, else 0)."""
+    return getattr(model.hf.config, "pad_token_id", None) or 0
 
 
 def pool(h: torch.Tensor, mask: torch.Tensor, mode: str, normalize: bool = False) -> torch.Tensor:
@@ -245,13 +249,26 @@ class Transformers(Family):
     def set_mlp(self, block: nn.Module, name: str, module: nn.Module) -> None:
         _set(block, getattr(self._layout(block), name), module)
 
-    def run_block(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        out = block(h, None)  # no attention mask (CLIP's layers take it positionally, required)
+    def run_block(self, block: nn.Module, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """block(h, mask): the keys of padded tokens masked out (bool (B, 1, 1, N), True = attend; with
+        the causal mask in a causal tower); no mask when nothing is padded (CLIP's layers take it
+        positionally, required)."""
+        mask = None
+        if valid is not None and not bool(valid.all()):
+            mask = valid[:, None, None, :]
+            if self._slot(block).kind in CAUSAL:
+                N = h.shape[1]
+                mask = mask & torch.ones(N, N, dtype=torch.bool, device=h.device).tril()
+        out = block(h, mask)
         return out[0] if isinstance(out, tuple) else out
 
-    def output(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def token_mask(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        return x != pad_id(model) if model.text else None
+
+    def output(self, model: nn.Module, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The model run with its layer list standing in as one layer that returns h: the model's
-        own final norm, pooling and classifier on h (the embeddings see a blank input)."""
+        own final norm, pooling and classifier on h (the embeddings see a blank input; for a text
+        encoder one padded where `valid` is False, so that it pools the unpadded tokens)."""
         if model.model_type == "clip_text_model":
             raise ComcatError(
                 "a CLIP text tower pools each sentence at its end token, which only the token ids show: comcat "
@@ -260,8 +277,12 @@ class Transformers(Family):
         path = model.layers_path
         layers = _get(model, path)
         _set(model, path, nn.ModuleList([_Inject(h)]))
+        x = self.example_input(model, h.shape[0], h.shape[1:2] if model.text else None)
+        if model.text and valid is not None:
+            pad = pad_id(model)
+            x = torch.where(valid, torch.full_like(x, 2 if pad == 1 else 1), torch.full_like(x, pad))
         try:
-            return model(self.example_input(model, h.shape[0], h.shape[1:2] if model.text else None))
+            return model(x)
         finally:
             _set(model, path, layers)
 

@@ -134,11 +134,11 @@ class TimmSwin(Family):
     def set_mlp(self, block: nn.Module, name: str, module: nn.Module) -> None:
         setattr(block.mlp, name, module)
 
-    def run_block(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def run_block(self, block: nn.Module, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         merge = getattr(block, DOWNSAMPLE, None)
         return block(h if merge is None else merge(h))
 
-    def output(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def output(self, model: nn.Module, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         return model.forward_head(model.norm(h))
 
     def classifiers(self, model: nn.Module) -> dict[str, nn.Module]:

@@ -87,7 +87,7 @@ class TimmViT(Family):
     def set_mlp(self, block: nn.Module, name: str, module: nn.Module) -> None:
         setattr(block.mlp, name, module)
 
-    def output(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def output(self, model: nn.Module, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         return model.forward_head(model.norm(h))
 
     def classifiers(self, model: nn.Module) -> dict[str, nn.Module]:
