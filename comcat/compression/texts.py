@@ -1,7 +1,8 @@
 """Text data for a text encoder: a UTF-8 file with one sentence per line, tokenized by the model's
-own tokenizer (saved beside its weights) to one length (padded and cut), split as a flat image
-folder is: a seeded half to evaluate on, a fifth of the other half to validate on, the rest to
-train and fit on. There are no labels: the figures are fidelity to the dense model."""
+own tokenizer (saved beside its weights), padded to the longest sentence and cut at the model's
+input length, split as a flat image folder is: a seeded half to evaluate on, a fifth of the other
+half to validate on, the rest to train and fit on. There are no labels: the figures are fidelity
+to the dense model."""
 
 from __future__ import annotations
 
@@ -67,15 +68,21 @@ def read_sentences(path: str | Path) -> list[str]:
     return [s.strip()[:MAX_LINE_CHARS] for s in lines if s.strip()]
 
 
-def tokenize(model: nn.Module, sentences: list[str]) -> torch.Tensor:
-    """(n, N) token ids, padded and cut to the model's input length N."""
+def tokenize(model: nn.Module, sentences: list[str]) -> tuple[torch.Tensor, int]:
+    """((n, N) token ids padded to the longest sentence, N at most the model's input length L; the
+    number of sentences longer than L tokens, which are cut at L). Padding to the longest sentence
+    rather than to L spares the passes over padding (masked out either way)."""
     tok = tokenizer_for(model)
     length = families.input_size(model)[0]
-    ids = tok(sentences, padding="max_length", truncation=True, max_length=length, return_tensors="pt")["input_ids"]
+    ids = tok(sentences, padding="longest", truncation=True, max_length=length, return_tensors="pt")["input_ids"]
     pad = pad_id(model)
     if tok.pad_token_id is not None and tok.pad_token_id != pad:
         ids = ids.masked_fill(ids == tok.pad_token_id, pad)  # the id the model masks out
-    return ids
+    cut = 0
+    if ids.shape[1] == length:  # some sentence reached L: count those longer than it
+        full = tok(sentences, truncation=False, verbose=False)["input_ids"]
+        cut = sum(len(x) > length for x in full)
+    return ids, cut
 
 
 def sentence_splits(path: str | Path, model: nn.Module, seed: int = 0) -> Splits:
@@ -86,8 +93,7 @@ def sentence_splits(path: str | Path, model: nn.Module, seed: int = 0) -> Splits
             f"{path} has {len(sentences)} sentence(s): a compress run needs at least 4 (to train on, "
             "to validate on and to evaluate on)"
         )
-    ids = tokenize(model, sentences)
-    cut = int((ids[:, -1] != pad_id(model)).sum())  # filled to the end
+    ids, cut = tokenize(model, sentences)
     perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     held, rest = sorted(perm[0::2]), perm[1::2]
     n_val = max(1, round(VAL_FRACTION * len(rest)))
@@ -99,5 +105,5 @@ def sentence_splits(path: str | Path, model: nn.Module, seed: int = 0) -> Splits
     source = f"{path} ({len(sentences)} sentences; seeded halves, a fifth of the fitting half for validation)"
     note, unit = "sentences carry no labels", "sentences"
     if cut:
-        note += f"; {cut} sentence(s) reach the model's {ids.shape[1]} tokens and are cut there"
+        note += f"; {cut} sentence(s) are longer than the model's {ids.shape[1]} tokens and are cut there"
     return Splits(part(train), part(train), part(val), part(held), source, False, note, unit)
