@@ -52,15 +52,16 @@ SHARED = ROOT.parent / "shared" / "data"
 SETTINGS = {"attn50": (0.5, False), "attn30": (0.3, False), "all50": (0.5, True)}
 
 
-def paired(a: torch.Tensor, b: torch.Tensor, reps: int = 10000, seed: int = 0) -> dict:
-    """a, b: (N,) bool, right/wrong of two models on the same images. Mean difference a - b in
-    points and its 95% interval, images resampled with replacement."""
+def paired(a: torch.Tensor, b: torch.Tensor, reps: int = 10000, seed: int = 0, scale: float = 100) -> dict:
+    """a, b: (N,) per-image figures of two models on the same images (bool right/wrong, or any
+    number). Mean difference a - b times `scale` (100: in points) and its 95% interval, images
+    resampled with replacement."""
     d = a.double() - b.double()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(d), (reps, len(d)), generator=g)
-    boot = d[idx].mean(1) * 100
+    boot = d[idx].mean(1) * scale
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"diff": d.mean().item() * 100, "ci95": [lo, hi]}
+    return {"diff": d.mean().item() * scale, "ci95": [lo, hi]}
 
 
 def latency(dense, small) -> dict:

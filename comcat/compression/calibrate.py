@@ -375,18 +375,17 @@ def head_logits(model: nn.Module, h: torch.Tensor, valid: torch.Tensor | None = 
     return families.output(model, h, valid)
 
 
-def _batches(h: torch.Tensor | None, size: int):
-    """Consecutive slices of `size` rows of h (None: Nones, as many as the slices of its partner)."""
-    if h is None:
-        while True:
-            yield None
-    yield from (h[i : i + size] for i in range(0, len(h), size))
+def _batches(h: torch.Tensor, valid: torch.Tensor | None, size: int):
+    """Consecutive slices of `size` rows of h and of valid (None stays None): (x, v) pairs."""
+    for i in range(0, len(h), size):
+        yield h[i : i + size], (None if valid is None else valid[i : i + size])
 
 
+@torch.no_grad()
 def run_blocks(blocks, h: torch.Tensor, valid: torch.Tensor | None = None, size: int = 32) -> torch.Tensor:
     """The tokens h (n, N, C) passed through `blocks` in turn, `size` rows at a time."""
     for b in blocks:
-        h = torch.cat([families.run_block(b, x, v) for x, v in zip(_batches(h, size), _batches(valid, size))])
+        h = torch.cat([families.run_block(b, x, v) for x, v in _batches(h, valid, size)])
     return h
 
 
@@ -422,7 +421,7 @@ class Calibration:
 
 def _site_stats(run: nn.Module, h: torch.Tensor, fc: str, batch_size: int, valid=None) -> Moments:
     m = None
-    for x, v in zip(_batches(h, batch_size), _batches(valid, batch_size)):
+    for x, v in _batches(h, valid, batch_size):
         inp = _mlp_inputs(run, x, fc, v)
         m = m or Moments(inp.shape[-1], device=inp.device)
         m.add(inp.reshape(-1, inp.shape[-1]), v)
@@ -472,7 +471,7 @@ def calibrate(
         if mlp:
             sites.update(families.mlp(block))
         st, outs, bs = None, [], BlockStats(None)
-        for x, v in zip(_batches(h, batch_size), _batches(valid, batch_size)):  # the output and the sites' inputs
+        for x, v in _batches(h, valid, batch_size):  # one pass per batch: the output and the sites' inputs
             kept, out = families.run_capturing(block, x, sites, valid=v)
             outs.append(out)
             st = add_attention_stats(st, attn, kept["x"], attn if matrix else None, kept.get("x.mask"), v)
@@ -542,11 +541,11 @@ def calibrate_sequential(
     ranks.validate(model)
     small = copy.deepcopy(model).eval()
     h, valid = _first_inputs(model, loader)
-    vs = [v for _, v in zip(range(0, len(h), batch_size), _batches(valid, batch_size))]
+    vs = [v for _, v in _batches(h, valid, batch_size)]
     for i, (block, r) in enumerate(zip(blocks, ranks.blocks)):
         if progress:
             progress(i, len(blocks))
-        xs = [attention_inputs(block, x, v) for x, v in zip(_batches(h, batch_size), vs)]
+        xs = [attention_inputs(block, x, v) for x, v in _batches(h, valid, batch_size)]
         run, attn = families.blocks(small)[i], families.attention(block)
         st = None
         for (x, mask), v in zip(xs, vs):

@@ -201,18 +201,13 @@ def calibrate_on(model: nn.Module, data, images: int = 512, seed: int = 0, progr
     the split and the subset a compress run with the same data, seed and calibration images uses."""
     from torch.utils.data import DataLoader
 
-    from . import families
     from .allocate import FISHER_IMAGES, PROBE_IMAGES
     from .calibrate import calibrate
-    from .splits import embedded_splits, make_splits, subset
-    from .texts import sentence_splits
+    from .splits import embedded_splits, subset
+    from .texts import data_splits
 
-    if data in (None, "", "embedded"):
-        fit = embedded_splits(train=0, val=0, evaluate=0).fit
-    elif len(families.input_size(model)) == 1:  # a text encoder: a file of sentences
-        fit = sentence_splits(data, model, seed).fit
-    else:
-        fit = make_splits(data, model, seed).fit
+    embedded = data in (None, "", "embedded")
+    fit = embedded_splits(train=0, val=0, evaluate=0).fit if embedded else data_splits(data, model, seed).fit
     return calibrate(
         model,
         DataLoader(subset(fit, images, seed), batch_size=32),

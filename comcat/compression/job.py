@@ -52,6 +52,7 @@ from .quantize import check_quantize
 from .ranks import METHODS, MLP_MODES
 from .reconstruct import DistillConfig
 from .search import SearchConfig
+from .texts import data_splits, is_text_encoder
 
 JOB_FORMAT = "comcat-job/3"  # /3: the distillation, search and fine-tuning settings nested
 READABLE = (JOB_FORMAT, "comcat-job/2")
@@ -391,7 +392,7 @@ def _start(job: dict, out: Path, resume: bool, callback, should_stop, progress: 
     loaded = load_model(job["spec"]["model"], job["spec"]["arch"])
     if loaded.compressed:
         raise ComcatError(f"{loaded.source} is already compressed: compress the dense model instead")
-    text = len(families.input_size(loaded.model)) == 1
+    text = is_text_encoder(loaded.model)
     spec = JobSpec.from_dict(job["spec"]).resolved(loaded.arch, text)
     if spec.mlp == "neurons" and job["spec"].get("mlp") in (None, True):  # chosen for the user: gated MLPs factorize
         from .ranks import hidden_width
@@ -415,18 +416,10 @@ def _start(job: dict, out: Path, resume: bool, callback, should_stop, progress: 
 
         cost_fn, target = spec.budget_of().target(dense)
         check_budget(cost_fn, target, uniform_ranks(dense, spec.method, 1e-9, spec.mlp), spec.budget)
-    from .splits import make_splits
-
-    if text and spec.data is not None:
-        from .texts import sentence_splits
-
-        splits = sentence_splits(spec.data, dense, spec.seed)
-    elif spec.has_images(loaded.arch):
-        splits = make_splits(
-            spec.data, dense, spec.seed, spec.has_images(loaded.arch), spec.train_images, spec.fit_images, spec.labels
-        )
-    else:
-        splits = None
+    splits = None
+    if spec.has_images(loaded.arch):  # images, or a text encoder's sentences
+        kwargs = dict(train_images=spec.train_images, fit_images=spec.fit_images, use_labels=spec.labels)
+        splits = data_splits(spec.data, dense, spec.seed, **kwargs)
     if not spec.has_images(loaded.arch):
         spec.evaluate = False  # nothing to evaluate a timm model on
     emit = callback or (lambda e: None)

@@ -56,11 +56,6 @@ class AugmentedViews:
                     yield (mix_views(x)[0] if self.mix and len(x) > 1 else x), y
 
 
-@torch.no_grad()
-def _run(blocks, h: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    return run_blocks(blocks, h, valid)
-
-
 def token_mse(out: torch.Tensor, want: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """mean ||out - want||^2 / C over the tokens (B, N, C) that are `valid` ((B, N); None: all)."""
     se = (out - want).square().mean(-1)
@@ -155,12 +150,12 @@ def distill_blocks(
     if resume:
         student.load_state_dict(resume["weights"])
         first, step, history = resume["block"], resume["step"], list(resume["history"])
-    h_s = _run(s_blocks[:first], h_t, valid)
-    h_t = _run(t_blocks[:first], h_t, valid)
+    h_s = run_blocks(s_blocks[:first], h_t, valid)
+    h_t = run_blocks(t_blocks[:first], h_t, valid)
     stopped = False
     for i in range(first, depth):
         block = s_blocks[i]
-        target = _run([t_blocks[i]], h_t, valid)
+        target = run_blocks([t_blocks[i]], h_t, valid)
         scale = token_var(target, valid)
         cls_scale = target[:, read].float().var().clamp_min(1e-12) if read else None
         opt = torch.optim.AdamW(trainable(block, cfg.scope), lr=cfg.lr, weight_decay=0.0)
@@ -203,6 +198,6 @@ def distill_blocks(
             )
         if stopped:
             break
-        h_s, h_t = _run([block], h_s, valid), target
+        h_s, h_t = run_blocks([block], h_s, valid), target
     student.requires_grad_(True)
     return {"model": student.eval(), "stopped": stopped, "steps": step, "total": total, "history": history}

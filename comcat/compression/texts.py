@@ -16,7 +16,7 @@ from ..core.errors import ComcatError
 from . import families
 from .families.hf_encoders import pad_id
 from .images import NO_LABEL
-from .splits import VAL_FRACTION, Splits
+from .splits import VAL_FRACTION, Splits, make_splits
 
 
 def tokenizer_for(model: nn.Module):
@@ -107,3 +107,16 @@ def sentence_splits(path: str | Path, model: nn.Module, seed: int = 0) -> Splits
     if cut:
         note += f"; {cut} sentence(s) are longer than the model's {ids.shape[1]} tokens and are cut there"
     return Splits(part(train), part(train), part(val), part(held), source, False, note, unit)
+
+
+def is_text_encoder(model: nn.Module) -> bool:
+    """Whether `model` reads token ids (B, N), not images."""
+    return len(families.input_size(model)) == 1
+
+
+def data_splits(data, model: nn.Module, seed: int = 0, **kwargs) -> Splits:
+    """The splits a compress run makes of `data`: sentence_splits of a text encoder's file of
+    sentences, else splits.make_splits(data, model, seed, **kwargs)."""
+    if data not in (None, "", "embedded") and is_text_encoder(model):
+        return sentence_splits(data, model, seed)
+    return make_splits(data, model, seed, **kwargs)
