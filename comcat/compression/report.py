@@ -261,7 +261,8 @@ def report_markdown(report: dict, source: str, heatmap: str | None = None) -> st
         lines += ["Phases:", "", "```", *plan_lines(report["plan"]), "```", ""]
     if report.get("calibration") and report["calibration"] != "none":
         lines += [
-            f"Factors fitted to the layers' inputs on the training images ({report['calibration']} calibration).",
+            f"Factors fitted to the layers' inputs on the training {report.get('data', {}).get('unit', 'images')} "
+            f"({report['calibration']} calibration).",
             "",
         ]
     s = report.get("search")

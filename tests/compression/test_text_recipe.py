@@ -95,6 +95,7 @@ def test_a_text_encoder_gets_the_calibrated_recipe_and_the_report_names_every_ph
     }
     assert "padding masked" in next(p["how"] for p in plan if p["phase"] == "distillation")
     assert default["compressed"]["cosine"] > plain["compressed"]["cosine"] + 0.02, (default, plain)
+    assert "inputs on the training sentences (data calibration)" in (tmp_path / "default" / "report.md").read_text()
     md = (tmp_path / "svd" / "report.md").read_text()
     assert "calibration: skipped (--calibration none: plain SVD of the weights)" in md
     assert "distillation: skipped (--distill-steps 0)" in md
