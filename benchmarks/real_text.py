@@ -21,7 +21,7 @@ agreement (the nearest other held-out sentence is the same under both models), a
 intervals over sentences of the default minus each row.
 
     python benchmarks/real_text.py [--corpus docs metadata] [--sentences 1200] [--ratio 0.5]
-        [--distill-steps 100] [--cache ~/.cache/comcat] [--out docs/results/real_text]
+        [--distill-steps 300] [--cache ~/.cache/comcat] [--out docs/results/real_text]
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def main() -> None:
     ap.add_argument("--corpus", nargs="+", choices=["docs", "metadata"], default=["docs", "metadata"])
     ap.add_argument("--sentences", type=int, default=1200)
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--distill-steps", type=int, default=100)
+    ap.add_argument("--distill-steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "comcat")
     ap.add_argument("--out", default=None)

@@ -183,10 +183,12 @@ class JobSpec:
     def resolved(self, arch: str, text: bool = False) -> "JobSpec":
         """The spec with 'auto' settings decided for a model of architecture `arch` (`text`: a text
         encoder: its sentences are calibrated on and distilled block by block with their padding
-        masked, without the image views (crops, flips, mixup) and, end to end, without block alignment)."""
+        masked, without the image views (crops, flips, mixup) but with (1 + views) x the steps, the
+        same number of passes over the data, and, end to end, without block alignment)."""
         out = JobSpec.from_dict(asdict(self))
         if text and self.data is not None:
-            out.distill = replace(out.distill, views=0, mix=False)
+            steps = self.distill.steps * (1 + self.distill.views)
+            out.distill = replace(out.distill, steps=steps, views=0, mix=False)
             if out.finetune is not None:
                 out.finetune = replace(out.finetune, mix=False, align_weight=0.0)
         if out.calibration == "auto":
@@ -453,6 +455,7 @@ def plan(spec: JobSpec, unit: str | None) -> list[dict]:
     rule = next((v for k, v in rules.items() if getattr(spec, k) is not None), None)
     cal = spec.calibration != "none"
     steps = spec.distill.steps
+    text = unit == "sentences"
     rows = [
         (
             "calibration",
@@ -474,7 +477,8 @@ def plan(spec: JobSpec, unit: str | None) -> list[dict]:
         (
             "distillation",
             bool(steps),
-            f"block by block, {steps} steps per block" + (", padding masked" if unit == "sentences" else "")
+            f"block by block, {steps} steps per block"
+            + (", padding masked, (1 + views) x --distill-steps: sentences take no image views" if text else "")
             if steps
             else (data or "--distill-steps 0"),
         ),

@@ -100,6 +100,7 @@ CASES = [
     (["compress", "--params-ratio", "0.5", "--out", "/proc/comcat"], "is in a kernel filesystem"),
     (["compress", "--params-ratio", "0.5", "--out", "a_file"], "is a file: choose a folder"),
     (["compress", "--params-ratio", "0.5", "--data", "data", "--out", "data"], "is your input data"),
+    (["compress", "--model", "small", "--params-ratio", "0.5", "--out", "small"], "is your input small"),
     (["compress", "--params-ratio", "0.5", "--seed", "99999999999999999999", "--out", "OUT"], "--seed must be"),
     (["generate", "--prompt", "a V*", "--seed", "99999999999999999999", "--out", "OUT.png"], "--seed must be"),
     (["analyze", "--model", "a/.."], "is neither a file nor a hub id: a hub id is org/name"),

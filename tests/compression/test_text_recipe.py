@@ -93,7 +93,10 @@ def test_a_text_encoder_gets_the_calibrated_recipe_and_the_report_names_every_ph
         "distillation": True,
         "fine-tuning": False,
     }
-    assert "padding masked" in next(p["how"] for p in plan if p["phase"] == "distillation")
+    how = next(p["how"] for p in plan if p["phase"] == "distillation")
+    assert "300 steps per block, padding masked" in how, how  # 100 steps x (1 + 2 image views)
+    spec = JobSpec(**common).resolved("bert", text=True)
+    assert (spec.distill.steps, spec.distill.views) == (300, 0) and spec.resolved("bert", text=True) == spec
     assert default["compressed"]["cosine"] > plain["compressed"]["cosine"] + 0.02, (default, plain)
     assert "inputs on the training sentences (data calibration)" in (tmp_path / "default" / "report.md").read_text()
     md = (tmp_path / "svd" / "report.md").read_text()
