@@ -292,16 +292,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser(
         "export",
-        help="write a model (dense or compressed) as ONNX, checked against PyTorch",
-        description="Write the model as an ONNX graph with a dynamic batch dimension (torch's exporter), run it "
-        "in ONNX Runtime on real inputs, and print its largest error relative to PyTorch's outputs and both "
-        "latencies measured side by side.",
-        epilog="example:\n  python -m comcat export small/ --onnx small.onnx --int8 --data my_images/\n\n" + EXIT_HELP,
+        help="write a model as ONNX, or an adapter as a LoRA file other tools load",
+        description="A model (dense or compressed) with --onnx: an ONNX graph with a dynamic batch dimension "
+        "(torch's exporter), run in ONNX Runtime on real inputs, with its largest error relative to PyTorch's "
+        "outputs and both latencies measured side by side. An adapter with --format: LoRA factors on "
+        "to_q/to_k/to_v/to_out fitted in closed form to reproduce its per-head W^QK and W^VO, written for "
+        "diffusers (load_lora_weights), kohya-based tools or ComfyUI/A1111, with the learned token beside it as a "
+        "textual-inversion file; or baked into a full pipeline folder (--format bake).",
+        epilog="examples:\n  python -m comcat export small/ --onnx small.onnx --int8 --data my_images/\n"
+        "  python -m comcat export heart/ --format diffusers --out heart_lora.safetensors\n"
+        "  python -m comcat export heart/ --format bake --out heart_pipeline/\n\n" + EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    x.add_argument("source", nargs="?", default=None, metavar="MODEL", help="the model (as --model takes it)")
+    x.add_argument(
+        "source", nargs="?", default=None, metavar="MODEL|ADAPTER", help="the model (as --model takes it) or adapter"
+    )
     _model_args(x)
-    x.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write (.onnx)")
+    x.add_argument("--onnx", metavar="FILE", help="the ONNX file to write (.onnx)")
+    x.add_argument("--format", choices=["diffusers", "kohya", "comfy", "bake"], help="write the ADAPTER in this form")
+    x.add_argument("--out", metavar="PATH", help="with --format: the .safetensors file (a folder for bake)")
+    x.add_argument(
+        "--rank", type=int, default=None, help="with --format: the LoRA rank (default: heads x the adapter's rank)"
+    )
+    x.add_argument(
+        "--pipeline", default=None, metavar="P", help="with --format: the adapter's base pipeline (default: its own)"
+    )
     x.add_argument("--int8", action="store_true", help="int8 weights by ONNX Runtime's dynamic quantization")
     x.add_argument(
         "--data",
@@ -714,8 +729,46 @@ def cmd_evaluate(args) -> None:
         _write_json(args.json, metrics)
 
 
+def cmd_export_adapter(args) -> None:
+    from .core.files import check_file_out
+    from .customization.adapter.config import MAX_RANK
+    from .customization.adapter.model import read_adapter
+    from .customization.diffusion.pipeline import load_pipeline
+    from .customization.lora_export import bake_adapter, export_adapter
+
+    if not args.source or not args.out:
+        raise ComcatError(
+            "export --format needs the adapter and --out: export heart/ --format diffusers --out heart.safetensors"
+        )
+    if args.rank is not None and not 1 <= args.rank <= 16 * MAX_RANK:
+        raise ComcatError(f"--rank must be an integer in 1..{16 * MAX_RANK}, got {args.rank}")
+    out = Path(args.out)
+    config, _ = read_adapter(args.source)
+    if args.format != "bake":
+        check_file_out(out, ".safetensors", "--out", args.source, args.overwrite)
+    pipe = load_pipeline(args.pipeline or config.base_model or "embedded")
+    if args.format == "bake":
+        r = bake_adapter(pipe, args.source, out, args.rank, args.overwrite)
+        print(f"wrote {out}: the pipeline with the adapter's LoRA fit (rank {r['rank']}) merged and {r['token']} added")
+    else:
+        r = export_adapter(pipe, args.source, args.format, out, args.rank)
+        tok = f", token {r['token']} in {r['token_file']}" if r["token_file"] else ""
+        print(f"wrote {out} ({args.format}, LoRA rank {r['rank']} on {r['sites']} attentions{tok})")
+    print(
+        f"  relative error of the adapted per-head products: W^QK {r['err_qk']:.3f}, W^VO {r['err_vo']:.3f} "
+        "(largest over attentions, of the adapter's own update; --rank trades size for it)"
+    )
+    if args.json:
+        _write_json(args.json, {k: v for k, v in r.items() if k != "fits"})
+
+
 def cmd_export(args) -> None:
     import torch
+
+    if args.format:
+        return cmd_export_adapter(args)
+    if not args.onnx:
+        raise ComcatError("export needs --onnx FILE for a model, or --format F --out FILE for an adapter")
 
     from .compression import families
     from .compression.evaluate import resolve_data

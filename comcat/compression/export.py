@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ComcatError
-from ..core.files import atomic_write, check_out_place
+from ..core.files import atomic_write, check_file_out
 from . import families
 
 MAX_REL_ERROR = 1e-4  # float export; the int8 graph is judged by its scores instead
@@ -26,17 +26,8 @@ TRACE_BATCH = 2  # the exporter traces at batch 2 (1 would be specialized away)
 
 
 def check_onnx_out(path: Path, model_source: str, overwrite: bool) -> None:
-    """Refuse an --onnx FILE that is a folder, in a kernel filesystem, the model itself, or a file that
-    exists (unless `overwrite`); one line each, before any work."""
-    check_out_place(path.parent, (), None)
-    if path.suffix != ".onnx":
-        raise ComcatError(f"--onnx {path}: give a file name ending in .onnx")
-    if path.is_dir():
-        raise ComcatError(f"--onnx {path} is a folder: give a file name ending in .onnx")
-    if Path(model_source).exists() and path.resolve() == Path(model_source).resolve():
-        raise ComcatError(f"--onnx {path} is your model: choose a new file")
-    if path.exists() and not overwrite:
-        raise ComcatError(f"{path} exists: replace it with --overwrite, or choose another file")
+    """Refuse an --onnx FILE that check_file_out refuses; one line each, before any work."""
+    check_file_out(path, ".onnx", "--onnx", model_source, overwrite)
 
 
 def _export(model: nn.Module, x: torch.Tensor, path: Path) -> None:

@@ -160,6 +160,20 @@ def check_out_place(out: Path, inputs: tuple = (), data: str | None = None) -> N
             raise ComcatError(f"--out {out} is your input {given}: choose a new folder for the output")
 
 
+def check_file_out(path: Path, suffix: str, flag: str, source: str | None, overwrite: bool) -> None:
+    """Refuse an output FILE (`flag`) whose folder check_out_place refuses, without `suffix`, that is
+    a folder, the input `source` itself, or a file that exists (unless `overwrite`); one line each."""
+    check_out_place(path.parent, (), None)
+    if path.suffix != suffix:
+        raise ComcatError(f"{flag} {path}: give a file name ending in {suffix}")
+    if path.is_dir():
+        raise ComcatError(f"{flag} {path} is a folder: give a file name ending in {suffix}")
+    if source and Path(source).exists() and path.resolve() == Path(source).resolve():
+        raise ComcatError(f"{flag} {path} is your input: choose a new file")
+    if path.exists() and not overwrite:
+        raise ComcatError(f"{path} exists: replace it with --overwrite, or choose another file")
+
+
 def claim_out(out: Path, markers: tuple[str, ...], what: str, inputs: tuple = (), data: str | None = None) -> None:
     """Refuse an --out that check_out_place refuses, a non-empty folder holding none of the run
     markers `markers` (someone else's files: nothing in it is ever replaced, --overwrite or not),

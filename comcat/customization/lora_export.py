@@ -1,0 +1,197 @@
+"""An adapter as a LoRA file that diffusers, kohya-based tools and ComfyUI load, or baked into a pipeline.
+
+Formats (the fitted factors of `adapter.lora` are the same in all three):
+  diffusers  unet.<module>.to_q.lora_A.weight (R, in) / lora_B.weight (out, R): peft keys, what
+             `load_lora_weights` / `load_lora_adapter` read
+  kohya      lora_unet_<module with _>_to_q.lora_down.weight / lora_up.weight / alpha: diffusers' own
+             `convert_state_dict_to_kohya` of the diffusers keys (kohya's SD 1.x layout)
+  comfy      the same in the original (LDM / sgm) UNet layout: input_blocks.N.1, middle_block.1,
+             output_blocks.N.1, which ComfyUI and A1111 map natively and diffusers reads back by
+             `_maybe_map_sgm_blocks_to_diffusers`
+A learned token goes beside it as a textual-inversion file ({"emb_params": (1, width)}).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..core.errors import ComcatError
+from ..core.files import atomic_write
+from .adapter.layer import ComcatAttnProcessor
+from .adapter.lora import SiteFit, fit_site
+from .adapter.model import _processors, _unet, attention_sites, read_adapter
+
+FORMATS = ("diffusers", "kohya", "comfy")
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def fit_lora(pipe, name: str, rank: int | None = None) -> dict[str, SiteFit]:
+    """attention site -> its fitted LoRA, for adapter `name` loaded in `pipe` at its strength."""
+    unet = _unet(pipe)
+    sites = attention_sites(unet)
+    fits, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # many small SVDs and solves: threads only contend
+    try:
+        for site, proc in _processors(unet).items():
+            if isinstance(proc, ComcatAttnProcessor) and name in proc.adapters:
+                fits[site] = fit_site(sites[site], proc.adapters[name], proc.scales[name], rank)
+    finally:
+        torch.set_num_threads(threads)
+    if not fits:
+        raise ComcatError(f"no adapter called {name!r} is loaded")
+    return fits
+
+
+def _ldm_site(site: str, layers_per_block: int) -> str:
+    """A diffusers UNet attention path -> the original UNet's ('down_blocks.1.attentions.0.x' ->
+    'input_blocks.4.1.x' for 2 layers per block)."""
+    parts = site.split(".")
+    n = layers_per_block + 1
+    if parts[0] == "down_blocks" and parts[2] == "attentions":
+        head = ["input_blocks", str(1 + int(parts[1]) * n + int(parts[3])), "1"]
+    elif parts[0] == "up_blocks" and parts[2] == "attentions":
+        head = ["output_blocks", str(int(parts[1]) * n + int(parts[3])), "1"]
+    elif parts[0] == "mid_block" and parts[1] == "attentions":
+        head = ["middle_block", "1"]
+    else:
+        raise ComcatError(
+            f"the comfy layout covers UNet down, mid and up blocks; {site} is outside them: use --format diffusers"
+        )
+    rest = parts[4:] if parts[0] != "mid_block" else parts[3:]
+    return ".".join(head + rest)
+
+
+def lora_state_dict(fits: dict[str, SiteFit], fmt: str, unet_config=None) -> dict[str, torch.Tensor]:
+    """The fitted factors under `fmt`'s keys (float32)."""
+    if fmt not in FORMATS:
+        raise ComcatError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    peft = {}
+    for site, fit in sorted(fits.items()):
+        for proj in PROJECTIONS:
+            up, down = fit.factors[proj]
+            peft[f"unet.{site}.{proj}.lora_A.weight"] = down.contiguous()
+            peft[f"unet.{site}.{proj}.lora_B.weight"] = up.contiguous()
+    if fmt == "diffusers":
+        return peft
+    if fmt == "kohya":
+        from diffusers.utils import convert_state_dict_to_kohya
+
+        return convert_state_dict_to_kohya(peft)
+    lpb = unet_config.layers_per_block
+    if not isinstance(lpb, int):
+        raise ComcatError("this UNet has a different number of layers per block: use --format diffusers or kohya")
+    out = {}
+    for site, fit in sorted(fits.items()):
+        for proj in PROJECTIONS:
+            up, down = fit.factors[proj]
+            key = "lora_unet_" + f"{_ldm_site(site, lpb)}.{proj}".replace(".", "_")
+            out[f"{key}.lora_down.weight"] = down.contiguous()
+            out[f"{key}.lora_up.weight"] = up.contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(len(down)))
+    return out
+
+
+def apply_lora(unet, fits: dict[str, SiteFit]) -> None:
+    """Add each fitted update up @ down to its projection's weight, in place (a bake)."""
+    sites = attention_sites(unet)
+    with torch.no_grad():
+        for site, fit in fits.items():
+            attn = sites[site]
+            mods = {"to_q": attn.to_q, "to_k": attn.to_k, "to_v": attn.to_v, "to_out.0": attn.to_out[0]}
+            for proj, (up, down) in fit.factors.items():
+                w = mods[proj].weight
+                w += (up @ down).to(w)
+
+
+def token_file(tensors: dict, path: Path) -> Path | None:
+    """The adapter's learned token row as a textual-inversion file (diffusers, A1111, ComfyUI read it)."""
+    if "token_embedding" not in tensors:
+        return None
+    emb = tensors["token_embedding"].float()[None].contiguous()
+    return atomic_write(path, lambda tmp: save_file({"emb_params": emb}, tmp))
+
+
+def export_adapter(pipe, adapter: str | Path, fmt: str, out: str | Path, rank: int | None = None) -> dict:
+    """Fit adapter `adapter` (loaded into `pipe` here, at its stored strength) as a LoRA and write it
+    to `out` in `fmt`, with the token beside it (OUT stem + '.token.safetensors'). Returns the
+    files, the LoRA rank per site and the relative errors of W^QK_h and W^VO_h."""
+    from .adapter.model import load_adapter, unload_adapter
+
+    out = Path(out)
+    config, tensors = read_adapter(adapter)
+    name = load_adapter(pipe, adapter, name="export")
+    try:
+        fits = fit_lora(pipe, name, rank)
+    finally:
+        unload_adapter(pipe, name)
+    unet = _unet(pipe)
+    sd = lora_state_dict(fits, fmt, unet.config)
+    meta = {"comcat_token": config.token, "comcat_scale": str(config.scale), "format": "pt"}
+    atomic_write(out, lambda tmp: save_file(sd, tmp, metadata=meta))
+    tok = token_file(tensors, out.with_name(out.stem + ".token.safetensors"))
+    return {
+        "file": str(out),
+        "token_file": None if tok is None else str(tok),
+        "token": config.token,
+        "format": fmt,
+        "rank": max(len(f.factors[p][1]) for f in fits.values() for p in PROJECTIONS),
+        "sites": len(fits),
+        "err_qk": max(f.err_qk for f in fits.values()),
+        "err_vo": max(f.err_vo for f in fits.values()),
+        "fits": fits,
+    }
+
+
+BAKE_MARKER = "comcat_baked.json"
+
+
+def bake_adapter(pipe, adapter: str | Path, out: str | Path, rank: int | None = None, overwrite: bool = False) -> dict:
+    """The pipeline with the adapter's fitted LoRA merged into its weights and its learned token
+    added, saved whole to the folder `out` (written beside it, then renamed into place): a model
+    that needs neither the adapter nor comcat's processor."""
+    import json
+    import shutil
+    import tempfile
+
+    from ..core.files import claim_out
+    from .adapter.model import add_token, load_adapter, unload_adapter
+
+    out = Path(out)
+    claim_out(out, (BAKE_MARKER,), "baked pipeline", inputs=(str(adapter),))
+    if (out / BAKE_MARKER).is_file() and not overwrite:
+        raise ComcatError(f"{out} holds an earlier bake: replace it with --overwrite, or choose another --out")
+    config, tensors = read_adapter(adapter)
+    name = load_adapter(pipe, adapter, name="bake")
+    try:
+        fits = fit_lora(pipe, name, rank)
+    finally:
+        unload_adapter(pipe, name)
+    apply_lora(_unet(pipe), fits)
+    if "token_embedding" in tensors:
+        add_token(pipe, config.token, tensors["token_embedding"])
+    r = {
+        "adapter": str(adapter),
+        "token": config.token,
+        "rank": max(len(f.factors[p][1]) for f in fits.values() for p in PROJECTIONS),
+        "err_qk": max(f.err_qk for f in fits.values()),
+        "err_vo": max(f.err_vo for f in fits.values()),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / BAKE_MARKER).write_text(json.dumps(r, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**r, "fits": fits}
