@@ -58,6 +58,7 @@ LAYERS = [
     "comcat.customization",
     "comcat.customization.adapter.config",
     "comcat.customization.adapter.layer",
+    "comcat.customization.adapter.lora",
     "comcat.customization.adapter.model",
     "comcat.customization.adapter",
     "comcat.customization.adapter.inspect",
@@ -69,6 +70,7 @@ LAYERS = [
     "comcat.customization.diffusion.quality",
     "comcat.customization.customize",
     "comcat.customization.generate",
+    "comcat.customization.lora_export",
     # the command line, then the app
     "comcat",
     "comcat.cli",
