@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import zipfile
+from pathlib import Path
+
 import gradio as gr
 
+from comcat.core.errors import ComcatError
 from comcat.customization.diffusion.shapes_t2i import GUIDANCE
 from comcat.customization.generate import generate, with_adapters
+from comcat.customization.lora_export import FORMATS, export_adapter
 
-from ..common import message, visitor
+from ..common import check_quota, message, visitor, workdir
 from ..pipelines import EXAMPLE_ADAPTER, PIPELINES, adapter_file
 
 
@@ -32,6 +38,32 @@ def on_generate(
         return None, None, message(e)
 
 
+def on_export_lora(pipeline, adapter1, fmt, request: gr.Request = None):
+    """Adapter 1 as a LoRA file of format `fmt` (and its token file), zipped -> (zip path, status)."""
+    visitor(request)
+    try:
+        path = adapter_file(adapter1)
+        if path is None:
+            raise ComcatError("choose adapter 1 first: the LoRA is fitted to it")
+        check_quota(2, "the LoRA file")
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(adapter1).stem)[:40] or "adapter"
+        folder = workdir("lora")
+        r = export_adapter(PIPELINES.get(pipeline), path, fmt, folder / f"{stem}_{fmt}_lora.safetensors")
+        archive = folder / f"{stem}_{fmt}_lora.zip"
+        with zipfile.ZipFile(archive, "w") as z:
+            for f in (r["file"], r["token_file"]):
+                if f:
+                    z.write(f, Path(f).name)
+        token = f" and {r['token']} as a textual-inversion file" if r["token_file"] else ""
+        return str(archive), (
+            f"**LoRA written** ({fmt}, rank {r['rank']} on {r['sites']} attentions{token}). Largest relative "
+            f"error of the per-head products: W^QK {r['err_qk']:.3f}, W^VO {r['err_vo']:.3f} (a LoRA keeps "
+            "each head's width, so part of the adapter's extra per-head rank cannot be carried over)."
+        )
+    except Exception as e:  # noqa: BLE001 - shown in the page
+        return None, message(e)
+
+
 def generate_tab(trained_adapter):
     with gr.Row():
         with gr.Column(scale=1):
@@ -47,6 +79,10 @@ def generate_tab(trained_adapter):
             guidance = gr.Slider(1, 12, value=GUIDANCE, step=0.5, label="guidance")
             n = gr.Slider(1, 16, value=8, step=1, label="images")
             go = gr.Button("Generate", variant="primary", elem_id="generate-go")
+            with gr.Row():
+                lora_format = gr.Dropdown(list(FORMATS), value="diffusers", label="LoRA file for", scale=1)
+                export = gr.Button("Export adapter 1 as a LoRA", elem_id="generate-export", scale=1)
+            lora_file = gr.File(label="LoRA (zip: the LoRA and the token's embedding)", elem_id="generate-lora")
         with gr.Column(scale=2):
             status = gr.Markdown(elem_id="generate-status")
             with gr.Row():
@@ -58,6 +94,13 @@ def generate_tab(trained_adapter):
         on_generate,
         [pipeline, prompt, adapter1, scale1, adapter2, scale2, seed, steps, guidance, n],
         [adapted, plain, status],
+        concurrency_id="generate",
+        concurrency_limit=1,
+    )
+    export.click(
+        on_export_lora,
+        [pipeline, adapter1, lora_format],
+        [lora_file, status],
         concurrency_id="generate",
         concurrency_limit=1,
     )

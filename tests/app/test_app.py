@@ -635,3 +635,24 @@ def test_a_resumed_runs_clock_counts_its_sessions_not_the_time_it_sat_stopped():
     assert first + 0.1 <= p.elapsed < first + 0.3
     assert p.first_step == 4 and p.eta() is not None and p.eta() < 1.0  # 3 steps left at this session's rate
     assert [len(p.losses["search"])] == [2]  # the curve keeps the point from before the Stop
+
+
+def test_generate_exports_adapter_one_as_a_lora_zip():
+    """The example adapter as a kohya LoRA: a zip of the LoRA and the token file, with the fit's
+    errors in the status; no adapter chosen is one line."""
+    from safetensors.torch import load_file
+
+    from comcat.core.embedded import ASSETS
+
+    example = str(ASSETS / "examples" / "heart_adapter.safetensors")  # it holds a learned token
+    archive, status = generate_page.on_export_lora("embedded", example, "kohya")
+    assert status.startswith("**LoRA written** (kohya") and "W^QK" in status, status
+    with zipfile.ZipFile(archive) as z:
+        names = sorted(z.namelist())
+        z.extractall(Path(archive).parent / "x")
+    assert names == ["heart_adapter_kohya_lora.safetensors", "heart_adapter_kohya_lora.token.safetensors"]
+    lora = load_file(str(Path(archive).parent / "x" / names[0]))
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in lora)
+    assert load_file(str(Path(archive).parent / "x" / names[1]))["emb_params"].shape == (1, 64)
+    archive, status = generate_page.on_export_lora("embedded", None, "diffusers")
+    assert archive is None and status.startswith("**Error:**") and "choose adapter 1" in status
