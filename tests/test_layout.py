@@ -59,6 +59,7 @@ LAYERS = [
     "comcat.customization.adapter.config",
     "comcat.customization.adapter.layer",
     "comcat.customization.adapter.lora",
+    "comcat.customization.adapter.joint",
     "comcat.customization.adapter.model",
     "comcat.customization.adapter",
     "comcat.customization.adapter.inspect",

@@ -10,6 +10,7 @@ from ...core.errors import ComcatError
 
 FORMAT = "comcat-adapter/1"
 TARGETS = ("self", "cross")
+STREAMS = ("image", "context", "both")  # joint attention (SD3): which stream's queries the adapter changes
 MAX_RANK = 64  # per head; a concept needs 1-4
 
 
@@ -17,7 +18,9 @@ MAX_RANK = 64  # per head; a concept needs 1-4
 class AdapterConfig:
     """rank: r columns per head for each of q', k', v'; targets: self- and/or cross-attention;
     scale: the default strength alpha; token: the concept's word in prompts; base_model: the
-    pipeline it was trained on (a name), fingerprint: its attention shapes (checked at load)."""
+    pipeline it was trained on (a name), fingerprint: its attention shapes (checked at load);
+    stream: in joint attention (SD3), the image stream's queries (self: to image tokens, cross: to
+    context tokens), the context stream's, or both (comcat/customization/adapter/joint.py)."""
 
     rank: int = 2
     targets: tuple = TARGETS
@@ -26,6 +29,7 @@ class AdapterConfig:
     base_model: str = ""
     fingerprint: str = ""
     token_embedding: bool = False  # the file also holds a learned embedding for `token`
+    stream: str = "image"  # joint attention only (SD3): image, context or both streams
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -40,6 +44,8 @@ class AdapterConfig:
             raise ComcatError(f"adapter targets must be among {TARGETS}, got {list(self.targets)}")
         if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not math.isfinite(self.scale):
             raise ComcatError(f"adapter scale must be a finite number, got {self.scale!r}")
+        if self.stream not in STREAMS:
+            raise ComcatError(f"adapter stream must be one of {', '.join(STREAMS)}, got {self.stream!r}")
         if not isinstance(self.token, str) or not self.token or any(c.isspace() for c in self.token):
             raise ComcatError(f"the concept token must be one word without spaces, got {self.token!r}")
 
@@ -60,7 +66,7 @@ class AdapterConfig:
         plain = (
             isinstance(stored, dict)
             and isinstance(stored.get("targets", ()), (list, tuple))
-            and all(isinstance(stored.get(k, ""), str) for k in ("token", "base_model", "fingerprint"))
+            and all(isinstance(stored.get(k, ""), str) for k in ("token", "base_model", "fingerprint", "stream"))
             and isinstance(stored.get("extra", {}), dict)
         )
         if not plain or set(stored) - known:

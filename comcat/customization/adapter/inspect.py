@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ...core.linalg import product_svdvals, split_heads
+from .joint import JointHeadLowRank
 from .layer import ComcatAttnProcessor
 from .model import _processors, _unet, attention_sites, load_adapter, site_kind, unload_adapter
 
@@ -37,6 +38,42 @@ def _norms(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
+def _parts(attn, adapter) -> list[tuple]:
+    """(kind, HeadLowRank, (query, key, value, output) projections it updates) for one site: a
+    joint attention's parts each pair their own streams' projections."""
+    if not isinstance(adapter, JointHeadLowRank):
+        return [(site_kind(attn), adapter, (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]))]
+    ctx_out = attn.to_add_out if attn.to_add_out is not None else attn.to_out[0]
+    lins = {
+        "self": (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]),
+        "cross": (attn.to_q, attn.add_k_proj, attn.add_v_proj, attn.to_out[0]),
+        "context": (attn.add_q_proj, attn.to_k, attn.to_v, ctx_out),
+    }
+    return [(f"joint {part}", m, lins[part]) for part, m in adapter.named_children()]
+
+
+def _measure(m, alpha: float, H: int, lins) -> dict:
+    """The relative size of the update of each head's W^QK_h and W^VO_h, and its singular values."""
+    to_q, to_k, to_v, to_out = lins
+    d = to_q.out_features // H
+    wq, wk, wv = (split_heads(lin.weight, H) for lin in (to_q, to_k, to_v))
+    wo = to_out.weight.detach().reshape(-1, H, d).permute(1, 0, 2)  # (H, Do, d)
+    a, b, p = (split_heads(t.t(), H) for t in (m.A, m.B, m.P))  # (H, D, r)
+    r = m.R.detach().reshape(H, m.rank, -1).transpose(1, 2)  # (H, Do, r)
+    qk = _norms(alpha * a, b) / np.maximum(_norms(wq, wk), 1e-30)
+    vo = _norms(alpha * p, r) / np.maximum(_norms(wv, wo), 1e-30)
+    return {
+        "heads": H,
+        "rank": m.rank,
+        "qk_change_mean": float(qk.mean()),
+        "qk_change_max": float(qk.max()),
+        "vo_change_mean": float(vo.mean()),
+        "vo_change_max": float(vo.max()),
+        "qk_update_sv": product_svdvals((alpha * a).double(), b.double()).mean(0).tolist(),
+        "vo_update_sv": product_svdvals((alpha * p).double(), r.double()).mean(0).tolist(),
+    }
+
+
 def adapter_table(pipe, path, name: str = "inspected") -> list[dict]:
     """Load the adapter file `path` into `pipe`, measure its updates site by site (module
     docstring), and unload it again (the pipeline is left as it was)."""
@@ -48,28 +85,8 @@ def adapter_table(pipe, path, name: str = "inspected") -> list[dict]:
             proc = procs.get(site)
             if not isinstance(proc, ComcatAttnProcessor) or name not in proc.adapters:
                 continue
-            m, alpha, H = proc.adapters[name], proc.scales[name], attn.heads
-            d = attn.to_q.out_features // H
-            wq, wk, wv = (split_heads(lin.weight, H) for lin in (attn.to_q, attn.to_k, attn.to_v))
-            wo = attn.to_out[0].weight.detach().reshape(-1, H, d).permute(1, 0, 2)  # (H, Do, d)
-            a, b, p = (split_heads(t.t(), H) for t in (m.A, m.B, m.P))  # (H, D, r)
-            r = m.R.detach().reshape(H, m.rank, -1).transpose(1, 2)  # (H, Do, r)
-            qk = _norms(alpha * a, b) / np.maximum(_norms(wq, wk), 1e-30)
-            vo = _norms(alpha * p, r) / np.maximum(_norms(wv, wo), 1e-30)
-            rows.append(
-                {
-                    "site": site,
-                    "kind": site_kind(attn),
-                    "heads": H,
-                    "rank": m.rank,
-                    "qk_change_mean": float(qk.mean()),
-                    "qk_change_max": float(qk.max()),
-                    "vo_change_mean": float(vo.mean()),
-                    "vo_change_max": float(vo.max()),
-                    "qk_update_sv": product_svdvals((alpha * a).double(), b.double()).mean(0).tolist(),
-                    "vo_update_sv": product_svdvals((alpha * p).double(), r.double()).mean(0).tolist(),
-                }
-            )
+            for kind, m, lins in _parts(attn, proc.adapters[name]):
+                rows.append({"site": site, "kind": kind, **_measure(m, proc.scales[name], attn.heads, lins)})
         return rows
     finally:
         unload_adapter(pipe, name)
@@ -77,7 +94,10 @@ def adapter_table(pipe, path, name: str = "inspected") -> list[dict]:
 
 def adapter_summary(rows: list[dict]) -> str:
     """Where the adapter acts most (one line)."""
-    by_kind = {k: [r for r in rows if r["kind"] == k] for k in ("self", "cross")}
+    kinds = [
+        k for k in ("self", "cross", "joint self", "joint cross", "joint context") if any(r["kind"] == k for r in rows)
+    ]
+    by_kind = {k: [r for r in rows if r["kind"] == k] for k in kinds}
     parts = [
         f"{k}-attention changes W^QK by {np.mean([r['qk_change_mean'] for r in rs]):.1%} and W^VO by "
         f"{np.mean([r['vo_change_mean'] for r in rs]):.1%} on average"

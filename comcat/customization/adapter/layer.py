@@ -115,8 +115,9 @@ class ComcatAttnProcessor(nn.Module):
     at 48 than at 41 (`benchmarks/diffusion_customization.py`).
     """
 
-    def __init__(self, align: int = 8):
+    def __init__(self, align: int = 8, base=None):
         super().__init__()
+        self.base = base  # the attention's own processor, put back when the last adapter goes
         self.adapters = nn.ModuleDict()
         self.scales: dict[str, float] = {}
         self.align = align

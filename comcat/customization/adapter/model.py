@@ -12,13 +12,14 @@ import math
 from pathlib import Path
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ...core.errors import ComcatError
 from ...core.files import atomic_write
 from .config import AdapterConfig
+from .joint import ComcatJointAttnProcessor, JointHeadLowRank
 from .layer import ComcatAttnProcessor, HeadLowRank
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -26,8 +27,11 @@ SUFFIX = ".processor"
 
 
 def _unet(target):
-    """A pipeline or a UNet -> the UNet."""
-    return getattr(target, "unet", target)
+    """A pipeline or its denoiser -> the denoiser (a UNet, or the transformer of PixArt, Sana, SD3)."""
+    for attr in ("unet", "transformer"):
+        if getattr(target, attr, None) is not None:
+            return getattr(target, attr)
+    return target
 
 
 def attention_sites(unet) -> dict[str, Attention]:
@@ -36,7 +40,40 @@ def attention_sites(unet) -> dict[str, Attention]:
 
 
 def site_kind(attn: Attention) -> str:
+    """'joint' (SD3's image + context attention), 'cross' or 'self'."""
+    if attn.added_kv_proj_dim is not None and attn.context_pre_only is not None:
+        return "joint"
     return "cross" if attn.is_cross_attention else "self"
+
+
+def joint_parts(config: AdapterConfig) -> tuple:
+    """The JointHeadLowRank parts an adapter puts in a joint attention: its targets on the image
+    stream ('self', 'cross'), and 'context' when config.stream takes the context stream."""
+    image = tuple(t for t in config.targets if t in ("self", "cross")) if config.stream != "context" else ()
+    return image + (("context",) if config.stream in ("context", "both") else ())
+
+
+def linear_attention(attn: Attention) -> bool:
+    """Whether the attention is linear (Sana's self-attention: ReLU feature maps, no softmax logits,
+    so no per-head W^QK_h for an adapter to update)."""
+    return "LinearAttn" in type(attn.processor).__name__
+
+
+def _layer(attn: Attention, config: AdapterConfig, original):
+    """A fresh adapter layer for one attention whose own processor is `original`, or None when the
+    config does not target it."""
+    kind = site_kind(attn)
+    if linear_attention(attn):
+        return None
+    if kind == "joint":
+        # the last SD3 block's context output is discarded: no context part there
+        parts = tuple(p for p in joint_parts(config) if p != "context" or not attn.context_pre_only)
+        dims = (attn.to_q.in_features, attn.add_k_proj.in_features)
+        return JointHeadLowRank(*dims, attn.heads, config.rank, parts) if parts else None
+    if kind not in config.targets or (isinstance(original, JointAttnProcessor2_0) and config.stream == "context"):
+        return None  # (SD3.5's second attention is the image stream's own)
+    dims = (attn.to_q.in_features, attn.to_k.in_features, attn.to_out[0].out_features)
+    return HeadLowRank(*dims, attn.heads, config.rank)
 
 
 def fingerprint(unet) -> str:
@@ -77,19 +114,35 @@ def add_adapter(target, config: AdapterConfig, name: str = "default") -> list[to
     ref = next(iter(unet.parameters()))
     params = []
     for site, attn in sites.items():
-        if site_kind(attn) not in config.targets:
+        original = procs[site].base if isinstance(procs[site], ComcatAttnProcessor) else procs[site]
+        layer = _layer(attn, config, original)
+        if layer is None:
             continue
-        proc = procs[site] if isinstance(procs[site], ComcatAttnProcessor) else ComcatAttnProcessor()
-        layer = HeadLowRank(
-            attn.to_q.in_features, attn.to_k.in_features, attn.to_out[0].out_features, attn.heads, config.rank
-        ).to(ref.device)
-        proc.add(name, layer, config.scale)
+        cls = ComcatJointAttnProcessor if site_kind(attn) == "joint" else ComcatAttnProcessor
+        proc = procs[site] if isinstance(procs[site], cls) else cls(base=original)
+        proc.add(name, layer.to(ref.device), config.scale)
         procs[site] = proc
         params += list(layer.parameters())
     if not params:
-        raise ComcatError(f"this UNet has no {'/'.join(config.targets)}-attention to adapt")
+        raise ComcatError(_nothing_to_adapt(unet, config))
     _install(unet, procs)
     return params
+
+
+def _nothing_to_adapt(model, config: AdapterConfig) -> str:
+    """Why `add_adapter` found no attention to adapt in `model`, in one line."""
+    kinds = {type(m).__name__ for m in model.modules()}
+    if "FluxAttention" in kinds:
+        return (
+            "Flux (FluxAttention) takes no comcat adapter yet: comcat adapts UNets (SD 1.x/2.x, SDXL), "
+            "PixArt, Sana's cross-attention and SD3/SD3.5"
+        )
+    if any(linear_attention(a) for a in attention_sites(model).values()):
+        return (
+            "this model's self-attention is linear (Sana: no softmax logits, so no per-head W^QK to update): "
+            "adapt its cross-attention (targets: cross)"
+        )
+    return f"this model has no {'/'.join(config.targets)}-attention to adapt"
 
 
 def adapter_parameters(target, name: str = "default") -> dict[str, torch.nn.Parameter]:
@@ -115,8 +168,8 @@ def set_adapter_scale(target, name: str, scale: float) -> None:
 
 
 def unload_adapter(target, name: str | None = None) -> None:
-    """Remove adapter `name` (all adapters when None); attentions left without one get the
-    default fused processor back. When no adapter is left in a pipeline, its tokenizer and token
+    """Remove adapter `name` (all adapters when None); attentions left without one get their own
+    processor back. When no adapter is left in a pipeline, its tokenizer and token
     embeddings are what they were before the first adapter added its token."""
     unet = _unet(target)
     if name is not None:
@@ -127,7 +180,7 @@ def unload_adapter(target, name: str | None = None) -> None:
             for n in [n for n in proc.adapters if name is None or n == name]:
                 proc.remove(n)
             if not proc.adapters:
-                procs[site] = AttnProcessor2_0()
+                procs[site] = proc.base or AttnProcessor2_0()
     _install(unet, procs)
     if not adapter_names(unet):
         _restore_text(target)
