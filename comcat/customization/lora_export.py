@@ -119,35 +119,42 @@ def token_file(tensors: dict, path: Path) -> Path | None:
     return atomic_write(path, lambda tmp: save_file({"emb_params": emb}, tmp))
 
 
-def export_adapter(pipe, adapter: str | Path, fmt: str, out: str | Path, rank: int | None = None) -> dict:
-    """Fit adapter `adapter` (loaded into `pipe` here, at its stored strength) as a LoRA and write it
-    to `out` in `fmt`, with the token beside it (OUT stem + '.token.safetensors'). Returns the
-    files, the LoRA rank per site and the relative errors of W^QK_h and W^VO_h."""
+def fit_file(pipe, adapter: str | Path, rank: int | None = None) -> tuple:
+    """(config, tensors, fits) of the adapter file `adapter`, fitted in `pipe` (loaded, then unloaded)."""
     from .adapter.model import load_adapter, unload_adapter
 
-    out = Path(out)
     config, tensors = read_adapter(adapter)
-    name = load_adapter(pipe, adapter, name="export")
+    name = load_adapter(pipe, adapter, name="lora-fit")
     try:
-        fits = fit_lora(pipe, name, rank)
+        return config, tensors, fit_lora(pipe, name, rank)
     finally:
         unload_adapter(pipe, name)
-    unet = _unet(pipe)
-    sd = lora_state_dict(fits, fmt, unet.config)
-    meta = {"comcat_token": config.token, "comcat_scale": str(config.scale), "format": "pt"}
-    atomic_write(out, lambda tmp: save_file(sd, tmp, metadata=meta))
-    tok = token_file(tensors, out.with_name(out.stem + ".token.safetensors"))
+
+
+def summary(config, fits: dict[str, SiteFit]) -> dict:
+    """The token, the LoRA rank, the sites and the largest relative errors of W^QK_h and W^VO_h."""
     return {
-        "file": str(out),
-        "token_file": None if tok is None else str(tok),
         "token": config.token,
-        "format": fmt,
         "rank": max(len(f.factors[p][1]) for f in fits.values() for p in PROJECTIONS),
         "sites": len(fits),
         "err_qk": max(f.err_qk for f in fits.values()),
         "err_vo": max(f.err_vo for f in fits.values()),
         "fits": fits,
     }
+
+
+def export_adapter(pipe, adapter: str | Path, fmt: str, out: str | Path, rank: int | None = None) -> dict:
+    """Fit adapter `adapter` (loaded into `pipe` here, at its stored strength) as a LoRA and write it
+    to `out` in `fmt`, with the token beside it (OUT stem + '.token.safetensors'). Returns the
+    files, the LoRA rank per site and the relative errors of W^QK_h and W^VO_h."""
+    out = Path(out)
+    config, tensors, fits = fit_file(pipe, adapter, rank)
+    unet = _unet(pipe)
+    sd = lora_state_dict(fits, fmt, unet.config)
+    meta = {"comcat_token": config.token, "comcat_scale": str(config.scale), "format": "pt"}
+    atomic_write(out, lambda tmp: save_file(sd, tmp, metadata=meta))
+    tok = token_file(tensors, out.with_name(out.stem + ".token.safetensors"))
+    return {"file": str(out), "token_file": None if tok is None else str(tok), "format": fmt, **summary(config, fits)}
 
 
 BAKE_MARKER = "comcat_baked.json"
@@ -162,28 +169,18 @@ def bake_adapter(pipe, adapter: str | Path, out: str | Path, rank: int | None = 
     import tempfile
 
     from ..core.files import claim_out
-    from .adapter.model import add_token, load_adapter, unload_adapter
+    from .adapter.model import add_token
 
     out = Path(out)
     claim_out(out, (BAKE_MARKER,), "baked pipeline", inputs=(str(adapter),))
     if (out / BAKE_MARKER).is_file() and not overwrite:
         raise ComcatError(f"{out} holds an earlier bake: replace it with --overwrite, or choose another --out")
-    config, tensors = read_adapter(adapter)
-    name = load_adapter(pipe, adapter, name="bake")
-    try:
-        fits = fit_lora(pipe, name, rank)
-    finally:
-        unload_adapter(pipe, name)
+    config, tensors, fits = fit_file(pipe, adapter, rank)
     apply_lora(_unet(pipe), fits)
     if "token_embedding" in tensors:
         add_token(pipe, config.token, tensors["token_embedding"])
-    r = {
-        "adapter": str(adapter),
-        "token": config.token,
-        "rank": max(len(f.factors[p][1]) for f in fits.values() for p in PROJECTIONS),
-        "err_qk": max(f.err_qk for f in fits.values()),
-        "err_vo": max(f.err_vo for f in fits.values()),
-    }
+    r = {"adapter": str(adapter), **summary(config, fits)}
+    del r["fits"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
