@@ -1,5 +1,5 @@
 """Start the comcat app: python app.py [--host 127.0.0.1] [--port 7860] [--share] [--data-root DIR]
-[--visitor-quota-mb MB] [--disk-quota-mb MB] [--idle-minutes M]."""
+[--visitor-quota-mb MB] [--disk-quota-mb MB] [--idle-minutes M] [--sessions N]."""
 
 import argparse
 import os
@@ -25,9 +25,15 @@ def main() -> None:
     ap.add_argument(
         "--idle-minutes", type=int, default=60, help="a visitor's files go after this long without a request"
     )
+    ap.add_argument(
+        "--sessions",
+        type=int,
+        default=200,
+        help="visitor sessions whose page state the server keeps in memory (the least recently used go first)",
+    )
     args = ap.parse_args()
-    if min(args.visitor_quota_mb, args.disk_quota_mb, args.idle_minutes) < 1:
-        ap.error("the quotas and --idle-minutes must be at least 1")
+    if min(args.visitor_quota_mb, args.disk_quota_mb, args.idle_minutes, args.sessions) < 1:
+        ap.error("the quotas, --idle-minutes and --sessions must be at least 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the temp folder goes at exit (atexit)
     from app import common
     from app.common import MAX_UPLOAD_MB, WORK
@@ -44,6 +50,7 @@ def main() -> None:
         server_port=args.port,
         share=args.share,
         max_file_size=f"{MAX_UPLOAD_MB}mb",
+        state_session_capacity=args.sessions,  # memory bounded however many visitors (and API clients) come
         quiet=True,
         prevent_thread_lock=True,
     )  # quiet: gradio's hint names share=True, ours --share

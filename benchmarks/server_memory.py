@@ -2,7 +2,7 @@
 gradio_client), as API clients and many visitors use it: RSS after the first call and every
 --every calls, and the growth from the warm-up to the end.
 
-    python benchmarks/server_memory.py [--calls 100] [--every 10]
+    python benchmarks/server_memory.py [--calls 100] [--every 10] [--sessions N]
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--calls", type=int, default=100)
     ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--sessions", type=int, default=None, help="the app's --sessions (default: its own)")
     args = ap.parse_args()
-    with AppServer() as server:
+    with AppServer(*(["--sessions", str(args.sessions)] if args.sessions else [])) as server:
         start, t0, rows = server.rss_mb(), time.time(), []
         for i in range(1, args.calls + 1):
             Client(server.url, verbose=False).predict(*EXPLORE, api_name="/on_explore")

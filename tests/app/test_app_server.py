@@ -77,3 +77,14 @@ def test_tiny_customize_through_the_api(client):
     status, _, _, adapter = job.result()
     assert status.startswith("**Done**") and adapter.endswith(".safetensors")
     assert client.predict(api_name="/on_customize_stop") == "nothing is running"
+
+
+def test_app_options_below_one_are_refused_in_one_line():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    for flag in ("--sessions", "--idle-minutes", "--visitor-quota-mb"):
+        r = subprocess.run([sys.executable, "app.py", flag, "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "--sessions must be at least 1" in r.stderr.splitlines()[-1], r.stderr
