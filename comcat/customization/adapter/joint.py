@@ -28,7 +28,6 @@ class JointHeadLowRank(nn.Module):
 
     def __init__(self, image_dim: int, context_dim: int, heads: int, rank: int, parts: tuple):
         super().__init__()
-        self.heads, self.rank = heads, rank * len(parts)
         dims = {"self": (image_dim, image_dim, image_dim), "cross": (image_dim, context_dim, image_dim)}
         dims["context"] = (context_dim, image_dim, context_dim)
         for part in parts:
