@@ -10,6 +10,8 @@ and the update's singular values (from thin QRs of its two factors, analysis.pro
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
@@ -37,16 +39,27 @@ def _norms(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     return torch.linalg.vector_norm(product_svdvals(x.double(), y.double()), dim=-1).numpy()
 
 
+def _output(unet, site: str, attn):
+    """The attention's output projection W^O: to_out, or in a Flux single-stream block (no to_out)
+    the columns of the block's proj_out that take the attention's output."""
+    if getattr(attn, "to_out", None) is not None:
+        return attn.to_out[0]
+    proj = unet.get_submodule(site.rpartition(".")[0]).proj_out
+    return SimpleNamespace(weight=proj.weight[:, : attn.to_q.out_features])
+
+
 @torch.no_grad()
-def _parts(attn, adapter) -> list[tuple]:
-    """(kind, HeadLowRank, (query, key, value, output) projections it updates) for one site: a
-    joint attention's parts each pair their own streams' projections."""
+def _parts(attn, adapter, out) -> list[tuple]:
+    """(kind, HeadLowRank, (query, key, value, output) projections it updates) for one site whose
+    output projection is `out`: a joint attention's parts each pair their own streams' projections."""
     if not isinstance(adapter, JointHeadLowRank):
-        return [(site_kind(attn), adapter, (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]))]
-    ctx_out = attn.to_add_out if attn.to_add_out is not None else attn.to_out[0]
+        return [(site_kind(attn), adapter, (attn.to_q, attn.to_k, attn.to_v, out))]
+    if not hasattr(attn, "add_k_proj"):  # Flux's single-stream blocks: self-attention over [C; X]
+        return [("self", adapter.self, (attn.to_q, attn.to_k, attn.to_v, out))]
+    ctx_out = getattr(attn, "to_add_out", None) or out
     lins = {
-        "self": (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]),
-        "cross": (attn.to_q, attn.add_k_proj, attn.add_v_proj, attn.to_out[0]),
+        "self": (attn.to_q, attn.to_k, attn.to_v, out),
+        "cross": (attn.to_q, attn.add_k_proj, attn.add_v_proj, out),
         "context": (attn.add_q_proj, attn.to_k, attn.to_v, ctx_out),
     }
     return [(f"joint {part}", m, lins[part]) for part, m in adapter.named_children()]
@@ -85,7 +98,7 @@ def adapter_table(pipe, path, name: str = "inspected") -> list[dict]:
             proc = procs.get(site)
             if not isinstance(proc, ComcatAttnProcessor) or name not in proc.adapters:
                 continue
-            for kind, m, lins in _parts(attn, proc.adapters[name]):
+            for kind, m, lins in _parts(attn, proc.adapters[name], _output(unet, site, attn)):
                 rows.append({"site": site, "kind": kind, **_measure(m, proc.scales[name], attn.heads, lins)})
         return rows
     finally:

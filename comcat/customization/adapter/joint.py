@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import ComcatAttnProcessor, HeadLowRank, merge_heads, pad_last, split_heads
+from .layer import ComcatAttnProcessor, HeadLowRank, idle, merge_heads, pad_last, split_heads
 
 PARTS = ("self", "cross", "context")  # which extra dimensions each part of a JointHeadLowRank adds
 
@@ -34,17 +34,49 @@ class JointHeadLowRank(nn.Module):
             self.add_module(part, HeadLowRank(*dims[part], heads, rank))
 
 
-def _extra(part: str, m: HeadLowRank, x, c, heads: int, s: float):
-    """The part's (q', k', v') over the joint sequence [X; C], each (B, H, N + M, r)."""
+def _extra(part: str, m: HeadLowRank, x, c, heads: int, s: float, context_first: bool):
+    """The part's (q', k', v') over the joint sequence ([X; C], or [C; X] when `context_first`),
+    each (B, H, N + M, r)."""
     A, B, P = (w.to(x.dtype) for w in (m.A, m.B, m.P))
     zx, zc = x.new_zeros(*x.shape[:2], A.shape[1]), c.new_zeros(*c.shape[:2], A.shape[1])
     if part == "self":
-        q, k, v = torch.cat([x @ A, zc], 1), torch.cat([x @ B, zc], 1), torch.cat([x @ P, zc], 1)
+        qkv = ((x @ A, zc), (x @ B, zc), (x @ P, zc))
     elif part == "cross":
-        q, k, v = torch.cat([x @ A, zc], 1), torch.cat([zx, c @ B], 1), torch.cat([zx, c @ P], 1)
+        qkv = ((x @ A, zc), (zx, c @ B), (zx, c @ P))
     else:
-        q, k, v = torch.cat([zx, c @ A], 1), torch.cat([x @ B, zc], 1), torch.cat([x @ P, zc], 1)
+        qkv = ((zx, c @ A), (x @ B, zc), (x @ P, zc))
+    q, k, v = (torch.cat(t[::-1] if context_first else t, 1) for t in qkv)
     return split_heads(s * q, heads), split_heads(k, heads), split_heads(v, heads)
+
+
+def active_parts(proc: ComcatAttnProcessor, has_context: bool) -> list[tuple]:
+    """(part name, HeadLowRank, alpha) of every adapter at nonzero strength that is not idle;
+    without a context stream only the 'self' parts act."""
+    return [
+        (name, part, s)
+        for adapter, s in ((m, proc.scales[n]) for n, m in proc.adapters.items())
+        if s != 0.0
+        for name, part in adapter.named_children()
+        if (has_context or name == "self") and not idle(part)
+    ]
+
+
+def widen(q, k, v, parts, x, c, heads: int, align: int, context_first: bool = False):
+    """q, k, v (B, H, N + M, d) with every part's extra dimensions appended, zero-padded to `align`."""
+    if not parts:
+        return q, k, v
+    dt = q.dtype
+    extras = [_extra(name, part, x.to(dt), c.to(dt), heads, s, context_first) for name, part, s in parts]
+    return (pad_last(torch.cat([t] + [e[i] for e in extras], -1), align) for i, t in enumerate((q, k, v)))
+
+
+def extra_outputs(o: torch.Tensor, parts, head_dim: int):
+    """(part name, alpha o'_h R_h summed over heads (B, N + M, D)) for each part, from the attention
+    output o (B, H, N + M, d + R + pad)."""
+    start = head_dim
+    for name, part, s in parts:
+        yield name, merge_heads(o[..., start : start + part.rank]) @ (s * part.R).to(o.dtype)
+        start += part.rank
 
 
 class ComcatJointAttnProcessor(ComcatAttnProcessor):
@@ -68,19 +100,8 @@ class ComcatJointAttnProcessor(ComcatAttnProcessor):
         else:
             c = x[:, :0]
         head_dim = q.shape[-1]
-        parts = [
-            (name, part, s)
-            for adapter, s in ((m, self.scales[n]) for n, m in self.adapters.items())
-            if s != 0.0
-            for name, part in adapter.named_children()
-            if c.shape[1] or name == "self"
-        ]
-        if parts:
-            dt = q.dtype
-            extras = [_extra(name, part, x.to(dt), c.to(dt), heads, s) for name, part, s in parts]
-            q, k, v = (
-                pad_last(torch.cat([t] + [e[i] for e in extras], -1), self.align) for i, t in enumerate((q, k, v))
-            )
+        parts = active_parts(self, c.shape[1] > 0)
+        q, k, v = widen(q, k, v, parts, x, c, heads, self.align)
         o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
         n = x.shape[1]
         out = merge_heads(o[..., :head_dim])
@@ -88,13 +109,10 @@ class ComcatJointAttnProcessor(ComcatAttnProcessor):
         img = attn.to_out[0](img)
         if encoder_hidden_states is not None and not attn.context_pre_only:
             ctx = attn.to_add_out(ctx)
-        start = head_dim
-        for name, part, s in parts:
-            extra = merge_heads(o[..., start : start + part.rank]) @ (s * part.R).to(img.dtype)
+        for name, extra in extra_outputs(o, parts, head_dim):
             if name == "context":
                 ctx = ctx + extra[:, n:]
             else:
                 img = img + extra[:, :n]
-            start += part.rank
         img = attn.to_out[1](img)
         return img if encoder_hidden_states is None else (img, ctx)

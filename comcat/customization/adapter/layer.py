@@ -36,6 +36,14 @@ class HeadLowRank(nn.Module):
         self.R = nn.Parameter(torch.zeros(heads * rank, out_dim))
 
 
+def idle(m: HeadLowRank) -> bool:
+    """Whether adapter factors add exactly nothing and want no gradient: B and R still zero, outside
+    training. Such an adapter is skipped, so a fresh one leaves the outputs bitwise equal."""
+    if torch.is_grad_enabled() and (m.B.requires_grad or m.R.requires_grad):
+        return False
+    return not (m.B.any() or m.R.any())
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, H d) -> (B, H, N, d)."""
     b, n, _ = x.shape
@@ -159,7 +167,7 @@ class ComcatAttnProcessor(nn.Module):
         elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
-        active = [(m, s) for name, m in self.adapters.items() if (s := self.scales[name]) != 0.0]
+        active = [(m, s) for name, m in self.adapters.items() if (s := self.scales[name]) != 0.0 and not idle(m)]
         if active and _frozen_linears(attn):
             out = self._widened(attn, hidden_states, context, attention_mask, active)
         else:

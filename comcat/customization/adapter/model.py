@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from ...core.errors import ComcatError
 from ...core.files import atomic_write
 from .config import AdapterConfig
+from .flux import ComcatFluxAttnProcessor, is_flux
 from .joint import ComcatJointAttnProcessor, JointHeadLowRank
 from .layer import ComcatAttnProcessor, HeadLowRank
 
@@ -36,14 +37,20 @@ def _unet(target):
 
 def attention_sites(unet) -> dict[str, Attention]:
     """Every attention of the UNet by processor name minus '.processor' (e.g. '...attn2')."""
-    return {name: module for name, module in unet.named_modules() if isinstance(module, Attention)}
+    return {name: m for name, m in unet.named_modules() if isinstance(m, Attention) or is_flux(m)}
 
 
-def site_kind(attn: Attention) -> str:
-    """'joint' (SD3's image + context attention), 'cross' or 'self'."""
-    if attn.added_kv_proj_dim is not None and attn.context_pre_only is not None:
+def site_kind(attn) -> str:
+    """'joint' (SD3's and Flux's double-stream image + context attention), 'cross' or 'self' (Flux's
+    single-stream blocks: self-attention over the joint sequence)."""
+    if attn.added_kv_proj_dim is not None and (is_flux(attn) or attn.context_pre_only is not None):
         return "joint"
-    return "cross" if attn.is_cross_attention else "self"
+    return "self" if is_flux(attn) or not attn.is_cross_attention else "cross"
+
+
+def out_features(attn) -> int:
+    """The width of the attention's output: to_out's, or Flux single-stream's H d (no to_out)."""
+    return attn.to_out[0].out_features if getattr(attn, "to_out", None) is not None else attn.to_q.out_features
 
 
 def joint_parts(config: AdapterConfig) -> tuple:
@@ -70,23 +77,27 @@ def _layer(attn: Attention, config: AdapterConfig, original):
         parts = tuple(p for p in joint_parts(config) if p != "context" or not attn.context_pre_only)
         dims = (attn.to_q.in_features, attn.add_k_proj.in_features)
         return JointHeadLowRank(*dims, attn.heads, config.rank, parts) if parts else None
+    if is_flux(attn):  # single stream: one attention over [C; X], the 'self' part over all of it
+        if "self" not in config.targets or config.stream == "context":
+            return None
+        return JointHeadLowRank(attn.to_q.in_features, attn.to_q.in_features, attn.heads, config.rank, ("self",))
     if kind not in config.targets or (isinstance(original, JointAttnProcessor2_0) and config.stream == "context"):
         return None  # (SD3.5's second attention is the image stream's own)
-    dims = (attn.to_q.in_features, attn.to_k.in_features, attn.to_out[0].out_features)
+    dims = (attn.to_q.in_features, attn.to_k.in_features, out_features(attn))
     return HeadLowRank(*dims, attn.heads, config.rank)
 
 
 def fingerprint(unet) -> str:
     """A short hash of every attention's name, kind, heads and widths: equal for the same architecture."""
     rows = [
-        f"{n}:{site_kind(a)}:{a.heads}:{a.to_q.in_features}:{a.to_k.in_features}:{a.to_out[0].out_features}"
+        f"{n}:{site_kind(a)}:{a.heads}:{a.to_q.in_features}:{a.to_k.in_features}:{out_features(a)}"
         for n, a in sorted(attention_sites(unet).items())
     ]
     return hashlib.sha1("\n".join(rows).encode()).hexdigest()[:16]
 
 
 def _processors(unet) -> dict[str, object]:
-    return {name[: -len(SUFFIX)]: proc for name, proc in unet.attn_processors.items()}
+    return {name[: -len(SUFFIX)]: proc for name, proc in getattr(unet, "attn_processors", {}).items()}
 
 
 def _install(unet, procs: dict[str, object]) -> None:
@@ -110,6 +121,8 @@ def add_adapter(target, config: AdapterConfig, name: str = "default") -> list[to
     if name in adapter_names(unet):
         raise ComcatError(f"an adapter called {name!r} is already loaded: unload it or choose another name")
     sites = attention_sites(unet)
+    if not sites:
+        raise ComcatError(_nothing_to_adapt(unet, config))
     procs = _processors(unet)
     ref = next(iter(unet.parameters()))
     params = []
@@ -118,7 +131,8 @@ def add_adapter(target, config: AdapterConfig, name: str = "default") -> list[to
         layer = _layer(attn, config, original)
         if layer is None:
             continue
-        cls = ComcatJointAttnProcessor if site_kind(attn) == "joint" else ComcatAttnProcessor
+        cls = ComcatFluxAttnProcessor if is_flux(attn) else ComcatAttnProcessor
+        cls = ComcatJointAttnProcessor if cls is ComcatAttnProcessor and site_kind(attn) == "joint" else cls
         proc = procs[site] if isinstance(procs[site], cls) else cls(base=original)
         proc.add(name, layer.to(ref.device), config.scale)
         procs[site] = proc
@@ -131,11 +145,10 @@ def add_adapter(target, config: AdapterConfig, name: str = "default") -> list[to
 
 def _nothing_to_adapt(model, config: AdapterConfig) -> str:
     """Why `add_adapter` found no attention to adapt in `model`, in one line."""
-    kinds = {type(m).__name__ for m in model.modules()}
-    if "FluxAttention" in kinds:
+    if not attention_sites(model):
         return (
-            "Flux (FluxAttention) takes no comcat adapter yet: comcat adapts UNets (SD 1.x/2.x, SDXL), "
-            "PixArt, Sana's cross-attention and SD3/SD3.5"
+            f"{type(model).__name__} has no attention comcat can adapt: comcat adapts UNets (SD 1.x/2.x, SDXL), "
+            "PixArt, Sana's cross-attention, SD3/SD3.5 and Flux"
         )
     if any(linear_attention(a) for a in attention_sites(model).values()):
         return (
