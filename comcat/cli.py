@@ -349,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--prompt", default="a photo of V* dog", help="instance prompt with the concept token")
     cu.add_argument("--token", default="V*", help="the concept's token in prompts (default V*)")
     cu.add_argument("--rank", type=int, default=2, help="rank per head (default 2)")
+    cu.add_argument(
+        "--shared-basis",
+        action="store_true",
+        help="heads share one rank-wide basis per side, each head its own rank x rank cores: a file the size of "
+        "a rank-r LoRA on many-headed models (SDXL, SD3, Flux)",
+    )
     cu.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
     cu.add_argument("--lr", type=float, default=2.5e-3, help="AdamW learning rate (default 2.5e-3)")
     cu.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
@@ -843,6 +849,7 @@ def cmd_customize(args) -> None:
             prompt=args.prompt,
             token=args.token,
             rank=args.rank,
+            shared_basis=args.shared_basis,
             targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
             steps=args.steps,
             lr=args.lr,

@@ -48,6 +48,7 @@ def customize_spec(
     lr: float,
     preview_every: int,
     learn_token: bool = True,
+    shared_basis: bool = False,
 ) -> CustomizeSpec:
     check_prompt(prompt.strip(), token.strip())  # before a job starts: the message shows at once
     return CustomizeSpec(
@@ -60,6 +61,7 @@ def customize_spec(
         lr=float(lr),
         preview_every=int(preview_every),
         learn_token=bool(learn_token),
+        shared_basis=bool(shared_basis),
     )
 
 
@@ -131,7 +133,17 @@ def smooth(values, beta: float = 0.9) -> list[float]:
 
 
 def on_customize(
-    pipeline, uploads, prompt, token, rank, steps, lr, preview_every, resume_dir=None, request: gr.Request = None
+    pipeline,
+    uploads,
+    prompt,
+    token,
+    rank,
+    steps,
+    lr,
+    preview_every,
+    shared_basis=False,
+    resume_dir=None,
+    request: gr.Request = None,
 ):
     """Stream (status, loss curve, preview gallery, adapter download, run folder) while training."""
     owner = visitor(request)
@@ -139,7 +151,9 @@ def on_customize(
         if resume_dir:
             out, spec = Path(resume_dir), None
         else:
-            spec = customize_spec(pipeline, uploads, prompt, token, rank, steps, lr, preview_every)
+            spec = customize_spec(
+                pipeline, uploads, prompt, token, rank, steps, lr, preview_every, shared_basis=shared_basis
+            )
             out = workdir("customize") / "run"
         job = CUSTOMIZE.start(
             lambda cb, stop: customize(
@@ -199,6 +213,10 @@ def customize_tab():
             prompt = gr.Textbox("a V*", label="instance prompt (for images without a caption)")
             token = gr.Textbox("V*", label="concept token")
             rank = gr.Slider(1, 8, value=2, step=1, label="rank per head")
+            shared_basis = gr.Checkbox(
+                False,
+                label="heads share a basis (a file the size of a rank-r LoRA on many-headed models: SDXL, SD3, Flux)",
+            )
             steps = gr.Slider(
                 10,
                 1000,
@@ -234,7 +252,7 @@ def customize_tab():
     outputs = [status, losses, previews, adapter, run_dir]
     start.click(
         on_customize,
-        [pipeline, uploads, prompt, token, rank, steps, lr, preview_every],
+        [pipeline, uploads, prompt, token, rank, steps, lr, preview_every, shared_basis],
         outputs,
         concurrency_id="customize",
         concurrency_limit=2,

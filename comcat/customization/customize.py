@@ -75,6 +75,7 @@ class CustomizeSpec:
     prompt: str = "a photo of V* dog"
     token: str = "V*"
     rank: int = 2
+    shared_basis: bool = False  # heads share a basis per side (AdapterConfig.shared_basis)
     targets: tuple = ("self", "cross")
     steps: int = 500
     lr: float = 2.5e-3
@@ -95,7 +96,7 @@ class CustomizeSpec:
 
     def __post_init__(self):
         self.targets, self.preview_prompts = tuple(self.targets), tuple(self.preview_prompts)
-        AdapterConfig(rank=self.rank, targets=self.targets, token=self.token)  # its bounds, one line each
+        AdapterConfig(rank=self.rank, targets=self.targets, token=self.token, shared_basis=self.shared_basis)
         require(
             is_int(self.steps, 1) and is_positive(self.lr) and is_int(self.batch_size, 1),
             f"steps, lr and batch size must be positive numbers, got {self.steps}, {self.lr}, {self.batch_size}",
@@ -225,6 +226,7 @@ def _train(spec: CustomizeSpec, out: Path, pipe, control: RunControl, resume: bo
     # setup: the pipeline with its adapter, the concept's latents, the optimizer, a resumed state
     config = AdapterConfig(
         rank=spec.rank,
+        shared_basis=spec.shared_basis,
         targets=spec.targets,
         token=spec.token,
         base_model=spec.pipeline,

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from ..core.errors import ComcatError
 from ..core.files import atomic_write
-from .adapter.layer import ComcatAttnProcessor, HeadLowRank
+from .adapter.joint import JointHeadLowRank
+from .adapter.layer import ComcatAttnProcessor
 from .adapter.lora import SiteFit, fit_site
 from .adapter.model import _processors, _unet, attention_sites, read_adapter
 
@@ -37,7 +38,7 @@ def fit_lora(pipe, name: str, rank: int | None = None) -> dict[str, SiteFit]:
     try:
         for site, proc in _processors(unet).items():
             if isinstance(proc, ComcatAttnProcessor) and name in proc.adapters:
-                if not isinstance(proc.adapters[name], HeadLowRank):
+                if isinstance(proc.adapters[name], JointHeadLowRank):
                     raise ComcatError(
                         "LoRA export covers UNet, PixArt and Sana attention; a joint-attention (SD3) adapter "
                         "loads only through comcat for now"

@@ -70,6 +70,16 @@ def test_bf16_mixed_precision_customization_lowers_the_loss(tmp_path):
     assert concept_loss(pipe) < before
 
 
+def test_a_shared_basis_customization_lowers_the_loss_and_saves_its_cores(tmp_path):
+    pipe = load_pipeline("embedded")
+    before = concept_loss(pipe)
+    customize(spec(steps=30, rank=4, shared_basis=True), tmp_path / "run", pipe=pipe)
+    assert concept_loss(pipe) < before
+    with safe_open(str(tmp_path / "run" / "adapter.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["config"])["shared_basis"] is True
+        assert {k.rsplit(".", 1)[-1] for k in f.keys()} == {"U", "M", "V", "S", "K", "T", "token_embedding"}
+
+
 def test_stop_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     full = customize(spec(steps=8), tmp_path / "full")
     stops = iter([False] * 3 + [True] * 100)

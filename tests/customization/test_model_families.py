@@ -142,6 +142,8 @@ FAMILIES = {
     "sd3 both": (sd3, {"stream": "both"}, 3),
     "flux": (flux, {}, 2),  # the double-stream block's image stream, the single-stream block
     "flux context": (flux, {"stream": "context"}, 1),
+    "flux shared": (flux, {"shared_basis": True}, 2),
+    "sdxl shared": (sdxl, {"shared_basis": True}, 16),
 }
 
 
@@ -159,12 +161,12 @@ def test_an_adapter_on_each_family_is_exact_at_start_trains_and_round_trips(fami
     with torch.no_grad():
         assert torch.equal(run(), base)  # B and R start at zero
     for k, p in params.items():
-        if k.endswith((".B", ".R")):
+        if k.endswith((".B", ".R", ".V", ".T")):
             p.data.normal_(0, 0.1)
     out = run()
     assert (out - base).abs().max() > 1e-4  # (Flux's context stream reaches the image only through later blocks)
     out.square().mean().backward()
-    assert all(p.grad is not None for k, p in params.items() if k.endswith((".A", ".B", ".R")))
+    assert all(p.grad is not None for p in params.values())
     path = save_adapter(model, config, tmp_path, "a", dtype=torch.float32)
     with torch.no_grad():
         adapted = run()
@@ -237,3 +239,60 @@ def test_sana_self_attention_and_models_without_attention_are_refused_in_one_lin
         add_adapter(torch.nn.Linear(2, 2), AdapterConfig(rank=2))
     with pytest.raises(ComcatError, match="adapter stream must be one of image, context, both"):
         AdapterConfig(stream="text")
+
+
+def _lora_r4_params(model) -> int:
+    """Trainable parameters of a peft LoRA r4 on every attention projection of `model`."""
+    from peft import LoraConfig
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    n = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    model.delete_adapters("default")
+    return n
+
+
+def test_a_shared_basis_is_a_per_head_adapter_the_size_of_a_lora():
+    """SharedHeadLowRank computes what a HeadLowRank holding its materialized A, B, P, R computes,
+    and on a many-headed Flux (12 heads) it is smaller than LoRA r4 where per-head rank 1 is not."""
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=12,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+    grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+    args = (_seeded(1, 16, 4), _seeded(1, 5, 16), _seeded(1, 8), torch.tensor([0.5]), grid.reshape(-1, 3))
+
+    def run():
+        return model(*args, txt_ids=torch.zeros(5, 3)).sample
+
+    lora = _lora_r4_params(model)
+    shared = add_adapter(model, AdapterConfig(rank=4, shared_basis=True), "s")
+    for p in shared:
+        p.data.add_(torch.randn_like(p) * 0.1)
+    procs = {n[: -len(".processor")]: p for n, p in model.attn_processors.items()}
+    factors = {
+        f"{site}.{part}.{k}": getattr(m, k).detach().clone()
+        for site, proc in procs.items()
+        for part, m in proc.adapters["s"].named_children()
+        for k in "ABPR"
+    }
+    with torch.no_grad():
+        out_shared = run()
+    unload_adapter(model)
+    per_head = add_adapter(model, AdapterConfig(rank=4), "p")
+    with torch.no_grad():
+        for k, p in adapter_parameters(model, "p").items():
+            p.copy_(factors[k])
+        assert torch.allclose(run(), out_shared, atol=1e-5)
+    unload_adapter(model)
+    rank1 = sum(p.numel() for p in add_adapter(model, AdapterConfig(rank=1), "r1"))
+    assert sum(p.numel() for p in shared) < lora < rank1
+    assert (len(per_head), len(shared)) == (4 * 3, 6 * 3)  # parts: self and cross, then the single block's self

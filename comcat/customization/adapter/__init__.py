@@ -5,7 +5,7 @@ save/load, scales, unload) - laid out like peft's tuners.
 """
 
 from .config import AdapterConfig
-from .layer import ComcatAttnProcessor, HeadLowRank
+from .layer import ComcatAttnProcessor, HeadLowRank, SharedHeadLowRank
 from .model import (
     adapter_names,
     adapter_parameters,
@@ -20,6 +20,7 @@ __all__ = [
     "AdapterConfig",
     "ComcatAttnProcessor",
     "HeadLowRank",
+    "SharedHeadLowRank",
     "add_adapter",
     "adapter_names",
     "adapter_parameters",

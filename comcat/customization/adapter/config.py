@@ -20,7 +20,10 @@ class AdapterConfig:
     scale: the default strength alpha; token: the concept's word in prompts; base_model: the
     pipeline it was trained on (a name), fingerprint: its attention shapes (checked at load);
     stream: in joint attention (SD3), the image stream's queries (self: to image tokens, cross: to
-    context tokens), the context stream's, or both (comcat/customization/adapter/joint.py)."""
+    context tokens), the context stream's, or both (comcat/customization/adapter/joint.py);
+    shared_basis: the heads of an attention share one rank-wide basis per side, each head mixing it
+    with its own rank x rank cores (layer.SharedHeadLowRank): a file the size of a rank-`rank` LoRA
+    on models with many heads (SDXL, SD3, Flux), instead of heads x that."""
 
     rank: int = 2
     targets: tuple = TARGETS
@@ -30,6 +33,7 @@ class AdapterConfig:
     fingerprint: str = ""
     token_embedding: bool = False  # the file also holds a learned embedding for `token`
     stream: str = "image"  # joint attention only (SD3): image, context or both streams
+    shared_basis: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -44,6 +48,8 @@ class AdapterConfig:
             raise ComcatError(f"adapter targets must be among {TARGETS}, got {list(self.targets)}")
         if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not math.isfinite(self.scale):
             raise ComcatError(f"adapter scale must be a finite number, got {self.scale!r}")
+        if not isinstance(self.shared_basis, bool):
+            raise ComcatError(f"adapter shared_basis must be true or false, got {self.shared_basis!r}")
         if self.stream not in STREAMS:
             raise ComcatError(f"adapter stream must be one of {', '.join(STREAMS)}, got {self.stream!r}")
         if not isinstance(self.token, str) or not self.token or any(c.isspace() for c in self.token):

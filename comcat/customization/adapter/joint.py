@@ -17,21 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import ComcatAttnProcessor, HeadLowRank, idle, merge_heads, pad_last, split_heads
+from .layer import ComcatAttnProcessor, HeadLowRank, idle, low_rank_layer, merge_heads, pad_last, split_heads
 
 PARTS = ("self", "cross", "context")  # which extra dimensions each part of a JointHeadLowRank adds
 
 
 class JointHeadLowRank(nn.Module):
-    """The factors of one adapter in one joint attention: a HeadLowRank per part in `parts`
-    ('self', 'cross': image stream; 'context': the context stream)."""
+    """The factors of one adapter in one joint attention: a HeadLowRank (SharedHeadLowRank when
+    `shared`) per part in `parts` ('self', 'cross': image stream; 'context': the context stream)."""
 
-    def __init__(self, image_dim: int, context_dim: int, heads: int, rank: int, parts: tuple):
+    def __init__(self, image_dim: int, context_dim: int, heads: int, rank: int, parts: tuple, shared: bool = False):
         super().__init__()
         dims = {"self": (image_dim, image_dim, image_dim), "cross": (image_dim, context_dim, image_dim)}
         dims["context"] = (context_dim, image_dim, context_dim)
         for part in parts:
-            self.add_module(part, HeadLowRank(*dims[part], heads, rank))
+            self.add_module(part, low_rank_layer(*dims[part], heads, rank, shared))
 
 
 def _extra(part: str, m: HeadLowRank, x, c, heads: int, s: float, context_first: bool):

@@ -36,6 +36,47 @@ class HeadLowRank(nn.Module):
         self.R = nn.Parameter(torch.zeros(heads * rank, out_dim))
 
 
+class SharedHeadLowRank(nn.Module):
+    """A HeadLowRank whose heads share one r-wide basis per side, each head with its own r x r cores:
+        A_h = U M_h,  B_h = V,  P_h = S,  R_h = K_h T^T
+    so W^QK_h gains alpha U M_h V^T and W^VO_h gains alpha S K_h T^T: rank r per head, different in
+    every head. (Dq + 2 Dc + Do) r + 2 H r^2 parameters instead of (Dq + 2 Dc + Do) H r: the size
+    stays that of a rank-r LoRA on many-headed models. A, B, P, R are materialized per call
+    (shapes as HeadLowRank's), so the processors run it unchanged. V and T start at zero."""
+
+    def __init__(self, query_dim: int, context_dim: int, out_dim: int, heads: int, rank: int):
+        super().__init__()
+        self.heads, self.rank = heads, rank
+        eye = torch.eye(rank).repeat(heads, 1, 1)
+        self.U = nn.Parameter(torch.randn(query_dim, rank) / math.sqrt(query_dim))
+        self.M = nn.Parameter(eye.clone())
+        self.V = nn.Parameter(torch.zeros(context_dim, rank))
+        self.S = nn.Parameter(torch.randn(context_dim, rank) / math.sqrt(context_dim))
+        self.K = nn.Parameter(eye.clone())
+        self.T = nn.Parameter(torch.zeros(out_dim, rank))
+
+    @property
+    def A(self) -> torch.Tensor:  # (Dq, H r)
+        return torch.einsum("dr,hrs->dhs", self.U, self.M).flatten(1)
+
+    @property
+    def B(self) -> torch.Tensor:  # (Dc, H r)
+        return self.V.repeat(1, self.heads)
+
+    @property
+    def P(self) -> torch.Tensor:  # (Dc, H r)
+        return self.S.repeat(1, self.heads)
+
+    @property
+    def R(self) -> torch.Tensor:  # (H r, Do)
+        return torch.einsum("hrs,os->hro", self.K, self.T).flatten(0, 1)
+
+
+def low_rank_layer(query_dim: int, context_dim: int, out_dim: int, heads: int, rank: int, shared: bool):
+    """A fresh HeadLowRank, or SharedHeadLowRank when `shared`."""
+    return (SharedHeadLowRank if shared else HeadLowRank)(query_dim, context_dim, out_dim, heads, rank)
+
+
 def idle(m: HeadLowRank) -> bool:
     """Whether adapter factors add exactly nothing and want no gradient: B and R still zero, outside
     training. Such an adapter is skipped, so a fresh one leaves the outputs bitwise equal."""

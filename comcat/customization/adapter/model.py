@@ -21,7 +21,7 @@ from ...core.files import atomic_write
 from .config import AdapterConfig
 from .flux import ComcatFluxAttnProcessor, is_flux
 from .joint import ComcatJointAttnProcessor, JointHeadLowRank
-from .layer import ComcatAttnProcessor, HeadLowRank
+from .layer import ComcatAttnProcessor, low_rank_layer
 
 ADAPTER_FILE = "adapter.safetensors"
 SUFFIX = ".processor"
@@ -76,15 +76,16 @@ def _layer(attn: Attention, config: AdapterConfig, original):
         # the last SD3 block's context output is discarded: no context part there
         parts = tuple(p for p in joint_parts(config) if p != "context" or not attn.context_pre_only)
         dims = (attn.to_q.in_features, attn.add_k_proj.in_features)
-        return JointHeadLowRank(*dims, attn.heads, config.rank, parts) if parts else None
+        return JointHeadLowRank(*dims, attn.heads, config.rank, parts, config.shared_basis) if parts else None
     if is_flux(attn):  # single stream: one attention over [C; X], the 'self' part over all of it
         if "self" not in config.targets or config.stream == "context":
             return None
-        return JointHeadLowRank(attn.to_q.in_features, attn.to_q.in_features, attn.heads, config.rank, ("self",))
+        dim = attn.to_q.in_features
+        return JointHeadLowRank(dim, dim, attn.heads, config.rank, ("self",), config.shared_basis)
     if kind not in config.targets or (isinstance(original, JointAttnProcessor2_0) and config.stream == "context"):
         return None  # (SD3.5's second attention is the image stream's own)
     dims = (attn.to_q.in_features, attn.to_k.in_features, out_features(attn))
-    return HeadLowRank(*dims, attn.heads, config.rank)
+    return low_rank_layer(*dims, attn.heads, config.rank, config.shared_basis)
 
 
 def fingerprint(unet) -> str:
