@@ -1,6 +1,7 @@
 """COMCAT adapters vs LoRA (peft), Custom Diffusion and full fine-tuning (DreamBooth), side by side.
 
-    python benchmarks/diffusion_customization.py [--arch sd15|embedded|both] [--steps 300] [--json F]
+    python benchmarks/diffusion_customization.py [--arch sd15|embedded|both|sdxl|sd3|flux|today]
+        [--steps 300] [--json F]
 
 For each method: trainable parameters, file bytes (fp16 and fp32), training step time and peak
 memory (each method runs in its own process: CPU peak RSS, or CUDA max allocated), measured in
@@ -12,6 +13,15 @@ one run. On CUDA every method trains in bf16 mixed precision (frozen weights bf1
             {colour}' for --steps steps, every method also learning the V* embedding row (as
             `customize` does by default); the quality of point 5 is added: for 'a V* in {colour}' over
             all colours, the share judged a heart by the embedded ViT and the share of the right colour.
+  sdxl, sd3, flux (today: all three)
+            SDXL's UNet, SD3-medium's and FLUX.1-dev's transformers at their real widths and heads
+            (benchmarks/configs/), random weights, with fewer layers unless --full-depth (the
+            per-attention sizes and the ratios of step times do not depend on depth): SDXL's 1+2+2
+            transformer layers per block instead of 1+2+10, SD3's 2 joint blocks of 24, Flux's 1
+            double-stream and 2 single-stream blocks of 19 + 38. --latent 64 (512 px): 64x64x4
+            latents and 77x2048 context (SDXL), 1024 + 154 tokens (SD3), 1024 + 512 tokens (Flux);
+            flow-matching loss on the transformers. LoRA r4 targets every attention projection
+            (the context stream's too).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = {  # name -> (kind, rank, lr on the embedded model)
     "comcat-r1": ("comcat", 1, 2.5e-3),
     "comcat-r2": ("comcat", 2, 2.5e-3),
+    "comcat-s4": ("comcat-shared", 4, 2.5e-3),  # heads share a rank-4 basis (AdapterConfig.shared_basis)
     "lora-r4": ("lora", 4, 1e-3),
     "custom-diffusion": ("custom", None, 1e-4),
     "full-ft": ("full", None, 5e-5),
@@ -46,17 +57,18 @@ def inject(kind: str, rank: int | None, pipe_or_unet) -> list[torch.nn.Parameter
 
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     unet.requires_grad_(False)
-    if kind == "comcat":
-        return add_adapter(unet, AdapterConfig(rank=rank))
+    if kind.startswith("comcat"):
+        return add_adapter(unet, AdapterConfig(rank=rank, shared_basis=kind == "comcat-shared"))
     if kind == "lora":
         from peft import LoraConfig
 
+        joint = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"] if not hasattr(unet, "conv_in") else []
         unet.add_adapter(
             LoraConfig(
                 r=rank,
                 lora_alpha=rank,
                 init_lora_weights="gaussian",
-                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"] + joint,
             )
         )
         return [p for p in unet.parameters() if p.requires_grad]
@@ -175,6 +187,96 @@ def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool =
     )
 
 
+SHAPED = {  # arch -> (config file, the layers kept without --full-depth)
+    "sdxl": ("sdxl_unet", {"transformer_layers_per_block": [1, 2, 2]}),
+    "sd3": ("sd3_transformer", {"num_layers": 2}),
+    "flux": ("flux_transformer", {"num_layers": 1, "num_single_layers": 2}),
+}
+
+
+def shaped_model(arch: str, full_depth: bool, device: str, batch: int, latent: int):
+    """(model, forward(noisy latents, t in [0, 1]) -> prediction, clean latents) for an
+    SDXL/SD3/Flux-shaped config (module docstring)."""
+    import diffusers
+
+    name, cut = SHAPED[arch]
+    cfg = json.loads((ROOT / "benchmarks/configs" / f"{name}.json").read_text())
+    cls = getattr(diffusers, cfg["_class_name"])
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")} | ({} if full_depth else cut)
+    with torch.device(device):
+        model = cls(**cfg)
+        if arch == "sdxl":
+            x0, ctx = torch.randn(batch, 4, latent, latent), torch.randn(batch, 77, 2048)
+            cond = {"text_embeds": torch.randn(batch, 1280), "time_ids": torch.ones(batch, 6)}
+            return model, lambda x, t: model(x, t * 1000, ctx, added_cond_kwargs=cond).sample, x0
+        if arch == "sd3":
+            x0, ctx = torch.randn(batch, 16, latent, latent), torch.randn(batch, 154, 4096)
+            pooled = torch.randn(batch, 2048)
+            return model, lambda x, t: model(x, ctx, pooled, t * 1000).sample, x0
+        n = (latent // 2) ** 2  # Flux packs 2x2 patches of 16-channel latents: 64 channels per token
+        x0, ctx, pooled = torch.randn(batch, n, 64), torch.randn(batch, 512, 4096), torch.randn(batch, 768)
+        side = torch.arange(latent // 2, dtype=torch.float32)
+        grid = torch.stack(torch.meshgrid(torch.zeros(1), side, side, indexing="ij"), -1).reshape(-1, 3)
+        txt, guidance = torch.zeros(512, 3), torch.full((batch,), 3.5)
+        return model, lambda x, t: model(x, ctx, pooled, t, grid, txt, guidance).sample, x0
+
+
+def run_shaped(
+    method: str, arch: str, steps: int, device: str, precision: str, batch: int, latent: int, full_depth: bool
+) -> dict:
+    """As run_sd15, on an SDXL/SD3/Flux-shaped model: noise prediction on SDXL's UNet, flow
+    matching (predict noise - x0 at x_t = (1 - t) x0 + t noise) on the transformers."""
+    kind, rank, _ = METHODS[method]
+    torch.manual_seed(0)
+    model, forward, x0 = shaped_model(arch, full_depth, device, batch, latent)
+    params = inject(kind, rank, model)
+    bf16 = precision == "bf16"
+    if bf16:
+        model.to(torch.bfloat16)
+        for p in params:
+            p.data = p.data.float()
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        noise, t = torch.randn_like(x0), torch.rand(len(x0), device=x0.device)
+        tt = t.view(-1, *[1] * (x0.ndim - 1))
+        target = noise if arch == "sdxl" else noise - x0
+        with amp:
+            loss = (forward((1 - tt) * x0 + tt * noise, t).float() - target).square().mean()
+        loss.backward()
+        opt.step()
+
+    cuda, times = device.startswith("cuda"), []
+    for i in range(steps + 1):  # the first step warms up
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 1:
+            times.append(time.perf_counter() - t0)
+    n = sum(p.numel() for p in params)
+    small = n < 50_000_000
+    return dict(
+        method=method,
+        params=n,
+        fp16_bytes=file_bytes(params, torch.float16, small),
+        fp32_bytes=file_bytes(params, torch.float32, small),
+        written=small,
+        step_s=sorted(times)[len(times) // 2],
+        step_s_all=[round(x, 3) for x in times],
+        peak_mb=peak_memory_mb(device),
+        precision="bf16 autocast, frozen weights bf16" if bf16 else "fp32",
+        batch=batch,
+        latent=latent,
+        depth="full" if full_depth else "cut",
+        model_params=sum(p.numel() for p in model.parameters() if not p.requires_grad) + n,
+    )
+
+
 def run_embedded(method: str, steps: int, device: str, seed: int = 0) -> dict:
     from diffusers import DDPMScheduler
 
@@ -258,9 +360,13 @@ def table(arch: str, rows: list[dict]) -> str:
             line += f" {100 * r['heart']:.0f} | {100 * r['colour']:.0f} |"
         lines.append(line)
     by = {r["method"]: r for r in rows}
-    if {"comcat-r1", "lora-r4", "full-ft"} <= set(by):
-        c, lo, full = by["comcat-r1"]["step_s"], by["lora-r4"]["step_s"], by["full-ft"]["step_s"]
-        lines += ["", f"step time comcat-r1 / lora-r4 = {c / lo:.2f}, comcat-r1 / full-ft = {c / full:.2f}"]
+    for ours in ("comcat-r1", "comcat-s4"):
+        if {ours, "lora-r4"} <= set(by):
+            c, lo = by[ours], by["lora-r4"]
+            line = f"{ours} / lora-r4: step time {c['step_s'] / lo['step_s']:.2f}, "
+            line += f"file {c['params'] / lo['params']:.2f}"
+            line += f", step time / full-ft {c['step_s'] / by['full-ft']['step_s']:.2f}" if "full-ft" in by else ""
+            lines += ["", line]
     if arch == "embedded" and by.get("comcat-r1", {}).get("heart_before") is not None:
         lines.append(
             f"before training: {100 * by['comcat-r1']['heart_before']:.0f}% of 'a V* in {{colour}}' samples are hearts"
@@ -270,7 +376,9 @@ def table(arch: str, rows: list[dict]) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", choices=("sd15", "embedded", "both"), default="both")
+    ap.add_argument("--arch", choices=("sd15", "embedded", "both", *SHAPED, "today"), default="both")
+    ap.add_argument("--latent", type=int, default=64, help="sdxl/sd3/flux latent side (default 64: 512 px)")
+    ap.add_argument("--full-depth", action="store_true", help="sdxl/sd3/flux with all their layers")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=300, help="embedded training steps (default 300)")
     ap.add_argument(
@@ -302,18 +410,22 @@ def main():
     precision = resolve_precision(args.precision, args.device)
     if args.one:
         arch, method = args.one.split(":")
-        row = (
-            run_sd15(method, args.sd_steps, args.device, precision, args.cuda_graph, args.sd_batch)
-            if arch == "sd15"
-            else run_embedded(method, args.steps, args.device)
-        )
+        if arch in SHAPED:
+            shape = (args.sd_batch, args.latent, args.full_depth)
+            row = run_shaped(method, arch, args.sd_steps, args.device, precision, *shape)
+        elif arch == "sd15":
+            row = run_sd15(method, args.sd_steps, args.device, precision, args.cuda_graph, args.sd_batch)
+        else:
+            row = run_embedded(method, args.steps, args.device)
         print("ROW " + json.dumps(row))
         return
-    archs = ("sd15", "embedded") if args.arch == "both" else (args.arch,)
+    archs = {"both": ("sd15", "embedded"), "today": tuple(SHAPED)}.get(args.arch, (args.arch,))
     results = {}
     for arch in archs:
         rows = []
         for method in args.methods.split(","):
+            if arch in SHAPED and METHODS[method][0] == "custom":
+                continue  # Custom Diffusion trains cross-attention K, V: SD3 and Flux have none
             cmd = [
                 sys.executable,
                 __file__,
@@ -329,6 +441,7 @@ def main():
                 precision,
             ]
             cmd += ["--sd-batch", str(args.sd_batch)] + (["--cuda-graph"] if args.cuda_graph else [])
+            cmd += ["--latent", str(args.latent)] + (["--full-depth"] if args.full_depth else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
             if line is None:
@@ -342,6 +455,7 @@ def main():
         from comcat.core.files import atomic_write_text
 
         meta = dict(device=args.device, cuda_graph=args.cuda_graph, sd_batch=args.sd_batch, torch=torch.__version__)
+        meta |= dict(latent=args.latent, full_depth=args.full_depth, precision=precision)
         atomic_write_text(
             args.json, json.dumps(dict(results, **meta, threads=torch.get_num_threads()), indent=2) + "\n"
         )

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import DDPMScheduler
 
 from ..core import dist
 from ..core.errors import ComcatError, is_int, is_positive, require
@@ -39,17 +38,9 @@ from ..core.files import (
 from ..core.loop import RunControl, seed_step
 from ..core.records import MAX_SEED, MAX_STEPS, build, check_count
 from .adapter import AdapterConfig, add_adapter, save_adapter
-from .adapter.model import add_token, fingerprint, train_token_row
-from .diffusion.concept import (
-    check_prompt,
-    concept_files,
-    denoising_loss,
-    encode_images,
-    encode_text,
-    grid,
-    read_concept,
-    resolution,
-)
+from .adapter.model import _unet, add_token, fingerprint, train_token_row
+from .diffusion.concept import check_prompt, concept_files, grid, read_concept, resolution
+from .diffusion.denoisers import Denoiser, cat_conditions, denoiser_for
 from .diffusion.pipeline import guidance_kwargs, load_pipeline, tokenize
 
 RUN_FILE = "customize.json"
@@ -128,17 +119,15 @@ def resolve_precision(precision: str, device: str) -> str:
     return ("bf16" if str(device).startswith("cuda") else "fp32") if precision == "auto" else precision
 
 
-def _check_token(pipe, spec: CustomizeSpec) -> None:
+def _check_token(pipe, spec: CustomizeSpec, learned: bool) -> None:
     ids = tokenize(pipe.tokenizer, [spec.token])[0].tolist()
     unk = pipe.tokenizer.unk_token_id
-    if unk is not None and unk in ids and not spec.learn_token:
-        raise ComcatError(
-            f"the token {spec.token!r} is unknown to this pipeline's tokenizer: use --learn-token "
-            "to learn it, or pick a word it knows"
-        )
+    if unk is not None and unk in ids and not learned:
+        fix = "use --learn-token to learn it, or pick" if spec.learn_token is False else "pick"
+        raise ComcatError(f"the token {spec.token!r} is unknown to this pipeline's tokenizer: {fix} a word it knows")
 
 
-def _class_latents(pipe, spec: CustomizeSpec, out: Path) -> tuple[torch.Tensor, list[str]] | None:
+def _class_latents(den: Denoiser, spec: CustomizeSpec, out: Path) -> tuple[torch.Tensor, list[str]] | None:
     """Prior preservation: the base model's own images of `class_prompt` (generated once, cached)."""
     if not spec.class_prompt:
         return None
@@ -147,7 +136,7 @@ def _class_latents(pipe, spec: CustomizeSpec, out: Path) -> tuple[torch.Tensor, 
         x = torch.load(cache, weights_only=True)
     else:
         gen = torch.Generator().manual_seed(spec.seed + 1)
-        x = pipe(
+        x = den.pipe(
             spec.class_prompt,
             num_images_per_prompt=spec.class_images,
             generator=gen,
@@ -156,7 +145,7 @@ def _class_latents(pipe, spec: CustomizeSpec, out: Path) -> tuple[torch.Tensor, 
         ).images
         x = x if x.min() < 0 else x * 2 - 1  # diffusers pipelines give [0, 1]
         atomic_write(cache, lambda tmp: torch.save(x.cpu(), tmp))
-    return encode_images(pipe, x), [spec.class_prompt] * len(x)
+    return den.latents(x), [spec.class_prompt] * len(x)
 
 
 PREVIEWS = 4  # preview images per prompt
@@ -230,38 +219,49 @@ def _train(spec: CustomizeSpec, out: Path, pipe, control: RunControl, resume: bo
         targets=spec.targets,
         token=spec.token,
         base_model=spec.pipeline,
-        token_embedding=spec.learn_token,
     )
     device = dist.device(spec.device) if pipe is None else str(pipe.device)  # a given pipe trains where it is
     pipe = pipe if pipe is not None else load_pipeline(spec.pipeline, device=device)
+    den = denoiser_for(pipe)
+    learn_token = config.token_embedding = spec.learn_token and den.learns_token
+    if spec.learn_token and not learn_token:
+        control.emit(
+            dict(
+                kind="note",
+                text=f"{type(pipe).__name__} reads prompts through several text encoders: "
+                f"the adapter learns the concept under {spec.token!r} as its tokenizers read it "
+                "(no new token is learned)",
+            )
+        )
     pixels, captions = read_concept(spec.images, spec.prompt, spec.token, resolution(pipe))
-    if spec.learn_token:
+    if learn_token:
         add_token(pipe, spec.token)
-    _check_token(pipe, spec)
+    _check_token(pipe, spec, learn_token)
     cuda = device.startswith("cuda")
-    pipe.unet.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    den.model.requires_grad_(False)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
     if cuda:
-        pipe.unet.enable_gradient_checkpointing()
+        den.model.enable_gradient_checkpointing()
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
     params = add_adapter(pipe, config, "default")
     train = list(params)
-    if spec.learn_token:
+    if learn_token:
         embedding, token_id = train_token_row(pipe, spec.token)  # only the concept's row learns
         frozen_rows = embedding.detach().clone()
         train.append(embedding)
-    opt = torch.optim.AdamW(train, lr=spec.lr, weight_decay=0.0 if spec.learn_token else 1e-2)
+    opt = torch.optim.AdamW(train, lr=spec.lr, weight_decay=0.0 if learn_token else 1e-2)
 
-    latents = torch.cat([encode_images(pipe, pixels), encode_images(pipe, pixels.flip(3))])
+    latents = torch.cat([den.latents(pixels), den.latents(pixels.flip(3))])
     captions = captions * 2
-    prior = _class_latents(pipe, spec, out)
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    prior = _class_latents(den, spec, out)
     fixed_context = (
         None
-        if spec.learn_token
-        else {c: encode_text(pipe, [c]).detach() for c in set(captions) | ({spec.class_prompt} if prior else set())}
+        if learn_token
+        else {c: den.condition([c]) for c in set(captions) | ({spec.class_prompt} if prior else set())}
     )
 
     start, losses, before = 0, [], 0.0  # before: seconds of the earlier sessions of a resumed run
@@ -294,7 +294,7 @@ def _train(spec: CustomizeSpec, out: Path, pipe, control: RunControl, resume: bo
             z0 = torch.cat([z0, prior[0][pidx]])
             batch_captions += [prior[1][i] for i in pidx.tolist()]
         with amp:
-            err = denoising_loss(pipe.unet, noise_sched, z0, _context(pipe, fixed_context, batch_captions))
+            err = den.loss(z0, _context(den, fixed_context, batch_captions))
         loss = err[: spec.batch_size].mean()
         if prior is not None:
             loss = loss + spec.prior_weight * err[spec.batch_size :].mean()
@@ -303,7 +303,7 @@ def _train(spec: CustomizeSpec, out: Path, pipe, control: RunControl, resume: bo
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if spec.learn_token:
+        if learn_token:
             with torch.no_grad():  # AdamW decay / numerical drift must not touch other rows
                 rows = torch.arange(len(embedding), device=embedding.device) != token_id
                 embedding[rows] = frozen_rows[rows]
@@ -319,7 +319,7 @@ def _train(spec: CustomizeSpec, out: Path, pipe, control: RunControl, resume: bo
     if not stopped:
         clear_run(out, ("state.json", "state.*.safetensors", "class_images.pt"))
         _preview(pipe, spec, out, step, control)
-    if spec.learn_token:
+    if learn_token:
         embedding.requires_grad_(False)
     return dict(
         adapter=str(out / "adapter.safetensors"),
@@ -331,9 +331,9 @@ def _train(spec: CustomizeSpec, out: Path, pipe, control: RunControl, resume: bo
     )
 
 
-def _context(pipe, fixed: dict | None, captions: list[str]) -> torch.Tensor:
-    """(B, L, D) text context of `captions`: precomputed when the token is not learned."""
-    return torch.cat([fixed[c] for c in captions]) if fixed is not None else encode_text(pipe, captions)
+def _context(den: Denoiser, fixed: dict | None, captions: list[str]) -> dict:
+    """The conditioning of `captions`: precomputed when the token is not learned."""
+    return cat_conditions([fixed[c] for c in captions]) if fixed is not None else den.condition(captions)
 
 
 def _save(
@@ -355,7 +355,7 @@ def _save(
     if not done:
         state = {"params": [p.detach().cpu() for p in train], "optimizer": opt.state_dict(), "step": step}
         save_tree(out / "state", {**state, "losses": losses, "seconds": seconds})
-    _write_run(out, spec, step=step, steps=spec.steps, fingerprint=fingerprint(pipe.unet), done=done)
+    _write_run(out, spec, step=step, steps=spec.steps, fingerprint=fingerprint(_unet(pipe)), done=done)
 
 
 def _preview(pipe, spec: CustomizeSpec, out: Path, step: int, control: RunControl) -> None:

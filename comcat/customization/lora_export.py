@@ -20,13 +20,11 @@ from safetensors.torch import save_file
 
 from ..core.errors import ComcatError
 from ..core.files import atomic_write
-from .adapter.joint import JointHeadLowRank
 from .adapter.layer import ComcatAttnProcessor
 from .adapter.lora import SiteFit, fit_site
 from .adapter.model import _processors, _unet, attention_sites, read_adapter
 
 FORMATS = ("diffusers", "kohya", "comfy")
-PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def fit_lora(pipe, name: str, rank: int | None = None) -> dict[str, SiteFit]:
@@ -38,17 +36,31 @@ def fit_lora(pipe, name: str, rank: int | None = None) -> dict[str, SiteFit]:
     try:
         for site, proc in _processors(unet).items():
             if isinstance(proc, ComcatAttnProcessor) and name in proc.adapters:
-                if isinstance(proc.adapters[name], JointHeadLowRank):
+                attn, out = sites[site], None
+                if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
                     raise ComcatError(
-                        "LoRA export covers UNet, PixArt and Sana attention; a joint-attention (SD3) adapter "
-                        "loads only through comcat for now"
+                        f"{site} normalizes q and k (SD3.5, Flux): its logits are norm(q) norm(k)^T, not the "
+                        "W^QK_h a LoRA is fitted to; load the comcat adapter file itself (comcat generate --adapter)"
                     )
-                fits[site] = fit_site(sites[site], proc.adapters[name], proc.scales[name], rank)
+                if getattr(attn, "to_out", None) is None:  # Flux single-stream: proj_out's first columns
+                    path = f"{site.rpartition('.')[0]}.proj_out"
+                    out = (path, unet.get_submodule(path).weight.detach().double()[:, : attn.to_q.out_features])
+                fits[site] = fit_site(attn, proc.adapters[name], proc.scales[name], rank, site, out)
     finally:
         torch.set_num_threads(threads)
     if not fits:
         raise ComcatError(f"no adapter called {name!r} is loaded")
+    for fit in fits.values():  # a proj_out LoRA spans the block's MLP columns too: zeros there
+        for path, (up, down) in fit.factors.items():
+            width = unet.get_submodule(path).in_features
+            if down.shape[1] < width:
+                fit.factors[path] = (up, torch.nn.functional.pad(down, (0, width - down.shape[1])))
     return fits
+
+
+def prefix(unet) -> str:
+    """The key prefix diffusers' LoRA loaders expect for this denoiser: 'unet' or 'transformer'."""
+    return "unet" if hasattr(unet, "conv_in") and hasattr(unet, "up_blocks") else "transformer"
 
 
 def _ldm_site(site: str, layers_per_block: int) -> str:
@@ -70,45 +82,42 @@ def _ldm_site(site: str, layers_per_block: int) -> str:
     return ".".join(head + rest)
 
 
-def lora_state_dict(fits: dict[str, SiteFit], fmt: str, unet_config=None) -> dict[str, torch.Tensor]:
-    """The fitted factors under `fmt`'s keys (float32)."""
+def lora_state_dict(fits: dict[str, SiteFit], fmt: str, unet=None) -> dict[str, torch.Tensor]:
+    """The fitted factors under `fmt`'s keys (float32) for the denoiser `unet`."""
     if fmt not in FORMATS:
         raise ComcatError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    head = prefix(unet) if unet is not None else "unet"
+    if head != "unet" and fmt != "diffusers":
+        raise ComcatError(f"the {fmt} layout covers UNets (SD 1.x/2.x, SDXL): use --format diffusers for this model")
+    factors = {path: f for fit in fits.values() for path, f in fit.factors.items()}
     peft = {}
-    for site, fit in sorted(fits.items()):
-        for proj in PROJECTIONS:
-            up, down = fit.factors[proj]
-            peft[f"unet.{site}.{proj}.lora_A.weight"] = down.contiguous()
-            peft[f"unet.{site}.{proj}.lora_B.weight"] = up.contiguous()
+    for path, (up, down) in sorted(factors.items()):
+        peft[f"{head}.{path}.lora_A.weight"] = down.contiguous()
+        peft[f"{head}.{path}.lora_B.weight"] = up.contiguous()
     if fmt == "diffusers":
         return peft
     if fmt == "kohya":
         from diffusers.utils import convert_state_dict_to_kohya
 
         return convert_state_dict_to_kohya(peft)
-    lpb = unet_config.layers_per_block
+    lpb = unet.config.layers_per_block
     if not isinstance(lpb, int):
         raise ComcatError("this UNet has a different number of layers per block: use --format diffusers or kohya")
     out = {}
-    for site, fit in sorted(fits.items()):
-        for proj in PROJECTIONS:
-            up, down = fit.factors[proj]
-            key = "lora_unet_" + f"{_ldm_site(site, lpb)}.{proj}".replace(".", "_")
-            out[f"{key}.lora_down.weight"] = down.contiguous()
-            out[f"{key}.lora_up.weight"] = up.contiguous()
-            out[f"{key}.alpha"] = torch.tensor(float(len(down)))
+    for path, (up, down) in sorted(factors.items()):
+        key = "lora_unet_" + _ldm_site(path, lpb).replace(".", "_")
+        out[f"{key}.lora_down.weight"] = down.contiguous()
+        out[f"{key}.lora_up.weight"] = up.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(len(down)))
     return out
 
 
 def apply_lora(unet, fits: dict[str, SiteFit]) -> None:
     """Add each fitted update up @ down to its projection's weight, in place (a bake)."""
-    sites = attention_sites(unet)
     with torch.no_grad():
-        for site, fit in fits.items():
-            attn = sites[site]
-            mods = {"to_q": attn.to_q, "to_k": attn.to_k, "to_v": attn.to_v, "to_out.0": attn.to_out[0]}
-            for proj, (up, down) in fit.factors.items():
-                w = mods[proj].weight
+        for fit in fits.values():
+            for path, (up, down) in fit.factors.items():
+                w = unet.get_submodule(path).weight
                 w += (up @ down).to(w)
 
 
@@ -136,7 +145,7 @@ def summary(config, fits: dict[str, SiteFit]) -> dict:
     """The token, the LoRA rank, the sites and the largest relative errors of W^QK_h and W^VO_h."""
     return {
         "token": config.token,
-        "rank": max(len(f.factors[p][1]) for f in fits.values() for p in PROJECTIONS),
+        "rank": max(len(down) for f in fits.values() for _, down in f.factors.values()),
         "sites": len(fits),
         "err_qk": max(f.err_qk for f in fits.values()),
         "err_vo": max(f.err_vo for f in fits.values()),
@@ -151,7 +160,7 @@ def export_adapter(pipe, adapter: str | Path, fmt: str, out: str | Path, rank: i
     out = Path(out)
     config, tensors, fits = fit_file(pipe, adapter, rank)
     unet = _unet(pipe)
-    sd = lora_state_dict(fits, fmt, unet.config)
+    sd = lora_state_dict(fits, fmt, unet)
     meta = {"comcat_token": config.token, "comcat_scale": str(config.scale), "format": "pt"}
     atomic_write(out, lambda tmp: save_file(sd, tmp, metadata=meta))
     tok = token_file(tensors, out.with_name(out.stem + ".token.safetensors"))

@@ -77,7 +77,7 @@ def exported(adapter, tmp_path_factory):
     files = {"diffusers": r["file"]}
     for fmt in ("kohya", "comfy"):
         files[fmt] = str(tmp / f"{fmt}.safetensors")
-        save_file(lora_state_dict(r["fits"], fmt, pipe.unet.config), files[fmt])
+        save_file(lora_state_dict(r["fits"], fmt, pipe.unet), files[fmt])
     load_adapter(pipe, adapter, name="a")
     adapted = _eps(pipe.unet)
     unload_adapter(pipe)

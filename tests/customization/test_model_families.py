@@ -296,3 +296,73 @@ def test_a_shared_basis_is_a_per_head_adapter_the_size_of_a_lora():
     rank1 = sum(p.numel() for p in add_adapter(model, AdapterConfig(rank=1), "r1"))
     assert sum(p.numel() for p in shared) < lora < rank1
     assert (len(per_head), len(shared)) == (4 * 3, 6 * 3)  # parts: self and cross, then the single block's self
+
+
+def sd3_medium():
+    """SD3-medium-style: joint attention without q/k norms, the last block context-pre-only."""
+    m = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+    )
+    args = (_seeded(1, 4, 8, 8), _seeded(1, 5, 16), _seeded(1, 8), torch.tensor([10]))
+    return m, lambda: m(*args).sample
+
+
+@pytest.mark.parametrize(
+    "make, kw",
+    [(sdxl, {}), (sdxl, {"shared_basis": True}), (sd3_medium, {}), (sd3_medium, {"stream": "both"})],
+    ids=["sdxl", "sdxl shared", "sd3 image", "sd3 both"],
+)
+def test_each_family_exports_a_lora_that_plain_diffusers_loads(make, kw):
+    """The fitted LoRA (a joint attention's projections fitted at once over both streams, split back
+    by stream) loads with diffusers' own load_lora_adapter exactly as comcat merges it, and brings
+    the model nearer the adapter than the base is (on the image stream: with heads 8 wide, a LoRA
+    cannot also carry the context stream's update here)."""
+    from comcat.customization.lora_export import apply_lora, fit_lora, lora_state_dict
+
+    torch.manual_seed(0)
+    model, run = make()
+    model.eval()
+    with torch.no_grad():
+        base = run()
+    add_adapter(model, AdapterConfig(rank=1, **kw), "a")
+    for k, p in adapter_parameters(model, "a").items():
+        if k.endswith((".B", ".R", ".V", ".T")):
+            p.data.normal_(0, 0.05)
+    with torch.no_grad():
+        adapted = run()
+    fits = fit_lora(model, "a")
+    state = lora_state_dict(fits, "diffusers", model)
+    head = "unet" if make is sdxl else "transformer"
+    assert all(k.startswith(f"{head}.") for k in state)
+    if "stream" in kw:
+        assert any(".add_q_proj.lora_A" in k for k in state) and any(".to_add_out.lora_A" in k for k in state)
+    unload_adapter(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        apply_lora(model, fits)
+        merged = run()
+    model.load_state_dict(weights)
+    model.load_lora_adapter(state, prefix=head, adapter_name="lora")
+    with torch.no_grad():
+        lora = run()
+    assert torch.allclose(lora, merged, atol=1e-5)
+    if "stream" not in kw:
+        assert (lora - adapted).norm() < (base - adapted).norm()
+
+
+def test_lora_export_refuses_attention_with_qk_norms_in_one_line():
+    from comcat.customization.lora_export import fit_lora
+
+    model, _ = flux()
+    add_adapter(model, AdapterConfig(rank=1), "a")
+    with pytest.raises(ComcatError, match="normalizes q and k .*comcat generate --adapter"):
+        fit_lora(model, "a")

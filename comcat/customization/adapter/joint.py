@@ -37,14 +37,14 @@ class JointHeadLowRank(nn.Module):
 def _extra(part: str, m: HeadLowRank, x, c, heads: int, s: float, context_first: bool):
     """The part's (q', k', v') over the joint sequence ([X; C], or [C; X] when `context_first`),
     each (B, H, N + M, r)."""
-    A, B, P = (w.to(x.dtype) for w in (m.A, m.B, m.P))
-    zx, zc = x.new_zeros(*x.shape[:2], A.shape[1]), c.new_zeros(*c.shape[:2], A.shape[1])
+    width = m.heads * m.rank
+    zx, zc = x.new_zeros(*x.shape[:2], width), c.new_zeros(*c.shape[:2], width)
     if part == "self":
-        qkv = ((x @ A, zc), (x @ B, zc), (x @ P, zc))
+        qkv = ((m.queries(x), zc), (m.keys(x), zc), (m.values(x), zc))
     elif part == "cross":
-        qkv = ((x @ A, zc), (zx, c @ B), (zx, c @ P))
+        qkv = ((m.queries(x), zc), (zx, m.keys(c)), (zx, m.values(c)))
     else:
-        qkv = ((zx, c @ A), (x @ B, zc), (x @ P, zc))
+        qkv = ((zx, m.queries(c)), (m.keys(x), zc), (m.values(x), zc))
     q, k, v = (torch.cat(t[::-1] if context_first else t, 1) for t in qkv)
     return split_heads(s * q, heads), split_heads(k, heads), split_heads(v, heads)
 
@@ -75,7 +75,7 @@ def extra_outputs(o: torch.Tensor, parts, head_dim: int):
     output o (B, H, N + M, d + R + pad)."""
     start = head_dim
     for name, part, s in parts:
-        yield name, merge_heads(o[..., start : start + part.rank]) @ (s * part.R).to(o.dtype)
+        yield name, s * part.output(merge_heads(o[..., start : start + part.rank]))
         start += part.rank
 
 

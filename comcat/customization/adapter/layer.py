@@ -35,6 +35,20 @@ class HeadLowRank(nn.Module):
         self.P = nn.Parameter(torch.randn(context_dim, heads * rank) / math.sqrt(context_dim))
         self.R = nn.Parameter(torch.zeros(heads * rank, out_dim))
 
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """q' = X A: (..., Dq) -> (..., H r); keys and values alike from the context."""
+        return x @ self.A.to(x.dtype)
+
+    def keys(self, c: torch.Tensor) -> torch.Tensor:
+        return c @ self.B.to(c.dtype)
+
+    def values(self, c: torch.Tensor) -> torch.Tensor:
+        return c @ self.P.to(c.dtype)
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """o' R: the heads' extra outputs (..., H r) -> (..., Do)."""
+        return o @ self.R.to(o.dtype)
+
 
 class SharedHeadLowRank(nn.Module):
     """A HeadLowRank whose heads share one r-wide basis per side, each head with its own r x r cores:
@@ -54,6 +68,19 @@ class SharedHeadLowRank(nn.Module):
         self.S = nn.Parameter(torch.randn(context_dim, rank) / math.sqrt(context_dim))
         self.K = nn.Parameter(eye.clone())
         self.T = nn.Parameter(torch.zeros(out_dim, rank))
+
+    def queries(self, x):  # (X U) M_h: N Dq r + N H r^2 multiply-adds instead of N Dq H r
+        return torch.einsum("...r,hrs->...hs", x @ self.U.to(x.dtype), self.M.to(x.dtype)).flatten(-2)
+
+    def keys(self, c):  # C V, the same in every head
+        return (c @ self.V.to(c.dtype)).repeat(*[1] * (c.ndim - 1), self.heads)
+
+    def values(self, c):
+        return (c @ self.S.to(c.dtype)).repeat(*[1] * (c.ndim - 1), self.heads)
+
+    def output(self, o):  # (sum_h o'_h K_h) T^T
+        heads = o.unflatten(-1, (self.heads, self.rank))
+        return torch.einsum("...hr,hrs->...s", heads, self.K.to(o.dtype)) @ self.T.to(o.dtype).t()
 
     @property
     def A(self) -> torch.Tensor:  # (Dq, H r)
@@ -209,7 +236,7 @@ class ComcatAttnProcessor(nn.Module):
             context = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
         active = [(m, s) for name, m in self.adapters.items() if (s := self.scales[name]) != 0.0 and not idle(m)]
-        if active and _frozen_linears(attn):
+        if active and _frozen_linears(attn) and not any(isinstance(m, SharedHeadLowRank) for m, _ in active):
             out = self._widened(attn, hidden_states, context, attention_mask, active)
         else:
             out = self._concatenated(attn, hidden_states, context, attention_mask, active)
@@ -254,15 +281,15 @@ class ComcatAttnProcessor(nn.Module):
         head_dim = q.shape[-1]
         if active:
             dt = q.dtype
-            q = torch.cat([q] + [s * split_heads(x @ m.A.to(dt), heads) for m, s in active], -1)
-            k = torch.cat([k] + [split_heads(context @ m.B.to(dt), heads) for m, s in active], -1)
-            v = torch.cat([v] + [split_heads(context @ m.P.to(dt), heads) for m, s in active], -1)
+            q = torch.cat([q] + [s * split_heads(m.queries(x.to(dt)), heads) for m, s in active], -1)
+            k = torch.cat([k] + [split_heads(m.keys(context.to(dt)), heads) for m, s in active], -1)
+            v = torch.cat([v] + [split_heads(m.values(context.to(dt)), heads) for m, s in active], -1)
             q, k, v = (pad_last(t, self.align) for t in (q, k, v))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
         out = attn.to_out[0](merge_heads(o[..., :head_dim]))
         start = head_dim
         for m, s in active:
-            out = out + s * (merge_heads(o[..., start : start + m.rank]) @ m.R.to(out.dtype))
+            out = out + s * m.output(merge_heads(o[..., start : start + m.rank]).to(out.dtype))
             start += m.rank
         return out
 

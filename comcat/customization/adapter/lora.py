@@ -70,10 +70,10 @@ def low_rank(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch
 
 @dataclass
 class SiteFit:
-    """The fitted LoRA of one attention: `factors[proj] = (up (out, R), down (R, in))` for proj in
-    to_q, to_k, to_v, to_out.0 (float32); the relative errors of the per-head products,
-    err_qk = sqrt(sum_h ||W^QK_h(lora) - W^QK_h'||^2 / sum_h ||alpha A_h B_h^T||^2) (err_vo alike),
-    and which candidate of `fit_pair` each pair kept."""
+    """The fitted LoRA of one attention: `factors[module] = (up (out, R), down (R, in))`, keyed by
+    the path of each projection in the denoiser (float32); the relative errors of the per-head
+    products, err_qk = sqrt(sum_h ||W^QK_h(lora) - W^QK_h'||^2 / sum_h ||alpha A_h B_h^T||^2)
+    (err_vo alike), and which candidate of `fit_pair` each pair kept."""
 
     factors: dict = field(default_factory=dict)
     err_qk: float = 0.0
@@ -87,11 +87,15 @@ def _heads(w: torch.Tensor, heads: int) -> list[torch.Tensor]:
     return [b.T for b in w.reshape(heads, -1, w.shape[1])]
 
 
-def _fit_products(xs, ys, ts, rank):
+def _fit_products(xs, ys, ts, rank, fixed: int = 0):
     """Per-head products x_h y_h^T + t_h, as rank-`rank` updates of the stacked x (H d, m) and
-    y (H d, n) weights: the candidate with the smallest relative error after truncation.
+    y (H d, n) weights: the candidate with the smallest relative error after truncation. The last
+    `fixed` rows of each x_h (biases) stay as they are, and count in the error.
     Returns (method, error, (up, down) of x, (up, down) of y)."""
     cands = [fit_pair(x, y, t) for x, y, t in zip(xs, ys, ts)]
+    for c in cands if fixed else ():
+        for method, (dx, dy) in c.items():
+            c[method] = (torch.cat([dx[:-fixed], torch.zeros_like(dx[-fixed:])]), dy)
     den = sum(float(torch.linalg.matrix_norm(t)) ** 2 for t in ts)
     best = None
     for method in cands[0]:
@@ -108,22 +112,103 @@ def _fit_products(xs, ys, ts, rank):
     return best
 
 
-def fit_site(attn, layer, scale: float, rank: int | None = None) -> SiteFit:
-    """Fit the LoRA of one diffusers `Attention` carrying the HeadLowRank `layer` at strength `scale`;
-    `rank`: the LoRA rank of each projection (None: H r, what the two-step fits need)."""
-    f64 = torch.float64
-    heads, r = layer.heads, layer.rank
-    rank = rank or heads * r
-    q, k, v = (_heads(lin.weight.detach().to(f64), heads) for lin in (attn.to_q, attn.to_k, attn.to_v))
-    o = _heads(attn.to_out[0].weight.detach().to(f64).T.contiguous(), heads)  # per head (Co, d) = O_h^T
+@dataclass
+class HeadMaps:
+    """What one attention's LoRA is fitted to: the weights W^Q (H d, Cq), W^K (H d, Cc),
+    W^V (H d, Cc), W^O (Co, H d), and the targets alpha A_h B_h^T (Cq, Cc), alpha P_h R_h (Cc, Co)
+    per head, all float64."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    t_qk: list
+    t_vo: list
+    fixed_q: int = 0  # the last columns of q (and v) are biases: a LoRA leaves them, they count in the error
+    fixed_v: int = 0
+
+
+def head_targets(layer, scale: float) -> tuple[list, list]:
+    """alpha A_h B_h^T and alpha P_h R_h per head of a HeadLowRank (float64)."""
+    f64, r = torch.float64, layer.rank
     A, B, P, R = (t.detach().to(f64) for t in (layer.A, layer.B, layer.P, layer.R))
-    cols = [slice(h * r, (h + 1) * r) for h in range(heads)]
-    t_qk = [scale * A[:, c] @ B[:, c].T for c in cols]  # (Cq, Cc)
-    t_vo = [scale * P[:, c] @ R[c] for c in cols]  # (Cc, Co)
+    cols = [slice(h * r, (h + 1) * r) for h in range(layer.heads)]
+    return [scale * A[:, c] @ B[:, c].T for c in cols], [scale * P[:, c] @ R[c] for c in cols]
+
+
+def fit_maps(maps: HeadMaps, heads: int, rank: int) -> SiteFit:
+    """LoRA factors on W^Q, W^K, W^V, W^O reproducing the per-head targets (module docstring),
+    keyed 'q', 'k', 'v', 'o'; `rank`: the LoRA rank of each."""
+    heads_of = lambda w: _heads(w, heads)  # noqa: E731
     out = SiteFit()
-    out.method_qk, out.err_qk, out.factors["to_q"], out.factors["to_k"] = _fit_products(q, k, t_qk, rank)
-    out.method_vo, out.err_vo, out.factors["to_v"], fo = _fit_products(v, o, t_vo, rank)
-    # to_out's weight (Co, H d) is the transpose of the stacked O_h^T: swap and transpose the factors
-    out.factors["to_out.0"] = (fo[1].T, fo[0].T)
+    out.method_qk, out.err_qk, out.factors["q"], out.factors["k"] = _fit_products(
+        heads_of(maps.q), heads_of(maps.k), maps.t_qk, rank, maps.fixed_q
+    )
+    out.method_vo, out.err_vo, out.factors["v"], fo = _fit_products(
+        heads_of(maps.v), heads_of(maps.o.T.contiguous()), maps.t_vo, rank, maps.fixed_v
+    )
+    out.factors["o"] = (fo[1].T, fo[0].T)  # W^O (Co, H d) is the transpose of the stacked O_h^T
     out.factors = {k: (up.float().contiguous(), down.float().contiguous()) for k, (up, down) in out.factors.items()}
     return out
+
+
+BLOCKS = {  # part -> (query block, key block), (value block, output block); 0: image stream, 1: context
+    "self": ((0, 0), (0, 0)),
+    "cross": ((0, 1), (1, 0)),
+    "context": ((1, 0), (0, 1)),
+}
+
+
+def projections(attn, site: str, out=None) -> tuple[list, list, list, list]:
+    """The attention's query, key, value and output projections as lists of (path, weight) by
+    stream: [image] or [image, context]. A joint attention (SD3, Flux double-stream) is one
+    attention over the two streams' inputs side by side: W^Q = [W^Q_x | W^Q_c] (H d, Cx + Cc), W^K
+    and W^V alike, W^O = [W^O_x; W^O_c] stacked over the outputs. Context queries and outputs only
+    where the context output is kept (not in SD3's last block). `out`: (path, weight) of an
+    attention without to_out (Flux's single-stream blocks: the proj_out columns taking it)."""
+    w = lambda name: (f"{site}.{name}".lstrip("."), getattr(attn, name).weight.detach().double())  # noqa: E731
+    joint = getattr(attn, "add_k_proj", None) is not None
+    ctx_out = joint and getattr(attn, "to_add_out", None) is not None
+    qs = [w("to_q")] + ([w("add_q_proj")] if ctx_out else [])
+    ks = [w("to_k")] + ([w("add_k_proj")] if joint else [])
+    vs = [w("to_v")] + ([w("add_v_proj")] if joint else [])
+    os_ = [out if out is not None else (f"{site}.to_out.0".lstrip("."), attn.to_out[0].weight.detach().double())]
+    return qs, ks, vs, os_ + ([w("to_add_out")] if ctx_out else [])
+
+
+def fit_site(attn, layer, scale: float, rank: int | None = None, site: str = "", out=None) -> SiteFit:
+    """Fit the LoRA of one attention at path `site` carrying the adapter `layer` (a HeadLowRank, or
+    a JointHeadLowRank's parts) at strength `scale`, over its `projections` (`out` as there):
+    each part's per-head targets go in its block of the joint W^QK_h and W^VO_h (BLOCKS), the
+    combined projections are fitted at once, and each factor's down (q, k, v) or up (o) is split
+    back by stream. The query and value biases join as fixed columns: the bias b_q meets the change
+    of W^K in every logit, b_v the change of W^O in every output, and a LoRA cannot move them (the
+    key's bias only shifts a query's logits alike, which softmax ignores). `rank`: the LoRA rank of
+    each projection (None: H times the summed part ranks)."""
+    qs, ks, vs, os_ = projections(attn, site, out)
+    bias = lambda ps: [("", getattr(attn, p.rpartition(".")[2]).bias) for p, _ in ps]  # noqa: E731
+    biases = [[("", b.detach().double()[:, None]) for _, b in bias(ps) if b is not None] for ps in (qs, vs)]
+    qs, vs = qs + biases[0], vs + biases[1]
+    parts = {"self": layer} if hasattr(layer, "A") else dict(layer.named_children())
+    heads = next(iter(parts.values())).heads
+    width = lambda ps, dim: [p[1].shape[dim] for p in ps]  # noqa: E731
+    cq, ck, cv, co = width(qs, 1), width(ks, 1), width(vs, 1), width(os_, 0)
+    t_qk = [torch.zeros(sum(cq), sum(ck), dtype=torch.float64) for _ in range(heads)]
+    t_vo = [torch.zeros(sum(cv), sum(co), dtype=torch.float64) for _ in range(heads)]
+    at = lambda sizes, i: slice(sum(sizes[:i]), sum(sizes[: i + 1]))  # noqa: E731
+    for name, part in parts.items():
+        (qi, kj), (vi, oj) = BLOCKS[name]
+        for h, (a, b) in enumerate(zip(*head_targets(part, scale))):
+            t_qk[h][at(cq, qi), at(ck, kj)] = a
+            t_vo[h][at(cv, vi), at(co, oj)] = b
+    joined = lambda ps, dim: torch.cat([p[1] for p in ps], dim)  # noqa: E731
+    maps = HeadMaps(joined(qs, 1), joined(ks, 1), joined(vs, 1), joined(os_, 0), t_qk, t_vo, *map(len, biases))
+    fit = fit_maps(maps, heads, rank or heads * sum(p.rank for p in parts.values()))
+    factors = {}
+    for key, ps, sizes in (("q", qs, cq), ("k", ks, ck), ("v", vs, cv)):
+        up, down = fit.factors[key]
+        factors |= {path: (up.clone(), down[:, at(sizes, i)].contiguous()) for i, (path, _) in enumerate(ps) if path}
+    up, down = fit.factors["o"]
+    factors |= {path: (up[at(co, i)].contiguous(), down.clone()) for i, (path, _) in enumerate(os_)}
+    fit.factors = factors
+    return fit

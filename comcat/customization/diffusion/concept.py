@@ -17,8 +17,9 @@ MIN_IMAGES, MAX_IMAGES = 3, 10
 
 
 def resolution(pipe) -> int:
-    """Pixel size the pipeline's UNet was trained at."""
-    size = pipe.unet.config.sample_size
+    """Pixel size the pipeline's denoiser was trained at (its pipeline's default)."""
+    model = getattr(pipe, "unet", None) or pipe.transformer
+    size = getattr(pipe, "default_sample_size", None) or model.config.sample_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     return size * (getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "pack", 1))
 
