@@ -99,6 +99,38 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def timed(run, steps: int, warmup: int, device: str) -> list[float]:
+    """Seconds of each of `steps` calls of `run` after `warmup` untimed ones (CUDA synchronized)."""
+    cuda, times = device.startswith("cuda"), []
+    for i in range(steps + warmup):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def figures(method: str, params: list, times: list[float], device: str, **extra) -> dict:
+    """One method's row: trainable parameters, file bytes, the median step time, peak memory."""
+    n = sum(p.numel() for p in params)
+    small = n < 50_000_000
+    return dict(
+        method=method,
+        params=n,
+        fp16_bytes=file_bytes(params, torch.float16, small),
+        fp32_bytes=file_bytes(params, torch.float32, small),
+        written=small,
+        step_s=sorted(times)[len(times) // 2],
+        step_s_all=[round(x, 3) for x in times],
+        peak_mb=peak_memory_mb(device),
+        **extra,
+    )
+
+
 def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool = False, batch: int = 1) -> dict:
     """Median step time of `steps` timed steps after warm-up, in fp32 or in bf16 mixed precision as
     diffusers' training scripts do it: frozen weights in bf16, trained ones in fp32, bf16 autocast.
@@ -142,7 +174,7 @@ def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool =
         loss.backward()
         opt.step()
 
-    warmup, times = (3 if cuda else 1), []
+    warmup = 3 if cuda else 1
     if graph:  # PyTorch's whole-network capture: warm up on a side stream, grads None at capture
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -162,29 +194,9 @@ def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool =
             opt.zero_grad(set_to_none=True)
             step()
 
-    for i in range(steps + warmup):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    n = sum(p.numel() for p in params)
-    small = n < 50_000_000
+    times = timed(run, steps, warmup, device)
     mode = "bf16 autocast, frozen weights bf16" if bf16 else "fp32"
-    return dict(
-        method=method,
-        params=n,
-        fp16_bytes=file_bytes(params, torch.float16, small),
-        fp32_bytes=file_bytes(params, torch.float32, small),
-        written=small,
-        step_s=sorted(times)[len(times) // 2],
-        peak_mb=peak_memory_mb(device),
-        precision=mode + (", CUDA graph" if graph else ""),
-        batch=batch,
-    )
+    return figures(method, params, times, device, precision=mode + (", CUDA graph" if graph else ""), batch=batch)
 
 
 SHAPED = {  # arch -> (config file, the layers kept without --full-depth)
@@ -248,32 +260,16 @@ def run_shaped(
         loss.backward()
         opt.step()
 
-    cuda, times = device.startswith("cuda"), []
-    for i in range(steps + 1):  # the first step warms up
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= 1:
-            times.append(time.perf_counter() - t0)
-    n = sum(p.numel() for p in params)
-    small = n < 50_000_000
-    return dict(
-        method=method,
-        params=n,
-        fp16_bytes=file_bytes(params, torch.float16, small),
-        fp32_bytes=file_bytes(params, torch.float32, small),
-        written=small,
-        step_s=sorted(times)[len(times) // 2],
-        step_s_all=[round(x, 3) for x in times],
-        peak_mb=peak_memory_mb(device),
+    return figures(
+        method,
+        params,
+        timed(run, steps, 1, device),  # the first step warms up
+        device,
         precision="bf16 autocast, frozen weights bf16" if bf16 else "fp32",
         batch=batch,
         latent=latent,
         depth="full" if full_depth else "cut",
-        model_params=sum(p.numel() for p in model.parameters() if not p.requires_grad) + n,
+        model_params=sum(p.numel() for p in model.parameters() if not p.requires_grad) + sum(p.numel() for p in params),
     )
 
 

@@ -5,13 +5,8 @@ move the output and get gradients, unloading restores the model exactly, save/lo
 
 import pytest
 import torch
-from diffusers import (
-    FluxTransformer2DModel,
-    PixArtTransformer2DModel,
-    SanaTransformer2DModel,
-    SD3Transformer2DModel,
-    UNet2DConditionModel,
-)
+from diffusers import PixArtTransformer2DModel, SanaTransformer2DModel
+from tiny_pipelines import flux_transformer, sd3_transformer, sdxl_unet
 
 from comcat.core.errors import ComcatError
 from comcat.customization.adapter import (
@@ -30,24 +25,7 @@ def _seeded(*shape, seed=1):
 
 
 def sdxl():
-    """An SDXL-style UNet: added time / text embeddings, two transformer layers in a block, linear projections."""
-    m = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=8 * 6 + 16,
-        norm_num_groups=8,
-        use_linear_projection=True,
-    )
+    m = sdxl_unet()
     cond = {"text_embeds": torch.ones(1, 16), "time_ids": torch.ones(1, 6)}
     return m, lambda: m(_seeded(1, 4, 8, 8), torch.tensor([10]), _seeded(1, 5, 32), added_cond_kwargs=cond).sample
 
@@ -97,37 +75,13 @@ def sana():
 
 def sd3():
     """SD3.5-style: qk RMS norms, a dual-attention first block, a context-pre-only last block."""
-    m = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=8,
-        out_channels=4,
-        dual_attention_layers=(0,),
-        qk_norm="rms_norm",
-    )
+    m = sd3_transformer(dual_attention_layers=(0,), qk_norm="rms_norm")
     args = (_seeded(1, 4, 8, 8), _seeded(1, 5, 16), _seeded(1, 8), torch.tensor([10]))
     return m, lambda: m(*args).sample
 
 
 def flux():
-    """Flux: a double-stream and a single-stream block, rotary q/k over (text, image) positions."""
-    m = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=8,
-        axes_dims_rope=(2, 2, 4),
-    )
+    m = flux_transformer()
     grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
     args = (_seeded(1, 16, 4), _seeded(1, 5, 16), _seeded(1, 8), torch.tensor([0.5]), grid.reshape(-1, 3))
     return m, lambda: m(*args, txt_ids=torch.zeros(5, 3)).sample
@@ -256,17 +210,7 @@ def test_a_shared_basis_is_a_per_head_adapter_the_size_of_a_lora():
     """SharedHeadLowRank computes what a HeadLowRank holding its materialized A, B, P, R computes,
     and on a many-headed Flux (12 heads) it is smaller than LoRA r4 where per-head rank 1 is not."""
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=12,
-        joint_attention_dim=16,
-        pooled_projection_dim=8,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
+    model = flux_transformer(num_attention_heads=12).eval()
     grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
     args = (_seeded(1, 16, 4), _seeded(1, 5, 16), _seeded(1, 8), torch.tensor([0.5]), grid.reshape(-1, 3))
 
@@ -299,19 +243,7 @@ def test_a_shared_basis_is_a_per_head_adapter_the_size_of_a_lora():
 
 
 def sd3_medium():
-    """SD3-medium-style: joint attention without q/k norms, the last block context-pre-only."""
-    m = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=8,
-        out_channels=4,
-    )
+    m = sd3_transformer()
     args = (_seeded(1, 4, 8, 8), _seeded(1, 5, 16), _seeded(1, 8), torch.tensor([10]))
     return m, lambda: m(*args).sample
 

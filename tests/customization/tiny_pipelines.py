@@ -18,6 +18,61 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from comcat.customization.diffusion.shapes_t2i import build_tokenizer
 
 
+def sdxl_unet(**over):
+    """An SDXL-style UNet: added time / text embeddings, two transformer layers in a block, linear projections."""
+    cfg = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 16,
+        norm_num_groups=8,
+        use_linear_projection=True,
+    )
+    return UNet2DConditionModel(**cfg | over)
+
+
+def sd3_transformer(**over):
+    """SD3-medium-style: joint attention without q/k norms, the last block context-pre-only."""
+    cfg = dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+    )
+    return SD3Transformer2DModel(**cfg | over)
+
+
+def flux_transformer(**over):
+    """Flux: a double-stream and a single-stream block, rotary q/k over (text, image) positions."""
+    cfg = dict(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    )
+    return FluxTransformer2DModel(**cfg | over)
+
+
 def _clip(tok, width: int, projection: bool):
     cfg = CLIPTextConfig(
         vocab_size=len(tok),
@@ -49,22 +104,7 @@ def _vae(latent_channels: int, **kw):
 def sdxl():
     torch.manual_seed(0)
     tok = build_tokenizer()
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=8 * 6 + 16,
-        norm_num_groups=8,
-        use_linear_projection=True,
-    )
+    unet = sdxl_unet()
     return StableDiffusionXLPipeline(
         vae=_vae(4),
         text_encoder=_clip(tok, 16, False),
@@ -79,18 +119,7 @@ def sdxl():
 def sd3():
     torch.manual_seed(0)
     tok = build_tokenizer()
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=16,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        caption_projection_dim=16,
-        pooled_projection_dim=32,
-        out_channels=16,
-    )
+    transformer = sd3_transformer(in_channels=16, out_channels=16, joint_attention_dim=32, pooled_projection_dim=32)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -107,18 +136,8 @@ def sd3():
 def flux():
     torch.manual_seed(0)
     tok, t5_tok = build_tokenizer(), build_tokenizer()
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=16,
-        guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4),
-    )
+    widths = dict(in_channels=64, joint_attention_dim=32, pooled_projection_dim=16)
+    transformer = flux_transformer(**widths, guidance_embeds=True)
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
     t5.eval()  # as from_pretrained leaves it: no dropout
     pipe = FluxPipeline(
