@@ -876,6 +876,8 @@ def cmd_customize(args) -> None:
             bar.set_postfix_str(f"loss {e['loss']:.4f}")
         elif e["kind"] == "preview":
             bar.write(f"preview at step {e['step']}: {e['path']}")
+        elif e["kind"] == "note":
+            bar.write(e["text"])
 
     try:
         result = customize(
