@@ -106,3 +106,23 @@ def test_explore_inspects_an_adapter_against_its_base():
         explore_page.on_inspect_adapter("embedded", None)[0] == "**Error:** upload an adapter file (.safetensors) first"
     )
     assert "type 'embedded' or a hub ID" in explore_page.on_inspect_adapter("/etc", str(pipelines.EXAMPLE_ADAPTER))[0]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_customize_and_generate_take_a_pipeline_folder_of_today_s_families(family, tmp_path, monkeypatch):
+    """A diffusers folder under the operator's data root (a tiny random-init SDXL / SD3 pipeline)
+    trains in Customize and generates with its adapter in Generate."""
+    import sys
+
+    from app import common
+
+    sys.path.insert(0, str(ROOT / "tests" / "customization"))
+    import tiny_pipelines
+
+    getattr(tiny_pipelines, family)().save_pretrained(tmp_path / "root" / family)
+    monkeypatch.setattr(common, "DATA_ROOT", tmp_path / "root")
+    updates = list(customize_page.on_customize(**{**TINY, "pipeline": family, "steps": 3, "preview_every": 0}))
+    status, _, _, adapter, _ = updates[-1]
+    assert status.startswith("**Done**") and adapter.endswith("adapter.safetensors"), status
+    adapted, plain, msg = generate_page.on_generate(family, "a V*", adapter, 1.0, None, 1.0, 0, 2, 4.0, 1)
+    assert msg.startswith("**Done**") and len(adapted) == len(plain) == 1, msg

@@ -62,3 +62,19 @@ def test_a_pipeline_without_a_training_recipe_is_refused_in_one_line():
 
     with pytest.raises(ComcatError, match="Customize trains SD 1.x/2.x, SDXL, SD3/SD3.5 and Flux pipelines"):
         denoiser_for(PixArtLike())
+
+
+def test_a_pipeline_folder_missing_a_component_is_one_line(tmp_path):
+    import json
+    import shutil
+
+    from comcat.customization.diffusion.pipeline import load_pipeline
+
+    sd3().save_pretrained(tmp_path / "sd3")
+    index = tmp_path / "sd3" / "model_index.json"
+    spec = json.loads(index.read_text())
+    spec["text_encoder_3"] = [None, None]  # as a folder saved without its T5 says
+    index.write_text(json.dumps(spec))
+    shutil.rmtree(tmp_path / "sd3" / "text_encoder_3")
+    with pytest.raises(ComcatError, match="could not load pipeline .*give 'embedded', a local diffusers folder"):
+        load_pipeline(str(tmp_path / "sd3"))

@@ -89,6 +89,12 @@ def _clip(tok, width: int, projection: bool):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
+def _t5(width: int):
+    vocab = len(build_tokenizer())
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=width, d_kv=8, d_ff=width, num_layers=1, num_heads=2))
+    return t5.eval()  # as from_pretrained leaves it: no dropout
+
+
 def _vae(latent_channels: int, **kw):
     return AutoencoderKL(
         block_out_channels=(8, 16),
@@ -128,8 +134,8 @@ def sd3():
         tokenizer=tok,
         text_encoder_2=_clip(tok, 16, True),
         tokenizer_2=build_tokenizer(),
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=_t5(32),
+        tokenizer_3=build_tokenizer(),
     )
 
 
@@ -138,8 +144,7 @@ def flux():
     tok, t5_tok = build_tokenizer(), build_tokenizer()
     widths = dict(in_channels=64, joint_attention_dim=32, pooled_projection_dim=16)
     transformer = flux_transformer(**widths, guidance_embeds=True)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
-    t5.eval()  # as from_pretrained leaves it: no dropout
+    t5 = _t5(32)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_vae(16, shift_factor=0.1, scaling_factor=1.5),

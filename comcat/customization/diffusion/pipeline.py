@@ -142,7 +142,7 @@ def load_pipeline(spec: str = "embedded", device: str = "cpu", dtype: torch.dtyp
     )
     try:
         pipe = cls.from_pretrained(str(source) if local else spec, dtype=dtype)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # unreachable, missing files, or a folder missing a component
         first = first_line(e, 10_000)
         raise ComcatError(
             f"could not load pipeline {spec!r} ({first}); give 'embedded', a local "
