@@ -227,18 +227,24 @@ def main() -> None:
         for kind in args.corpus:
             text = sentence_file(kind, args.sentences, args.seed, Path(tmp))
             results[kind] = run_corpus(folder, text, args)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clean = {
-            kind: {
-                k: ({a: b for a, b in v.items() if not a.startswith("_")} if isinstance(v, dict) else v)
-                for k, v in rows.items()
-            }
-            for kind, rows in results.items()
+            if args.out:  # after every corpus: a long run stopped later keeps what it measured
+                write(results, Path(args.out).with_suffix(".json"))
+
+
+def write(results: dict, path: Path) -> None:
+    """The rows of every corpus so far (without the per-sentence arrays), atomically."""
+    from comcat.core.files import atomic_write_text
+
+    clean = {
+        kind: {
+            k: ({a: b for a, b in v.items() if not a.startswith("_")} if isinstance(v, dict) else v)
+            for k, v in rows.items()
         }
-        out.with_suffix(".json").write_text(json.dumps(clean, indent=2) + "\n")
-        print(f"wrote {out.with_suffix('.json')}")
+        for kind, rows in results.items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(clean, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":
