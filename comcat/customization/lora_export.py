@@ -22,7 +22,7 @@ from ..core.errors import ComcatError
 from ..core.files import atomic_write
 from .adapter.layer import ComcatAttnProcessor
 from .adapter.lora import SiteFit, fit_site
-from .adapter.model import _processors, _unet, attention_sites, read_adapter
+from .adapter.model import _processors, _unet, attention_sites, output_projection, read_adapter
 
 FORMATS = ("diffusers", "kohya", "comfy")
 
@@ -36,16 +36,14 @@ def fit_lora(pipe, name: str, rank: int | None = None) -> dict[str, SiteFit]:
     try:
         for site, proc in _processors(unet).items():
             if isinstance(proc, ComcatAttnProcessor) and name in proc.adapters:
-                attn, out = sites[site], None
+                attn = sites[site]
                 if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
                     raise ComcatError(
                         f"{site} normalizes q and k (SD3.5, Flux): its logits are norm(q) norm(k)^T, not the "
                         "W^QK_h a LoRA is fitted to; load the comcat adapter file itself (comcat generate --adapter)"
                     )
-                if getattr(attn, "to_out", None) is None:  # Flux single-stream: proj_out's first columns
-                    path = f"{site.rpartition('.')[0]}.proj_out"
-                    out = (path, unet.get_submodule(path).weight.detach().double()[:, : attn.to_q.out_features])
-                fits[site] = fit_site(attn, proc.adapters[name], proc.scales[name], rank, site, out)
+                out = output_projection(unet, site, attn)
+                fits[site] = fit_site(attn, proc.adapters[name], proc.scales[name], out, rank, site)
     finally:
         torch.set_num_threads(threads)
     if not fits:

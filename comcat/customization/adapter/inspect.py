@@ -18,7 +18,7 @@ import torch
 from ...core.linalg import product_svdvals, split_heads
 from .joint import JointHeadLowRank
 from .layer import ComcatAttnProcessor
-from .model import _processors, _unet, attention_sites, load_adapter, site_kind, unload_adapter
+from .model import _processors, _unet, attention_sites, load_adapter, output_projection, site_kind, unload_adapter
 
 COLUMNS = (
     "site",
@@ -37,15 +37,6 @@ COLUMNS = (
 def _norms(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """(H,) Frobenius norms of X_h Y_h^T for factors (H, n, k), (H, m, k)."""
     return torch.linalg.vector_norm(product_svdvals(x.double(), y.double()), dim=-1).numpy()
-
-
-def _output(unet, site: str, attn):
-    """The attention's output projection W^O: to_out, or in a Flux single-stream block (no to_out)
-    the columns of the block's proj_out that take the attention's output."""
-    if getattr(attn, "to_out", None) is not None:
-        return attn.to_out[0]
-    proj = unet.get_submodule(site.rpartition(".")[0]).proj_out
-    return SimpleNamespace(weight=proj.weight[:, : attn.to_q.out_features])
 
 
 @torch.no_grad()
@@ -98,7 +89,8 @@ def adapter_table(pipe, path, name: str = "inspected") -> list[dict]:
             proc = procs.get(site)
             if not isinstance(proc, ComcatAttnProcessor) or name not in proc.adapters:
                 continue
-            for kind, m, lins in _parts(attn, proc.adapters[name], _output(unet, site, attn)):
+            out = SimpleNamespace(weight=output_projection(unet, site, attn)[1])
+            for kind, m, lins in _parts(attn, proc.adapters[name], out):
                 rows.append({"site": site, "kind": kind, **_measure(m, proc.scales[name], attn.heads, lins)})
         return rows
     finally:

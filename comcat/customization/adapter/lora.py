@@ -159,24 +159,24 @@ BLOCKS = {  # part -> (query block, key block), (value block, output block); 0: 
 }
 
 
-def projections(attn, site: str, out=None) -> tuple[list, list, list, list]:
+def projections(attn, site: str, out: tuple) -> tuple[list, list, list, list]:
     """The attention's query, key, value and output projections as lists of (path, weight) by
     stream: [image] or [image, context]. A joint attention (SD3, Flux double-stream) is one
     attention over the two streams' inputs side by side: W^Q = [W^Q_x | W^Q_c] (H d, Cx + Cc), W^K
     and W^V alike, W^O = [W^O_x; W^O_c] stacked over the outputs. Context queries and outputs only
-    where the context output is kept (not in SD3's last block). `out`: (path, weight) of an
-    attention without to_out (Flux's single-stream blocks: the proj_out columns taking it)."""
+    where the context output is kept (not in SD3's last block). `out`: (path, weight) of the
+    image stream's output projection (model.output_projection)."""
     w = lambda name: (f"{site}.{name}".lstrip("."), getattr(attn, name).weight.detach().double())  # noqa: E731
     joint = getattr(attn, "add_k_proj", None) is not None
     ctx_out = joint and getattr(attn, "to_add_out", None) is not None
     qs = [w("to_q")] + ([w("add_q_proj")] if ctx_out else [])
     ks = [w("to_k")] + ([w("add_k_proj")] if joint else [])
     vs = [w("to_v")] + ([w("add_v_proj")] if joint else [])
-    os_ = [out if out is not None else (f"{site}.to_out.0".lstrip("."), attn.to_out[0].weight.detach().double())]
+    os_ = [(out[0].lstrip("."), out[1].detach().double())]
     return qs, ks, vs, os_ + ([w("to_add_out")] if ctx_out else [])
 
 
-def fit_site(attn, layer, scale: float, rank: int | None = None, site: str = "", out=None) -> SiteFit:
+def fit_site(attn, layer, scale: float, out: tuple, rank: int | None = None, site: str = "") -> SiteFit:
     """Fit the LoRA of one attention at path `site` carrying the adapter `layer` (a HeadLowRank, or
     a JointHeadLowRank's parts) at strength `scale`, over its `projections` (`out` as there):
     each part's per-head targets go in its block of the joint W^QK_h and W^VO_h (BLOCKS), the

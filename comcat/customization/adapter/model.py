@@ -53,6 +53,15 @@ def out_features(attn) -> int:
     return attn.to_out[0].out_features if getattr(attn, "to_out", None) is not None else attn.to_q.out_features
 
 
+def output_projection(unet, site: str, attn) -> tuple[str, torch.Tensor]:
+    """(path, weight (Co, H d)) of the attention's output projection W^O: to_out.0, or in a Flux
+    single-stream block (no to_out) the columns of the block's proj_out that take the attention's output."""
+    if getattr(attn, "to_out", None) is not None:
+        return f"{site}.to_out.0", attn.to_out[0].weight
+    path = f"{site.rpartition('.')[0]}.proj_out"
+    return path, unet.get_submodule(path).weight[:, : attn.to_q.out_features]
+
+
 def joint_parts(config: AdapterConfig) -> tuple:
     """The JointHeadLowRank parts an adapter puts in a joint attention: its targets on the image
     stream ('self', 'cross'), and 'context' when config.stream takes the context stream."""
