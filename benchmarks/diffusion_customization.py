@@ -1,7 +1,7 @@
 """COMCAT adapters vs LoRA (peft), Custom Diffusion and full fine-tuning (DreamBooth), side by side.
 
     python benchmarks/diffusion_customization.py [--arch sd15|embedded|both|sdxl|sd3|flux|today]
-        [--steps 300] [--json F]
+        [--steps 300] [--interleave N] [--json F]
 
 For each method: trainable parameters, file bytes (fp16 and fp32), training step time and peak
 memory (each method runs in its own process: CPU peak RSS, or CUDA max allocated), measured in
@@ -21,7 +21,9 @@ one run. On CUDA every method trains in bf16 mixed precision (frozen weights bf1
             double-stream and 2 single-stream blocks of 19 + 38. --latent 64 (512 px): 64x64x4
             latents and 77x2048 context (SDXL), 1024 + 154 tokens (SD3), 1024 + 512 tokens (Flux);
             flow-matching loss on the transformers. LoRA r4 targets every attention projection
-            (the context stream's too).
+            (the context stream's too). comcat-s4x: comcat-s4 on cross-attention only (SDXL).
+            --interleave N: step times only, all methods in one process, one step of each per
+            round for N rounds, with each round's ratio to lora-r4 (the machine's drift cancels).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import contextlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +48,7 @@ METHODS = {  # name -> (kind, rank, lr on the embedded model)
     "comcat-r1": ("comcat", 1, 2.5e-3),
     "comcat-r2": ("comcat", 2, 2.5e-3),
     "comcat-s4": ("comcat-shared", 4, 2.5e-3),  # heads share a rank-4 basis (AdapterConfig.shared_basis)
+    "comcat-s4x": ("comcat-shared-cross", 4, 2.5e-3),  # the same on cross-attention only (UNets)
     "lora-r4": ("lora", 4, 1e-3),
     "custom-diffusion": ("custom", None, 1e-4),
     "full-ft": ("full", None, 5e-5),
@@ -58,7 +62,8 @@ def inject(kind: str, rank: int | None, pipe_or_unet) -> list[torch.nn.Parameter
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     unet.requires_grad_(False)
     if kind.startswith("comcat"):
-        return add_adapter(unet, AdapterConfig(rank=rank, shared_basis=kind == "comcat-shared"))
+        targets = ("cross",) if kind.endswith("cross") else ("self", "cross")
+        return add_adapter(unet, AdapterConfig(rank=rank, shared_basis="shared" in kind, targets=targets))
     if kind == "lora":
         from peft import LoraConfig
 
@@ -79,6 +84,13 @@ def inject(kind: str, rank: int | None, pipe_or_unet) -> list[torch.nn.Parameter
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def skipped(method: str, arch: str) -> bool:
+    """Methods an architecture has nothing for: Custom Diffusion is timed on SD-1.5 and the embedded
+    model only; cross-attention-only adapters need cross-attention, which SD3 and Flux do not have."""
+    kind = METHODS[method][0]
+    return (arch in SHAPED and kind == "custom") or (arch in ("sd3", "flux") and kind.endswith("cross"))
 
 
 def file_bytes(params: list[torch.nn.Parameter], dtype: torch.dtype, write: bool) -> int:
@@ -233,11 +245,10 @@ def shaped_model(arch: str, full_depth: bool, device: str, batch: int, latent: i
         return model, lambda x, t: model(x, ctx, pooled, t, grid, txt, guidance).sample, x0
 
 
-def run_shaped(
-    method: str, arch: str, steps: int, device: str, precision: str, batch: int, latent: int, full_depth: bool
-) -> dict:
-    """As run_sd15, on an SDXL/SD3/Flux-shaped model: noise prediction on SDXL's UNet, flow
-    matching (predict noise - x0 at x_t = (1 - t) x0 + t noise) on the transformers."""
+def shaped_step(method: str, arch: str, device: str, precision: str, batch: int, latent: int, full_depth: bool):
+    """(trainable params, one training step, the model's parameter count) of `method` on an
+    SDXL/SD3/Flux-shaped model: noise prediction on SDXL's UNet, flow matching (predict noise - x0
+    at x_t = (1 - t) x0 + t noise) on the transformers."""
     kind, rank, _ = METHODS[method]
     torch.manual_seed(0)
     model, forward, x0 = shaped_model(arch, full_depth, device, batch, latent)
@@ -260,17 +271,54 @@ def run_shaped(
         loss.backward()
         opt.step()
 
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return params, run, frozen + sum(p.numel() for p in params)
+
+
+def run_shaped(
+    method: str, arch: str, steps: int, device: str, precision: str, batch: int, latent: int, full_depth: bool
+) -> dict:
+    """As run_sd15, on an SDXL/SD3/Flux-shaped model (shaped_step)."""
+    params, run, total = shaped_step(method, arch, device, precision, batch, latent, full_depth)
     return figures(
         method,
         params,
         timed(run, steps, 1, device),  # the first step warms up
         device,
-        precision="bf16 autocast, frozen weights bf16" if bf16 else "fp32",
+        precision="bf16 autocast, frozen weights bf16" if precision == "bf16" else "fp32",
         batch=batch,
         latent=latent,
         depth="full" if full_depth else "cut",
-        model_params=sum(p.numel() for p in model.parameters() if not p.requires_grad) + sum(p.numel() for p in params),
+        model_params=total,
     )
+
+
+def interleaved(methods: list[str], arch: str, rounds: int, device: str, precision: str, shape: tuple) -> dict:
+    """Step times of `methods` on one shaped model each, in one process, one step of every method per
+    round (after a warm-up round), so that drift of the machine's speed hits all alike. Per method:
+    the median step and, against lora-r4 in the same rounds, the median and range of the ratios."""
+    steps = {m: shaped_step(m, arch, device, precision, *shape)[1] for m in methods}
+    times = {m: [] for m in methods}
+    for r in range(rounds + 1):
+        for m, run in steps.items():
+            t = timed(run, 1, 0, device)[0]
+            if r:
+                times[m].append(t)
+    out = {}
+    for m, ts in times.items():
+        ratios = sorted(a / b for a, b in zip(ts, times["lora-r4"]))
+        out[m] = {
+            "step_s": statistics.median(ts),
+            "step_s_all": [round(t, 3) for t in ts],
+            "vs_lora_r4": statistics.median(ratios),
+            "vs_lora_r4_range": [ratios[0], ratios[-1]],
+        }
+        print(
+            f"{arch} {m:12} step {out[m]['step_s']:.3f} s (median of {rounds}); / lora-r4 in the same round: "
+            f"median {out[m]['vs_lora_r4']:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}",
+            flush=True,
+        )
+    return out
 
 
 def run_embedded(method: str, steps: int, device: str, seed: int = 0) -> dict:
@@ -397,6 +445,13 @@ def main():
         help="SD-1.5 on CUDA: capture each method's whole training step as a CUDA graph and time "
         "its replays (the GPU's work, without Python's launch overhead at batch 1)",
     )
+    ap.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        help="sdxl/sd3/flux: step times only, every method in one process, one step each per round, "
+        "for N rounds (ratios to lora-r4 round by round)",
+    )
     ap.add_argument("--json", help="write all rows here")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method, print its row
     args = ap.parse_args()
@@ -417,11 +472,20 @@ def main():
         return
     archs = {"both": ("sd15", "embedded"), "today": tuple(SHAPED)}.get(args.arch, (args.arch,))
     results = {}
-    for arch in archs:
+    if args.interleave:
+        methods = [m for m in args.methods.split(",") if METHODS[m][0].startswith(("comcat", "lora"))]
+        methods = methods if "lora-r4" in methods else methods + ["lora-r4"]
+        shape = (args.sd_batch, args.latent, args.full_depth)
+        for arch in archs:
+            if arch not in SHAPED:
+                raise SystemExit("--interleave times the sdxl, sd3 and flux shapes")
+            ok = [m for m in methods if not skipped(m, arch)]
+            results[arch] = interleaved(ok, arch, args.interleave, args.device, precision, shape)
+    for arch in () if args.interleave else archs:
         rows = []
         for method in args.methods.split(","):
-            if arch in SHAPED and METHODS[method][0] == "custom":
-                continue  # Custom Diffusion trains cross-attention K, V: SD3 and Flux have none
+            if skipped(method, arch):
+                continue
             cmd = [
                 sys.executable,
                 __file__,

@@ -10,7 +10,7 @@ LoRA at several ranks (`comcat export --format diffusers`) and loaded back by di
   - the embedded judge's concept rate ('a V* in {colour}', 8 colours x --per-colour images), beside
     the adapter's own and the base model's.
 
-    python benchmarks/lora_export.py [--steps 300] [--adapter DIR] [--ranks 0 2 4] [--json F]
+    python benchmarks/lora_export.py [--steps 300] [--adapter DIR] [--ranks 0 2 4] [--seed S] [--json F]
     (--ranks: multiples of heads x the adapter's rank; 0 = the best rank-d fit at full rank)
 """
 
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--adapter", default=None, help="an adapter to convert (default: train one on the hearts)")
     ap.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 0])
     ap.add_argument("--per-colour", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the adapter's training and the judge's images")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -70,7 +70,11 @@ def main() -> None:
         adapter = args.adapter
         if adapter is None:
             spec = CustomizeSpec(
-                images=str(ROOT / "assets/examples/heart"), prompt="a V*", steps=args.steps, preview_every=0, seed=0
+                images=str(ROOT / "assets/examples/heart"),
+                prompt="a V*",
+                steps=args.steps,
+                preview_every=0,
+                seed=args.seed,
             )
             customize(spec, tmp / "heart", pipe=pipe)
             unload_adapter(pipe)

@@ -86,7 +86,10 @@ def lora_state_dict(fits: dict[str, SiteFit], fmt: str, unet=None) -> dict[str, 
         raise ComcatError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     head = prefix(unet) if unet is not None else "unet"
     if head != "unet" and fmt != "diffusers":
-        raise ComcatError(f"the {fmt} layout covers UNets (SD 1.x/2.x, SDXL): use --format diffusers for this model")
+        raise ComcatError(
+            f"the {fmt} layout covers UNets (SD 1.x/2.x, SDXL); for a transformer use --format diffusers, "
+            "whose transformer.… keys ComfyUI also reads (SD3)"
+        )
     factors = {path: f for fit in fits.values() for path, f in fit.factors.items()}
     peft = {}
     for path, (up, down) in sorted(factors.items()):

@@ -277,6 +277,10 @@ def test_each_family_exports_a_lora_that_plain_diffusers_loads(make, kw):
     assert all(k.startswith(f"{head}.") for k in state)
     if "stream" in kw:
         assert any(".add_q_proj.lora_A" in k for k in state) and any(".to_add_out.lora_A" in k for k in state)
+    if head == "transformer":  # kohya/Comfy layouts are UNet layouts: refused, pointing at diffusers
+        for fmt in ("kohya", "comfy"):
+            with pytest.raises(ComcatError, match=f"the {fmt} layout covers UNets.*--format diffusers"):
+                lora_state_dict(fits, fmt, model)
     unload_adapter(model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():

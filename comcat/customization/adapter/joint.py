@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import ComcatAttnProcessor, HeadLowRank, idle, low_rank_layer, merge_heads, pad_last, split_heads
+from .layer import ComcatAttnProcessor, HeadLowRank, cat_aligned, idle, low_rank_layer, merge_heads, split_heads
 
 PARTS = ("self", "cross", "context")  # which extra dimensions each part of a JointHeadLowRank adds
 
@@ -67,7 +67,7 @@ def widen(q, k, v, parts, x, c, heads: int, align: int, context_first: bool = Fa
         return q, k, v
     dt = q.dtype
     extras = [_extra(name, part, x.to(dt), c.to(dt), heads, s, context_first) for name, part, s in parts]
-    return (pad_last(torch.cat([t] + [e[i] for e in extras], -1), align) for i, t in enumerate((q, k, v)))
+    return (cat_aligned([t] + [e[i] for e in extras], align) for i, t in enumerate((q, k, v)))
 
 
 def extra_outputs(o: torch.Tensor, parts, head_dim: int):

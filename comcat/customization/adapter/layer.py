@@ -177,10 +177,12 @@ def _extra(t: torch.Tensor, heads: int, d: int, r: int) -> torch.Tensor:
     return t.reshape(-1, heads, t.shape[-1] // heads)[:, :, d : d + r].reshape(-1, heads * r)
 
 
-def pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad the last dimension up to a multiple of `multiple` (exact for q, k and v of SDPA)."""
-    extra = -x.shape[-1] % multiple
-    return F.pad(x, (0, extra)) if extra else x
+def cat_aligned(parts: list[torch.Tensor], multiple: int) -> torch.Tensor:
+    """parts joined along the last dimension and zero-padded to a multiple of `multiple`, in one
+    copy (exact for q, k and v of SDPA: the zero dimensions add nothing to logits or outputs)."""
+    extra = -sum(t.shape[-1] for t in parts) % multiple
+    pad = [parts[0].new_zeros(*parts[0].shape[:-1], extra)] if extra else []
+    return torch.cat(parts + pad, -1)
 
 
 class ComcatAttnProcessor(nn.Module):
@@ -281,10 +283,9 @@ class ComcatAttnProcessor(nn.Module):
         head_dim = q.shape[-1]
         if active:
             dt = q.dtype
-            q = torch.cat([q] + [s * split_heads(m.queries(x.to(dt)), heads) for m, s in active], -1)
-            k = torch.cat([k] + [split_heads(m.keys(context.to(dt)), heads) for m, s in active], -1)
-            v = torch.cat([v] + [split_heads(m.values(context.to(dt)), heads) for m, s in active], -1)
-            q, k, v = (pad_last(t, self.align) for t in (q, k, v))
+            q = cat_aligned([q] + [s * split_heads(m.queries(x.to(dt)), heads) for m, s in active], self.align)
+            k = cat_aligned([k] + [split_heads(m.keys(context.to(dt)), heads) for m, s in active], self.align)
+            v = cat_aligned([v] + [split_heads(m.values(context.to(dt)), heads) for m, s in active], self.align)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
         out = attn.to_out[0](merge_heads(o[..., :head_dim]))
         start = head_dim
