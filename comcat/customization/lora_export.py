@@ -80,8 +80,9 @@ def _ldm_site(site: str, layers_per_block: int) -> str:
     return ".".join(head + rest)
 
 
-def lora_state_dict(fits: dict[str, SiteFit], fmt: str, unet=None) -> dict[str, torch.Tensor]:
-    """The fitted factors under `fmt`'s keys (float32) for the denoiser `unet`."""
+def check_layout(fmt: str, unet=None) -> str:
+    """The key prefix of `fmt` for the denoiser `unet` ('unet' or 'transformer'), or one line when
+    the layout cannot hold this denoiser's LoRA. Cheap: export calls it before fitting."""
     if fmt not in FORMATS:
         raise ComcatError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     head = prefix(unet) if unet is not None else "unet"
@@ -90,6 +91,14 @@ def lora_state_dict(fits: dict[str, SiteFit], fmt: str, unet=None) -> dict[str, 
             f"the {fmt} layout covers UNets (SD 1.x/2.x, SDXL); for a transformer use --format diffusers, "
             "whose transformer.… keys ComfyUI also reads (SD3)"
         )
+    if fmt == "comfy" and not isinstance(unet.config.layers_per_block, int):
+        raise ComcatError("this UNet has a different number of layers per block: use --format diffusers or kohya")
+    return head
+
+
+def lora_state_dict(fits: dict[str, SiteFit], fmt: str, unet=None) -> dict[str, torch.Tensor]:
+    """The fitted factors under `fmt`'s keys (float32) for the denoiser `unet` (check_layout first)."""
+    head = check_layout(fmt, unet)
     factors = {path: f for fit in fits.values() for path, f in fit.factors.items()}
     peft = {}
     for path, (up, down) in sorted(factors.items()):
@@ -102,8 +111,6 @@ def lora_state_dict(fits: dict[str, SiteFit], fmt: str, unet=None) -> dict[str, 
 
         return convert_state_dict_to_kohya(peft)
     lpb = unet.config.layers_per_block
-    if not isinstance(lpb, int):
-        raise ComcatError("this UNet has a different number of layers per block: use --format diffusers or kohya")
     out = {}
     for path, (up, down) in sorted(factors.items()):
         key = "lora_unet_" + _ldm_site(path, lpb).replace(".", "_")
@@ -158,9 +165,9 @@ def export_adapter(pipe, adapter: str | Path, fmt: str, out: str | Path, rank: i
     """Fit adapter `adapter` (loaded into `pipe` here, at its stored strength) as a LoRA and write it
     to `out` in `fmt`, with the token beside it (OUT stem + '.token.safetensors'). Returns the
     files, the LoRA rank per site and the relative errors of W^QK_h and W^VO_h."""
-    out = Path(out)
+    out, unet = Path(out), _unet(pipe)
+    check_layout(fmt, unet)  # a layout that cannot hold this model is refused before the fit
     config, tensors, fits = fit_file(pipe, adapter, rank)
-    unet = _unet(pipe)
     sd = lora_state_dict(fits, fmt, unet)
     meta = {"comcat_token": config.token, "comcat_scale": str(config.scale), "format": "pt"}
     atomic_write(out, lambda tmp: save_file(sd, tmp, metadata=meta))

@@ -50,6 +50,10 @@ def test_each_pipeline_customizes_reloads_generates_and_exports(name, tmp_path):
         with pytest.raises(ComcatError, match="normalizes q and k"):
             export_adapter(fresh, result["adapter"], "diffusers", tmp_path / "lora.safetensors")
         return
+    if name == "sd3":  # a UNet layout is refused before any fitting: the adapter is not even read
+        with pytest.raises(ComcatError, match="the kohya layout covers UNets.*--format diffusers"):
+            export_adapter(fresh, tmp_path / "not-read", "kohya", tmp_path / "kohya.safetensors")
+        assert not (tmp_path / "kohya.safetensors").exists()
     lora = export_adapter(fresh, result["adapter"], "diffusers", tmp_path / "lora.safetensors")
     assert lora["token_file"] is None  # no token was learned
     fresh.load_lora_weights(str(tmp_path / "lora.safetensors"))
