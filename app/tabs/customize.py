@@ -202,7 +202,11 @@ DEFAULT_STEPS = CustomizeSpec.steps  # the library's (and the CLI's) default: 50
 def customize_tab():
     with gr.Row():
         with gr.Column(scale=1):
-            pipeline = gr.Textbox("embedded", label="pipeline: embedded, a hub ID or a local diffusers folder")
+            pipeline = gr.Textbox(
+                "embedded",
+                label="pipeline: embedded, a hub ID or a local diffusers folder",
+                elem_id="customize-pipeline",
+            )
             uploads = gr.File(
                 label=f"{MIN_IMAGES}-{MAX_IMAGES} images of the concept "
                 "(+ optional NAME.txt captions); none: the bundled hearts",

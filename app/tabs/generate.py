@@ -67,7 +67,11 @@ def on_export_lora(pipeline, adapter1, fmt, request: gr.Request = None):
 def generate_tab(trained_adapter):
     with gr.Row():
         with gr.Column(scale=1):
-            pipeline = gr.Textbox("embedded", label="pipeline: embedded, a hub ID or a local diffusers folder")
+            pipeline = gr.Textbox(
+                "embedded",
+                label="pipeline: embedded, a hub ID or a local diffusers folder",
+                elem_id="generate-pipeline",
+            )
             prompt = gr.Textbox("a V* in blue", label="prompt", elem_id="generate-prompt")
             example = str(EXAMPLE_ADAPTER) if EXAMPLE_ADAPTER.is_file() else None
             adapter1 = gr.File(example, label="adapter 1 (.safetensors)", type="filepath", file_types=[".safetensors"])
@@ -75,9 +79,9 @@ def generate_tab(trained_adapter):
             adapter2 = gr.File(label="adapter 2 (.safetensors)", type="filepath", file_types=[".safetensors"])
             scale2 = gr.Slider(-1, 2, value=1.0, step=0.05, label="strength 2")
             seed = gr.Number(0, precision=0, label="seed")
-            steps = gr.Slider(5, 100, value=25, step=1, label="sampling steps")
+            steps = gr.Slider(5, 100, value=25, step=1, label="sampling steps", elem_id="generate-steps")
             guidance = gr.Slider(1, 12, value=GUIDANCE, step=0.5, label="guidance")
-            n = gr.Slider(1, 16, value=8, step=1, label="images")
+            n = gr.Slider(1, 16, value=8, step=1, label="images", elem_id="generate-n")
             go = gr.Button("Generate", variant="primary", elem_id="generate-go")
             with gr.Row():
                 lora_format = gr.Dropdown(list(FORMATS), value="diffusers", label="LoRA file for", scale=1)
