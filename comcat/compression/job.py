@@ -44,7 +44,7 @@ from . import families
 from .cost import SCOPES, Budget
 from .distill import FinetuneConfig
 from .evaluate import distance
-from .families.hf_encoders import CAUSAL
+from .families.hf_encoders import CAUSAL, pad_id
 from .format import JOB_FILE, load_compressed, save_compressed
 from .load import load_model
 from .models import EMBEDDED_ARCH, Loaded, has_classifier
@@ -52,7 +52,7 @@ from .quantize import check_quantize
 from .ranks import METHODS, MLP_MODES
 from .reconstruct import DistillConfig
 from .search import SearchConfig
-from .texts import data_splits, is_text_encoder
+from .texts import SENTENCE_VIEWS, SentenceViews, data_splits, is_text_encoder
 
 JOB_FORMAT = "comcat-job/3"  # /3: the distillation, search and fine-tuning settings nested
 READABLE = (JOB_FORMAT, "comcat-job/2")
@@ -183,8 +183,8 @@ class JobSpec:
     def resolved(self, arch: str, text: bool = False) -> "JobSpec":
         """The spec with 'auto' settings decided for a model of architecture `arch` (`text`: a text
         encoder: its sentences are calibrated on and distilled block by block with their padding
-        masked, without the image views (crops, flips, mixup) but with (1 + views) x the steps, the
-        same number of passes over the data, and, end to end, without block alignment)."""
+        masked, with (1 + views) x the steps and texts.SentenceViews in place of the image views
+        (crops, flips, mixup), and, end to end, without block alignment)."""
         out = JobSpec.from_dict(asdict(self))
         if text and self.data is not None:
             steps = self.distill.steps * (1 + self.distill.views)
@@ -478,7 +478,12 @@ def plan(spec: JobSpec, unit: str | None) -> list[dict]:
             "distillation",
             bool(steps),
             f"block by block, {steps} steps per block"
-            + (", padding masked, (1 + views) x --distill-steps: sentences take no image views" if text else "")
+            + (
+                f", padding masked, (1 + views) x --distill-steps, on the sentences and {SENTENCE_VIEWS} "
+                "passes of them shuffled or spliced (in place of image views)"
+                if text
+                else ""
+            )
             if steps
             else (data or "--distill-steps 0"),
         ),
@@ -661,7 +666,11 @@ def _distill(run: Run, small):
     t = time.perf_counter()
     images = subset(run.splits.fit, spec.calibration_images, spec.seed)
     cfg = spec.distill
-    views = AugmentedViews(DataLoader(images, batch_size=32), cfg.views, cfg.seed, cfg.mix)
+    loader = DataLoader(images, batch_size=32)
+    if is_text_encoder(run.dense):
+        views = SentenceViews(loader, pad_id(run.dense), seed=cfg.seed)
+    else:
+        views = AugmentedViews(loader, cfg.views, cfg.seed, cfg.mix)
     res = distill_blocks(small, run.dense, views, cfg, device=run.device, control=run.control("distill"))
     run.timed("distill", t)
     run.job["distill"] = {"steps": res["steps"], "total": res["total"]}

@@ -109,6 +109,48 @@ def sentence_splits(path: str | Path, model: nn.Module, seed: int = 0) -> Splits
     return Splits(part(train), part(train), part(val), part(held), source, False, note, unit)
 
 
+SENTENCE_VIEWS = 6  # shuffled / spliced passes over the sentences in block distillation
+
+
+class SentenceViews:
+    """The (ids, y) batches of `loader`, then `views` seeded passes over them that make new sentences
+    from the same tokens (the text analogue of image crops): even passes shuffle each sentence's
+    inner tokens, odd passes join a prefix of one sentence with a suffix of another. The first and
+    last real tokens ([CLS] / [SEP], <s> / </s>) stay in place; padding (`pad`) stays at the end.
+    The same seed gives the same sentences (a resumed run sees the ones it started with)."""
+
+    def __init__(self, loader, pad: int, views: int = SENTENCE_VIEWS, seed: int = 0):
+        self.loader, self.pad, self.views, self.seed = loader, pad, views, seed
+
+    def __iter__(self):
+        yield from self.loader
+        for v in range(self.views):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + v + 1)
+            for ids, y in self.loader:
+                yield self.remix(ids, g, splice=v % 2 == 1), y
+
+    def remix(self, ids: torch.Tensor, g: torch.Generator, splice: bool) -> torch.Tensor:
+        """(B, N) token ids -> (B, N) new sentences of the same tokens (class docstring)."""
+        lengths = (ids != self.pad).sum(1).tolist()
+        inner = [row[1 : n - 1] for row, n in zip(ids, lengths)]
+        partner = torch.randperm(len(ids), generator=g).tolist()
+        out = torch.full_like(ids, self.pad)
+        for i, (row, n) in enumerate(zip(ids, lengths)):
+            if n < 3:  # nothing between the first and last token
+                out[i, :n] = row[:n]
+                continue
+            a = inner[i]
+            if splice:
+                b = inner[partner[i]]
+                cut_a = int(torch.randint(1, len(a) + 1, (1,), generator=g))
+                cut_b = int(torch.randint(0, len(b) + 1, (1,), generator=g))
+                body = torch.cat([a[:cut_a], b[cut_b:]])[: ids.shape[1] - 2]
+            else:
+                body = a[torch.randperm(len(a), generator=g)]
+            out[i, 0], out[i, 1 : 1 + len(body)], out[i, 1 + len(body)] = row[0], body, row[n - 1]
+        return out
+
+
 def is_text_encoder(model: nn.Module) -> bool:
     """Whether `model` reads token ids (B, N), not images."""
     return len(families.input_size(model)) == 1

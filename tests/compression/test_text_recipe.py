@@ -12,7 +12,7 @@ from comcat.compression.cost import Budget
 from comcat.compression.job import JobSpec, run_job
 from comcat.compression.load import load_model
 from comcat.compression.reconstruct import DistillConfig, distill_blocks
-from comcat.compression.texts import sentence_splits
+from comcat.compression.texts import SentenceViews, sentence_splits
 from conftest import png_folder
 
 
@@ -94,7 +94,7 @@ def test_a_text_encoder_gets_the_calibrated_recipe_and_the_report_names_every_ph
         "fine-tuning": False,
     }
     how = next(p["how"] for p in plan if p["phase"] == "distillation")
-    assert "300 steps per block, padding masked" in how, how  # 100 steps x (1 + 2 image views)
+    assert "300 steps per block, padding masked" in how and "shuffled or spliced" in how, how  # 100 x (1 + 2)
     spec = JobSpec(**common).resolved("bert", text=True)
     assert (spec.distill.steps, spec.distill.views) == (300, 0) and spec.resolved("bert", text=True) == spec
     assert default["compressed"]["cosine"] > plain["compressed"]["cosine"] + 0.02, (default, plain)
@@ -103,6 +103,34 @@ def test_a_text_encoder_gets_the_calibrated_recipe_and_the_report_names_every_ph
     assert "calibration: skipped (--calibration none: plain SVD of the weights)" in md
     assert "distillation: skipped (--distill-steps 0)" in md
     assert "search: skipped (not asked for (--search))" in md
+
+
+def test_sentence_views_make_new_sentences_of_the_same_tokens():
+    """Pass 1 shuffles each sentence's inner tokens, pass 2 joins a prefix of one sentence with a
+    suffix of another; [CLS]/[SEP] stay in place, padding at the end; a seed repeats the views."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (12, 9, 3, 12, 7, 2):
+        inner = torch.randint(1000, 2000, (n - 2,), generator=g) if n > 2 else torch.zeros(0, dtype=torch.long)
+        rows.append(torch.cat([torch.tensor([101]), inner, torch.tensor([102]), torch.zeros(12 - n, dtype=torch.long)]))
+    ids = torch.stack(rows)
+    loader = [(ids, torch.zeros(len(ids)))]
+    views = [x for x, _ in SentenceViews(loader, pad=0, views=2, seed=3)]
+    assert len(views) == 3 and torch.equal(views[0], ids)
+    assert all(torch.equal(a, b) for a, b in zip(views, [x for x, _ in SentenceViews(loader, pad=0, views=2, seed=3)]))
+    inners = [row[1 : int((row != 0).sum()) - 1].tolist() for row in ids]
+    for view, splice in ((views[1], False), (views[2], True)):
+        assert view.shape == ids.shape and not torch.equal(view, ids)
+        for i, row in enumerate(view):
+            n = int((row != 0).sum())
+            assert (row[n:] == 0).all() and row[0] == 101 and row[n - 1] == 102
+            body = row[1 : n - 1].tolist()
+            if not splice:
+                assert sorted(body) == sorted(inners[i])
+            elif len(inners[i]):  # a non-empty prefix of its own, then a run of another sentence (cut at 12)
+                k = next(k for k in range(len(body), 0, -1) if body[:k] == inners[i][:k])
+                rest = body[k:]
+                assert any(rest == b[j : j + len(rest)] for b in inners for j in range(len(b) - len(rest) + 1))
 
 
 def test_a_backbone_without_classifier_is_allocated_and_fine_tuned_on_its_embeddings(tmp_path):
