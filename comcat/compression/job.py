@@ -52,7 +52,7 @@ from .quantize import check_quantize
 from .ranks import METHODS, MLP_MODES
 from .reconstruct import DistillConfig
 from .search import SearchConfig
-from .texts import SENTENCE_VIEWS, SentenceViews, data_splits, is_text_encoder
+from .texts import SENTENCE_VIEWS, SentenceViews, data_splits, is_text_encoder, sentence_views
 
 JOB_FORMAT = "comcat-job/3"  # /3: the distillation, search and fine-tuning settings nested
 READABLE = (JOB_FORMAT, "comcat-job/2")
@@ -479,8 +479,9 @@ def plan(spec: JobSpec, unit: str | None) -> list[dict]:
             bool(steps),
             f"block by block, {steps} steps per block"
             + (
-                f", padding masked, (1 + views) x --distill-steps, on the sentences and {SENTENCE_VIEWS} "
-                "passes of them shuffled or spliced (in place of image views)"
+                f", padding masked, (1 + views) x --distill-steps, on the sentences and up to {SENTENCE_VIEWS} "
+                "passes of them shuffled or spliced (in place of image views; fewer when long sentences would "
+                "fill 2 GiB)"
                 if text
                 else ""
             )
@@ -668,7 +669,9 @@ def _distill(run: Run, small):
     cfg = spec.distill
     loader = DataLoader(images, batch_size=32)
     if is_text_encoder(run.dense):
-        views = SentenceViews(loader, pad_id(run.dense), seed=cfg.seed)
+        width = families.mlp(families.blocks(run.dense)[0])["fc2"].out_features
+        passes = sentence_views(len(images), len(images[0][0]), width)
+        views = SentenceViews(loader, pad_id(run.dense), passes, seed=cfg.seed)
     else:
         views = AugmentedViews(loader, cfg.views, cfg.seed, cfg.mix)
     res = distill_blocks(small, run.dense, views, cfg, device=run.device, control=run.control("distill"))

@@ -110,6 +110,15 @@ def sentence_splits(path: str | Path, model: nn.Module, seed: int = 0) -> Splits
 
 
 SENTENCE_VIEWS = 6  # shuffled / spliced passes over the sentences in block distillation
+VIEW_BYTES = 2 * 2**30  # at most this much for the distillation tokens of all the passes
+
+
+def sentence_views(n: int, length: int, width: int) -> int:
+    """How many SentenceViews passes block distillation takes for n sentences of `length` tokens in a
+    model of `width`: SENTENCE_VIEWS, fewer when (1 + views) passes of tokens (kept three times, as
+    float32: inputs, targets, the student's) would pass VIEW_BYTES."""
+    per_pass = 3 * 4 * n * length * width
+    return max(0, min(SENTENCE_VIEWS, VIEW_BYTES // max(1, per_pass) - 1))
 
 
 class SentenceViews:

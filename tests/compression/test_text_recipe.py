@@ -12,7 +12,7 @@ from comcat.compression.cost import Budget
 from comcat.compression.job import JobSpec, run_job
 from comcat.compression.load import load_model
 from comcat.compression.reconstruct import DistillConfig, distill_blocks
-from comcat.compression.texts import SentenceViews, sentence_splits
+from comcat.compression.texts import SENTENCE_VIEWS, SentenceViews, sentence_splits, sentence_views
 from conftest import png_folder
 
 
@@ -131,6 +131,12 @@ def test_sentence_views_make_new_sentences_of_the_same_tokens():
                 k = next(k for k in range(len(body), 0, -1) if body[:k] == inners[i][:k])
                 rest = body[k:]
                 assert any(rest == b[j : j + len(rest)] for b in inners for j in range(len(b) - len(rest) + 1))
+
+
+def test_sentence_views_stop_at_the_memory_budget():
+    assert sentence_views(480, 40, 384) == SENTENCE_VIEWS  # about 90 MB a pass
+    assert sentence_views(480, 256, 384) == 2  # 566 MB a pass: 3 passes fit in 2 GiB
+    assert sentence_views(2000, 512, 1024) == 0  # one pass is over the budget: the sentences alone
 
 
 def test_a_backbone_without_classifier_is_allocated_and_fine_tuned_on_its_embeddings(tmp_path):
