@@ -138,7 +138,10 @@ def checked(driver, elem_id: str) -> str:
 
 
 def upload(driver, elem_id: str, path) -> None:
-    driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=file]").send_keys(str(path))
+    """Give the file input of `elem_id` the file, once it is on the page (an accordion just clicked
+    open renders its contents a moment later)."""
+    where = (By.CSS_SELECTOR, f"#{elem_id} input[type=file]")
+    wait(driver).until(EC.presence_of_element_located(where)).send_keys(str(path))
     try:
         wait(driver, 30).until(
             lambda d: Path(path).stem in d.find_element(By.ID, elem_id).text
