@@ -30,18 +30,13 @@ FORMATS = ("diffusers", "kohya", "comfy")
 def fit_lora(pipe, name: str, rank: int | None = None) -> dict[str, SiteFit]:
     """attention site -> its fitted LoRA, for adapter `name` loaded in `pipe` at its strength."""
     unet = _unet(pipe)
-    sites = attention_sites(unet)
+    sites = refuse_qk_norms(unet)
     fits, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # many small SVDs and solves: threads only contend
     try:
         for site, proc in _processors(unet).items():
             if isinstance(proc, ComcatAttnProcessor) and name in proc.adapters:
                 attn = sites[site]
-                if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
-                    raise ComcatError(
-                        f"{site} normalizes q and k (SD3.5, Flux): its logits are norm(q) norm(k)^T, not the "
-                        "W^QK_h a LoRA is fitted to; load the comcat adapter file itself (comcat generate --adapter)"
-                    )
                 out = output_projection(unet, site, attn)
                 fits[site] = fit_site(attn, proc.adapters[name], proc.scales[name], out, rank, site)
     finally:
@@ -54,6 +49,20 @@ def fit_lora(pipe, name: str, rank: int | None = None) -> dict[str, SiteFit]:
             if down.shape[1] < width:
                 fit.factors[path] = (up, torch.nn.functional.pad(down, (0, width - down.shape[1])))
     return fits
+
+
+def refuse_qk_norms(unet) -> dict:
+    """The denoiser's attention sites, or one line when one of them normalizes q and k: its logits
+    are then norm(q) norm(k)^T, which no LoRA of W^QK_h reproduces. Cheap: export and bake call it
+    before the adapter file is read."""
+    sites = attention_sites(unet)
+    for site, attn in sites.items():
+        if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+            raise ComcatError(
+                f"{site} normalizes q and k (SD3.5, Flux): its logits are norm(q) norm(k)^T, not the "
+                "W^QK_h a LoRA is fitted to; load the comcat adapter file itself (comcat generate --adapter)"
+            )
+    return sites
 
 
 def prefix(unet) -> str:
@@ -93,6 +102,8 @@ def check_layout(fmt: str, unet=None) -> str:
         )
     if fmt == "comfy" and not isinstance(unet.config.layers_per_block, int):
         raise ComcatError("this UNet has a different number of layers per block: use --format diffusers or kohya")
+    if unet is not None:
+        refuse_qk_norms(unet)
     return head
 
 
@@ -190,6 +201,7 @@ def bake_adapter(pipe, adapter: str | Path, out: str | Path, rank: int | None = 
     from .adapter.model import add_token
 
     out = Path(out)
+    refuse_qk_norms(_unet(pipe))
     claim_out(out, (BAKE_MARKER,), "baked pipeline", inputs=(str(adapter),))
     if (out / BAKE_MARKER).is_file() and not overwrite:
         raise ComcatError(f"{out} holds an earlier bake: replace it with --overwrite, or choose another --out")

@@ -11,7 +11,7 @@ from comcat.core.errors import ComcatError
 from comcat.customization.adapter import load_adapter, unload_adapter
 from comcat.customization.customize import CustomizeSpec, customize
 from comcat.customization.diffusion.denoisers import denoiser_for
-from comcat.customization.lora_export import export_adapter
+from comcat.customization.lora_export import bake_adapter, export_adapter
 
 HEARTS = ASSETS / "examples" / "heart"
 MAKERS = {"sdxl": sdxl, "sd3": sd3, "flux": flux}
@@ -46,9 +46,14 @@ def test_each_pipeline_customizes_reloads_generates_and_exports(name, tmp_path):
     assert torch.equal(_sample(fresh), base)  # unloading gives the base model back
     assert not torch.allclose(adapted, base, atol=1e-3)
 
-    if name == "flux":  # q/k norms: no LoRA is fitted (test_model_families)
-        with pytest.raises(ComcatError, match="normalizes q and k"):
-            export_adapter(fresh, result["adapter"], "diffusers", tmp_path / "lora.safetensors")
+    if name == "flux":  # q/k norms: refused before the adapter file is read, nothing written
+        for run in (
+            lambda: export_adapter(fresh, tmp_path / "not-read", "diffusers", tmp_path / "lora.safetensors"),
+            lambda: bake_adapter(fresh, tmp_path / "not-read", tmp_path / "baked"),
+        ):
+            with pytest.raises(ComcatError, match="normalizes q and k"):
+                run()
+        assert not (tmp_path / "lora.safetensors").exists() and not (tmp_path / "baked").exists()
         return
     if name == "sd3":  # a UNet layout is refused before any fitting: the adapter is not even read
         with pytest.raises(ComcatError, match="the kohya layout covers UNets.*--format diffusers"):
