@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         metavar="W",
-        help="block distillation: extra weight W of the class token's error (default 1; 0: all tokens alike)",
+        help="block distillation: extra weight W of the error of what the head reads, the class token or, "
+        "for a model that averages its tokens, their mean (default 1; 0: all tokens alike)",
     )
     c.add_argument(
         "--finetune-epochs",

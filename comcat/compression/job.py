@@ -668,7 +668,7 @@ def _distill(run: Run, small):
     images = subset(run.splits.fit, spec.calibration_images, spec.seed)
     cfg = spec.distill
     loader = DataLoader(images, batch_size=32)
-    if is_text_encoder(run.dense):
+    if run.splits.unit == "sentences":
         width = families.mlp(families.blocks(run.dense)[0])["fc2"].out_features
         passes = sentence_views(len(images), len(images[0][0]), width)
         views = SentenceViews(loader, pad_id(run.dense), passes, seed=cfg.seed)

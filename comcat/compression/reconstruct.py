@@ -4,13 +4,14 @@ For block i, on the student's own input tokens h_s (what its compressed blocks 0
 the dense block's output t_i = B_i(h_t) on the dense model's tokens h_t (a text encoder's padded
 tokens run masked, as in the model, and count in no mean):
 
-    min_theta  mean ||B_i^theta(h_s) - t_i||^2 / Var(t_i)  +  w_cls mean ||B_i^theta(h_s)[0] - t_i[0]||^2 / Var(t_i[0])
+    min_theta  mean ||B_i^theta(h_s) - t_i||^2 / Var(t_i)  +  w_cls mean ||r(B_i^theta(h_s)) - r(t_i)||^2 / Var(r(t_i))
 
 by AdamW with a cosine learning rate over `steps` batches of images; the blocks are trained one
 after another, so each also learns to undo what the blocks before it still get wrong. Only one
 block trains at a time, so a step costs about 1/depth of an end-to-end step, and the targets are
 dense (every token of every block), which is what a few hundred images need; the second term
-weighs the class token, the one the classifier reads, by w_cls more. The tokens of the
+weighs what the head reads by w_cls more: r(t) = t[0], the class token, or for a model that
+averages its tokens (a mean-pooled sentence encoder, Swin) the mean of its valid tokens. The tokens of the
 training images are computed once per block and kept: 3 x n x N x C floats. `AugmentedViews` adds
 seeded random-resized-crop / flip / mixup-cutmix views of the same images to them.
 """
@@ -62,6 +63,14 @@ def token_mse(out: torch.Tensor, want: torch.Tensor, valid: torch.Tensor | None)
     return se.mean() if valid is None else (se * valid).sum() / valid.sum().clamp_min(1)
 
 
+def mean_pool(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, N, C) -> (B, C): the mean of the valid tokens ((B, N); None: all)."""
+    if valid is None:
+        return t.mean(1)
+    w = valid.to(t.dtype)[..., None]
+    return (t * w).sum(1) / w.sum(1).clamp_min(1)
+
+
 def token_var(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Var of the entries of the valid tokens of t (B, N, C)."""
     return (t if valid is None else t[valid]).float().var().clamp_min(1e-12)
@@ -92,9 +101,10 @@ def read_tokens(model: nn.Module) -> list[int]:
 @dataclass
 class DistillConfig:
     """Block distillation (module docstring): `steps` AdamW steps per block at `lr` (cosine), on
-    batches of `batch_size` images' tokens drawn from `views` augmented passes (crop, flip, and mixup
-    / cutmix with `mix`) of the images; the class token's error weighed `cls_weight` more; `scope`
-    "all" trains every parameter of a block, "compressed" only its low-rank modules."""
+        batches of `batch_size` images' tokens drawn from `views` augmented passes (crop, flip, and mixup
+        / cutmix with `mix`) of the images; the error of what the head reads (the class token, or the mean
+    token of a model that averages) weighed `cls_weight` more; `scope`
+        "all" trains every parameter of a block, "compressed" only its low-rank modules."""
 
     steps: int = 100
     lr: float = 1e-3
@@ -142,6 +152,7 @@ def distill_blocks(
     teacher.to(device).eval()
     s_blocks, t_blocks = families.blocks(student), families.blocks(teacher)
     read = read_tokens(teacher) if cfg.cls_weight else []
+    pool = cfg.cls_weight if not read_tokens(teacher) else 0.0  # a model that averages reads the mean token
     depth, total = len(t_blocks), len(t_blocks) * steps
     h_t, valid = block_inputs(teacher, loader)
     if len(h_t) == 0:
@@ -158,6 +169,7 @@ def distill_blocks(
         target = run_blocks([t_blocks[i]], h_t, valid)
         scale = token_var(target, valid)
         cls_scale = target[:, read].float().var().clamp_min(1e-12) if read else None
+        pool_scale = mean_pool(target.float(), valid).var().clamp_min(1e-12) if pool else None
         opt = torch.optim.AdamW(trainable(block, cfg.scope), lr=cfg.lr, weight_decay=0.0)
         if resume and i == first and "opt" in resume:
             opt.load_state_dict(resume["opt"])
@@ -172,6 +184,8 @@ def distill_blocks(
             loss = token_mse(out, want, v) / scale
             if read:
                 loss = loss + cfg.cls_weight * F.mse_loss(out[:, read], want[:, read]) / cls_scale
+            if pool:
+                loss = loss + pool * F.mse_loss(mean_pool(out, v), mean_pool(want, v)) / pool_scale
             if not torch.isfinite(loss):
                 raise ComcatError("the block-distillation loss became NaN/inf: lower --distill-lr")
             opt.zero_grad(set_to_none=True)

@@ -56,8 +56,10 @@ def test_masked_statistics_equal_those_of_the_unpadded_sentences_one_by_one(bert
     assert padded[0][0] == int((ids != 0).sum())  # no padded token counted
 
 
-def test_block_distillation_loss_is_the_same_padded_or_not_on_equal_length_sentences(bert):
+@pytest.mark.parametrize("pooling", [None, "mean"])  # the class token read, or the mean of the valid tokens
+def test_block_distillation_loss_is_the_same_padded_or_not_on_equal_length_sentences(bert, pooling):
     model, ids = _ids(bert)
+    model.pooling = pooling
     lengths = (ids != 0).sum(1)
     L = int(lengths.mode().values)
     same = ids[lengths == L][:16, :L]
@@ -72,6 +74,24 @@ def test_block_distillation_loss_is_the_same_padded_or_not_on_equal_length_sente
         losses.append(torch.tensor([e["loss"] for e in res["history"]]))
     assert losses[0].shape == (3 * 2,)
     assert (losses[0] - losses[1]).abs().max() <= 1e-5 * losses[1].abs().max()
+
+
+def test_a_mean_pooled_encoder_distils_its_mean_token_more_with_the_read_weight(bert):
+    model, ids = _ids(bert)
+    model.pooling = "mean"  # as a sentence-transformers folder says (families.read_tokens: [])
+    cal = calibrate(model, [(ids, None)], probe=8, fisher=8)
+    cfg, _ = calibrated_ranks(model, cal, Budget(0.4, "params", "head", False, "attention"))
+    with torch.no_grad():
+        want = model(ids)
+
+    def pooled_error(w):
+        torch.manual_seed(0)
+        small = build(model, cfg, cal)
+        small = distill_blocks(small, model, [(ids, torch.zeros(len(ids)))], DistillConfig(steps=30, cls_weight=w))
+        with torch.no_grad():
+            return (small["model"](ids) - want).pow(2).mean().item()
+
+    assert pooled_error(4.0) < pooled_error(0.0)
 
 
 def test_a_text_encoder_gets_the_calibrated_recipe_and_the_report_names_every_phase(bert, tmp_path):
