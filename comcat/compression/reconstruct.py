@@ -101,10 +101,10 @@ def read_tokens(model: nn.Module) -> list[int]:
 @dataclass
 class DistillConfig:
     """Block distillation (module docstring): `steps` AdamW steps per block at `lr` (cosine), on
-        batches of `batch_size` images' tokens drawn from `views` augmented passes (crop, flip, and mixup
-        / cutmix with `mix`) of the images; the error of what the head reads (the class token, or the mean
-    token of a model that averages) weighed `cls_weight` more; `scope`
-        "all" trains every parameter of a block, "compressed" only its low-rank modules."""
+    batches of `batch_size` images' tokens drawn from `views` augmented passes (crop, flip, and mixup
+    / cutmix with `mix`) of the images; the error of what the head reads (the class token, or the mean
+    token of a model that averages) weighed `cls_weight` more; `scope` "all" trains every parameter
+    of a block, "compressed" only its low-rank modules."""
 
     steps: int = 100
     lr: float = 1e-3
@@ -151,8 +151,9 @@ def distill_blocks(
     student.to(device).eval()
     teacher.to(device).eval()
     s_blocks, t_blocks = families.blocks(student), families.blocks(teacher)
-    read = read_tokens(teacher) if cfg.cls_weight else []
-    pool = cfg.cls_weight if not read_tokens(teacher) else 0.0  # a model that averages reads the mean token
+    reads = read_tokens(teacher)
+    read = reads if cfg.cls_weight else []
+    pool = 0.0 if reads else cfg.cls_weight  # a model that averages its tokens reads their mean
     depth, total = len(t_blocks), len(t_blocks) * steps
     h_t, valid = block_inputs(teacher, loader)
     if len(h_t) == 0:
