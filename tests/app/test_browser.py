@@ -83,6 +83,12 @@ def text_of(driver, elem_id: str) -> str:
     return driver.find_element(By.ID, elem_id).text
 
 
+def finished(driver, elem_id: str, *endings: str, seconds: int = 300) -> str:
+    """Wait until the status `elem_id` shows one of `endings` or an error; return its text."""
+    wait(driver, seconds).until(lambda d: any(e in text_of(d, elem_id) for e in (*endings, "Error")))
+    return text_of(driver, elem_id)
+
+
 @pytest.fixture(scope="module")
 def compressed_zip(tmp_path_factory):
     """The embedded model at 40% head-level ranks, zipped as the Compress tab gives it."""
@@ -172,7 +178,7 @@ def test_tiny_compress_runs_to_completion(page, shots):
     wait(page, 10).until(
         lambda d: "starting" in text_of(d, "compress-status") or "step" in text_of(d, "compress-status")
     )
-    wait(page, 300).until(lambda d: "Done" in text_of(d, "compress-status"))
+    assert "Done" in (status := finished(page, "compress-status", "Done")), status
     card = text_of(page, "compress-result")
     assert "agreement with the dense model" in card and "top-1" in card and "params" in card
     assert page.find_elements(By.CSS_SELECTOR, "#compress-ranks .js-plotly-plot")
@@ -201,10 +207,7 @@ def test_stop_then_resume_finishes_the_run(page, shots):
     step, total = wait(page, 120).until(lambda d: (s := search_step(d)) and s[0] >= 3 and s)
     page.find_element(By.ID, "compress-stop").click()  # at once: a fast machine ends the search in seconds
     assert step < total, (step, total)
-    wait(page, 300).until(
-        lambda d: "Stopped" in text_of(d, "compress-status") or "Done" in text_of(d, "compress-status")
-    )
-    assert "Stopped" in text_of(page, "compress-status"), text_of(page, "compress-status")
+    assert "Stopped" in (status := finished(page, "compress-status", "Stopped", "Done")), status
     first_session = time.time() - started
     assert "Stopped" in text_of(page, "compress-result") and "--resume" not in text_of(page, "compress-result")
     page.save_screenshot(str(shots / "compress_stopped.png"))
@@ -245,11 +248,8 @@ def test_compress_an_uploaded_checkpoint_on_unlabeled_images(page, tmp_path):
     wait(page).until(lambda d: checked(d, "compress-model") == "uploaded checkpoint")
     wait(page).until(lambda d: checked(d, "compress-data") == "uploaded zip")
     page.find_element(By.ID, "compress-go").click()
-    wait(page, 600).until(
-        lambda d: "Done" in text_of(d, "compress-status") or "Error:" in text_of(d, "compress-status")
-    )
+    assert "Done" in (status := finished(page, "compress-status", "Done", seconds=600)), status
     card = text_of(page, "compress-result")
-    assert "Done" in text_of(page, "compress-status"), text_of(page, "compress-status")
     assert "agreement with the dense model" in card and "no top-1" in card
 
 
@@ -259,12 +259,12 @@ def test_tiny_customize_then_generate(page, shots):
     set_number(page, "customize-steps", 10)
     set_number(page, "customize-preview-every", 10)
     page.find_element(By.ID, "customize-go").click()
-    wait(page, 300).until(lambda d: "Done" in text_of(d, "customize-status"))
+    assert "Done" in (status := finished(page, "customize-status", "Done")), status
     assert page.find_elements(By.CSS_SELECTOR, "#customize-previews img")
     page.save_screenshot(str(shots / "customize.png"))
     tab(page, "Generate")
     wait(page).until(EC.element_to_be_clickable((By.ID, "generate-go"))).click()
-    wait(page, 300).until(lambda d: "image(s)" in text_of(d, "generate-status"))
+    assert "image(s)" in (status := finished(page, "generate-status", "image(s)")), status
     assert page.find_elements(By.CSS_SELECTOR, "#generate-adapted img")
     assert page.find_elements(By.CSS_SELECTOR, "#generate-plain img")
 
@@ -274,17 +274,11 @@ def test_generate_with_the_bundled_adapter(page, shots):
     page.refresh()
     tab(page, "Generate")
     wait(page).until(EC.element_to_be_clickable((By.ID, "generate-go"))).click()
-    wait(page, 300).until(lambda d: "image(s)" in text_of(d, "generate-status"))
+    assert "image(s)" in (status := finished(page, "generate-status", "image(s)")), status
     adapted = [i.get_attribute("src") for i in page.find_elements(By.CSS_SELECTOR, "#generate-adapted img")]
     plain = [i.get_attribute("src") for i in page.find_elements(By.CSS_SELECTOR, "#generate-plain img")]
     assert adapted and plain and adapted != plain
     page.save_screenshot(str(shots / "generate.png"))
-
-
-def finished(driver, elem_id: str, done: str):
-    """Wait (up to 5 min) until the status `elem_id` shows `done` or an error; return its text."""
-    wait(driver, 300).until(lambda d: done in text_of(d, elem_id) or "Error" in text_of(d, elem_id))
-    return text_of(driver, elem_id)
 
 
 def set_text(driver, elem_id: str, value: str) -> None:
