@@ -199,9 +199,8 @@ def test_stop_then_resume_finishes_the_run(page, shots):
         m = re.search(r"search\*?\*? · step (\d+)/(\d+)", text_of(d, "compress-status"))
         return m and (int(m.group(1)), int(m.group(2)))
 
-    set_number(page, "compress-search-epochs", 8)
-    set_number(page, "compress-train-images", 256)
-    set_number(page, "compress-fit-images", 256)
+    page.refresh()  # the defaults, whatever the tests before set
+    tiny_settings(page, 8, 256)
     started = time.time()
     page.find_element(By.ID, "compress-go").click()
     step, total = wait(page, 120).until(lambda d: (s := search_step(d)) and s[0] >= 3 and s)
