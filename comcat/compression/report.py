@@ -291,7 +291,9 @@ def report_markdown(report: dict, source: str, heatmap: str | None = None) -> st
         parts = [f"after {k}: {fidelity(x, 1)}" for k, x in v.items() if "distance" in x or "kl" in x]
         n = next(iter(v.values()))["images"]
         lines += [
-            f"Validation split (held out from training, {n} images): " + "; ".join(parts) + ".",
+            f"Validation split (held out from training, {n} {report.get('data', {}).get('unit', 'images')}): "
+            + "; ".join(parts)
+            + ".",
             "",
         ]
         if n < FEW_VALIDATION:

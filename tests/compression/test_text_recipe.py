@@ -1,6 +1,8 @@
 """The data-aware recipe on text encoders and backbones: statistics and block distillation with the
 padding masked, embedding-error allocation, and a plan that names every phase (issue 31)."""
 
+import re
+
 import pytest
 import torch
 import transformers as T
@@ -218,6 +220,8 @@ def test_long_lines_are_cut_and_counted_in_the_report(bert, tmp_path):
     )["report"]
     assert "2 sentence(s) are longer than the model's 64 tokens and are cut there" in report["data"]["note"]
     assert "cut there" in (tmp_path / "out" / "report.md").read_text() or "cut there" in str(report["data"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert re.search(r"held out from training, \d+ sentences\)", md), md  # the data's unit, not "images"
 
 
 def test_allocation_of_a_text_encoder_spends_the_budget(bert):
