@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -925,6 +926,8 @@ def cmd_generate(args) -> None:
 
 def main(argv=None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # its import-time warnings (torchao) are not ours to print
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time deprecations
     args = build_parser().parse_args(argv)
     handler = {
         "analyze": cmd_analyze,
