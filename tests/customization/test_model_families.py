@@ -5,7 +5,7 @@ move the output and get gradients, unloading restores the model exactly, save/lo
 
 import pytest
 import torch
-from diffusers import PixArtTransformer2DModel, SanaTransformer2DModel
+from diffusers import PixArtTransformer2DModel, SanaTransformer2DModel, Transformer2DModel
 from tiny_pipelines import flux_transformer, sd3_transformer, sdxl_unet
 
 from comcat.core.errors import ComcatError
@@ -73,6 +73,14 @@ def sana():
     )
 
 
+def block():
+    """A bare SD-style Transformer2DModel: no `attn_processors` of its own, read attention by attention."""
+    m = Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4, cross_attention_dim=12
+    )
+    return m, lambda: m(_seeded(1, 16, 4, 4), encoder_hidden_states=_seeded(1, 5, 12)).sample
+
+
 def sd3():
     """SD3.5-style: qk RMS norms, a dual-attention first block, a context-pre-only last block."""
     m = sd3_transformer(dual_attention_layers=(0,), qk_norm="rms_norm")
@@ -98,6 +106,7 @@ FAMILIES = {
     "flux context": (flux, {"stream": "context"}, 1),
     "flux shared": (flux, {"shared_basis": True}, 2),
     "sdxl shared": (sdxl, {"shared_basis": True}, 16),
+    "bare block": (block, {}, 2),
 }
 
 

@@ -107,11 +107,19 @@ def fingerprint(unet) -> str:
 
 
 def _processors(unet) -> dict[str, object]:
-    return {name[: -len(SUFFIX)]: proc for name, proc in getattr(unet, "attn_processors", {}).items()}
+    """attention site -> its processor; a model without diffusers' `attn_processors` (a bare
+    Transformer2DModel) is read attention by attention."""
+    if hasattr(unet, "attn_processors"):
+        return {name[: -len(SUFFIX)]: proc for name, proc in unet.attn_processors.items()}
+    return {site: attn.processor for site, attn in attention_sites(unet).items()}
 
 
 def _install(unet, procs: dict[str, object]) -> None:
-    unet.set_attn_processor({name + SUFFIX: proc for name, proc in procs.items()})
+    if hasattr(unet, "set_attn_processor"):
+        unet.set_attn_processor({name + SUFFIX: proc for name, proc in procs.items()})
+        return
+    for site, proc in procs.items():
+        unet.get_submodule(site).set_processor(proc)
 
 
 def adapter_names(target) -> list[str]:
