@@ -742,7 +742,7 @@ def cmd_export_adapter(args) -> None:
     from .customization.adapter.config import MAX_RANK
     from .customization.adapter.model import read_adapter
     from .customization.diffusion.pipeline import load_pipeline
-    from .customization.lora_export import bake_adapter, export_adapter
+    from .customization.lora_export import bake_adapter, error_line, export_adapter
 
     if not args.source or not args.out:
         raise ComcatError(
@@ -762,10 +762,7 @@ def cmd_export_adapter(args) -> None:
         r = export_adapter(pipe, args.source, args.format, out, args.rank)
         tok = f", token {r['token']} in {r['token_file']}" if r["token_file"] else ""
         print(f"wrote {out} ({args.format}, LoRA rank {r['rank']} on {r['sites']} attentions{tok})")
-    print(
-        f"  relative error of the adapted per-head products: W^QK {r['err_qk']:.3f}, W^VO {r['err_vo']:.3f} "
-        "(largest over attentions, of the adapter's own update; --rank trades size for it)"
-    )
+    print("  " + error_line(r))
     if args.json:
         _write_json(args.json, {k: v for k, v in r.items() if k != "fits"})
 

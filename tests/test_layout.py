@@ -73,6 +73,7 @@ LAYERS = [
     "comcat.customization.diffusion.quality",
     "comcat.customization.customize",
     "comcat.customization.generate",
+    "comcat.customization.lora_normed",
     "comcat.customization.lora_export",
     # the command line, then the app
     "comcat",

@@ -11,7 +11,7 @@ import gradio as gr
 from comcat.core.errors import ComcatError
 from comcat.customization.diffusion.shapes_t2i import GUIDANCE
 from comcat.customization.generate import generate, with_adapters
-from comcat.customization.lora_export import FORMATS, export_adapter
+from comcat.customization.lora_export import FORMATS, error_line, export_adapter
 
 from ..common import check_quota, message, visitor, workdir
 from ..pipelines import EXAMPLE_ADAPTER, PIPELINES, adapter_file
@@ -56,9 +56,7 @@ def on_export_lora(pipeline, adapter1, fmt, request: gr.Request = None):
                     z.write(f, Path(f).name)
         token = f" and {r['token']} as a textual-inversion file" if r["token_file"] else ""
         return str(archive), (
-            f"**LoRA written** ({fmt}, rank {r['rank']} on {r['sites']} attentions{token}). Largest relative "
-            f"error of the per-head products: W^QK {r['err_qk']:.3f}, W^VO {r['err_vo']:.3f} (a LoRA keeps "
-            "each head's width, so part of the adapter's extra per-head rank cannot be carried over)."
+            f"**LoRA written** ({fmt}, rank {r['rank']} on {r['sites']} attentions{token}). {error_line(r)}."
         )
     except Exception as e:  # noqa: BLE001 - shown in the page
         return None, message(e)

@@ -23,14 +23,16 @@ from ..core.files import atomic_write
 from .adapter.layer import ComcatAttnProcessor
 from .adapter.lora import SiteFit, fit_site
 from .adapter.model import _processors, _unet, attention_sites, output_projection, read_adapter
+from .lora_normed import NormedFitConfig, refine_normed
 
 FORMATS = ("diffusers", "kohya", "comfy")
 
 
-def fit_lora(pipe, name: str, rank: int | None = None) -> dict[str, SiteFit]:
-    """attention site -> its fitted LoRA, for adapter `name` loaded in `pipe` at its strength."""
+def closed_form(pipe, name: str, rank: int | None = None) -> dict[str, SiteFit]:
+    """attention site -> the closed-form LoRA (adapter/lora.py) of adapter `name` loaded in `pipe`
+    at its strength, blind to any q/k norms."""
     unet = _unet(pipe)
-    sites = refuse_qk_norms(unet)
+    sites = attention_sites(unet)
     fits, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # many small SVDs and solves: threads only contend
     try:
@@ -43,26 +45,21 @@ def fit_lora(pipe, name: str, rank: int | None = None) -> dict[str, SiteFit]:
         torch.set_num_threads(threads)
     if not fits:
         raise ComcatError(f"no adapter called {name!r} is loaded")
-    for fit in fits.values():  # a proj_out LoRA spans the block's MLP columns too: zeros there
-        for path, (up, down) in fit.factors.items():
+    for f in fits.values():  # a proj_out LoRA spans the block's MLP columns too: zeros there
+        for path, (up, down) in f.factors.items():
             width = unet.get_submodule(path).in_features
             if down.shape[1] < width:
-                fit.factors[path] = (up, torch.nn.functional.pad(down, (0, width - down.shape[1])))
+                f.factors[path] = (up, torch.nn.functional.pad(down, (0, width - down.shape[1])))
     return fits
 
 
-def refuse_qk_norms(unet) -> dict:
-    """The denoiser's attention sites, or one line when one of them normalizes q and k: its logits
-    are then norm(q) norm(k)^T, which no LoRA of W^QK_h reproduces. Cheap: export and bake call it
-    before the adapter file is read."""
-    sites = attention_sites(unet)
-    for site, attn in sites.items():
-        if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
-            raise ComcatError(
-                f"{site} normalizes q and k (SD3.5, Flux): its logits are norm(q) norm(k)^T, not the "
-                "W^QK_h a LoRA is fitted to; load the comcat adapter file itself (comcat generate --adapter)"
-            )
-    return sites
+def fit_lora(
+    pipe, name: str, rank: int | None = None, token: str = "V*", fit: NormedFitConfig | None = None
+) -> dict[str, SiteFit]:
+    """attention site -> its fitted LoRA, for adapter `name` loaded in `pipe` at its strength: the
+    closed form, refined where the attention normalizes q and k on the model's own inputs for
+    prompts with `token` (lora_normed.py, configured by `fit`)."""
+    return refine_normed(pipe, closed_form(pipe, name, rank), token, fit)
 
 
 def prefix(unet) -> str:
@@ -102,8 +99,6 @@ def check_layout(fmt: str, unet=None) -> str:
         )
     if fmt == "comfy" and not isinstance(unet.config.layers_per_block, int):
         raise ComcatError("this UNet has a different number of layers per block: use --format diffusers or kohya")
-    if unet is not None:
-        refuse_qk_norms(unet)
     return head
 
 
@@ -148,37 +143,61 @@ def token_file(tensors: dict, path: Path) -> Path | None:
     return atomic_write(path, lambda tmp: save_file({"emb_params": emb}, tmp))
 
 
-def fit_file(pipe, adapter: str | Path, rank: int | None = None) -> tuple:
+def fit_file(pipe, adapter: str | Path, rank: int | None = None, fit: NormedFitConfig | None = None) -> tuple:
     """(config, tensors, fits) of the adapter file `adapter`, fitted in `pipe` (loaded, then unloaded)."""
     from .adapter.model import load_adapter, unload_adapter
 
     config, tensors = read_adapter(adapter)
     name = load_adapter(pipe, adapter, name="lora-fit")
     try:
-        return config, tensors, fit_lora(pipe, name, rank)
+        return config, tensors, fit_lora(pipe, name, rank, config.token, fit)
     finally:
         unload_adapter(pipe, name)
 
 
 def summary(config, fits: dict[str, SiteFit]) -> dict:
-    """The token, the LoRA rank, the sites and the largest relative errors of W^QK_h and W^VO_h."""
+    """The token, the LoRA rank, the sites, the largest relative errors of W^QK_h and W^VO_h over the
+    closed-form sites (None where every site was fitted on inputs) and the largest held-out output
+    error of the q/k-normed sites (None where there are none)."""
+    closed = [f for f in fits.values() if f.err_out is None]
+    fitted = [f.err_out for f in fits.values() if f.err_out is not None]
     return {
         "token": config.token,
         "rank": max(len(down) for f in fits.values() for _, down in f.factors.values()),
         "sites": len(fits),
-        "err_qk": max(f.err_qk for f in fits.values()),
-        "err_vo": max(f.err_vo for f in fits.values()),
+        "err_qk": max((f.err_qk for f in closed), default=None),
+        "err_vo": max((f.err_vo for f in closed), default=None),
+        "err_out": max(fitted, default=None),
+        "fitted_sites": len(fitted),
         "fits": fits,
     }
 
 
-def export_adapter(pipe, adapter: str | Path, fmt: str, out: str | Path, rank: int | None = None) -> dict:
+def error_line(r: dict) -> str:
+    """What the LoRA misses of the adapter, in one line (from `summary`)."""
+    parts = []
+    if r["err_qk"] is not None:
+        parts.append(
+            f"relative error of the per-head products W^QK {r['err_qk']:.3f}, W^VO {r['err_vo']:.3f} (a LoRA keeps "
+            "each head's width, so part of the adapter's extra per-head rank cannot be carried over)"
+        )
+    if r["err_out"] is not None:
+        parts.append(
+            f"output error {r['err_out']:.3f} of the {r['fitted_sites']} attentions that normalize q and k, on "
+            "held-out prompts (fitted on the model's own inputs: no closed form passes the norms)"
+        )
+    return "Largest " + "; ".join(parts) + "; --rank trades size for it"
+
+
+def export_adapter(
+    pipe, adapter: str | Path, fmt: str, out: str | Path, rank: int | None = None, fit: NormedFitConfig | None = None
+) -> dict:
     """Fit adapter `adapter` (loaded into `pipe` here, at its stored strength) as a LoRA and write it
     to `out` in `fmt`, with the token beside it (OUT stem + '.token.safetensors'). Returns the
     files, the LoRA rank per site and the relative errors of W^QK_h and W^VO_h."""
     out, unet = Path(out), _unet(pipe)
     check_layout(fmt, unet)  # a layout that cannot hold this model is refused before the fit
-    config, tensors, fits = fit_file(pipe, adapter, rank)
+    config, tensors, fits = fit_file(pipe, adapter, rank, fit)
     sd = lora_state_dict(fits, fmt, unet)
     meta = {"comcat_token": config.token, "comcat_scale": str(config.scale), "format": "pt"}
     atomic_write(out, lambda tmp: save_file(sd, tmp, metadata=meta))
@@ -189,7 +208,14 @@ def export_adapter(pipe, adapter: str | Path, fmt: str, out: str | Path, rank: i
 BAKE_MARKER = "comcat_baked.json"
 
 
-def bake_adapter(pipe, adapter: str | Path, out: str | Path, rank: int | None = None, overwrite: bool = False) -> dict:
+def bake_adapter(
+    pipe,
+    adapter: str | Path,
+    out: str | Path,
+    rank: int | None = None,
+    overwrite: bool = False,
+    fit: NormedFitConfig | None = None,
+) -> dict:
     """The pipeline with the adapter's fitted LoRA merged into its weights and its learned token
     added, saved whole to the folder `out` (written beside it, then renamed into place): a model
     that needs neither the adapter nor comcat's processor."""
@@ -201,11 +227,10 @@ def bake_adapter(pipe, adapter: str | Path, out: str | Path, rank: int | None = 
     from .adapter.model import add_token
 
     out = Path(out)
-    refuse_qk_norms(_unet(pipe))
     claim_out(out, (BAKE_MARKER,), "baked pipeline", inputs=(str(adapter),))
     if (out / BAKE_MARKER).is_file() and not overwrite:
         raise ComcatError(f"{out} holds an earlier bake: replace it with --overwrite, or choose another --out")
-    config, tensors, fits = fit_file(pipe, adapter, rank)
+    config, tensors, fits = fit_file(pipe, adapter, rank, fit)
     apply_lora(_unet(pipe), fits)
     if "token_embedding" in tensors:
         add_token(pipe, config.token, tensors["token_embedding"])

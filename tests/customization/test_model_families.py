@@ -304,10 +304,11 @@ def test_each_family_exports_a_lora_that_plain_diffusers_loads(make, kw):
         assert (lora - adapted).norm() < (base - adapted).norm()
 
 
-def test_lora_export_refuses_attention_with_qk_norms_in_one_line():
+def test_lora_of_qk_normed_attention_needs_the_pipeline_in_one_line():
+    """Its fit runs on the model's own inputs (lora_normed.py), which a bare transformer cannot give."""
     from comcat.customization.lora_export import fit_lora
 
     model, _ = flux()
     add_adapter(model, AdapterConfig(rank=1), "a")
-    with pytest.raises(ComcatError, match="normalizes q and k .*comcat generate --adapter"):
+    with pytest.raises(ComcatError, match="normalizes q and k: .*export from the whole pipeline"):
         fit_lora(model, "a")

@@ -11,7 +11,8 @@ from comcat.core.errors import ComcatError
 from comcat.customization.adapter import load_adapter, unload_adapter
 from comcat.customization.customize import CustomizeSpec, customize
 from comcat.customization.diffusion.denoisers import denoiser_for
-from comcat.customization.lora_export import bake_adapter, export_adapter
+from comcat.customization.lora_export import export_adapter
+from comcat.customization.lora_normed import NormedFitConfig
 
 HEARTS = ASSETS / "examples" / "heart"
 MAKERS = {"sdxl": sdxl, "sd3": sd3, "flux": flux}
@@ -46,20 +47,17 @@ def test_each_pipeline_customizes_reloads_generates_and_exports(name, tmp_path):
     assert torch.equal(_sample(fresh), base)  # unloading gives the base model back
     assert not torch.allclose(adapted, base, atol=1e-3)
 
-    if name == "flux":  # q/k norms: refused before the adapter file is read, nothing written
-        for run in (
-            lambda: export_adapter(fresh, tmp_path / "not-read", "diffusers", tmp_path / "lora.safetensors"),
-            lambda: bake_adapter(fresh, tmp_path / "not-read", tmp_path / "baked"),
-        ):
-            with pytest.raises(ComcatError, match="normalizes q and k"):
-                run()
-        assert not (tmp_path / "lora.safetensors").exists() and not (tmp_path / "baked").exists()
-        return
+    if name == "flux":  # q/k norms: the comfy layout is refused before the adapter is read, nothing written
+        with pytest.raises(ComcatError, match="the comfy layout covers UNets.*--format diffusers"):
+            export_adapter(fresh, tmp_path / "not-read", "comfy", tmp_path / "comfy.safetensors")
+        assert not (tmp_path / "comfy.safetensors").exists()
     if name == "sd3":  # a UNet layout is refused before any fitting: the adapter is not even read
         with pytest.raises(ComcatError, match="the kohya layout covers UNets.*--format diffusers"):
             export_adapter(fresh, tmp_path / "not-read", "kohya", tmp_path / "kohya.safetensors")
         assert not (tmp_path / "kohya.safetensors").exists()
-    lora = export_adapter(fresh, result["adapter"], "diffusers", tmp_path / "lora.safetensors")
+    fit = NormedFitConfig(steps=20, latent=8, progress=False)  # Flux: fitted on inputs (test_lora_normed.py)
+    lora = export_adapter(fresh, result["adapter"], "diffusers", tmp_path / "lora.safetensors", fit=fit)
+    assert (lora["err_out"] is not None) == (name == "flux")
     assert lora["token_file"] is None  # no token was learned
     fresh.load_lora_weights(str(tmp_path / "lora.safetensors"))
     assert torch.isfinite(_sample(fresh)).all()

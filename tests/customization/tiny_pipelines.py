@@ -122,10 +122,12 @@ def sdxl():
     )
 
 
-def sd3():
+def sd3(**over):
+    """SD3-medium-style; sd3(qk_norm="rms_norm", dual_attention_layers=(0,)) is SD3.5-style."""
     torch.manual_seed(0)
     tok = build_tokenizer()
-    transformer = sd3_transformer(in_channels=16, out_channels=16, joint_attention_dim=32, pooled_projection_dim=32)
+    widths = dict(in_channels=16, out_channels=16, joint_attention_dim=32, pooled_projection_dim=32)
+    transformer = sd3_transformer(**widths | over)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),

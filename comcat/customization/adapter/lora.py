@@ -80,6 +80,8 @@ class SiteFit:
     err_vo: float = 0.0
     method_qk: str = ""
     method_vo: str = ""
+    err_out: float | None = None  # q/k-normed attention: the output error on held-out inputs (lora_normed.py)
+    err_out_closed_form: float | None = None  # ... of the closed-form start
 
 
 def _heads(w: torch.Tensor, heads: int) -> list[torch.Tensor]:

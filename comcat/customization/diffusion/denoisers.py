@@ -112,6 +112,18 @@ class FlowMatching(Denoiser):
     def predict(self, xs: torch.Tensor, s: torch.Tensor, cond: dict) -> torch.Tensor:
         return self.model(hidden_states=xs, timestep=s * 1000, **cond).sample
 
+    @torch.no_grad()
+    def fixed_prediction(self, prompts: list[str], latent: int = 8, seed: int = 3) -> torch.Tensor:
+        """The prediction for `prompts` on seeded random images' latents (latent x latent) at noise
+        levels spread over (0, 1): the same inputs on every call, to compare two models' outputs."""
+        gen = torch.Generator().manual_seed(seed)
+        size = latent * self.pipe.vae_scale_factor
+        z0 = self.latents(torch.rand(len(prompts), 3, size, size, generator=gen) * 2 - 1)
+        s = (torch.arange(len(prompts)) + 0.5) / len(prompts)
+        ss = s.view(-1, *[1] * (z0.ndim - 1)).to(z0)
+        xs = (1 - ss) * z0 + ss * torch.randn(z0.shape, generator=gen).to(z0)
+        return self.predict(xs, s.to(z0), self.condition(prompts))
+
     def loss(self, z0, cond):
         s = torch.rand(len(z0), device=z0.device)
         noise = torch.randn_like(z0)

@@ -1,0 +1,208 @@
+"""LoRA factors for attention that normalizes q and k (SD3.5, Flux), fitted on the model's own inputs.
+
+With q/k norms a head's logits are n(X W^Q_h) n(C W^K_h)^T (Flux also rotates both by position),
+so the adapter's alpha q'_h k'_h^T has no closed-form LoRA. Per attention, the factors start from
+the closed-form fit (adapter/lora.py: exact in W^VO_h, which no norm touches, and with zero updates
+of W^Q, W^K) and then minimize, by Adam on inputs captured at that attention, the output error
+
+    e = sum ||y(W + up down) - y_adapter||^2 / sum ||y_adapter - y_base||^2
+
+where y is the attention's output after its output projections (a Flux single-stream block: the
+columns of proj_out that take the attention). The inputs are captured with the adapter loaded,
+from prompts with the concept's word on random latents; e is reported on inputs held out from the fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.errors import ComcatError
+from .adapter.layer import ComcatAttnProcessor
+from .adapter.lora import SiteFit
+from .adapter.model import _unet, attention_sites
+from .diffusion.denoisers import denoiser_for
+
+FIT_PROMPTS = ("a photo of {t}", "{t} on a table", "a painting of {t}", "{t} in the snow")
+HELD_PROMPTS = ("a close-up of {t}", "{t} next to a tree")
+QK = ("to_q", "to_k", "add_q_proj", "add_k_proj")  # the projections whose updates pass the norms
+
+
+@dataclass
+class NormedFitConfig:
+    """steps: Adam steps per attention; lr: relative to each factor's rms (a zero factor: to the
+    weight's); latent: the side of the random latents the inputs are captured on."""
+
+    steps: int = 150
+    lr: float = 0.05
+    latent: int = 32
+    seed: int = 0
+    progress: bool = True  # a tqdm bar over the attentions
+    prompts: tuple = field(default=FIT_PROMPTS)
+    held_out: tuple = field(default=HELD_PROMPTS)
+
+
+def normed(attn) -> bool:
+    return getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None
+
+
+@torch.no_grad()
+def capture(pipe, sites: list[str], prompts: list[str], latent: int, seed: int) -> dict[str, tuple]:
+    """site -> (args, kwargs) that the attention at `site` received in one denoising step of `prompts`
+    on random latents (latent x latent, before Flux's packing) at random noise levels."""
+    unet, den = _unet(pipe), denoiser_for(pipe)
+    store, hooks = {}, []
+    for site in sites:
+
+        def keep(module, args, kwargs, site=site):
+            store[site] = (_detached(args), _detached(kwargs))
+
+        hooks.append(unet.get_submodule(site).register_forward_pre_hook(keep, with_kwargs=True))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            size = latent * getattr(pipe, "vae_scale_factor", 8)
+            pixels = torch.rand(len(prompts), 3, size, size) * 2 - 1
+            den.loss(den.latents(pixels), den.condition(list(prompts)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return store
+
+
+def _detached(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detached(t) for t in x)
+    if isinstance(x, dict):
+        return {k: _detached(v) for k, v in x.items()}
+    return x
+
+
+@contextlib.contextmanager
+def _processor(attn, proc):
+    old = attn.processor
+    attn.set_processor(proc)
+    try:
+        yield
+    finally:
+        attn.set_processor(old)
+
+
+@contextlib.contextmanager
+def _lora_hooks(modules: dict, factors: dict):
+    """Each module's output plus x down^T up^T while inside (a LoRA, without forming W + up down)."""
+    hooks = []
+    for path, module in modules.items():
+        up, down = factors[path]
+
+        def add(module, inp, out, u=up, d=down):
+            x = inp[0]
+            return out + ((x @ d.T.to(x.dtype)) @ u.T.to(x.dtype)).to(out.dtype)
+
+        hooks.append(module.register_forward_hook(add))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+class SiteOutputs:
+    """y(factors) of one attention on captured inputs: its own processor with a LoRA up down on
+    each projection, then the output projections (module docstring)."""
+
+    def __init__(self, unet, site: str, attn, fit: SiteFit):
+        self.attn = attn
+        self.base = attn.processor.base if isinstance(attn.processor, ComcatAttnProcessor) else attn.processor
+        self.inside = {p: attn.get_submodule(p[len(site) + 1 :]) for p in fit.factors if p.startswith(site + ".")}
+        outside = [p for p in fit.factors if p not in self.inside]  # Flux single-stream: the block's proj_out
+        self.proj = None
+        if outside:
+            (path,) = outside
+            self.proj = (path, unet.get_submodule(path).weight.detach()[:, : attn.to_q.out_features])
+
+    def __call__(self, inputs: tuple, factors: dict | None = None, adapter: bool = False) -> list[torch.Tensor]:
+        args, kwargs = inputs
+        hooks = _lora_hooks(self.inside, factors) if factors is not None else contextlib.nullcontext()
+        with hooks, contextlib.nullcontext() if adapter else _processor(self.attn, self.base):
+            y = self.attn(*args, **kwargs)
+        ys = [t for t in (y if isinstance(y, tuple) else (y,)) if t is not None]
+        if self.proj is not None:
+            path, w = self.proj
+            if factors is None:
+                ys = [t @ w.T for t in ys]
+            else:
+                up, down = factors[path]
+                ys = [t @ w.T + (t @ down[:, : w.shape[1]].T.to(t.dtype)) @ up.T.to(t.dtype) for t in ys]
+        return ys
+
+
+def output_error(outputs: SiteOutputs, inputs: tuple, target: list, base: list, factors: dict) -> torch.Tensor:
+    """e of the module docstring on one captured batch."""
+    num = sum((a - b).float().square().sum() for a, b in zip(outputs(inputs, factors), target))
+    den = sum((a - b).float().square().sum() for a, b in zip(target, base))
+    return num / den.clamp_min(1e-30)
+
+
+def refine_site(
+    unet, site: str, fit: SiteFit, fit_inputs: tuple, held_inputs: tuple, config: NormedFitConfig
+) -> SiteFit:
+    """`fit` (closed form) refined on `fit_inputs` (module docstring), the W^Q and W^K updates
+    started at zero; err_out = sqrt(e) on `held_inputs` (err_out_closed_form: the closed form's)."""
+    attn = unet.get_submodule(site)
+    outputs = SiteOutputs(unet, site, attn, fit)
+    with torch.no_grad():
+        target, base = outputs(fit_inputs, adapter=True), outputs(fit_inputs)
+        held = outputs(held_inputs, adapter=True), outputs(held_inputs)
+    factors, groups = {}, []
+    for path, (up, down) in fit.factors.items():
+        if path.endswith(QK):
+            up = torch.zeros_like(up)
+            down = torch.randn_like(down) * down.norm() / max(down.numel(), 1) ** 0.5
+        factors[path] = (up.clone().requires_grad_(), down.clone().requires_grad_())
+        w = outputs.inside[path].weight if path in outputs.inside else outputs.proj[1]
+        for t in factors[path]:
+            scale = t.detach().square().mean().sqrt()
+            scale = scale if scale > 0 else w.detach().square().mean().sqrt()
+            groups.append({"params": [t], "lr": config.lr * float(scale)})
+    opt = torch.optim.Adam(groups)
+    best = (float("inf"), {p: (u.detach().clone(), d.detach().clone()) for p, (u, d) in factors.items()})
+    for _ in range(config.steps):
+        opt.zero_grad(set_to_none=True)
+        loss = output_error(outputs, fit_inputs, target, base, factors)
+        if loss.item() < best[0]:
+            best = (loss.item(), {p: (u.detach().clone(), d.detach().clone()) for p, (u, d) in factors.items()})
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        start = output_error(outputs, held_inputs, *held, fit.factors)
+        err = output_error(outputs, held_inputs, *held, best[1])
+    out = SiteFit(factors=best[1], err_qk=float("nan"), err_vo=fit.err_vo, method_qk="fitted on inputs")
+    out.method_vo = fit.method_vo
+    out.err_out, out.err_out_closed_form = float(err) ** 0.5, float(start) ** 0.5
+    return out
+
+
+def refine_normed(pipe, fits: dict[str, SiteFit], token: str, config: NormedFitConfig | None = None) -> dict:
+    """Every q/k-normed site of `fits` refined (refine_site) on inputs captured in `pipe`, whose
+    adapter is loaded; the other sites' closed-form fits are kept."""
+    config = config or NormedFitConfig()
+    unet = _unet(pipe)
+    sites = [s for s, a in attention_sites(unet).items() if s in fits and normed(a)]
+    if not sites:
+        return fits
+    if unet is pipe:
+        raise ComcatError(
+            f"{sites[0]} normalizes q and k: its LoRA is fitted on inputs that the pipeline's text encoders give, "
+            "so export from the whole pipeline, not its denoiser alone"
+        )
+    fit_in = capture(pipe, sites, [p.format(t=token) for p in config.prompts], config.latent, config.seed)
+    held_in = capture(pipe, sites, [p.format(t=token) for p in config.held_out], config.latent, config.seed + 1)
+    for site in tqdm(sites, desc="fitting q/k-normed attention", leave=False, disable=not config.progress):
+        fits[site] = refine_site(unet, site, fits[site], fit_in[site], held_in[site], config)
+    return fits
