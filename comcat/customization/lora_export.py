@@ -95,7 +95,7 @@ def check_layout(fmt: str, unet=None) -> str:
     if head != "unet" and fmt != "diffusers":
         raise ComcatError(
             f"the {fmt} layout covers UNets (SD 1.x/2.x, SDXL); for a transformer use --format diffusers, "
-            "whose transformer.… keys ComfyUI also reads (SD3)"
+            "whose transformer.… keys ComfyUI also reads (SD3, Flux)"
         )
     if fmt == "comfy" and not isinstance(unet.config.layers_per_block, int):
         raise ComcatError("this UNet has a different number of layers per block: use --format diffusers or kohya")

@@ -2,8 +2,8 @@
 
 With q/k norms a head's logits are n(X W^Q_h) n(C W^K_h)^T (Flux also rotates both by position),
 so the adapter's alpha q'_h k'_h^T has no closed-form LoRA. Per attention, the factors start from
-the closed-form fit (adapter/lora.py: exact in W^VO_h, which no norm touches, and with zero updates
-of W^Q, W^K) and then minimize, by Adam on inputs captured at that attention, the output error
+the closed-form fit's W^V, W^O updates (adapter/lora.py; no norm touches W^VO_h) with zero updates
+of W^Q, W^K, and then minimize, by Adam on inputs captured at that attention, the output error
 
     e = sum ||y(W + up down) - y_adapter||^2 / sum ||y_adapter - y_base||^2
 
