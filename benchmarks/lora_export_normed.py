@@ -11,7 +11,9 @@ prompts held out from the fit), and the whole denoiser's prediction error on two
 prompts, ||y_lora - y_adapter|| / ||y_adapter - y_base||, with the LoRA loaded by diffusers'
 `load_lora_weights`.
 
-    python benchmarks/lora_export_normed.py [--family flux sd3.5] [--steps 100] [--json F]
+With --real-width, also Flux's attention at its real widths (real_width below).
+
+    python benchmarks/lora_export_normed.py [--family flux sd3.5] [--steps 100] [--real-width] [--json F]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from comcat.customization.adapter import load_adapter, unload_adapter  # noqa: E
 from comcat.customization.customize import CustomizeSpec, customize  # noqa: E402
 from comcat.customization.diffusion.denoisers import denoiser_for  # noqa: E402
 from comcat.customization.lora_export import apply_lora, closed_form, fit_file  # noqa: E402
-from comcat.customization.lora_normed import QK  # noqa: E402
+from comcat.customization.lora_normed import QK, NormedFitConfig  # noqa: E402
 
 MAKERS = {"flux": flux, "sd3.5": lambda: sd3(qk_norm="rms_norm", dual_attention_layers=(0,))}
 HELD = ["a V* in a garden", "an old photo of a V*"]
@@ -52,10 +54,79 @@ def closed_form_fits(pipe, adapter: Path, vo_only: bool) -> dict:
     return fits
 
 
+def real_width(steps: int, tokens: tuple[int, int], batch: int = 2) -> list[dict]:
+    """Flux's attention at its real widths (24 heads of 128, 3072 wide; one double- and one
+    single-stream block, random weights), a rank-2 adapter with random B, R (std 0.02), inputs from
+    random latents and text states (`tokens`: image, text tokens; `batch` sequences each to fit, to
+    validate, to report on): per attention, the held-out output error of the closed form and of
+    what the export keeps, and the fit's time."""
+    from diffusers import FluxTransformer2DModel
+
+    from comcat.customization.adapter import AdapterConfig, adapter_parameters, add_adapter
+    from comcat.customization.lora_normed import capture, refine_site
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        in_channels=64,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        axes_dims_rope=(16, 56, 56),
+    ).requires_grad_(False)
+    add_adapter(model, AdapterConfig(rank=2), "a")
+    for key, p in adapter_parameters(model, "a").items():
+        if key.endswith((".B", ".R")):
+            p.data.normal_(0, 0.02)
+    fits = closed_form(model, "a")
+    n_img, n_txt = tokens
+    side = int(n_img**0.5)
+    axis = torch.arange(side * 1.0)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), axis, axis, indexing="ij"), -1).reshape(-1, 3)
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        x, c = torch.randn(batch, side * side, 64, generator=gen), torch.randn(batch, n_txt, 4096, generator=gen)
+        pooled, t = torch.randn(batch, 768, generator=gen), torch.rand(batch, generator=gen)
+        return lambda: model(x, c, pooled, t, img_ids, torch.zeros(n_txt, 3))
+
+    parts = {part: capture(model, list(fits), run(i + 1)) for i, part in enumerate(("fit", "validation", "held_out"))}
+    rows = []
+    for site, fit in fits.items():
+        t = time.perf_counter()
+        inputs = {part: captured[site] for part, captured in parts.items()}
+        out = refine_site(model, site, fit, inputs, NormedFitConfig(steps=steps, progress=False))
+        rows.append(
+            {
+                "site": site,
+                "lora_rank": max(len(d) for _, d in out.factors.values()),
+                "closed_form": out.err_out_closed_form,
+                "kept": out.method_qk,
+                "kept_held_out": out.err_out,
+                "kept_on_fit_inputs": out.err_fit,
+                "fit_s": time.perf_counter() - t,
+                "steps": steps,
+                "tokens": [side * side, n_txt],
+            }
+        )
+        r = rows[-1]
+        print(
+            f"real width {site:34} LoRA rank {r['lora_rank']}: held-out output error closed form "
+            f"{r['closed_form']:.3f}; kept ({r['kept']}) {r['kept_held_out']:.3f}, on its fit inputs "
+            f"{r['kept_on_fit_inputs']:.3f} ({steps} steps, {r['fit_s']:.0f} s)",
+            flush=True,
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--family", nargs="+", default=list(MAKERS), choices=list(MAKERS))
     ap.add_argument("--steps", type=int, default=100, help="customization steps")
+    ap.add_argument("--real-width", action="store_true", help="also Flux's attention at its real widths")
+    ap.add_argument("--real-steps", type=int, default=150)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
@@ -102,6 +173,8 @@ def main() -> None:
                 site = "" if row["site_err_max"] is None else f", largest site (held out) {row['site_err_max']:.3f}"
                 print(f"{family:6} {method:12} whole-model output error {row['output_error']:.3f}{site}", flush=True)
             print(f"{family:6} fit time {seconds:.1f} s for {len(fitted)} attentions (2 CPU cores)", flush=True)
+    if args.real_width:
+        rows += real_width(args.real_steps, (256, 128))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -9,7 +9,8 @@ of W^Q, W^K, and then minimize, by Adam on inputs captured at that attention, th
 
 where y is the attention's output after its output projections (a Flux single-stream block: the
 columns of proj_out that take the attention). The inputs are captured with the adapter loaded,
-from prompts with the concept's word on random latents; e is reported on inputs held out from the fit.
+from prompts with the concept's word on random latents. Validation prompts pick the step to keep
+(or the closed form, or no update, when either does better there); e is reported on a third set.
 """
 
 from __future__ import annotations
@@ -27,21 +28,25 @@ from .adapter.model import _unet, attention_sites
 from .diffusion.denoisers import denoiser_for
 
 FIT_PROMPTS = ("a photo of {t}", "{t} on a table", "a painting of {t}", "{t} in the snow")
+VALIDATION_PROMPTS = ("{t} at night", "a drawing of {t}")
 HELD_PROMPTS = ("a close-up of {t}", "{t} next to a tree")
 QK = ("to_q", "to_k", "add_q_proj", "add_k_proj")  # the projections whose updates pass the norms
 
 
 @dataclass
 class NormedFitConfig:
-    """steps: Adam steps per attention; lr: relative to each factor's rms (a zero factor: to the
-    weight's); latent: the side of the random latents the inputs are captured on."""
+    """steps: Adam steps per attention, the validation error checked every `check`; lr: relative to
+    each factor's rms (a zero factor: to the weight's); latent: the side of the random latents the
+    inputs are captured on; prompts to fit, to pick the step (validation) and to report (held out)."""
 
     steps: int = 150
+    check: int = 10
     lr: float = 0.05
     latent: int = 32
     seed: int = 0
     progress: bool = True  # a tqdm bar over the attentions
     prompts: tuple = field(default=FIT_PROMPTS)
+    validation: tuple = field(default=VALIDATION_PROMPTS)
     held_out: tuple = field(default=HELD_PROMPTS)
 
 
@@ -50,10 +55,8 @@ def normed(attn) -> bool:
 
 
 @torch.no_grad()
-def capture(pipe, sites: list[str], prompts: list[str], latent: int, seed: int) -> dict[str, tuple]:
-    """site -> (args, kwargs) that the attention at `site` received in one denoising step of `prompts`
-    on random latents (latent x latent, before Flux's packing) at random noise levels."""
-    unet, den = _unet(pipe), denoiser_for(pipe)
+def capture(unet, sites: list[str], run) -> dict[str, tuple]:
+    """site -> (args, kwargs) that the attention at `site` of `unet` received while `run()` ran."""
     store, hooks = {}, []
     for site in sites:
 
@@ -62,15 +65,26 @@ def capture(pipe, sites: list[str], prompts: list[str], latent: int, seed: int) 
 
         hooks.append(unet.get_submodule(site).register_forward_pre_hook(keep, with_kwargs=True))
     try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return store
+
+
+def capture_prompts(pipe, sites: list[str], prompts: list[str], latent: int, seed: int) -> dict[str, tuple]:
+    """`capture` in one denoising step of `prompts` on random latents (latent x latent, before
+    Flux's packing) at random noise levels."""
+    den = denoiser_for(pipe)
+
+    def run():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             size = latent * getattr(pipe, "vae_scale_factor", 8)
             pixels = torch.rand(len(prompts), 3, size, size) * 2 - 1
             den.loss(den.latents(pixels), den.condition(list(prompts)))
-    finally:
-        for h in hooks:
-            h.remove()
-    return store
+
+    return capture(_unet(pipe), sites, run)
 
 
 def _detached(x):
@@ -149,16 +163,17 @@ def output_error(outputs: SiteOutputs, inputs: tuple, target: list, base: list, 
     return num / den.clamp_min(1e-30)
 
 
-def refine_site(
-    unet, site: str, fit: SiteFit, fit_inputs: tuple, held_inputs: tuple, config: NormedFitConfig
-) -> SiteFit:
-    """`fit` (closed form) refined on `fit_inputs` (module docstring), the W^Q and W^K updates
-    started at zero; err_out = sqrt(e) on `held_inputs` (err_out_closed_form: the closed form's)."""
+def refine_site(unet, site: str, fit: SiteFit, inputs: dict, config: NormedFitConfig) -> SiteFit:
+    """`fit` (closed form) refined on inputs["fit"] (module docstring), the W^Q and W^K updates
+    started at zero. Kept: whichever of the closed form, no update at all, and the factors every
+    `config.check` steps has the smallest error on inputs["validation"]; err_out = sqrt(e) of it on
+    inputs["held_out"] (err_out_closed_form: the closed form's; err_fit: on the fit inputs)."""
     attn = unet.get_submodule(site)
     outputs = SiteOutputs(unet, site, attn, fit)
     with torch.no_grad():
-        target, base = outputs(fit_inputs, adapter=True), outputs(fit_inputs)
-        held = outputs(held_inputs, adapter=True), outputs(held_inputs)
+        ref = {k: (outputs(v, adapter=True), outputs(v)) for k, v in inputs.items()}
+    err = lambda part, f: float(output_error(outputs, inputs[part], *ref[part], f))  # noqa: E731
+    frozen = lambda fs: {p: (u.detach().clone(), d.detach().clone()) for p, (u, d) in fs.items()}  # noqa: E731
     factors, groups = {}, []
     for path, (up, down) in fit.factors.items():
         if path.endswith(QK):
@@ -170,21 +185,28 @@ def refine_site(
             scale = t.detach().square().mean().sqrt()
             scale = scale if scale > 0 else w.detach().square().mean().sqrt()
             groups.append({"params": [t], "lr": config.lr * float(scale)})
+    none = {p: (torch.zeros_like(u), d) for p, (u, d) in fit.factors.items()}
+    with torch.no_grad():
+        best = min(
+            ((err("validation", f), f, m) for f, m in ((fit.factors, "closed form"), (none, "none"))),
+            key=lambda b: b[0],
+        )
     opt = torch.optim.Adam(groups)
-    best = (float("inf"), {p: (u.detach().clone(), d.detach().clone()) for p, (u, d) in factors.items()})
-    for _ in range(config.steps):
+    for step in range(config.steps + 1):
+        if step % config.check == 0 or step == config.steps:
+            with torch.no_grad():
+                if (e := err("validation", factors)) < best[0]:
+                    best = (e, frozen(factors), "fitted on inputs")
+        if step == config.steps:
+            break
         opt.zero_grad(set_to_none=True)
-        loss = output_error(outputs, fit_inputs, target, base, factors)
-        if loss.item() < best[0]:
-            best = (loss.item(), {p: (u.detach().clone(), d.detach().clone()) for p, (u, d) in factors.items()})
-        loss.backward()
+        output_error(outputs, inputs["fit"], *ref["fit"], factors).backward()
         opt.step()
     with torch.no_grad():
-        start = output_error(outputs, held_inputs, *held, fit.factors)
-        err = output_error(outputs, held_inputs, *held, best[1])
-    out = SiteFit(factors=best[1], err_qk=float("nan"), err_vo=fit.err_vo, method_qk="fitted on inputs")
-    out.method_vo = fit.method_vo
-    out.err_out, out.err_out_closed_form = float(err) ** 0.5, float(start) ** 0.5
+        out = SiteFit(factors=best[1], err_qk=float("nan"), err_vo=fit.err_vo, method_qk=best[2])
+        out.method_vo = fit.method_vo
+        out.err_out, out.err_out_closed_form = err("held_out", best[1]) ** 0.5, err("held_out", fit.factors) ** 0.5
+        out.err_fit = err("fit", best[1]) ** 0.5
     return out
 
 
@@ -201,8 +223,12 @@ def refine_normed(pipe, fits: dict[str, SiteFit], token: str, config: NormedFitC
             f"{sites[0]} normalizes q and k: its LoRA is fitted on inputs that the pipeline's text encoders give, "
             "so export from the whole pipeline, not its denoiser alone"
         )
-    fit_in = capture(pipe, sites, [p.format(t=token) for p in config.prompts], config.latent, config.seed)
-    held_in = capture(pipe, sites, [p.format(t=token) for p in config.held_out], config.latent, config.seed + 1)
+    captured = {
+        part: capture_prompts(pipe, sites, [p.format(t=token) for p in prompts], config.latent, config.seed + i)
+        for i, (part, prompts) in enumerate(
+            (("fit", config.prompts), ("validation", config.validation), ("held_out", config.held_out))
+        )
+    }
     for site in tqdm(sites, desc="fitting q/k-normed attention", leave=False, disable=not config.progress):
-        fits[site] = refine_site(unet, site, fits[site], fit_in[site], held_in[site], config)
+        fits[site] = refine_site(unet, site, fits[site], {k: v[site] for k, v in captured.items()}, config)
     return fits

@@ -63,6 +63,30 @@ def test_the_fit_is_exact_inside_the_heads_span_and_eckart_young_optimal_outside
     assert errs["rank d"] <= min(errs["x first"], errs["y first"]) + 1e-12
 
 
+def test_factored_targets_give_the_dense_fit_and_its_errors():
+    """t passed as its factors (a, b) (what fit_site does: no m x n matrix at real widths) gives the
+    same candidates and residuals as t = a b^T passed whole; a large update of low rank is
+    truncated by the randomized SVD as by the full one."""
+    from comcat.customization.adapter.lora import low_rank, residual_sq
+
+    torch.manual_seed(1)
+    f64 = dict(dtype=torch.float64)
+    x, y, a, b = (
+        torch.randn(50, 6, **f64),
+        torch.randn(35, 6, **f64),
+        torch.randn(50, 3, **f64),
+        torch.randn(35, 3, **f64),
+    )
+    dense, factored = fit_pair(x, y, a @ b.T), fit_pair(x, y, (a, b))
+    for method, (dx, dy) in dense.items():
+        fx, fy = factored[method]
+        assert torch.allclose(dx, fx, atol=1e-9) and torch.allclose(dy, fy, atol=1e-9), method
+        assert residual_sq(x, y, (a, b), dx, dy) == pytest.approx(residual_sq(x, y, a @ b.T, dx, dy), rel=1e-8)
+    delta = torch.randn(300, 4, **f64) @ torch.randn(4, 200, **f64)  # rank 4, truncated to 4 (randomized path)
+    up, down = low_rank(delta, 4)
+    assert torch.allclose(up @ down, delta, atol=1e-8)
+
+
 @pytest.fixture(scope="module")
 def exported(adapter, tmp_path_factory):
     """The adapter fitted once and written in the three formats; the base, adapted and merged UNet

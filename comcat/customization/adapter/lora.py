@@ -23,45 +23,80 @@ import torch
 RIDGE = 1e-8  # relative to the Gram matrix's mean diagonal: keeps a rank-deficient projection solvable
 
 
-def _solve_right(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """X minimizing ||X k^T - t||_F: t k (k^T k)^-1, for t (m, n), k (n, d) -> (m, d)."""
+def _times(t, k: torch.Tensor) -> torch.Tensor:
+    """t @ k for t a matrix, or t = (a, b) standing for a b^T (then never formed)."""
+    return t[0] @ (t[1].T @ k) if isinstance(t, tuple) else t @ k
+
+
+def _transposed(t):
+    return (t[1], t[0]) if isinstance(t, tuple) else t.T
+
+
+def _sq_norm(u: torch.Tensor, v: torch.Tensor) -> float:
+    """||u v^T||_F^2 = trace((u^T u)(v^T v)), without forming u v^T."""
+    return float(((u.T @ u) * (v.T @ v)).sum())
+
+
+def _solve_right(t, k: torch.Tensor) -> torch.Tensor:
+    """X minimizing ||X k^T - t||_F: t k (k^T k)^-1, for t (m, n) (or its factors), k (n, d) -> (m, d)."""
     g = k.T @ k
     g = g + RIDGE * g.diagonal().mean().clamp_min(1e-30) * torch.eye(len(g), dtype=g.dtype)
-    return torch.linalg.solve(g, (t @ k).T).T
+    return torch.linalg.solve(g, _times(t, k).T).T
 
 
-def _two_steps(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """dX, dY with (x + dX)(y + dY)^T ~ x y^T + t: dX first through y's span, then dY from the rest."""
+def _two_steps(x: torch.Tensor, y: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+    """dX, dY with (x + dX)(y + dY)^T ~ x y^T + t: dX first through y's span, then dY from the rest
+    t - dX y^T (kept factored when t is)."""
     dx = _solve_right(t, y)
-    x1 = x + dx
-    rest = x @ y.T + t - x1 @ y.T
-    dy = _solve_right(rest.T, x1)
+    rest = (torch.cat([t[0], -dx], 1), torch.cat([t[1], y], 1)) if isinstance(t, tuple) else t - dx @ y.T
+    dy = _solve_right(_transposed(rest), x + dx)
     return dx, dy
 
 
-def best_rank_d(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def best_rank_d(x: torch.Tensor, y: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
     """(dX, dY) making (x + dX)(y + dY)^T the best rank-d approximation U S V^T of x y^T + t
-    (Eckart-Young), factored as X = U U^T x (the nearest to x), Y = V S (U^T x)^-T."""
+    (Eckart-Young), factored as X = U U^T x (the nearest to x), Y = V S (U^T x)^-T. For t = (a, b),
+    x y^T + a b^T = [x, a][y, b]^T = Q1 (R1 R2^T) Q2^T by two QRs: only the (d + r)-square core is
+    decomposed, never an m x n matrix."""
     d = x.shape[1]
-    u, s, vh = torch.linalg.svd(x @ y.T + t, full_matrices=False)
-    u, s, v = u[:, :d], s[:d], vh[:d].T
+    if isinstance(t, tuple):
+        q1, r1 = torch.linalg.qr(torch.cat([x, t[0]], 1))
+        q2, r2 = torch.linalg.qr(torch.cat([y, t[1]], 1))
+        uc, s, vch = torch.linalg.svd(r1 @ r2.T)
+        u, v = q1 @ uc, q2 @ vch.T
+    else:
+        u, s, vh = torch.linalg.svd(x @ y.T + t, full_matrices=False)
+        v = vh.T
+    u, s, v = u[:, :d], s[:d], v[:, :d]
     g = u.T @ x  # (d, d)
     x1 = u @ g
     y1 = torch.linalg.lstsq(g, (v * s).T).solution.T  # V S G^-T
     return x1 - x, y1 - y
 
 
-def fit_pair(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Candidate (dX, dY) for (x + dX)(y + dY)^T ~ x y^T + t, x (m, d), y (n, d), t (m, n), float64:
-    'x first' and 'y first' (rank <= r each), 'rank d' (the best product, updates of rank up to d)."""
-    dy2, dx2 = _two_steps(y, x, t.T)
+def fit_pair(x: torch.Tensor, y: torch.Tensor, t) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Candidate (dX, dY) for (x + dX)(y + dY)^T ~ x y^T + t, x (m, d), y (n, d), t (m, n) or its
+    factors (a (m, r), b (n, r)) with t = a b^T, float64: 'x first' and 'y first' (rank <= r each),
+    'rank d' (the best product, updates of rank up to d)."""
+    dy2, dx2 = _two_steps(y, x, _transposed(t))
     return {"x first": _two_steps(x, y, t), "y first": (dx2, dy2), "rank d": best_rank_d(x, y, t)}
+
+
+def residual_sq(x: torch.Tensor, y: torch.Tensor, t, dx: torch.Tensor, dy: torch.Tensor) -> float:
+    """||(x + dX)(y + dY)^T - x y^T - t||_F^2 = ||(x + dX) dY^T + dX y^T - t||^2 (factored when t is)."""
+    if isinstance(t, tuple):
+        return _sq_norm(torch.cat([x + dx, dx, -t[0]], 1), torch.cat([dy, y, t[1]], 1))
+    return float(torch.linalg.matrix_norm((x + dx) @ dy.T + dx @ y.T - t)) ** 2
 
 
 def low_rank(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """delta (out, in) ~ up @ down with up (out, R), down (R, in): its truncated SVD, R = rank or the
     numerical rank of delta; the singular values are split evenly between the two factors."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    if rank and 4 * (rank + 8) < min(delta.shape):  # a few columns of a large update: a randomized SVD
+        u, s, v = torch.svd_lowrank(delta, q=rank + 8, niter=6)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     keep = int((s > s[0] * 1e-7).sum()) if s.numel() and s[0] > 0 else 1
     keep = max(1, min(keep, rank) if rank else keep)
     root = s[:keep].sqrt()
@@ -82,6 +117,7 @@ class SiteFit:
     method_vo: str = ""
     err_out: float | None = None  # q/k-normed attention: the output error on held-out inputs (lora_normed.py)
     err_out_closed_form: float | None = None  # ... of the closed-form start
+    err_fit: float | None = None  # ... on the inputs it was fitted on
 
 
 def _heads(w: torch.Tensor, heads: int) -> list[torch.Tensor]:
@@ -90,25 +126,22 @@ def _heads(w: torch.Tensor, heads: int) -> list[torch.Tensor]:
 
 
 def _fit_products(xs, ys, ts, rank, fixed: int = 0):
-    """Per-head products x_h y_h^T + t_h, as rank-`rank` updates of the stacked x (H d, m) and
-    y (H d, n) weights: the candidate with the smallest relative error after truncation. The last
-    `fixed` rows of each x_h (biases) stay as they are, and count in the error.
-    Returns (method, error, (up, down) of x, (up, down) of y)."""
+    """Per-head products x_h y_h^T + t_h (t_h a matrix or its factors), as rank-`rank` updates of
+    the stacked x (H d, m) and y (H d, n) weights: the candidate with the smallest relative error
+    after truncation. The last `fixed` rows of each x_h (biases) stay as they are, and count in the
+    error. Returns (method, error, (up, down) of x, (up, down) of y)."""
     cands = [fit_pair(x, y, t) for x, y, t in zip(xs, ys, ts)]
     for c in cands if fixed else ():
         for method, (dx, dy) in c.items():
             c[method] = (torch.cat([dx[:-fixed], torch.zeros_like(dx[-fixed:])]), dy)
-    den = sum(float(torch.linalg.matrix_norm(t)) ** 2 for t in ts)
+    den = sum(_sq_norm(*t) if isinstance(t, tuple) else float(torch.linalg.matrix_norm(t)) ** 2 for t in ts)
     best = None
     for method in cands[0]:
         fx = low_rank(torch.cat([c[method][0].T for c in cands]), rank)
         fy = low_rank(torch.cat([c[method][1].T for c in cands]), rank)
         dx, dy = _heads(fx[0] @ fx[1], len(xs)), _heads(fy[0] @ fy[1], len(xs))
-        num = sum(
-            float(torch.linalg.matrix_norm((x + a) @ (y + b).T - x @ y.T - t)) ** 2
-            for x, y, t, a, b in zip(xs, ys, ts, dx, dy)
-        )
-        err = (num / den) ** 0.5 if den > 0 else 0.0
+        num = sum(residual_sq(x, y, t, a, b) for x, y, t, a, b in zip(xs, ys, ts, dx, dy))
+        err = (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
         if best is None or err < best[1]:
             best = (method, err, fx, fy)
     return best
@@ -118,7 +151,7 @@ def _fit_products(xs, ys, ts, rank, fixed: int = 0):
 class HeadMaps:
     """What one attention's LoRA is fitted to: the weights W^Q (H d, Cq), W^K (H d, Cc),
     W^V (H d, Cc), W^O (Co, H d), and the targets alpha A_h B_h^T (Cq, Cc), alpha P_h R_h (Cc, Co)
-    per head, all float64."""
+    per head, each as its factors (a, b) with target a b^T, all float64."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -130,12 +163,13 @@ class HeadMaps:
     fixed_v: int = 0
 
 
-def head_targets(layer, scale: float) -> tuple[list, list]:
-    """alpha A_h B_h^T and alpha P_h R_h per head of a HeadLowRank (float64)."""
+def head_factors(layer, scale: float) -> tuple[list, list]:
+    """Per head of a HeadLowRank, the factors of its updates (float64): (alpha A_h, B_h), whose
+    product a b^T is alpha A_h B_h^T, and (alpha P_h, R_h^T) for alpha P_h R_h."""
     f64, r = torch.float64, layer.rank
     A, B, P, R = (t.detach().to(f64) for t in (layer.A, layer.B, layer.P, layer.R))
     cols = [slice(h * r, (h + 1) * r) for h in range(layer.heads)]
-    return [scale * A[:, c] @ B[:, c].T for c in cols], [scale * P[:, c] @ R[c] for c in cols]
+    return [(scale * A[:, c], B[:, c]) for c in cols], [(scale * P[:, c], R[c].T) for c in cols]
 
 
 def fit_maps(maps: HeadMaps, heads: int, rank: int) -> SiteFit:
@@ -195,14 +229,24 @@ def fit_site(attn, layer, scale: float, out: tuple, rank: int | None = None, sit
     heads = next(iter(parts.values())).heads
     width = lambda ps, dim: [p[1].shape[dim] for p in ps]  # noqa: E731
     cq, ck, cv, co = width(qs, 1), width(ks, 1), width(vs, 1), width(os_, 0)
-    t_qk = [torch.zeros(sum(cq), sum(ck), dtype=torch.float64) for _ in range(heads)]
-    t_vo = [torch.zeros(sum(cv), sum(co), dtype=torch.float64) for _ in range(heads)]
     at = lambda sizes, i: slice(sum(sizes[:i]), sum(sizes[: i + 1]))  # noqa: E731
-    for name, part in parts.items():
+
+    def placed(f, sizes, i):  # a part's factor (rows of one stream, r) in the joint rows, zero elsewhere
+        out = torch.zeros(sum(sizes), f.shape[1], dtype=torch.float64)
+        out[at(sizes, i)] = f
+        return out
+
+    ab_qk, ab_vo = [[[], []] for _ in range(heads)], [[[], []] for _ in range(heads)]
+    for name, part in parts.items():  # every part's factors side by side: t = sum_parts a b^T = [a..][b..]^T
         (qi, kj), (vi, oj) = BLOCKS[name]
-        for h, (a, b) in enumerate(zip(*head_targets(part, scale))):
-            t_qk[h][at(cq, qi), at(ck, kj)] = a
-            t_vo[h][at(cv, vi), at(co, oj)] = b
+        qk, vo = head_factors(part, scale)
+        for h in range(heads):
+            ab_qk[h][0].append(placed(qk[h][0], cq, qi))
+            ab_qk[h][1].append(placed(qk[h][1], ck, kj))
+            ab_vo[h][0].append(placed(vo[h][0], cv, vi))
+            ab_vo[h][1].append(placed(vo[h][1], co, oj))
+    t_qk = [(torch.cat(a, 1), torch.cat(b, 1)) for a, b in ab_qk]
+    t_vo = [(torch.cat(a, 1), torch.cat(b, 1)) for a, b in ab_vo]
     joined = lambda ps, dim: torch.cat([p[1] for p in ps], dim)  # noqa: E731
     maps = HeadMaps(joined(qs, 1), joined(ks, 1), joined(vs, 1), joined(os_, 0), t_qk, t_vo, *map(len, biases))
     fit = fit_maps(maps, heads, rank or heads * sum(p.rank for p in parts.values()))
