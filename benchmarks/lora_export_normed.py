@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "customization"))
 
-from tiny_pipelines import flux, sd3  # noqa: E402
+from tiny_pipelines import flux, flux_transformer, sd3  # noqa: E402
 
 from comcat.customization.adapter import load_adapter, unload_adapter  # noqa: E402
 from comcat.customization.customize import CustomizeSpec, customize  # noqa: E402
@@ -60,15 +60,11 @@ def real_width(steps: int, tokens: tuple[int, int], batch: int = 2) -> list[dict
     random latents and text states (`tokens`: image, text tokens; `batch` sequences each to fit, to
     validate, to report on): per attention, the held-out output error of the closed form and of
     what the export keeps, and the fit's time."""
-    from diffusers import FluxTransformer2DModel
-
     from comcat.customization.adapter import AdapterConfig, adapter_parameters, add_adapter
     from comcat.customization.lora_normed import capture, refine_site
 
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        num_layers=1,
-        num_single_layers=1,
+    model = flux_transformer(
         attention_head_dim=128,
         num_attention_heads=24,
         in_channels=64,
