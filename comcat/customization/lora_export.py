@@ -23,7 +23,7 @@ from ..core.files import atomic_write
 from .adapter.layer import ComcatAttnProcessor
 from .adapter.lora import SiteFit, fit_site
 from .adapter.model import _processors, _unet, attention_sites, output_projection, read_adapter
-from .lora_normed import NormedFitConfig, refine_normed
+from .lora_normed import NormedFitConfig, check_pipeline, refine_normed
 
 FORMATS = ("diffusers", "kohya", "comfy")
 
@@ -59,6 +59,7 @@ def fit_lora(
     """attention site -> its fitted LoRA, for adapter `name` loaded in `pipe` at its strength: the
     closed form, refined where the attention normalizes q and k on the model's own inputs for
     prompts with `token` (lora_normed.py, configured by `fit`)."""
+    check_pipeline(pipe)
     return refine_normed(pipe, closed_form(pipe, name, rank), token, fit)
 
 

@@ -210,19 +210,27 @@ def refine_site(unet, site: str, fit: SiteFit, inputs: dict, config: NormedFitCo
     return out
 
 
+def check_pipeline(pipe) -> None:
+    """One line when `pipe` is a bare denoiser with q/k-normed attention: its LoRA needs the inputs
+    that the pipeline's text encoders give. Cheap: called before any fitting."""
+    unet = _unet(pipe)
+    site = next((s for s, a in attention_sites(unet).items() if normed(a)), None)
+    if unet is pipe and site is not None:
+        raise ComcatError(
+            f"{site} normalizes q and k: its LoRA is fitted on inputs that the pipeline's text encoders give, "
+            "so export from the whole pipeline, not its denoiser alone"
+        )
+
+
 def refine_normed(pipe, fits: dict[str, SiteFit], token: str, config: NormedFitConfig | None = None) -> dict:
     """Every q/k-normed site of `fits` refined (refine_site) on inputs captured in `pipe`, whose
     adapter is loaded; the other sites' closed-form fits are kept."""
     config = config or NormedFitConfig()
     unet = _unet(pipe)
+    check_pipeline(pipe)
     sites = [s for s, a in attention_sites(unet).items() if s in fits and normed(a)]
     if not sites:
         return fits
-    if unet is pipe:
-        raise ComcatError(
-            f"{sites[0]} normalizes q and k: its LoRA is fitted on inputs that the pipeline's text encoders give, "
-            "so export from the whole pipeline, not its denoiser alone"
-        )
     captured = {
         part: capture_prompts(pipe, sites, [p.format(t=token) for p in prompts], config.latent, config.seed + i)
         for i, (part, prompts) in enumerate(
