@@ -107,16 +107,20 @@ def _processor(attn, proc):
         attn.set_processor(old)
 
 
+def _lora(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """x down^T up^T in x's dtype: a LoRA's output, without forming W + up down."""
+    return (x @ down.T.to(x.dtype)) @ up.T.to(x.dtype)
+
+
 @contextlib.contextmanager
 def _lora_hooks(modules: dict, factors: dict):
-    """Each module's output plus x down^T up^T while inside (a LoRA, without forming W + up down)."""
+    """Each module's output plus its LoRA's (`_lora`) while inside."""
     hooks = []
     for path, module in modules.items():
         up, down = factors[path]
 
         def add(module, inp, out, u=up, d=down):
-            x = inp[0]
-            return out + ((x @ d.T.to(x.dtype)) @ u.T.to(x.dtype)).to(out.dtype)
+            return out + _lora(inp[0], u, d).to(out.dtype)
 
         hooks.append(module.register_forward_hook(add))
     try:
@@ -152,7 +156,7 @@ class SiteOutputs:
                 ys = [t @ w.T for t in ys]
             else:
                 up, down = factors[path]
-                ys = [t @ w.T + (t @ down[:, : w.shape[1]].T.to(t.dtype)) @ up.T.to(t.dtype) for t in ys]
+                ys = [t @ w.T + _lora(t, up, down[:, : w.shape[1]]) for t in ys]
         return ys
 
 
