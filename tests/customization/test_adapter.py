@@ -104,10 +104,11 @@ def explicit_attention(attn, x, ctx, adapters):
     return out
 
 
-def adapted_site(kind, align, frozen):
-    """An attention of the embedded UNet (float64) with two random adapters, and inputs for it."""
+def adapted_site(kind, align, frozen, shared=False):
+    """An attention of the embedded UNet (float64) with two random adapters (the first with a shared
+    basis when `shared`), and inputs for it."""
     unet = build_unet().eval()
-    add_adapter(unet, AdapterConfig(rank=2, scale=0.7), "one")
+    add_adapter(unet, AdapterConfig(rank=2, scale=0.7, shared_basis=shared), "one")
     add_adapter(unet, AdapterConfig(rank=1, scale=-1.3), "two")
     unet.double()
     randomize(adapter_parameters(unet, "one").values(), 1)
@@ -121,22 +122,25 @@ def adapted_site(kind, align, frozen):
     return attn, x, ctx, [(attn.processor.adapters[n], attn.processor.scales[n]) for n in ("one", "two")]
 
 
-@pytest.mark.parametrize("frozen", [True, False], ids=["widened", "concatenated"])
+@pytest.mark.parametrize(
+    "frozen,shared", [(True, False), (False, False), (True, True)], ids=["widened", "concatenated", "shared-basis"]
+)
 @pytest.mark.parametrize("kind,align", [("attn1", 1), ("attn2", 1), ("attn1", 8), ("attn2", 16)])
-def test_fused_processor_equals_explicit_per_head_formula(kind, align, frozen):
-    attn, x, ctx, adapters = adapted_site(kind, align, frozen)
+def test_fused_processor_equals_explicit_per_head_formula(kind, align, frozen, shared):
+    attn, x, ctx, adapters = adapted_site(kind, align, frozen, shared)
     with torch.no_grad():
         fused = attn(x, encoder_hidden_states=None if kind == "attn1" else ctx)
         explicit = explicit_attention(attn, x, ctx, adapters)
     assert torch.allclose(fused, explicit, atol=1e-10), (fused - explicit).abs().max()
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["widened", "shared-basis"])
 @pytest.mark.parametrize("kind,align", [("attn1", 1), ("attn2", 8)])
-def test_widened_path_gradients_equal_explicit_formula(kind, align):
-    """WidenedLinear's hand-written backward: adapter and input gradients match autograd through the
-    explicit formula."""
-    attn, x, ctx, adapters = adapted_site(kind, align, frozen=True)
-    params = [p for m, _ in adapters for p in (m.A, m.B, m.P, m.R)]
+def test_widened_path_gradients_equal_explicit_formula(kind, align, shared):
+    """WidenedLinear's hand-written backward (and autograd through a shared basis's fused q', k', v'):
+    adapter and input gradients match autograd through the explicit formula."""
+    attn, x, ctx, adapters = adapted_site(kind, align, frozen=True, shared=shared)
+    params = [p for m, _ in adapters for p in m.parameters()]
     x.requires_grad_(True)
     probe = torch.randn(2, 9, attn.to_out[0].out_features, dtype=torch.double)
 

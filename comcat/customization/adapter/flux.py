@@ -54,11 +54,11 @@ class ComcatFluxAttnProcessor(ComcatAttnProcessor):
         ctx, img = out[:, :m], out[:, m:]
         if joint:
             img, ctx = attn.to_out[0](img), attn.to_add_out(ctx)
-        for name, extra in extra_outputs(o, parts, head_dim):
+        for name, extra in extra_outputs(o, parts, head_dim, slice(m, None), slice(0, m)):
             if name == "context":
-                ctx = ctx + extra[:, :m].to(ctx.dtype)
+                ctx = ctx + extra.to(ctx.dtype)
             else:
-                img = img + extra[:, m:].to(img.dtype)
+                img = img + extra.to(img.dtype)
         if joint:
             return attn.to_out[1](img), ctx
         return img

@@ -34,19 +34,26 @@ class JointHeadLowRank(nn.Module):
             self.add_module(part, low_rank_layer(*dims[part], heads, rank, shared))
 
 
-def _extra(part: str, m: HeadLowRank, x, c, heads: int, s: float, context_first: bool):
+def _extra(part: str, m: HeadLowRank, x, c, s: float, context_first: bool):
     """The part's (q', k', v') over the joint sequence ([X; C], or [C; X] when `context_first`),
-    each (B, H, N + M, r)."""
-    width = m.heads * m.rank
-    zx, zc = x.new_zeros(*x.shape[:2], width), c.new_zeros(*c.shape[:2], width)
+    each (B, H, N + M, r): zero on the tokens of the stream they do not come from."""
     if part == "self":
-        qkv = ((m.queries(x), zc), (m.keys(x), zc), (m.values(x), zc))
+        q, k, v = m.qkv(x, x)
+        image = (True, True, True)  # which stream each of q', k', v' lives on: the image's
     elif part == "cross":
-        qkv = ((m.queries(x), zc), (zx, m.keys(c)), (zx, m.values(c)))
+        q, k, v = m.qkv(x, c)
+        image = (True, False, False)
     else:
-        qkv = ((zx, m.queries(c)), (m.keys(x), zc), (m.values(x), zc))
-    q, k, v = (torch.cat(t[::-1] if context_first else t, 1) for t in qkv)
-    return split_heads(s * q, heads), split_heads(k, heads), split_heads(v, heads)
+        q, k, v = m.qkv(c, x)
+        image = (False, True, True)
+    n, mc = x.shape[1], c.shape[1]
+
+    def place(t, on_image):
+        zeros = t.new_zeros(*t.shape[:2], mc if on_image else n, t.shape[-1])
+        parts = [t, zeros] if on_image else [zeros, t]
+        return torch.cat(parts[::-1] if context_first else parts, 2)
+
+    return place(s * q, image[0]), place(k, image[1]), place(v, image[2])
 
 
 def active_parts(proc: ComcatAttnProcessor, has_context: bool) -> list[tuple]:
@@ -66,16 +73,19 @@ def widen(q, k, v, parts, x, c, heads: int, align: int, context_first: bool = Fa
     if not parts:
         return q, k, v
     dt = q.dtype
-    extras = [_extra(name, part, x.to(dt), c.to(dt), heads, s, context_first) for name, part, s in parts]
+    x, c = x.to(dt), c.to(dt)
+    extras = [_extra(name, part, x, c, s, context_first) for name, part, s in parts]
     return (cat_aligned([t] + [e[i] for e in extras], align) for i, t in enumerate((q, k, v)))
 
 
-def extra_outputs(o: torch.Tensor, parts, head_dim: int):
-    """(part name, alpha o'_h R_h summed over heads (B, N + M, D)) for each part, from the attention
-    output o (B, H, N + M, d + R + pad)."""
+def extra_outputs(o: torch.Tensor, parts, head_dim: int, image: slice, context: slice):
+    """(part name, alpha o'_h R_h summed over heads) for each part, from the attention output o
+    (B, H, N + M, d + R + pad) on the rows of the stream the part writes to: the image tokens'
+    (B, N, D) for 'self' and 'cross', the context tokens' (B, M, D) for 'context'."""
     start = head_dim
     for name, part, s in parts:
-        yield name, s * part.output(merge_heads(o[..., start : start + part.rank]))
+        rows = context if name == "context" else image
+        yield name, s * part.output_heads(o[:, :, rows, start : start + part.rank])
         start += part.rank
 
 
@@ -109,10 +119,10 @@ class ComcatJointAttnProcessor(ComcatAttnProcessor):
         img = attn.to_out[0](img)
         if encoder_hidden_states is not None and not attn.context_pre_only:
             ctx = attn.to_add_out(ctx)
-        for name, extra in extra_outputs(o, parts, head_dim):
+        for name, extra in extra_outputs(o, parts, head_dim, slice(0, n), slice(n, None)):
             if name == "context":
-                ctx = ctx + extra[:, n:]
+                ctx = ctx + extra
             else:
-                img = img + extra[:, :n]
+                img = img + extra
         img = attn.to_out[1](img)
         return img if encoder_hidden_states is None else (img, ctx)

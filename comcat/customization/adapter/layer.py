@@ -49,6 +49,17 @@ class HeadLowRank(nn.Module):
         """o' R: the heads' extra outputs (..., H r) -> (..., Do)."""
         return o @ self.R.to(o.dtype)
 
+    def qkv(self, x: torch.Tensor, c: torch.Tensor) -> tuple:
+        """(q', k', v'), each (B, H, N, r), from x (B, Nq, Dq) and c (B, Nc, Dc); one matmul when c is x."""
+        if c is x:
+            w = torch.cat([self.A, self.B, self.P], 1).to(x.dtype)
+            return tuple(split_heads(t, self.heads) for t in (x @ w).chunk(3, -1))
+        return tuple(split_heads(t, self.heads) for t in (self.queries(x), self.keys(c), self.values(c)))
+
+    def output_heads(self, o: torch.Tensor) -> torch.Tensor:
+        """o' (B, H, N, r) -> sum_h o'_h R_h (B, N, Do)."""
+        return self.output(merge_heads(o))
+
 
 class SharedHeadLowRank(nn.Module):
     """A HeadLowRank whose heads share one r-wide basis per side, each head with its own r x r cores:
@@ -81,6 +92,18 @@ class SharedHeadLowRank(nn.Module):
     def output(self, o):  # (sum_h o'_h K_h) T^T
         heads = o.unflatten(-1, (self.heads, self.rank))
         return torch.einsum("...hr,hrs->...s", heads, self.K.to(o.dtype)) @ self.T.to(o.dtype).t()
+
+    def qkv(self, x, c):  # as HeadLowRank.qkv: the keys and values one (B, 1, N, r) tensor seen by every head
+        if c is x:
+            q, k, v = (x @ torch.cat([self.U, self.V, self.S], 1).to(x.dtype)).chunk(3, -1)
+        else:
+            q, k, v = x @ self.U.to(x.dtype), c @ self.V.to(c.dtype), c @ self.S.to(c.dtype)
+        q = torch.einsum("bnr,hrs->bhns", q, self.M.to(q.dtype))
+        b, n, r = k.shape
+        return q, k[:, None].expand(b, self.heads, n, r), v[:, None].expand(b, self.heads, n, r)
+
+    def output_heads(self, o):  # (B, H, N, r) -> (sum_h o'_h K_h) T^T
+        return torch.einsum("bhnr,hrs->bns", o, self.K.to(o.dtype)) @ self.T.to(o.dtype).t()
 
     @property
     def A(self) -> torch.Tensor:  # (Dq, H r)
@@ -283,14 +306,17 @@ class ComcatAttnProcessor(nn.Module):
         head_dim = q.shape[-1]
         if active:
             dt = q.dtype
-            q = cat_aligned([q] + [s * split_heads(m.queries(x.to(dt)), heads) for m, s in active], self.align)
-            k = cat_aligned([k] + [split_heads(m.keys(context.to(dt)), heads) for m, s in active], self.align)
-            v = cat_aligned([v] + [split_heads(m.values(context.to(dt)), heads) for m, s in active], self.align)
+            xd = x.to(dt)
+            cd = xd if context is x else context.to(dt)
+            extra = [(s, m.qkv(xd, cd)) for m, s in active]
+            q = cat_aligned([q] + [s * e[0] for s, e in extra], self.align)
+            k = cat_aligned([k] + [e[1] for _, e in extra], self.align)
+            v = cat_aligned([v] + [e[2] for _, e in extra], self.align)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
         out = attn.to_out[0](merge_heads(o[..., :head_dim]))
         start = head_dim
         for m, s in active:
-            out = out + s * m.output(merge_heads(o[..., start : start + m.rank]).to(out.dtype))
+            out = out + s * m.output_heads(o[..., start : start + m.rank].to(out.dtype))
             start += m.rank
         return out
 
