@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -293,6 +294,11 @@ def run_shaped(
     )
 
 
+def sign_test(wins: int, n: int) -> float:
+    """P(at least `wins` of `n` rounds faster) if faster and slower were equally likely: one-sided."""
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
 def interleaved(methods: list[str], arch: str, rounds: int, device: str, precision: str, shape: tuple) -> dict:
     """Step times of `methods` on one shaped model each, in one process, one step of every method per
     round (after a warm-up round), so that drift of the machine's speed hits all alike. Per method:
@@ -307,15 +313,19 @@ def interleaved(methods: list[str], arch: str, rounds: int, device: str, precisi
     out = {}
     for m, ts in times.items():
         ratios = sorted(a / b for a, b in zip(ts, times["lora-r4"]))
+        faster = sum(r < 1 for r in ratios)
         out[m] = {
             "step_s": statistics.median(ts),
             "step_s_all": [round(t, 3) for t in ts],
             "vs_lora_r4": statistics.median(ratios),
             "vs_lora_r4_range": [ratios[0], ratios[-1]],
+            "faster_rounds": faster,
+            "sign_test_p": sign_test(faster, rounds),
         }
         print(
             f"{arch} {m:12} step {out[m]['step_s']:.3f} s (median of {rounds}); / lora-r4 in the same round: "
-            f"median {out[m]['vs_lora_r4']:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}",
+            f"median {out[m]['vs_lora_r4']:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}, faster in {faster} of "
+            f"{rounds} rounds (one-sided sign test p = {out[m]['sign_test_p']:.3f})",
             flush=True,
         )
     return out

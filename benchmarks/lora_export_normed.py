@@ -93,7 +93,7 @@ def real_width(steps: int, tokens: tuple[int, int], batch: int = 2) -> list[dict
     for site, fit in fits.items():
         t = time.perf_counter()
         inputs = {part: captured[site] for part, captured in parts.items()}
-        out = refine_site(model, site, fit, inputs, NormedFitConfig(steps=steps, progress=False))
+        out = refine_site(model, site, fit, inputs, NormedFitConfig(steps=steps))
         rows.append(
             {
                 "site": site,

@@ -737,8 +737,27 @@ def cmd_evaluate(args) -> None:
         _write_json(args.json, metrics)
 
 
+class LoraFitBars:
+    """A tqdm bar per stage of a LoRA fit, from export's {"kind": "lora", "stage", "step", "total"} events."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, e: dict) -> None:
+        from tqdm.auto import tqdm
+
+        if e["stage"] not in self.bars:
+            self.bars[e["stage"]] = tqdm(total=e["total"], desc=f"LoRA fit, {e['stage']}", unit="attention")
+        bar = self.bars[e["stage"]]
+        bar.n = e["step"]
+        bar.refresh()
+        if e["step"] == e["total"]:
+            bar.close()
+
+
 def cmd_export_adapter(args) -> None:
     from .core.files import check_file_out
+    from .core.loop import RunControl, StopFlag
     from .customization.adapter.config import MAX_RANK
     from .customization.adapter.model import read_adapter
     from .customization.diffusion.pipeline import load_pipeline
@@ -755,11 +774,14 @@ def cmd_export_adapter(args) -> None:
     if args.format != "bake":
         check_file_out(out, ".safetensors", "--out", args.source, args.overwrite)
     pipe = load_pipeline(args.pipeline or config.base_model or "embedded")
+    stop = StopFlag()
+    stop.install_signal()  # Ctrl-C: stop the fit; nothing is written
+    control = RunControl(LoraFitBars(), stop)
     if args.format == "bake":
-        r = bake_adapter(pipe, args.source, out, args.rank, args.overwrite)
+        r = bake_adapter(pipe, args.source, out, args.rank, args.overwrite, control=control)
         print(f"wrote {out}: the pipeline with the adapter's LoRA fit (rank {r['rank']}) merged and {r['token']} added")
     else:
-        r = export_adapter(pipe, args.source, args.format, out, args.rank)
+        r = export_adapter(pipe, args.source, args.format, out, args.rank, control=control)
         tok = f", token {r['token']} in {r['token_file']}" if r["token_file"] else ""
         print(f"wrote {out} ({args.format}, LoRA rank {r['rank']} on {r['sites']} attentions{tok})")
     print("  " + error_line(r))

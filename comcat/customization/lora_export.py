@@ -20,27 +20,31 @@ from safetensors.torch import save_file
 
 from ..core.errors import ComcatError
 from ..core.files import atomic_write
+from ..core.loop import RunControl
 from .adapter.layer import ComcatAttnProcessor
 from .adapter.lora import SiteFit, fit_site
 from .adapter.model import _processors, _unet, attention_sites, output_projection, read_adapter
-from .lora_normed import NormedFitConfig, check_pipeline, refine_normed
+from .lora_normed import NormedFitConfig, check_pipeline, check_stop, refine_normed
 
 FORMATS = ("diffusers", "kohya", "comfy")
 
 
-def closed_form(pipe, name: str, rank: int | None = None) -> dict[str, SiteFit]:
+def closed_form(pipe, name: str, rank: int | None = None, control: RunControl | None = None) -> dict[str, SiteFit]:
     """attention site -> the closed-form LoRA (adapter/lora.py) of adapter `name` loaded in `pipe`
-    at its strength, blind to any q/k norms."""
+    at its strength, blind to any q/k norms. `control` gets {"kind": "lora", "stage": "closed form",
+    "step", "total"} after every site and may stop the fit (ExportStopped)."""
     unet = _unet(pipe)
     sites = attention_sites(unet)
-    fits, threads = {}, torch.get_num_threads()
+    adapted = {s: p for s, p in _processors(unet).items() if isinstance(p, ComcatAttnProcessor) and name in p.adapters}
+    fits, threads, control = {}, torch.get_num_threads(), control or RunControl()
     torch.set_num_threads(1)  # many small SVDs and solves: threads only contend
     try:
-        for site, proc in _processors(unet).items():
-            if isinstance(proc, ComcatAttnProcessor) and name in proc.adapters:
-                attn = sites[site]
-                out = output_projection(unet, site, attn)
-                fits[site] = fit_site(attn, proc.adapters[name], proc.scales[name], out, rank, site)
+        for i, (site, proc) in enumerate(adapted.items(), 1):
+            check_stop(control)
+            attn = sites[site]
+            out = output_projection(unet, site, attn)
+            fits[site] = fit_site(attn, proc.adapters[name], proc.scales[name], out, rank, site)
+            control.emit({"kind": "lora", "stage": "closed form", "step": i, "total": len(adapted)})
     finally:
         torch.set_num_threads(threads)
     if not fits:
@@ -54,13 +58,18 @@ def closed_form(pipe, name: str, rank: int | None = None) -> dict[str, SiteFit]:
 
 
 def fit_lora(
-    pipe, name: str, rank: int | None = None, token: str = "V*", fit: NormedFitConfig | None = None
+    pipe,
+    name: str,
+    rank: int | None = None,
+    token: str = "V*",
+    fit: NormedFitConfig | None = None,
+    control: RunControl | None = None,
 ) -> dict[str, SiteFit]:
     """attention site -> its fitted LoRA, for adapter `name` loaded in `pipe` at its strength: the
     closed form, refined where the attention normalizes q and k on the model's own inputs for
-    prompts with `token` (lora_normed.py, configured by `fit`)."""
+    prompts with `token` (lora_normed.py, configured by `fit`); progress and stop through `control`."""
     check_pipeline(pipe)
-    return refine_normed(pipe, closed_form(pipe, name, rank), token, fit)
+    return refine_normed(pipe, closed_form(pipe, name, rank, control), token, fit, control)
 
 
 def prefix(unet) -> str:
@@ -144,14 +153,20 @@ def token_file(tensors: dict, path: Path) -> Path | None:
     return atomic_write(path, lambda tmp: save_file({"emb_params": emb}, tmp))
 
 
-def fit_file(pipe, adapter: str | Path, rank: int | None = None, fit: NormedFitConfig | None = None) -> tuple:
+def fit_file(
+    pipe,
+    adapter: str | Path,
+    rank: int | None = None,
+    fit: NormedFitConfig | None = None,
+    control: RunControl | None = None,
+) -> tuple:
     """(config, tensors, fits) of the adapter file `adapter`, fitted in `pipe` (loaded, then unloaded)."""
     from .adapter.model import load_adapter, unload_adapter
 
     config, tensors = read_adapter(adapter)
     name = load_adapter(pipe, adapter, name="lora-fit")
     try:
-        return config, tensors, fit_lora(pipe, name, rank, config.token, fit)
+        return config, tensors, fit_lora(pipe, name, rank, config.token, fit, control)
     finally:
         unload_adapter(pipe, name)
 
@@ -191,14 +206,21 @@ def error_line(r: dict) -> str:
 
 
 def export_adapter(
-    pipe, adapter: str | Path, fmt: str, out: str | Path, rank: int | None = None, fit: NormedFitConfig | None = None
+    pipe,
+    adapter: str | Path,
+    fmt: str,
+    out: str | Path,
+    rank: int | None = None,
+    fit: NormedFitConfig | None = None,
+    control: RunControl | None = None,
 ) -> dict:
     """Fit adapter `adapter` (loaded into `pipe` here, at its stored strength) as a LoRA and write it
     to `out` in `fmt`, with the token beside it (OUT stem + '.token.safetensors'). Returns the
-    files, the LoRA rank per site and the relative errors of W^QK_h and W^VO_h."""
+    files, the LoRA rank per site and the relative errors of W^QK_h and W^VO_h. `control` gets the
+    fit's progress events and may stop it before anything is written (ExportStopped)."""
     out, unet = Path(out), _unet(pipe)
     check_layout(fmt, unet)  # a layout that cannot hold this model is refused before the fit
-    config, tensors, fits = fit_file(pipe, adapter, rank, fit)
+    config, tensors, fits = fit_file(pipe, adapter, rank, fit, control)
     sd = lora_state_dict(fits, fmt, unet)
     meta = {"comcat_token": config.token, "comcat_scale": str(config.scale), "format": "pt"}
     atomic_write(out, lambda tmp: save_file(sd, tmp, metadata=meta))
@@ -216,6 +238,7 @@ def bake_adapter(
     rank: int | None = None,
     overwrite: bool = False,
     fit: NormedFitConfig | None = None,
+    control: RunControl | None = None,
 ) -> dict:
     """The pipeline with the adapter's fitted LoRA merged into its weights and its learned token
     added, saved whole to the folder `out` (written beside it, then renamed into place): a model
@@ -231,7 +254,7 @@ def bake_adapter(
     claim_out(out, (BAKE_MARKER,), "baked pipeline", inputs=(str(adapter),))
     if (out / BAKE_MARKER).is_file() and not overwrite:
         raise ComcatError(f"{out} holds an earlier bake: replace it with --overwrite, or choose another --out")
-    config, tensors, fits = fit_file(pipe, adapter, rank, fit)
+    config, tensors, fits = fit_file(pipe, adapter, rank, fit, control)
     apply_lora(_unet(pipe), fits)
     if "token_embedding" in tensors:
         add_token(pipe, config.token, tensors["token_embedding"])

@@ -19,9 +19,9 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from ..core.errors import ComcatError
+from ..core.loop import RunControl
 from .adapter.layer import ComcatAttnProcessor
 from .adapter.lora import SiteFit
 from .adapter.model import _unet, attention_sites
@@ -44,7 +44,6 @@ class NormedFitConfig:
     lr: float = 0.05
     latent: int = 32
     seed: int = 0
-    progress: bool = True  # a tqdm bar over the attentions
     prompts: tuple = field(default=FIT_PROMPTS)
     validation: tuple = field(default=VALIDATION_PROMPTS)
     held_out: tuple = field(default=HELD_PROMPTS)
@@ -167,11 +166,23 @@ def output_error(outputs: SiteOutputs, inputs: tuple, target: list, base: list, 
     return num / den.clamp_min(1e-30)
 
 
-def refine_site(unet, site: str, fit: SiteFit, inputs: dict, config: NormedFitConfig) -> SiteFit:
+class ExportStopped(ComcatError):
+    """A stop was asked for during a LoRA fit: nothing was written."""
+
+
+def check_stop(control: RunControl | None) -> None:
+    if control is not None and control.stopping():
+        raise ExportStopped("stopped: no LoRA file was written; export again to start over")
+
+
+def refine_site(
+    unet, site: str, fit: SiteFit, inputs: dict, config: NormedFitConfig, control: RunControl | None = None
+) -> SiteFit:
     """`fit` (closed form) refined on inputs["fit"] (module docstring), the W^Q and W^K updates
     started at zero. Kept: whichever of the closed form, no update at all, and the factors every
     `config.check` steps has the smallest error on inputs["validation"]; err_out = sqrt(e) of it on
-    inputs["held_out"] (err_out_closed_form: the closed form's; err_fit: on the fit inputs)."""
+    inputs["held_out"] (err_out_closed_form: the closed form's; err_fit: on the fit inputs).
+    `control.should_stop` is asked at every check (ExportStopped)."""
     attn = unet.get_submodule(site)
     outputs = SiteOutputs(unet, site, attn, fit)
     with torch.no_grad():
@@ -198,6 +209,7 @@ def refine_site(unet, site: str, fit: SiteFit, inputs: dict, config: NormedFitCo
     opt = torch.optim.Adam(groups)
     for step in range(config.steps + 1):
         if step % config.check == 0 or step == config.steps:
+            check_stop(control)
             with torch.no_grad():
                 if (e := err("validation", factors)) < best[0]:
                     best = (e, frozen(factors), "fitted on inputs")
@@ -226,9 +238,12 @@ def check_pipeline(pipe) -> None:
         )
 
 
-def refine_normed(pipe, fits: dict[str, SiteFit], token: str, config: NormedFitConfig | None = None) -> dict:
+def refine_normed(
+    pipe, fits: dict[str, SiteFit], token: str, config: NormedFitConfig | None = None, control: RunControl | None = None
+) -> dict:
     """Every q/k-normed site of `fits` refined (refine_site) on inputs captured in `pipe`, whose
-    adapter is loaded; the other sites' closed-form fits are kept."""
+    adapter is loaded; the other sites' closed-form fits are kept. `control` gets
+    {"kind": "lora", "stage": "q/k-normed", "step", "total"} after every site and may stop the fit."""
     config = config or NormedFitConfig()
     unet = _unet(pipe)
     check_pipeline(pipe)
@@ -241,6 +256,8 @@ def refine_normed(pipe, fits: dict[str, SiteFit], token: str, config: NormedFitC
             (("fit", config.prompts), ("validation", config.validation), ("held_out", config.held_out))
         )
     }
-    for site in tqdm(sites, desc="fitting q/k-normed attention", leave=False, disable=not config.progress):
-        fits[site] = refine_site(unet, site, fits[site], {k: v[site] for k, v in captured.items()}, config)
+    control = control or RunControl()
+    for i, site in enumerate(sites, 1):
+        fits[site] = refine_site(unet, site, fits[site], {k: v[site] for k, v in captured.items()}, config, control)
+        control.emit({"kind": "lora", "stage": "q/k-normed", "step": i, "total": len(sites)})
     return fits

@@ -645,7 +645,8 @@ def test_generate_exports_adapter_one_as_a_lora_zip():
     from comcat.core.embedded import ASSETS
 
     example = str(ASSETS / "examples" / "heart_adapter.safetensors")  # it holds a learned token
-    archive, status = generate_page.on_export_lora("embedded", example, "kohya")
+    *streamed, (archive, status) = generate_page.on_export_lora("embedded", example, "kohya")
+    assert streamed[0][1].startswith("**fitting the LoRA**"), streamed
     assert status.startswith("**LoRA written** (kohya") and "W^QK" in status, status
     with zipfile.ZipFile(archive) as z:
         names = sorted(z.namelist())
@@ -654,5 +655,35 @@ def test_generate_exports_adapter_one_as_a_lora_zip():
     lora = load_file(str(Path(archive).parent / "x" / names[0]))
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in lora)
     assert load_file(str(Path(archive).parent / "x" / names[1]))["emb_params"].shape == (1, 64)
-    archive, status = generate_page.on_export_lora("embedded", None, "diffusers")
+    ((archive, status),) = generate_page.on_export_lora("embedded", None, "diffusers")
     assert archive is None and status.startswith("**Error:**") and "choose adapter 1" in status
+
+
+def test_export_streams_the_fits_progress_and_stop_ends_it_with_nothing_written(monkeypatch):
+    """The page shows each attention the fit has done; Stop export ends the library's fit (its
+    should_stop) and says nothing was written; Generate waits for the export to end."""
+    from comcat.core.embedded import ASSETS
+    from comcat.customization.lora_normed import check_stop
+
+    def slow_export(pipe, adapter, fmt, out, control):  # the library's events and stop, paced for a page
+        for step in range(1, 1000):
+            check_stop(control)
+            control.emit({"kind": "lora", "stage": "closed form", "step": step, "total": 1000})
+            time.sleep(0.05)
+        raise AssertionError("never stopped")
+
+    monkeypatch.setattr(generate_page, "export_adapter", slow_export)
+    example = str(ASSETS / "examples" / "heart_adapter.safetensors")
+    stream = generate_page.on_export_lora("embedded", example, "diffusers")
+    statuses = [next(stream)[1]]
+    while "attention" not in statuses[-1]:
+        statuses.append(next(stream)[1])
+    assert "closed form: attention" in statuses[-1] and "/1000 · ETA" in statuses[-1], statuses
+    assert (
+        "wait for it, or press Stop export"
+        in generate_page.on_generate("embedded", "a V*", None, 1.0, None, 1.0, 0, 2, 1.0, 1)[2]
+    )
+    assert generate_page.on_export_stop() == common.STOP_REPLIES["stopping"]
+    *_, (archive, status) = stream
+    assert archive is None and status.startswith("**Stopped**: no LoRA file was written"), status
+    assert not generate_page.EXPORT.running and generate_page.on_export_stop() == common.STOP_REPLIES["idle"]

@@ -163,6 +163,14 @@ def test_a_baked_pipeline_needs_no_adapter(adapter, tmp_path):
     assert main(["export", str(adapter), "--format", "bake", "--out", str(tmp_path / "baked")]) == 2
 
 
+def test_cli_export_shows_the_fit_attention_by_attention(adapter, tmp_path, capsys):
+    out = tmp_path / "lora.safetensors"
+    assert main(["export", str(adapter), "--format", "diffusers", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "LoRA fit, closed form: 100%" in printed.err and "14/14" in printed.err, printed.err[-500:]
+    assert f"wrote {out} (diffusers, LoRA rank 8 on 14 attentions" in printed.out and out.is_file()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

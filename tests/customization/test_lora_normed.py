@@ -12,7 +12,7 @@ from comcat.customization.diffusion.denoisers import denoiser_for
 from comcat.customization.lora_export import bake_adapter, export_adapter
 from comcat.customization.lora_normed import NormedFitConfig, normed
 
-FAST = NormedFitConfig(steps=100, latent=16, progress=False)
+FAST = NormedFitConfig(steps=100, latent=16)
 
 MAKERS = {"flux": flux, "sd3.5": lambda: sd3(qk_norm="rms_norm", dual_attention_layers=(0,))}
 
@@ -59,3 +59,40 @@ def test_a_qk_normed_lora_loads_in_diffusers_and_follows_the_adapter(name, tmp_p
         bake_adapter(pipe, path, tmp_path / "baked", fit=FAST)
         baked = FluxPipeline.from_pretrained(tmp_path / "baked")
         assert (predict(baked) - adapted).norm() < 0.5 * (base - adapted).norm()
+
+
+def test_a_stopped_export_reports_each_attention_and_writes_nothing(tmp_path):
+    """Progress comes one event per attention and stage; a stop asked for during the q/k-normed fit
+    ends it at the next site with ExportStopped, no file written and the pipeline as it was."""
+    from comcat.core.loop import RunControl
+    from comcat.customization.lora_normed import ExportStopped
+
+    pipe = flux()
+    pipe.set_progress_bar_config(disable=True)
+    config = AdapterConfig(rank=2, token="cat")
+    add_adapter(pipe, config, "a")
+    path = save_adapter(pipe, config, tmp_path / "adapter", "a", dtype=torch.float32)
+    unload_adapter(pipe)
+    base, sites = predict(pipe), len(attention_sites(pipe.transformer))
+
+    events = []
+    r = export_adapter(
+        pipe, path, "diffusers", tmp_path / "all.safetensors", fit=FAST, control=RunControl(events.append)
+    )
+    assert [(e["stage"], e["step"]) for e in events] == [("closed form", i) for i in range(1, sites + 1)] + [
+        ("q/k-normed", i) for i in range(1, r["fitted_sites"] + 1)
+    ]
+    events.clear()
+    normed_started = lambda: any(e["stage"] == "q/k-normed" for e in events)  # noqa: E731
+    with pytest.raises(ExportStopped, match="no LoRA file was written"):
+        export_adapter(
+            pipe,
+            path,
+            "diffusers",
+            tmp_path / "stopped.safetensors",
+            fit=FAST,
+            control=RunControl(events.append, normed_started),
+        )
+    assert [e["stage"] for e in events].count("q/k-normed") == 1  # stopped at the second normed site
+    assert not (tmp_path / "stopped.safetensors").exists() and list(tmp_path.glob("stopped*")) == []
+    assert torch.equal(predict(pipe), base)  # the fit's adapter is unloaded on the way out

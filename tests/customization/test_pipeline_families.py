@@ -55,7 +55,7 @@ def test_each_pipeline_customizes_reloads_generates_and_exports(name, tmp_path):
         with pytest.raises(ComcatError, match="the kohya layout covers UNets.*--format diffusers"):
             export_adapter(fresh, tmp_path / "not-read", "kohya", tmp_path / "kohya.safetensors")
         assert not (tmp_path / "kohya.safetensors").exists()
-    fit = NormedFitConfig(steps=20, latent=8, progress=False)  # Flux: fitted on inputs (test_lora_normed.py)
+    fit = NormedFitConfig(steps=20, latent=8)  # Flux: fitted on inputs (test_lora_normed.py)
     lora = export_adapter(fresh, result["adapter"], "diffusers", tmp_path / "lora.safetensors", fit=fit)
     assert (lora["err_out"] is not None) == (name == "flux")
     assert lora["token_file"] is None  # no token was learned
