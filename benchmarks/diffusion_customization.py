@@ -22,8 +22,9 @@ one run. On CUDA every method trains in bf16 mixed precision (frozen weights bf1
             latents and 77x2048 context (SDXL), 1024 + 154 tokens (SD3), 1024 + 512 tokens (Flux);
             flow-matching loss on the transformers. LoRA r4 targets every attention projection
             (the context stream's too). comcat-s4x: comcat-s4 on cross-attention only (SDXL).
-            --interleave N: step times only, all methods in one process, one step of each per
-            round for N rounds, with each round's ratio to lora-r4 (the machine's drift cancels).
+            --interleave N: file sizes and step times, all methods in one process, one step of
+            each per round for N rounds, with each round's ratio to lora-r4 (the machine's drift
+            cancels) and a sign test of the rounds comcat was faster in.
 """
 
 from __future__ import annotations
@@ -303,7 +304,8 @@ def interleaved(methods: list[str], arch: str, rounds: int, device: str, precisi
     """Step times of `methods` on one shaped model each, in one process, one step of every method per
     round (after a warm-up round), so that drift of the machine's speed hits all alike. Per method:
     the median step and, against lora-r4 in the same rounds, the median and range of the ratios."""
-    steps = {m: shaped_step(m, arch, device, precision, *shape)[1] for m in methods}
+    built = {m: shaped_step(m, arch, device, precision, *shape) for m in methods}
+    steps = {m: run for m, (_, run, _) in built.items()}
     times = {m: [] for m in methods}
     for r in range(rounds + 1):
         for m, run in steps.items():
@@ -314,7 +316,10 @@ def interleaved(methods: list[str], arch: str, rounds: int, device: str, precisi
     for m, ts in times.items():
         ratios = sorted(a / b for a, b in zip(ts, times["lora-r4"]))
         faster = sum(r < 1 for r in ratios)
+        params = built[m][0]
         out[m] = {
+            "params": sum(p.numel() for p in params),
+            "fp16_bytes": file_bytes(params, torch.float16, write=True),
             "step_s": statistics.median(ts),
             "step_s_all": [round(t, 3) for t in ts],
             "vs_lora_r4": statistics.median(ratios),
@@ -323,7 +328,8 @@ def interleaved(methods: list[str], arch: str, rounds: int, device: str, precisi
             "sign_test_p": sign_test(faster, rounds),
         }
         print(
-            f"{arch} {m:12} step {out[m]['step_s']:.3f} s (median of {rounds}); / lora-r4 in the same round: "
+            f"{arch} {m:12} file {out[m]['fp16_bytes'] / 1e6:.2f} MB fp16, step {out[m]['step_s']:.3f} s "
+            f"(median of {rounds}); / lora-r4 in the same round: "
             f"median {out[m]['vs_lora_r4']:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}, faster in {faster} of "
             f"{rounds} rounds (one-sided sign test p = {out[m]['sign_test_p']:.3f})",
             flush=True,
@@ -459,7 +465,7 @@ def main():
         "--interleave",
         type=int,
         default=0,
-        help="sdxl/sd3/flux: step times only, every method in one process, one step each per round, "
+        help="sdxl/sd3/flux: file sizes and step times, every method in one process, one step each per round, "
         "for N rounds (ratios to lora-r4 round by round)",
     )
     ap.add_argument("--json", help="write all rows here")
