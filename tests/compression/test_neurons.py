@@ -43,7 +43,7 @@ def test_the_refit_is_the_least_squares_solution_on_the_calibration_tokens():
     torch.testing.assert_close(w2, direct[:, :-1], rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(b2, direct[:, -1], rtol=1e-6, atol=1e-8)
     y = h[:, keep] @ w2.T + b2
-    mse = ((y - mlp.fc2(h)) ** 2).sum(1).mean()
+    mse = ((y - mlp.fc2(h)) ** 2).sum(1).mean().detach()
     assert float(mse) == pytest.approx(refit_error(g, torch.cat([mlp.fc2.weight, mlp.fc2.bias[:, None]], 1), keep))
 
 
