@@ -76,7 +76,10 @@ def real_width(steps: int, tokens: tuple[int, int], batch: int = 2) -> list[dict
     for key, p in adapter_parameters(model, "a").items():
         if key.endswith((".B", ".R")):
             p.data.normal_(0, 0.02)
+    t = time.perf_counter()
     fits = closed_form(model, "a")
+    closed_s = time.perf_counter() - t
+    print(f"real width closed form: {closed_s:.0f} s for {len(fits)} attentions, {torch.get_num_threads()} threads")
     n_img, n_txt = tokens
     side = int(n_img**0.5)
     axis = torch.arange(side * 1.0)
@@ -103,6 +106,8 @@ def real_width(steps: int, tokens: tuple[int, int], batch: int = 2) -> list[dict
                 "kept_held_out": out.err_out,
                 "kept_on_fit_inputs": out.err_fit,
                 "fit_s": time.perf_counter() - t,
+                "closed_form_s_all_sites": closed_s,
+                "threads": torch.get_num_threads(),
                 "steps": steps,
                 "tokens": [side * side, n_txt],
             }

@@ -36,17 +36,13 @@ def closed_form(pipe, name: str, rank: int | None = None, control: RunControl | 
     unet = _unet(pipe)
     sites = attention_sites(unet)
     adapted = {s: p for s, p in _processors(unet).items() if isinstance(p, ComcatAttnProcessor) and name in p.adapters}
-    fits, threads, control = {}, torch.get_num_threads(), control or RunControl()
-    torch.set_num_threads(1)  # many small SVDs and solves: threads only contend
-    try:
-        for i, (site, proc) in enumerate(adapted.items(), 1):
-            check_stop(control)
-            attn = sites[site]
-            out = output_projection(unet, site, attn)
-            fits[site] = fit_site(attn, proc.adapters[name], proc.scales[name], out, rank, site)
-            control.emit({"kind": "lora", "stage": "closed form", "step": i, "total": len(adapted)})
-    finally:
-        torch.set_num_threads(threads)
+    fits, control = {}, control or RunControl()
+    for i, (site, proc) in enumerate(adapted.items(), 1):
+        check_stop(control)
+        attn = sites[site]
+        out = output_projection(unet, site, attn)
+        fits[site] = fit_site(attn, proc.adapters[name], proc.scales[name], out, rank, site)
+        control.emit({"kind": "lora", "stage": "closed form", "step": i, "total": len(adapted)})
     if not fits:
         raise ComcatError(f"no adapter called {name!r} is loaded")
     for f in fits.values():  # a proj_out LoRA spans the block's MLP columns too: zeros there
