@@ -79,9 +79,7 @@ def capture_prompts(pipe, sites: list[str], prompts: list[str], latent: int, see
     def run():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            size = latent * getattr(pipe, "vae_scale_factor", 8)
-            pixels = torch.rand(len(prompts), 3, size, size) * 2 - 1
-            den.loss(den.latents(pixels), den.condition(list(prompts)))
+            den.loss(den.random_latents(len(prompts), latent), den.condition(list(prompts)))
 
     return capture(_unet(pipe), sites, run)
 

@@ -58,6 +58,11 @@ class Denoiser:
         """Pixels (B, 3, H, W) in [-1, 1] -> the model's clean sample x_0."""
         return encode_images(self.pipe, pixels)
 
+    def random_latents(self, n: int, latent: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The latents of n images of uniform noise in [-1, 1], latent x latent before any packing."""
+        size = latent * getattr(self.pipe, "vae_scale_factor", 8)
+        return self.latents(torch.rand(n, 3, size, size, generator=generator) * 2 - 1)
+
     def loss(self, z0: torch.Tensor, cond: dict) -> torch.Tensor:
         """Per-sample loss (B,)."""
         return denoising_loss(self.model, self.sched, z0, cond["context"])
@@ -117,18 +122,21 @@ class FlowMatching(Denoiser):
         """The prediction for `prompts` on seeded random images' latents (latent x latent) at noise
         levels spread over (0, 1): the same inputs on every call, to compare two models' outputs."""
         gen = torch.Generator().manual_seed(seed)
-        size = latent * self.pipe.vae_scale_factor
-        z0 = self.latents(torch.rand(len(prompts), 3, size, size, generator=gen) * 2 - 1)
-        s = (torch.arange(len(prompts)) + 0.5) / len(prompts)
-        ss = s.view(-1, *[1] * (z0.ndim - 1)).to(z0)
-        xs = (1 - ss) * z0 + ss * torch.randn(z0.shape, generator=gen).to(z0)
-        return self.predict(xs, s.to(z0), self.condition(prompts))
+        z0 = self.random_latents(len(prompts), latent, gen)
+        s = ((torch.arange(len(prompts)) + 0.5) / len(prompts)).to(z0)
+        xs = self.noised(z0, s, torch.randn(z0.shape, generator=gen).to(z0))
+        return self.predict(xs, s, self.condition(prompts))
+
+    @staticmethod
+    def noised(z0: torch.Tensor, s: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_s = (1 - s) z0 + s noise, for s (B,) in [0, 1]."""
+        ss = s.view(-1, *[1] * (z0.ndim - 1))
+        return (1 - ss) * z0 + ss * noise
 
     def loss(self, z0, cond):
         s = torch.rand(len(z0), device=z0.device)
         noise = torch.randn_like(z0)
-        ss = s.view(-1, *[1] * (z0.ndim - 1))
-        pred = self.predict((1 - ss) * z0 + ss * noise, s, cond)
+        pred = self.predict(self.noised(z0, s, noise), s, cond)
         return F.mse_loss(pred.float(), (noise - z0).float(), reduction="none").mean(tuple(range(1, z0.ndim)))
 
 
