@@ -35,7 +35,7 @@ def refit_error(g: torch.Tensor, w: torch.Tensor, keep: torch.Tensor) -> float:
     """e(S) of the module docstring for S = keep + the bias row; g (F+1, F+1), w (out, F+1)."""
     s = torch.cat([keep, torch.tensor([g.shape[0] - 1], device=keep.device)])
     schur = g - g[:, s] @ torch.linalg.pinv(g[s][:, s], hermitian=True) @ g[s, :]
-    return float(torch.einsum("oi,ij,oj->", w, schur, w))
+    return float(torch.einsum("oi,ij,oj->", w.detach(), schur, w.detach()))
 
 
 @torch.no_grad()
