@@ -145,27 +145,32 @@ def figures(method: str, params: list, times: list[float], device: str, **extra)
     )
 
 
+def config_model(name: str, **over):
+    """A random-init diffusers model of benchmarks/configs/NAME.json (a real model's config), with
+    `over` replacing its entries (fewer layers)."""
+    import diffusers
+
+    cfg = json.loads((ROOT / "benchmarks/configs" / f"{name}.json").read_text())
+    cls = getattr(diffusers, cfg["_class_name"])
+    return cls(**{k: v for k, v in cfg.items() if not k.startswith("_")} | over)
+
+
 def run_sd15(method: str, steps: int, device: str, precision: str, graph: bool = False, batch: int = 1) -> dict:
     """Median step time of `steps` timed steps after warm-up, in fp32 or in bf16 mixed precision as
     diffusers' training scripts do it: frozen weights in bf16, trained ones in fp32, bf16 autocast.
     `graph` (CUDA): the whole step (noise, forward, backward, AdamW) is captured once as a CUDA graph
     and replayed, so the time is the GPU's work without Python's kernel-launch overhead."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
     from comcat.customization.diffusion.concept import denoising_loss
 
     kind, rank, _ = METHODS[method]
-    cfg = {
-        k: v
-        for k, v in json.loads((ROOT / "benchmarks/configs/sd15_unet.json").read_text()).items()
-        if not k.startswith("_")
-    }
     cuda, bf16 = device.startswith("cuda"), precision == "bf16"
     if graph and not cuda:
         raise SystemExit("--cuda-graph needs --device cuda")
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**cfg)
+        unet = config_model("sd15_unet")
     params = inject(kind, rank, unet)
     if bf16:
         unet.to(torch.bfloat16)
@@ -223,14 +228,9 @@ SHAPED = {  # arch -> (config file, the layers kept without --full-depth)
 def shaped_model(arch: str, full_depth: bool, device: str, batch: int, latent: int):
     """(model, forward(noisy latents, t in [0, 1]) -> prediction, clean latents) for an
     SDXL/SD3/Flux-shaped config (module docstring)."""
-    import diffusers
-
     name, cut = SHAPED[arch]
-    cfg = json.loads((ROOT / "benchmarks/configs" / f"{name}.json").read_text())
-    cls = getattr(diffusers, cfg["_class_name"])
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")} | ({} if full_depth else cut)
     with torch.device(device):
-        model = cls(**cfg)
+        model = config_model(name, **({} if full_depth else cut))
         if arch == "sdxl":
             x0, ctx = torch.randn(batch, 4, latent, latent), torch.randn(batch, 77, 2048)
             cond = {"text_embeds": torch.randn(batch, 1280), "time_ids": torch.ones(batch, 6)}

@@ -30,7 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "customization"))
 
-from tiny_pipelines import flux, flux_transformer, sd3  # noqa: E402
+from diffusion_customization import config_model  # noqa: E402
+from tiny_pipelines import flux, sd3  # noqa: E402
 
 from comcat.customization.adapter import load_adapter, unload_adapter  # noqa: E402
 from comcat.customization.customize import CustomizeSpec, customize  # noqa: E402
@@ -63,15 +64,9 @@ def real_width(steps: int, tokens: tuple[int, int], batch: int = 2) -> list[dict
     from comcat.customization.adapter import AdapterConfig, adapter_parameters, add_adapter
     from comcat.customization.lora_normed import capture, refine_site
 
-    torch.manual_seed(0)
-    model = flux_transformer(
-        attention_head_dim=128,
-        num_attention_heads=24,
-        in_channels=64,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        axes_dims_rope=(16, 56, 56),
-    ).requires_grad_(False)
+    torch.manual_seed(0)  # FLUX.1-dev's widths (benchmarks/configs), one block of each kind, no guidance input
+    model = config_model("flux_transformer", num_layers=1, num_single_layers=1, guidance_embeds=False)
+    model.requires_grad_(False)
     add_adapter(model, AdapterConfig(rank=2), "a")
     for key, p in adapter_parameters(model, "a").items():
         if key.endswith((".B", ".R")):
