@@ -198,7 +198,9 @@ def error_line(r: dict) -> str:
             f"output error {r['err_out']:.3f} of the {r['fitted_sites']} attentions that normalize q and k, on "
             "held-out prompts (fitted on the model's own inputs: no closed form passes the norms)"
         )
-    return "Largest " + "; ".join(parts) + "; --rank trades size for it"
+    return (
+        "Largest " + "; ".join(parts) + "; a lower rank (comcat export --rank) gives a smaller file and a larger error"
+    )
 
 
 def export_adapter(
