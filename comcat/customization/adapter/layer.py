@@ -35,30 +35,18 @@ class HeadLowRank(nn.Module):
         self.P = nn.Parameter(torch.randn(context_dim, heads * rank) / math.sqrt(context_dim))
         self.R = nn.Parameter(torch.zeros(heads * rank, out_dim))
 
-    def queries(self, x: torch.Tensor) -> torch.Tensor:
-        """q' = X A: (..., Dq) -> (..., H r); keys and values alike from the context."""
-        return x @ self.A.to(x.dtype)
-
-    def keys(self, c: torch.Tensor) -> torch.Tensor:
-        return c @ self.B.to(c.dtype)
-
-    def values(self, c: torch.Tensor) -> torch.Tensor:
-        return c @ self.P.to(c.dtype)
-
-    def output(self, o: torch.Tensor) -> torch.Tensor:
-        """o' R: the heads' extra outputs (..., H r) -> (..., Do)."""
-        return o @ self.R.to(o.dtype)
-
     def qkv(self, x: torch.Tensor, c: torch.Tensor) -> tuple:
-        """(q', k', v'), each (B, H, N, r), from x (B, Nq, Dq) and c (B, Nc, Dc); one matmul when c is x."""
+        """q' = X A, k' = C B, v' = C P, each (B, H, N, r), from x (B, Nq, Dq) and c (B, Nc, Dc); one
+        matmul when c is x."""
         if c is x:
-            w = torch.cat([self.A, self.B, self.P], 1).to(x.dtype)
-            return tuple(split_heads(t, self.heads) for t in (x @ w).chunk(3, -1))
-        return tuple(split_heads(t, self.heads) for t in (self.queries(x), self.keys(c), self.values(c)))
+            parts = (x @ torch.cat([self.A, self.B, self.P], 1).to(x.dtype)).chunk(3, -1)
+        else:
+            parts = (x @ self.A.to(x.dtype), c @ self.B.to(c.dtype), c @ self.P.to(c.dtype))
+        return tuple(split_heads(t, self.heads) for t in parts)
 
     def output_heads(self, o: torch.Tensor) -> torch.Tensor:
         """o' (B, H, N, r) -> sum_h o'_h R_h (B, N, Do)."""
-        return self.output(merge_heads(o))
+        return merge_heads(o) @ self.R.to(o.dtype)
 
 
 class SharedHeadLowRank(nn.Module):
@@ -66,8 +54,9 @@ class SharedHeadLowRank(nn.Module):
         A_h = U M_h,  B_h = V,  P_h = S,  R_h = K_h T^T
     so W^QK_h gains alpha U M_h V^T and W^VO_h gains alpha S K_h T^T: rank r per head, different in
     every head. (Dq + 2 Dc + Do) r + 2 H r^2 parameters instead of (Dq + 2 Dc + Do) H r: the size
-    stays that of a rank-r LoRA on many-headed models. A, B, P, R are materialized per call
-    (shapes as HeadLowRank's), so the processors run it unchanged. V and T start at zero."""
+    stays that of a rank-r LoRA on many-headed models. The processors call qkv and output_heads,
+    as for a HeadLowRank; A, B, P, R (shapes as HeadLowRank's) are materialized only when read (the
+    LoRA fit, the adapter table). V and T start at zero."""
 
     def __init__(self, query_dim: int, context_dim: int, out_dim: int, heads: int, rank: int):
         super().__init__()
@@ -80,20 +69,7 @@ class SharedHeadLowRank(nn.Module):
         self.K = nn.Parameter(eye.clone())
         self.T = nn.Parameter(torch.zeros(out_dim, rank))
 
-    def queries(self, x):  # (X U) M_h: N Dq r + N H r^2 multiply-adds instead of N Dq H r
-        return torch.einsum("...r,hrs->...hs", x @ self.U.to(x.dtype), self.M.to(x.dtype)).flatten(-2)
-
-    def keys(self, c):  # C V, the same in every head
-        return (c @ self.V.to(c.dtype)).repeat(*[1] * (c.ndim - 1), self.heads)
-
-    def values(self, c):
-        return (c @ self.S.to(c.dtype)).repeat(*[1] * (c.ndim - 1), self.heads)
-
-    def output(self, o):  # (sum_h o'_h K_h) T^T
-        heads = o.unflatten(-1, (self.heads, self.rank))
-        return torch.einsum("...hr,hrs->...s", heads, self.K.to(o.dtype)) @ self.T.to(o.dtype).t()
-
-    def qkv(self, x, c):  # as HeadLowRank.qkv: the keys and values one (B, 1, N, r) tensor seen by every head
+    def qkv(self, x, c):  # as HeadLowRank.qkv; q' = (X U) M_h, and C V, C S broadcast to every head
         if c is x:
             q, k, v = (x @ torch.cat([self.U, self.V, self.S], 1).to(x.dtype)).chunk(3, -1)
         else:
